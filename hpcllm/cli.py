@@ -1,0 +1,87 @@
+"""The `hpcllm` command. Each subcommand lives in its own module; this file only parses and dispatches.
+
+Bad input anywhere ends in one line on stderr and exit code 2 (argparse's usage dump is cut down to
+that line); a missing library or build feature in one line with the fix and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from hpcllm import __version__
+from hpcllm.errors import EnvironmentProblem, UsageError
+from hpcllm.launcher import detect
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"hpcllm {name}: not available yet in hpcllm {__version__} (it lands with {issue}).")
+        return 0
+
+    return run
+
+
+def _info(_: argparse.Namespace) -> int:
+    from hpcllm import info
+
+    return info.main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hpcllm", description="Train GPT language models on HPC clusters.")
+    parser.add_argument("--version", action="version", version=f"hpcllm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    info = commands.add_parser(
+        "info",
+        help="what this installation and job can do (Horovod build, MPI, torch/CUDA, Slurm, ranks)",
+        description="Like `horovodrun --check-build`, plus MPI, torch, CUDA/NCCL, Slurm and the rank "
+        "placement when run under mpirun or srun. Exits 1 with the fix when something is missing.",
+    )
+    info.set_defaults(func=_info)
+
+    for name, issue, text in (
+        ("prepare", "issue 2/8", "tokenize a corpus into token files, in parallel over ranks"),
+        ("train", "issue 3/8", "train a GPT (dp = world / (tp*pp))"),
+        ("generate", "issue 3/8", "sample text from a trained run"),
+        ("bench", "issues 3/8 and 7/8", "allreduce, train and pipeline benchmarks"),
+        ("slurm", "issue 6/8", "render and submit Slurm batch scripts"),
+    ):
+        sub = commands.add_parser(name, help=f"{text} (not yet)", description=f"{text}. Not yet available.")
+        sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        sub.set_defaults(func=_not_yet(name, issue))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Under a launcher every rank parses the same arguments; only rank 0 prints the error.
+    speaks = detect().rank == 0
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        if speaks:
+            print(f"hpcllm {command}: error: {exc}".replace("hpcllm : ", "hpcllm: "), file=sys.stderr)
+        return exc.exit_code
+    except EnvironmentProblem as exc:
+        if speaks:
+            print(f"hpcllm {command}: {exc}".replace("hpcllm : ", "hpcllm: "), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

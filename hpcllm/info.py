@@ -1,0 +1,216 @@
+"""`hpcllm info`: what this installation and this job can do, like `horovodrun --check-build` plus
+MPI, torch, CUDA/NCCL and Slurm, and where every rank landed when run under a launcher.
+
+Exits 1 with the fix when something hpcllm needs is missing (Horovod without PyTorch or MPI, say).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import hpcllm
+from hpcllm.launcher import Launcher
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""  # shown when a required check fails
+    required: bool = True
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if c.required and not c.ok]
+
+
+def _mark(flag: bool) -> str:
+    return "X" if flag else " "
+
+
+def horovod_build() -> tuple[list[str], list[Check]]:
+    """The `horovodrun --check-build` table, read from the installed extension without starting it."""
+    try:
+        import horovod
+        import horovod.torch as hvd
+    except ImportError as exc:
+        return [f"Horovod: not importable with PyTorch ({exc})"], [
+            Check(
+                "horovod.torch", False, str(exc), "run `make setup` (builds Horovod with PyTorch, MPI, Gloo)"
+            )
+        ]
+
+    def built(ext: str) -> bool:
+        return importlib.util.find_spec(f"horovod.{ext}.mpi_lib") is not None or (
+            ext == "torch" and importlib.util.find_spec("horovod.torch.mpi_lib_v2") is not None
+        )
+
+    flags = {
+        "torch": built("torch"),
+        "mpi": hvd.mpi_built(),
+        "gloo": hvd.gloo_built(),
+        "nccl": hvd.nccl_built(),
+        "ddl": hvd.ddl_built(),
+        "ccl": hvd.ccl_built(),
+    }
+    lines = [
+        f"Horovod v{horovod.__version__}:",
+        "  Available Frameworks:",
+        f"    [{_mark(built('tensorflow'))}] TensorFlow",
+        f"    [{_mark(flags['torch'])}] PyTorch",
+        f"    [{_mark(built('mxnet'))}] MXNet",
+        "  Available Controllers:",
+        f"    [{_mark(flags['mpi'])}] MPI",
+        f"    [{_mark(flags['gloo'])}] Gloo",
+        "  Available Tensor Operations:",
+        f"    [{_mark(bool(flags['nccl']))}] NCCL",
+        f"    [{_mark(flags['ddl'])}] DDL",
+        f"    [{_mark(flags['ccl'])}] CCL",
+        f"    [{_mark(flags['mpi'])}] MPI",
+        f"    [{_mark(flags['gloo'])}] Gloo",
+    ]
+    rebuild = "delete the cached Horovod wheel (~/.cache/hpcllm/wheels) and run `make setup`"
+    checks = [
+        Check("Horovod PyTorch", flags["torch"], "framework", rebuild),
+        Check("Horovod MPI", flags["mpi"], "controller", rebuild),
+        Check("Horovod Gloo", flags["gloo"], "controller", rebuild, required=False),
+    ]
+    return lines, checks
+
+
+def torch_lines() -> tuple[list[str], list[Check]]:
+    try:
+        import torch
+    except ImportError as exc:
+        return [f"torch: not importable ({exc})"], [Check("torch", False, str(exc), "run `make setup`")]
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        nccl = (
+            ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else "no"
+        )
+        cuda = f"CUDA {torch.version.cuda}: {torch.cuda.device_count()} GPU(s) ({names}); NCCL {nccl}"
+    else:
+        cuda = "CUDA: no GPU visible (CPU training)"
+    return [f"torch {torch.__version__} ({torch.get_num_threads()} threads); {cuda}"], []
+
+
+def slurm_lines() -> list[str]:
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        return ["Slurm: not installed (sbatch not on PATH)"]
+    try:
+        version = subprocess.run(
+            [sbatch, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        version = "sbatch (version unknown)"
+    job = os.environ.get("SLURM_JOB_ID")
+    where = (
+        f"inside job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}"
+        if job
+        else "not inside an allocation"
+    )
+    return [f"Slurm: {version}; {where}"]
+
+
+def mpi_lines() -> tuple[list[str], list[Check], Any]:
+    try:
+        import mpi4py
+        from mpi4py import MPI
+    except ImportError as exc:
+        return (
+            [f"mpi4py: not importable ({exc})"],
+            [Check("mpi4py", False, str(exc), "run `make setup`")],
+            None,
+        )
+    levels = {
+        MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE",
+        MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+        MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED",
+        MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE",
+    }
+    library = MPI.Get_library_version().strip().splitlines()[0]
+    major, minor = MPI.Get_version()
+    level = levels.get(MPI.Query_thread(), "?")
+    lines = [f"mpi4py {mpi4py.__version__}; {library} (MPI {major}.{minor}); thread level {level}"]
+    checks = [
+        Check(
+            "MPI thread level",
+            MPI.Query_thread() == MPI.THREAD_MULTIPLE,
+            level,
+            "Horovod shares mpi4py's communicator and needs MPI_THREAD_MULTIPLE; use an MPI built with it",
+        )
+    ]
+    return lines, checks, MPI.COMM_WORLD
+
+
+def build_report() -> Report:
+    report = Report()
+    report.lines.append(
+        f"hpcllm {hpcllm.__version__} on Python {platform.python_version()} ({sys.executable})"
+    )
+    # Horovod's flags are read before MPI starts: nothing here initialises Horovod.
+    for part in (torch_lines(), horovod_build()):
+        report.lines += part[0]
+        report.checks += part[1]
+    mpi, checks, comm = mpi_lines()
+    report.lines += mpi
+    report.checks += checks
+    report.lines += slurm_lines()
+    if comm is not None:
+        report.lines += rank_table(comm)
+    return report
+
+
+def rank_table(comm: Any) -> list[str]:
+    """Where every rank landed (collective: every rank must call it)."""
+    from hpcllm import runtime as rt
+
+    here = rt.init(abort_on_error=True)
+    rows = comm.gather(
+        (
+            here.rank,
+            here.hostnames[here.rank],
+            here.node_index,
+            here.local_rank,
+            str(here.device),
+            here.threads,
+        ),
+        root=0,
+    )
+    if here.launch.launcher is Launcher.NONE:
+        return ["Launcher: none (single process); run under mpirun -np N or srun for a rank table"]
+    lines = [f"Launcher: {here.launch.launcher.value}; {here.size} ranks on {len(here.nodes)} node(s)"]
+    lines.append("  rank  host                  node  local  device  threads")
+    for rank, host, node, local, device, threads in rows or []:
+        lines.append(f"  {rank:>4}  {host:<20}  {node:>4}  {local:>5}  {device:<6}  {threads:>7}")
+    return lines
+
+
+def main() -> int:
+    report = build_report()
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() != 0:
+        return 1 if report.problems else 0
+    print("\n".join(report.lines))
+    if report.problems:
+        for check in report.problems:
+            print(f"hpcllm info: {check.name} missing ({check.detail}); fix: {check.fix}", file=sys.stderr)
+        return 1
+    print("OK: hpcllm can train here.")
+    return 0

@@ -1,0 +1,260 @@
+"""Who am I: rank, node, device, threads, seeds, logging, and a job that aborts as one.
+
+`init()` is the first call of every hpcllm entry point. It starts MPI (through mpi4py), learns this
+rank's place from the communicator (the launcher's environment is cross-checked, not trusted), picks a
+device, seeds the RNGs, sets up rank-aware logging and makes any uncaught exception abort the whole
+job instead of leaving the other ranks hanging in a collective. Horovod is started on the same
+communicator on first use (`runtime.horovod`), so a world-size-1 run never needs it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import random
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from hpcllm.errors import EnvironmentProblem
+from hpcllm.launcher import LaunchInfo, detect
+
+if TYPE_CHECKING:
+    import torch
+    from mpi4py import MPI
+
+LOGGER_NAME = "hpcllm"
+log = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass
+class Runtime:
+    launch: LaunchInfo  # what the launcher's environment says
+    comm: MPI.Intracomm  # the world communicator hpcllm runs on
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    node_index: int
+    hostnames: list[str]  # hostname of every rank, by rank
+    device: torch.device
+    threads: int  # torch intra-op threads on CPU
+    seed: int
+    _horovod: ModuleType | None = field(default=None, repr=False)
+
+    @property
+    def nodes(self) -> list[str]:
+        """Distinct hostnames in order of their first rank."""
+        return list(dict.fromkeys(self.hostnames))
+
+    @property
+    def horovod(self) -> ModuleType:
+        """`horovod.torch`, initialised on this communicator with dynamic process sets."""
+        if self._horovod is None:
+            self._horovod = init_horovod(self.comm)
+        return self._horovod
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}/{self.size} on {self.hostnames[self.rank]} (node {self.node_index}, "
+            f"local rank {self.local_rank}/{self.local_size}), launcher {self.launch.launcher.value}, "
+            f"device {self.device}, {self.threads} threads"
+        )
+
+
+# ---- MPI ----------------------------------------------------------------------------------
+
+
+def _mpi() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - setup always installs it
+        raise EnvironmentProblem(f"mpi4py is not importable ({exc}); fix: run `make setup`") from exc
+    return MPI
+
+
+def _local_placement(comm: Any, MPI: Any) -> tuple[int, int, int, list[str]]:
+    """Local rank/size from a shared-memory split, node index from the gathered hostnames."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    hostnames = comm.allgather(MPI.Get_processor_name())
+    node_index = list(dict.fromkeys(hostnames)).index(hostnames[comm.Get_rank()])
+    return local_rank, local_size, node_index, hostnames
+
+
+def _check_launch(launch: LaunchInfo, size: int) -> None:
+    if launch.is_distributed and launch.size != size:
+        raise EnvironmentProblem(
+            f"the launcher ({launch.launcher.value}) started {launch.size} ranks but MPI sees a world of "
+            f"{size}: mpi4py is linked against a different MPI than the launcher's. Fix: rebuild mpi4py "
+            "with MPICC pointing at the launcher's MPI (`make setup` does this for the system MPI)"
+        )
+
+
+# ---- device, threads, seeds ---------------------------------------------------------------
+
+
+def cpu_threads(local_size: int, env: dict[str, str] | None = None) -> int:
+    """Threads per rank so that the ranks on a node do not oversubscribe its cores.
+
+    An explicit OMP_NUM_THREADS or SLURM_CPUS_PER_TASK wins. If the launcher bound this process to a
+    subset of cores, that subset is ours; otherwise the node's cores are shared by its local ranks.
+    """
+    env = dict(os.environ) if env is None else env
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        if env.get(name, "").isdigit() and int(env[name]) > 0:
+            return int(env[name])
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    total = os.cpu_count() or allowed
+    if allowed < total:
+        return allowed
+    return max(1, total // max(1, local_size))
+
+
+def choose_device(local_rank: int, local_size: int) -> tuple[torch.device, int]:
+    """CUDA device `local_rank % n_gpus` when CUDA is present, else CPU with a fair thread share."""
+    import torch
+
+    threads = cpu_threads(local_size)
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index), threads
+    return torch.device("cpu"), threads
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: the full model is initialised identically everywhere, then partitioned."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA devices too
+
+
+# ---- logging ------------------------------------------------------------------------------
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int, run_dir: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Rank 0 logs INFO to the console; other ranks only WARNING and up; each rank to logs/rank-N.log."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(level)
+    logger.propagate = False
+    for flt in list(logger.filters):
+        logger.removeFilter(flt)
+    logger.addFilter(_RankFilter(rank))
+
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter("[rank %(rank)d] %(message)s"))
+    logger.addHandler(console)
+    if run_dir is not None:
+        log_dir = Path(run_dir) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_dir / f"rank-{rank}.log")
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s")
+        )
+        logger.addHandler(file_handler)
+
+
+# ---- abort the whole job on an uncaught exception -----------------------------------------
+
+
+def install_abort_hook(comm: Any, rank: int) -> None:
+    """Print the rank and traceback, then MPI_Abort: the other ranks must not wait forever.
+
+    Without this, a rank that raises exits through MPI_Finalize while its peers sit in a
+    collective, and the job hangs until the wall-clock limit.
+    """
+    if comm.Get_size() == 1:
+        return
+
+    def abort(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(f"[rank {rank}] uncaught exception; aborting the job:\n{text}")
+        sys.stderr.flush()
+        log.critical("uncaught exception; aborting the job:\n%s", text)
+        for handler in logging.getLogger(LOGGER_NAME).handlers:
+            handler.flush()
+        comm.Abort(1)
+
+    sys.excepthook = abort
+    threading.excepthook = lambda args: abort(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+# ---- Horovod ------------------------------------------------------------------------------
+
+
+def init_horovod(comm: Any) -> ModuleType:
+    """Start Horovod on mpi4py's communicator, allowing process sets to be added later (the grid)."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"Horovod with PyTorch is not importable ({exc}); fix: run `make setup`, "
+            "which builds it with PyTorch, MPI and Gloo"
+        ) from exc
+    if not hvd.is_initialized():
+        hvd.init(comm=comm, process_sets="dynamic")
+    if hvd.size() != comm.Get_size():
+        raise EnvironmentProblem(
+            f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
+            "another MPI; fix: delete the cached wheel and rerun `make setup`"
+        )
+    return hvd
+
+
+# ---- the entry point ----------------------------------------------------------------------
+
+
+def init(seed: int = 0, run_dir: str | Path | None = None, abort_on_error: bool = True) -> Runtime:
+    """Start this rank: MPI, placement, device, seeds, logging, abort hook."""
+    launch = detect()
+    MPI = _mpi()
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    _check_launch(launch, size)
+    local_rank, local_size, node_index, hostnames = _local_placement(comm, MPI)
+    device, threads = choose_device(local_rank, local_size)
+    seed_everything(seed)
+    setup_logging(rank, run_dir)
+    faulthandler.enable()  # a segfault in a C extension still shows where each rank was
+    if abort_on_error:
+        install_abort_hook(comm, rank)
+    runtime = Runtime(
+        launch=launch,
+        comm=comm,
+        rank=rank,
+        size=size,
+        local_rank=local_rank,
+        local_size=local_size,
+        node_index=node_index,
+        hostnames=hostnames,
+        device=device,
+        threads=threads,
+        seed=seed,
+    )
+    log.debug("%s", runtime.describe())
+    return runtime

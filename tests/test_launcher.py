@@ -1,0 +1,95 @@
+"""Launcher detection from the environment alone: every launcher, no MPI needed."""
+
+import pytest
+
+from hpcllm.launcher import Launcher, detect, launch_command
+
+
+def test_no_launcher_is_a_single_process():
+    info = detect({})
+    assert (info.launcher, info.rank, info.size, info.local_rank, info.local_size) == (
+        Launcher.NONE,
+        0,
+        1,
+        0,
+        1,
+    )
+    assert not info.is_distributed
+
+
+def test_openmpi_variables():
+    env = {
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "OMPI_COMM_WORLD_NODE_RANK": "1",
+        "SLURM_JOB_ID": "42",  # mpirun inside an allocation: OpenMPI owns the ranks
+    }
+    info = detect(env)
+    assert info.launcher is Launcher.OPENMPI
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.node_index) == (5, 8, 1, 4, 1)
+    assert info.slurm_job_id == "42"
+
+
+def test_srun_step_variables():
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "6",
+        "SLURM_STEP_NUM_TASKS": "7",
+        "SLURM_LOCALID": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "4,3",
+        "PMIX_RANK": "6",
+    }
+    info = detect(env)
+    assert info.launcher is Launcher.SLURM
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.node_index) == (6, 7, 2, 3, 1)
+
+
+@pytest.mark.parametrize("spec,node,expected", [("4(x3)", 2, 4), ("2(x2),1", 2, 1), ("8", 0, 8)])
+def test_slurm_tasks_per_node_forms(spec, node, expected):
+    env = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "9",
+        "SLURM_NODEID": str(node),
+        "SLURM_STEP_TASKS_PER_NODE": spec,
+    }
+    assert detect(env).local_size == expected
+
+
+def test_slurm_batch_script_without_srun_is_one_process():
+    env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}
+    info = detect(env)
+    assert info.launcher is Launcher.NONE and info.size == 1 and info.slurm_job_id == "7"
+
+
+def test_horovodrun_gloo_variables():
+    env = {
+        "HOROVOD_RANK": "3",
+        "HOROVOD_SIZE": "4",
+        "HOROVOD_LOCAL_RANK": "1",
+        "HOROVOD_LOCAL_SIZE": "2",
+        "HOROVOD_CROSS_RANK": "1",
+    }
+    info = detect(env)
+    assert info.launcher is Launcher.HOROVODRUN
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.node_index) == (3, 4, 1, 2, 1)
+
+
+def test_mpich_and_intel_mpi_pmi_variables():
+    env = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}
+    info = detect(env)
+    assert info.launcher is Launcher.PMI
+    assert (info.rank, info.size, info.local_rank, info.local_size) == (2, 4, 0, 2)
+
+
+def test_launch_command_choices(monkeypatch):
+    monkeypatch.delenv("HPCLLM_LAUNCHER", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert launch_command(4)[:3] == ["mpirun", "-np", "4"]
+    assert launch_command(4, "srun")[:2] == ["srun", "--ntasks=4"]
+    with pytest.raises(ValueError, match="unknown launcher"):
+        launch_command(2, "aprun")
