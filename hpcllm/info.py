@@ -6,13 +6,14 @@ Exits 1 with the fix when something hpcllm needs is missing (Horovod without PyT
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hpcllm
@@ -54,10 +55,13 @@ def horovod_build() -> tuple[list[str], list[Check]]:
             )
         ]
 
+    package = Path(horovod.__file__).parent
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+
     def built(ext: str) -> bool:
-        return importlib.util.find_spec(f"horovod.{ext}.mpi_lib") is not None or (
-            ext == "torch" and importlib.util.find_spec("horovod.torch.mpi_lib_v2") is not None
-        )
+        # Look for the extension file: importing horovod.tensorflow without it raises.
+        names = ("mpi_lib_v2", "mpi_lib") if ext == "torch" else ("mpi_lib",)
+        return any((package / ext / f"{name}{suffix}").exists() for name in names)
 
     flags = {
         "torch": built("torch"),
@@ -105,19 +109,19 @@ def torch_lines() -> tuple[list[str], list[Check]]:
         cuda = f"CUDA {torch.version.cuda}: {torch.cuda.device_count()} GPU(s) ({names}); NCCL {nccl}"
     else:
         cuda = "CUDA: no GPU visible (CPU training)"
-    return [f"torch {torch.__version__} ({torch.get_num_threads()} threads); {cuda}"], []
+    return [f"torch {torch.__version__}; {cuda}"], []
 
 
 def slurm_lines() -> list[str]:
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         return ["Slurm: not installed (sbatch not on PATH)"]
+    # sbatch --version still wants a configuration; without SLURM_CONF it fails on a DNS lookup.
     try:
-        version = subprocess.run(
-            [sbatch, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+        done = subprocess.run([sbatch, "--version"], capture_output=True, text=True, timeout=10)
+        version = done.stdout.strip() if done.returncode == 0 else "installed, no cluster configured"
     except (OSError, subprocess.TimeoutExpired):
-        version = "sbatch (version unknown)"
+        version = "installed, version unknown"
     job = os.environ.get("SLURM_JOB_ID")
     where = (
         f"inside job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}"
@@ -143,7 +147,7 @@ def mpi_lines() -> tuple[list[str], list[Check], Any]:
         MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED",
         MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE",
     }
-    library = MPI.Get_library_version().strip().splitlines()[0]
+    library = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
     major, minor = MPI.Get_version()
     level = levels.get(MPI.Query_thread(), "?")
     lines = [f"mpi4py {mpi4py.__version__}; {library} (MPI {major}.{minor}); thread level {level}"]
