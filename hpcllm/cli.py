@@ -30,10 +30,10 @@ def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _info(_: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace) -> int:
     from hpcllm import info
 
-    return info.main()
+    return info.main(tp=args.tp, pp=args.pp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="what this installation and job can do (Horovod build, MPI, torch/CUDA, Slurm, ranks)",
         description="Like `horovodrun --check-build`, plus MPI, torch, CUDA/NCCL, Slurm and the rank "
         "placement when run under mpirun or srun. Exits 1 with the fix when something is missing.",
+    )
+    info.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size for the grid column (default 1)"
+    )
+    info.add_argument(
+        "--pp", type=int, default=1, help="pipeline-parallel size for the grid column (default 1)"
     )
     info.set_defaults(func=_info)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hpcllm
+from hpcllm.grid import Layout
 from hpcllm.launcher import Launcher
 
 
@@ -162,54 +163,58 @@ def mpi_lines() -> tuple[list[str], list[Check], Any]:
     return lines, checks, MPI.COMM_WORLD
 
 
-def build_report() -> Report:
+def build_report(layout: Layout) -> Report:
     report = Report()
     report.lines.append(
         f"hpcllm {hpcllm.__version__} on Python {platform.python_version()} ({sys.executable})"
     )
-    # Horovod's flags are read before MPI starts: nothing here initialises Horovod.
-    for part in (torch_lines(), horovod_build()):
-        report.lines += part[0]
-        report.checks += part[1]
+    for lines, checks in (torch_lines(), horovod_build()):
+        report.lines += lines
+        report.checks += checks
     mpi, checks, comm = mpi_lines()
     report.lines += mpi
     report.checks += checks
     report.lines += slurm_lines()
     if comm is not None:
-        report.lines += rank_table(comm)
+        report.lines += rank_table(comm, layout)
     return report
 
 
-def rank_table(comm: Any) -> list[str]:
-    """Where every rank landed (collective: every rank must call it)."""
+def rank_table(comm: Any, layout: Layout) -> list[str]:
+    """Where every rank landed and its (pp, dp, tp) place (collective: every rank calls it)."""
     from hpcllm import runtime as rt
 
     here = rt.init(abort_on_error=True)
-    rows = comm.gather(
-        (
-            here.rank,
-            here.hostnames[here.rank],
-            here.node_index,
-            here.local_rank,
-            str(here.device),
-            here.threads,
-        ),
-        root=0,
+    row = (
+        here.rank,
+        here.hostnames[here.rank],
+        here.node_index,
+        here.local_rank,
+        str(here.device),
+        here.threads,
     )
+    rows = comm.gather(row, root=0)
     if here.launch.launcher is Launcher.NONE:
         return ["Launcher: none (single process); run under mpirun -np N or srun for a rank table"]
-    lines = [f"Launcher: {here.launch.launcher.value}; {here.size} ranks on {len(here.nodes)} node(s)"]
-    lines.append("  rank  host                  node  local  device  threads")
+    lines = [
+        f"Launcher: {here.launch.launcher.value}; {here.size} ranks on {len(here.nodes)} node(s); "
+        f"grid {layout}"
+    ]
+    lines.append("  rank  host                  node  local  device  threads   pp  dp  tp")
     for rank, host, node, local, device, threads in rows or []:
-        lines.append(f"  {rank:>4}  {host:<20}  {node:>4}  {local:>5}  {device:<6}  {threads:>7}")
+        pp, dp, tp = layout.coords(rank)
+        place = f"{pp:>3} {dp:>3} {tp:>3}"
+        lines.append(f"  {rank:>4}  {host:<20}  {node:>4}  {local:>5}  {device:<6}  {threads:>7}  {place}")
     return lines
 
 
-def main() -> int:
-    report = build_report()
+def main(tp: int = 1, pp: int = 1) -> int:
     from mpi4py import MPI
 
-    if MPI.COMM_WORLD.Get_rank() != 0:
+    comm = MPI.COMM_WORLD
+    layout = Layout.for_world(comm.Get_size(), tp=tp, pp=pp)  # bad layout: UsageError, exit 2
+    report = build_report(layout)
+    if comm.Get_rank() != 0:
         return 1 if report.problems else 0
     print("\n".join(report.lines))
     if report.problems:

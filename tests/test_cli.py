@@ -40,3 +40,36 @@ def test_bad_arguments_give_one_line_and_exit_2():
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], (args, proc.stderr)
+
+
+def test_world_that_does_not_factor_exits_2_naming_the_numbers():
+    proc = run(["info", "--tp", "2"], ranks=3)
+    assert proc.returncode == 2
+    assert "hpcllm info: error: world size 3 is not divisible by tp*pp = 2*1 = 2" in proc.stderr
+    # Only rank 0 speaks: the line appears once, not once per rank.
+    assert proc.stderr.count("not divisible") == 1
+
+
+def test_info_shows_each_ranks_grid_place():
+    proc = run(["info", "--tp", "2"], ranks=4)
+    assert proc.returncode == 0, proc.stderr
+    assert "grid pp=1 x dp=2 x tp=2" in proc.stdout
+    places = [line.split()[-3:] for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert places == [["0", "0", "0"], ["0", "0", "1"], ["0", "1", "0"], ["0", "1", "1"]]
+
+
+def test_info_exits_1_with_the_fix_when_horovod_lacks_pytorch(tmp_path):
+    # A Horovod whose PyTorch extension was not built (what a build without HOROVOD_WITH_PYTORCH
+    # gives), shadowing the real one: building such a Horovod here would take minutes.
+    fake = tmp_path / "horovod"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '0.28.1'\n")
+    (fake / "torch" / "__init__.py").write_text(
+        "raise ImportError('Extension horovod.torch has not been built')\n"
+    )
+    env = launch_env()
+    env["PYTHONPATH"] = str(tmp_path)
+    proc = subprocess.run(HPCLLM + ["info"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    assert "Extension horovod.torch has not been built" in proc.stdout
+    assert "hpcllm info: horovod.torch missing" in proc.stderr and "make setup" in proc.stderr

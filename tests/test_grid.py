@@ -52,6 +52,9 @@ def _check_grid(grid, comm):
     # Horovod allreduce over this rank's DP process set sums only within the DP group.
     import horovod.torch as hvd
 
+    # Horovod runs on mpi4py's world: same ranks, same size.
+    assert (hvd.rank(), hvd.size()) == (rank, comm.Get_size())
+
     total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum, process_set=grid.dp_process_set)
     assert total.item() == float(sum(layout.dp_group(rank)))
     # Every rank's view agrees with every other's.
