@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hpcllm import __version__
+from hpcllm.data.corpus import DEFAULT_EXTENSIONS
 from hpcllm.errors import EnvironmentProblem, UsageError
 from hpcllm.launcher import detect
 
@@ -36,6 +37,41 @@ def _info(args: argparse.Namespace) -> int:
     return info.main(tp=args.tp, pp=args.pp)
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hpcllm import runtime
+    from hpcllm.data import prepare
+
+    options = prepare.PrepareOptions(
+        sources=args.sources,
+        out=Path(args.out),
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        text_field=args.text_field,
+        extensions=tuple(e.strip() for e in args.ext.split(",") if e.strip()),
+        dtype=args.dtype,
+        force=args.force,
+        bpe_sample_bytes=int(args.bpe_sample_mb * (1 << 20)),
+    )
+    prepare.check_options(options)
+    rt = runtime.init(seed=args.seed)
+    prepare.set_tokenizer_threads(rt.threads)
+    summary = prepare.prepare(options, rt.comm)
+    if rt.rank == 0:
+        print(
+            "\n".join(
+                [
+                    *summary.lines(),
+                    f"wrote {options.out}/ (train.bin, val.bin, tokenizer.json, manifest.json)",
+                ]
+            )
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpcllm", description="Train GPT language models on HPC clusters.")
     parser.add_argument("--version", action="version", version=f"hpcllm {__version__}")
@@ -56,8 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_info)
 
+    prep = commands.add_parser(
+        "prepare",
+        help="tokenize a corpus into token files, in parallel over ranks",
+        description="Tokenize text files, directories and JSONL files into train/val token files plus a "
+        "manifest. With no SOURCES, the Python standard library's .py files. Under mpirun the files are "
+        "spread over the ranks; the output is the same for any number of ranks.",
+    )
+    prep.add_argument("sources", nargs="*", metavar="SOURCE", help="text file, directory or .jsonl file")
+    prep.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
+    prep.add_argument(
+        "--tokenizer", choices=["bpe", "byte"], default="bpe", help="byte-level BPE (default) or bytes"
+    )
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument(
+        "--val-ratio", type=float, default=0.05, help="share of documents for validation (0.05)"
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
+    prep.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    prep.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="extensions read from directories")
+    prep.add_argument(
+        "--dtype", default="auto", help="token dtype: auto (uint16 if the vocabulary fits), uint16, uint32"
+    )
+    prep.add_argument("--bpe-sample-mb", type=float, default=16, help="MB of text the BPE is trained on (16)")
+    prep.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out (only once the new data is complete)"
+    )
+    prep.set_defaults(func=_prepare)
+
     for name, issue, text in (
-        ("prepare", "issue 2/8", "tokenize a corpus into token files, in parallel over ranks"),
         ("train", "issue 3/8", "train a GPT (dp = world / (tp*pp))"),
         ("generate", "issue 3/8", "sample text from a trained run"),
         ("bench", "issues 3/8 and 7/8", "allreduce, train and pipeline benchmarks"),

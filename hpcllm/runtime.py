@@ -16,18 +16,20 @@ import random
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from hpcllm.errors import EnvironmentProblem
+from hpcllm.errors import EnvironmentProblem, UsageError
 from hpcllm.launcher import LaunchInfo, detect
 
 if TYPE_CHECKING:
     import torch
     from mpi4py import MPI
 
+T = TypeVar("T")
 LOGGER_NAME = "hpcllm"
 log = logging.getLogger(LOGGER_NAME)
 
@@ -95,6 +97,21 @@ def _check_launch(launch: LaunchInfo, size: int) -> None:
             f"{size}: mpi4py is linked against a different MPI than the launcher's. Fix: rebuild mpi4py "
             "with MPICC pointing at the launcher's MPI (`make setup` does this for the system MPI)"
         )
+
+
+def root_decides(comm: Any, decide: Callable[[], T]) -> T:
+    """Rank 0 runs `decide` (reading files, checking input); every rank gets its result, or the same
+    UsageError, so a bad input ends every rank alike instead of leaving some in a collective."""
+    outcome: tuple[str, Any] | None = None
+    if comm.Get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except UsageError as exc:
+            outcome = ("usage", str(exc))
+    outcome = comm.bcast(outcome, root=0)
+    if outcome[0] == "usage":
+        raise UsageError(outcome[1])
+    return outcome[1]
 
 
 # ---- device, threads, seeds ---------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Data: prepare (single and multi-rank, byte-identical), bad input, and the per-rank sampler."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hpcllm.data.loader import BatchSampler, micro_batches
+from hpcllm.data.tokens import choose_dtype, open_prepared
+from hpcllm.errors import UsageError
+from hpcllm.launcher import launch_command, launch_env
+
+HPCLLM = [sys.executable, "-m", "hpcllm.cli"]
+
+
+def prepare(args, ranks=None, timeout=180):
+    prefix = launch_command(ranks, "mpirun") if ranks else []
+    return subprocess.run(
+        prefix + HPCLLM + ["prepare", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=launch_env(),
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """Files of very different sizes, a JSONL file, a non-UTF-8 file and an empty file."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "rank", "tensor", "pipeline", "allreduce", "\n", "def", "("]
+    for i in range(12):
+        n = int(rng.integers(20, 3000))
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=n)))
+    records = [{"text": " ".join(rng.choice(words, size=50))} for _ in range(30)]
+    lines = [json.dumps(r) for r in records] + ["not json", json.dumps({"other": "x"})]
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (root / "empty.txt").write_text("")
+    return root
+
+
+def test_prepare_one_and_two_ranks_give_identical_output(corpus_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [corpus_dir, "--vocab-size", "300"]
+    first = prepare([*args, "--out", one])
+    assert first.returncode == 0, first.stderr
+    second = prepare([*args, "--out", two], ranks=2)
+    assert second.returncode == 0, second.stderr
+    for name in ("train.bin", "val.bin", "manifest.json", "tokenizer.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    manifest = json.loads((one / "manifest.json").read_text())
+    files = manifest["files"]
+    assert (files["skipped_not_utf8"], files["skipped_empty"], files["bad_jsonl_records"]) == (1, 1, 2)
+    assert "1 not UTF-8, 1 empty" in first.stdout and "2 bad JSONL records" in first.stdout
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 12 + 30
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 300
+    prepared = open_prepared(one)
+    assert prepared.tokens("train").max() < 300
+    assert not list(tmp_path.glob(".*tmp-*")), "staging directories must not be left behind"
+
+
+def test_byte_tokenizer_round_trips_text(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo wörld\n" * 20)
+    proc = prepare([tmp_path / "a.txt", "--tokenizer", "byte", "--out", tmp_path / "out"])
+    assert proc.returncode == 0, proc.stderr
+    prepared = open_prepared(tmp_path / "out")
+    assert prepared.vocab_size == 257 and prepared.eot_id == 256
+    # One document only: the split falls back to cutting the token stream.
+    assert prepared.manifest["split_by"] == "tokens"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(prepared.tokenizer_path))
+    stream = np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
+    assert tok.decode(stream.tolist()) == "héllo wörld\n" * 20
+
+
+def _assert_bad(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_path_is_refused(tmp_path):
+    _assert_bad(prepare([tmp_path / "nope.txt", "--out", tmp_path / "o"]), "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_corpus_is_refused_and_leaves_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.txt").write_text("")
+    (src / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    _assert_bad(prepare([src, "--out", tmp_path / "o"]), "no documents", "1 not-utf8", "1 empty")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_existing_output_is_never_overwritten_without_force(corpus_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious").write_text("keep me")
+    _assert_bad(prepare([corpus_dir, "--out", out]), "not empty", "--force")
+    assert (out / "precious").read_text() == "keep me"
+
+
+def test_vocabulary_too_large_for_dtype():
+    with pytest.raises(UsageError, match="does not fit uint16"):
+        choose_dtype(70000, "uint16")
+    assert choose_dtype(70000) == np.uint32 and choose_dtype(4096) == np.uint16
+
+
+def test_checksum_mismatch_is_detected(corpus_dir, tmp_path):
+    out = tmp_path / "o"
+    assert prepare([corpus_dir, "--tokenizer", "byte", "--out", out]).returncode == 0
+    data = bytearray((out / "train.bin").read_bytes())
+    data[10] ^= 0xFF
+    (out / "train.bin").write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="does not match the checksum"):
+        open_prepared(out)
+
+
+def test_corpus_smaller_than_one_sequence():
+    with pytest.raises(UsageError, match="fewer than one sequence of block_size \\+ 1 = 65"):
+        BatchSampler(n_tokens=50, block_size=64, global_batch=4, seed=0)
+
+
+# ---- the sampler ---------------------------------------------------------------------------
+
+
+def _slices(sampler, step, dp):
+    return [sampler.rank_indices(step, r, dp) for r in range(dp)]
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_rank_slices_partition_the_global_batch(dp):
+    sampler = BatchSampler(n_tokens=10_000, block_size=16, global_batch=8, seed=3)
+    for step in (0, 1, 7, 77, 78):  # 624 sequences: step 77/78 straddle the first epoch boundary
+        slices = _slices(sampler, step, dp)
+        union = np.concatenate(slices)
+        assert np.array_equal(union, sampler.global_indices(step))
+        assert len(set(union.tolist())) == len(union), "slices overlap"
+
+
+def test_an_epoch_visits_every_sequence_once():
+    sampler = BatchSampler(n_tokens=16 * 64 + 1, block_size=16, global_batch=8, seed=1)
+    seen = np.concatenate([np.concatenate(_slices(sampler, s, 4)) for s in range(8)])
+    assert sorted(seen.tolist()) == list(range(64))
+
+
+def test_resume_at_step_k_gives_the_same_batches():
+    a = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)
+    b = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)  # a "restarted" sampler
+    for step in range(5, 12):
+        for r in range(2):
+            assert np.array_equal(a.rank_indices(step, r, 2), b.rank_indices(step, r, 2))
+
+
+def test_micro_batches_are_shifted_targets():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = micro_batches(tokens, np.array([0, 3, 5, 7]), block_size=8, micro_batch=2)
+    assert len(batches) == 2
+    x, y = batches[0]
+    assert (
+        x.shape == (2, 8)
+        and np.array_equal(x[1], np.arange(24, 32))
+        and np.array_equal(y[1], np.arange(25, 33))
+    )
+
+
+@pytest.mark.mpi(ranks=4, timeout=60)
+def test_dynamic_map_runs_every_task_exactly_once(comm):
+    from hpcllm.tasks import dynamic_map, largest_first
+
+    sizes = [1, 50, 3, 3, 20, 7, 1, 1, 9, 2, 4, 30]
+    mine = [
+        task
+        for task, result in dynamic_map(comm, largest_first(sizes), lambda t: t * t)
+        if result == task * task
+    ]
+    everyone = sorted(t for part in comm.allgather(mine) for t in part)
+    assert everyone == list(range(len(sizes)))
