@@ -72,6 +72,23 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from hpcllm import train
+
+    return train.train(
+        train.TrainArgs(
+            config=args.config,
+            set=tuple(args.set),
+            data=args.data,
+            out=args.out,
+            steps=args.steps,
+            tp=args.tp,
+            pp=args.pp,
+            resume=args.resume,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpcllm", description="Train GPT language models on HPC clusters.")
     parser.add_argument("--version", action="version", version=f"hpcllm {__version__}")
@@ -120,8 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=_prepare)
 
+    tr = commands.add_parser(
+        "train",
+        help="train a GPT (dp = world / (tp*pp))",
+        description="Train a GPT. With no arguments: the tiny preset on the default corpus (Python's "
+        "standard library, prepared on first use). Run under mpirun/srun for data parallelism.",
+    )
+    tr.add_argument("--config", help="YAML file with model:, train:, parallel:, data: sections")
+    tr.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeat)"
+    )
+    tr.add_argument("--data", help="prepared data directory (hpcllm prepare --out DIR)")
+    tr.add_argument("--out", help="run directory (default runs/<time> or runs/job-<SLURM_JOB_ID>)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    tr.add_argument("--tp", type=int, help="tensor-parallel size (parallel.tp)")
+    tr.add_argument("--pp", type=int, help="pipeline-parallel size (parallel.pp)")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    tr.set_defaults(func=_train)
+
     for name, issue, text in (
-        ("train", "issue 3/8", "train a GPT (dp = world / (tp*pp))"),
         ("generate", "issue 3/8", "sample text from a trained run"),
         ("bench", "issues 3/8 and 7/8", "allreduce, train and pipeline benchmarks"),
         ("slurm", "issue 6/8", "render and submit Slurm batch scripts"),

@@ -8,6 +8,7 @@ links), then DP, then PP:  rank = (pp_idx * dp + dp_idx) * tp + tp_idx.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -77,10 +78,12 @@ class Grid:
     """This rank's place in the layout, with one mpi4py communicator per axis.
 
     `dp_process_set` is the Horovod process set of this rank's DP group, created collectively on
-    first use; gradient allreduce runs over it.
+    first use; gradient allreduce runs over it. `horovod` provides the initialised `horovod.torch`
+    module when first needed (`lambda: runtime.horovod`), so a grid that never allreduces never
+    starts Horovod.
     """
 
-    def __init__(self, comm: Any, tp: int = 1, pp: int = 1, horovod: Any = None):
+    def __init__(self, comm: Any, tp: int = 1, pp: int = 1, horovod: Callable[[], Any] | None = None):
         self.world = comm
         self.layout = Layout.for_world(comm.Get_size(), tp=tp, pp=pp)
         self.rank = comm.Get_rank()
@@ -117,8 +120,8 @@ class Grid:
     @property
     def dp_process_set(self) -> Any:
         if self._horovod is None:
-            raise RuntimeError("Grid was built without Horovod; pass horovod=runtime.horovod")
-        hvd = self._horovod
+            raise RuntimeError("Grid was built without Horovod; pass horovod=lambda: runtime.horovod")
+        hvd = self._horovod()
         if self.layout.dp == self.layout.world:
             return hvd.global_process_set
         if self._process_sets is None:
@@ -130,8 +133,9 @@ class Grid:
     def close(self) -> None:
         """Free the communicators and process sets (collective); the grid is unusable afterwards."""
         if self._process_sets is not None:
+            hvd = self._horovod()  # type: ignore[misc]
             for process_set in self._process_sets:
-                self._horovod.remove_process_set(process_set)
+                hvd.remove_process_set(process_set)
             self._process_sets = None
         for sub in (self.tp_comm, self.dp_comm, self.pp_comm):
             sub.Free()

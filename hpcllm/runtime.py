@@ -178,13 +178,12 @@ def setup_logging(rank: int, run_dir: str | Path | None = None, level: int = log
         handler.close()
     logger.setLevel(level)
     logger.propagate = False
-    for flt in list(logger.filters):
-        logger.removeFilter(flt)
-    logger.addFilter(_RankFilter(rank))
-
+    # On the handlers, not the logger: records of child loggers (hpcllm.train) skip logger filters.
+    rank_filter = _RankFilter(rank)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter("[rank %(rank)d] %(message)s"))
+    console.addFilter(rank_filter)
     logger.addHandler(console)
     if run_dir is not None:
         log_dir = Path(run_dir) / "logs"
@@ -193,6 +192,7 @@ def setup_logging(rank: int, run_dir: str | Path | None = None, level: int = log
         file_handler.setFormatter(
             logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s")
         )
+        file_handler.addFilter(rank_filter)
         logger.addHandler(file_handler)
 
 

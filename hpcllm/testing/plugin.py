@@ -303,6 +303,8 @@ def grid(request: pytest.FixtureRequest, runtime: Any) -> Iterator[Any]:
 
     marker = request.node.get_closest_marker("mpi")
     kwargs = marker.kwargs if marker is not None else {}
-    built = Grid(runtime.comm, tp=kwargs.get("tp", 1), pp=kwargs.get("pp", 1), horovod=runtime.horovod)
+    built = Grid(
+        runtime.comm, tp=kwargs.get("tp", 1), pp=kwargs.get("pp", 1), horovod=lambda: runtime.horovod
+    )
     yield built
     built.close()

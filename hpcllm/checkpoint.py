@@ -1,0 +1,226 @@
+"""Sharded, atomic, checksummed checkpoints.
+
+Layout of a run's `checkpoints/`:
+
+    step-00000200/
+        manifest.json                 step, config, layout, sampler position, sha256 of every shard
+        shard-pp0-tp0.safetensors     model + optimizer tensors + RNG state of one model partition
+        shard-pp0-tp0.json            what is not a tensor: optimizer hyperparameters, tensor names
+    latest                            the name of the newest complete checkpoint
+
+One DP replica (dp rank 0) of each (pp, tp) partition writes its shard; replicas are identical.
+A checkpoint is written under a hidden temporary name and renamed when every shard and the
+manifest are on disk, then `latest` is replaced by rename: a crash at any point leaves `latest`
+naming the previous complete checkpoint. Loading checks every shard against its checksum and
+reads tensors only through safetensors and JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from hpcllm.errors import UsageError
+from hpcllm.grid import Grid
+from hpcllm.runtime import root_decides
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def shard_name(grid: Grid) -> str:
+    return f"shard-pp{grid.pp_rank}-tp{grid.tp_rank}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- what goes into a shard ----------------------------------------------------------------
+
+
+def _optimizer_to_tensors(
+    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Optimizer state keyed by parameter name (so it survives a change of layout), and its groups."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append(
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [names[p] for p in group["params"]],
+            }
+        )
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                tensors[f"optim.{names[param]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, groups
+
+
+def _tensors_to_optimizer(
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    groups: list[dict[str, Any]],
+    params_by_name: dict[str, torch.nn.Parameter],
+) -> None:
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "params"})
+    for name, param in params_by_name.items():
+        prefix = f"optim.{name}."
+        state = {k[len(prefix) :]: v.to(param.device) for k, v in tensors.items() if k.startswith(prefix)}
+        if state:
+            optimizer.state[param] = state
+
+
+# ---- save ---------------------------------------------------------------------------------
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grid: Grid,
+    manifest_extra: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Collective: every rank of the grid calls it. Returns the checkpoint directory."""
+    root = run_dir / "checkpoints"
+    final = root / step_name(step)
+
+    def make_staging() -> str:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / f".tmp-{step_name(step)}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        return str(staging)
+
+    staging = Path(root_decides(grid.world, make_staging))
+    written: dict[str, str] = {}
+    if grid.dp_rank == 0:
+        names = {p: n for n, p in model.named_parameters()}
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        optim_tensors, groups = _optimizer_to_tensors(optimizer, names)
+        tensors.update(optim_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        base = shard_name(grid)
+        written[f"{base}.safetensors"] = _write_durably(
+            staging / f"{base}.safetensors", save_tensors(tensors)
+        )
+        meta = {"optimizer_groups": groups, "coords": list(grid.coords)}
+        written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
+    gathered = grid.world.gather(written, root=0)
+
+    def publish() -> str:
+        shards = {name: digest for part in gathered for name, digest in part.items()}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "layout": asdict(grid.layout),
+            "shards": shards,
+            **manifest_extra,
+        }
+        _write_durably(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
+        _fsync(staging)
+        if final.exists():  # the same step saved again (a resumed run re-reaching it): replace
+            shutil.rmtree(final)
+        staging.rename(final)
+        _point_latest(root, final.name)
+        _prune(root, keep)
+        return str(final)
+
+    return Path(root_decides(grid.world, publish))
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    _write_durably(tmp, (name + "\n").encode())
+    tmp.replace(root / LATEST)
+    _fsync(root)
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+
+def latest(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.exists():
+        return None
+    target = run_dir / "checkpoints" / pointer.read_text().strip()
+    return target if (target / MANIFEST).exists() else None
+
+
+def read_manifest(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(
+            f"{checkpoint / MANIFEST} cannot be read ({exc}); the checkpoint is damaged"
+        ) from exc
+
+
+def _read_verified(checkpoint: Path, name: str, manifest: dict[str, Any]) -> bytes:
+    path = checkpoint / name
+    if name not in manifest["shards"]:
+        raise UsageError(f"{checkpoint} has no shard {name} (saved with layout {manifest['layout']})")
+    if not path.exists():
+        raise UsageError(f"checkpoint shard {path} is missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["shards"][name]:
+        raise UsageError(f"checkpoint shard {path} does not match its checksum: the file is damaged")
+    return data
+
+
+def load(
+    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, grid: Grid
+) -> dict[str, Any]:
+    """Load this rank's partition (and optimizer state) from a checkpoint of the same layout."""
+    manifest = read_manifest(checkpoint)
+    base = shard_name(grid)
+    tensors = load_tensors(_read_verified(checkpoint, f"{base}.safetensors", manifest))
+    meta = json.loads(_read_verified(checkpoint, f"{base}.json", manifest))
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if missing or unexpected:
+        raise UsageError(
+            f"{checkpoint} does not fit this model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    if optimizer is not None:
+        _tensors_to_optimizer(optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters()))
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    return manifest

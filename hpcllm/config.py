@@ -1,0 +1,201 @@
+"""Run configuration: defaults ← model preset ← YAML file ← `--set key=value` ← flags.
+
+Keys are `section.name` (model, train, parallel, data). An unknown key is bad input, answered with
+the nearest valid key. Values given on the command line are parsed as YAML scalars (`3e-4`, `true`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpcllm.errors import UsageError
+
+PRESETS: dict[str, dict[str, int]] = {
+    # trains in a few minutes on 2 CPU cores
+    "tiny": {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},
+    "small": {"block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384},
+    "gpt2-124m": {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-350m": {"block_size": 1024, "n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-774m": {"block_size": 1024, "n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-1.5b": {"block_size": 1024, "n_layer": 48, "n_head": 25, "n_embd": 1600},
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    global_batch: int = 32  # sequences per optimizer step, over all DP ranks
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+    eval_every: int = 100
+    eval_steps: int = 8
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep: int = 2
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    peak_flops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    schedule: str = "1f1b"
+    fp16_allreduce: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a prepared directory; empty = the default corpus, prepared on first use
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def valid_keys() -> list[str]:
+    defaults = Config()
+    return [f"{s.name}.{f.name}" for s in fields(defaults) for f in fields(getattr(defaults, s.name))]
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Give `value` the type of the default; a value of the wrong kind is bad input."""
+    kind = type(current)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise UsageError(f"{key} must be a {kind.__name__}, not {value!r}")
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    if key not in valid_keys():
+        close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid_keys())}"
+        raise UsageError(f"unknown config key {key!r}{hint}")
+    section = getattr(config, section_name)
+    setattr(section, name, _coerce(key, value, getattr(section, name)))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {text}: the value is not valid YAML ({exc.problem})") from exc
+    return key.strip(), value
+
+
+def load(
+    path: str | Path | None = None,
+    assignments: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build the config; a preset (from the file or --set model.preset=...) fills the model's shape,
+    and explicit model keys override it. `base` (a saved run's config, on resume) comes first."""
+    values: dict[str, Any] = _flatten(base) if base else {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"config file {file} does not exist")
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config file {file} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise UsageError(f"config file {file} must hold a mapping of sections (model:, train:, ...)")
+        values.update(_flatten(tree))
+    values.update(dict(parse_assignment(a) for a in assignments))
+    config = Config()
+    preset = values.get("model.preset", config.model.preset)
+    if preset not in PRESETS:
+        raise UsageError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    for name, value in PRESETS[preset].items():
+        setattr(config.model, name, value)
+    for key, value in values.items():
+        _set(config, key, value)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    m, t = config.model, config.train
+    if m.n_embd % m.n_head:
+        raise UsageError(f"model.n_embd {m.n_embd} is not divisible by model.n_head {m.n_head}")
+    for key, value in (
+        ("model.block_size", m.block_size),
+        ("model.n_layer", m.n_layer),
+        ("model.n_head", m.n_head),
+        ("train.steps", t.steps),
+        ("train.global_batch", t.global_batch),
+        ("train.micro_batch", t.micro_batch),
+        ("train.keep", t.keep),
+        ("parallel.tp", config.parallel.tp),
+        ("parallel.pp", config.parallel.pp),
+    ):
+        if value < 1:
+            raise UsageError(f"{key} must be at least 1, not {value}")
+    if not 0 <= m.dropout < 1:
+        raise UsageError(f"model.dropout must be in [0, 1), not {m.dropout}")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"train.dtype must be float32 or bfloat16, not {t.dtype}")
+    if config.parallel.schedule not in ("1f1b", "gpipe"):
+        raise UsageError(f"parallel.schedule must be 1f1b or gpipe, not {config.parallel.schedule}")
+
+
+def check_batch_layout(config: Config, dp: int) -> int:
+    """Micro-batches per rank per step; the global batch must split evenly over dp × micro_batch."""
+    t = config.train
+    if t.global_batch % (dp * t.micro_batch):
+        raise UsageError(
+            f"train.global_batch {t.global_batch} is not divisible by dp × train.micro_batch = "
+            f"{dp} × {t.micro_batch} = {dp * t.micro_batch}; change one of them"
+        )
+    return t.global_batch // (dp * t.micro_batch)

@@ -1,0 +1,71 @@
+"""Data-parallel communication: Horovod keeps the replicas of one model partition identical.
+
+Gradients are averaged by Horovod's ring-allreduce (tensor fusion, optional fp16 compression) over
+the DP process set of the grid, after `backward_passes_per_step` micro-batches have accumulated;
+initial parameters and optimizer state are broadcast from the group's first rank. Scalars (losses
+for the log) are averaged over the DP communicator with mpi4py. With dp = 1 nothing is
+communicated and Horovod is never started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from hpcllm.grid import Grid
+
+
+class DataParallel:
+    def __init__(self, grid: Grid, horovod: Any = None):
+        self.grid = grid
+        self.size = grid.layout.dp
+        self.hvd = horovod if self.size > 1 else None
+
+    def wrap_optimizer(
+        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, micro_batches: int, fp16: bool
+    ) -> torch.optim.Optimizer:
+        if self.hvd is None:
+            return optimizer
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
+            backward_passes_per_step=micro_batches,
+            op=hvd.Average,
+            process_set=self.grid.dp_process_set,
+        )
+
+    def broadcast_initial_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Every replica starts from its group's first rank (they agree already when seeded alike;
+        this makes it true by construction, and carries resumed optimizer state)."""
+        if self.hvd is None:
+            return
+        root = self.grid.layout.dp_group(self.grid.rank)[0]
+        process_set = self.grid.dp_process_set
+        # Horovod 0.28's broadcast_parameters/broadcast_optimizer_state know no process sets:
+        # broadcast tensor by tensor, in the same order on every rank.
+        tensors = list(model.state_dict().values())
+        for param in (p for group in optimizer.param_groups for p in group["params"]):
+            tensors += [v for _, v in sorted(optimizer.state.get(param, {}).items()) if torch.is_tensor(v)]
+        for index, tensor in enumerate(tensors):
+            self.hvd.broadcast_(tensor, root_rank=root, name=f"hpcllm.init.{index}", process_set=process_set)
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait for the gradient allreduce, so gradients can be clipped before the step."""
+        if self.hvd is not None:
+            optimizer.synchronize()
+
+    @contextmanager
+    def step_without_sync(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        with optimizer.skip_synchronize() if self.hvd is not None else nullcontext():
+            yield
+
+    def mean(self, value: float) -> float:
+        """Mean of a scalar over the DP group (every DP rank must call it)."""
+        if self.size == 1:
+            return value
+        return self.grid.dp_comm.allreduce(value) / self.size

@@ -1,0 +1,85 @@
+"""What a person reads about a run: metrics.jsonl, loss.png, throughput and MFU, the baseline.
+
+Only rank 0 writes here; every number it writes has already been reduced over the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def measure_matmul_peak(device: torch.device, seconds: float = 0.5, n: int = 1024) -> float:
+    """FLOP/s of a large fp32 matmul on this rank's threads (CPU) or device: the MFU denominator."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.matmul(a, b)  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on val of the train unigram distribution (add-one smoothed): the
+    loss of a model that ignores context. A language model must land well below it."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    val_counts = np.bincount(np.asarray(val_tokens), minlength=vocab_size)
+    return float(-(val_counts * log_probs).sum() / max(1, val_counts.sum()))
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step and keeps loss.png up to date."""
+
+    def __init__(self, run_dir: Path, resume: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.plot_path = run_dir / "loss.png"
+        self.rows: list[dict[str, Any]] = []
+        if resume and self.path.exists():
+            self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows past the checkpoint: those steps are about to be run again."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def append(self, row: dict[str, Any]) -> None:
+        clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        self.rows.append(clean)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def plot(self, baseline: float | None = None) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linestyle="--", label=f"unigram baseline {baseline:.2f}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.plot_path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(self.plot_path)  # a reader never sees half a PNG

@@ -1,0 +1,155 @@
+"""A decoder-only GPT, readable top to bottom.
+
+token + position embeddings → n_layer pre-LayerNorm blocks (causal self-attention through
+`scaled_dot_product_attention`, GELU MLP) → final LayerNorm → output head tied to the token embedding.
+
+The forward pass is split into `embed`, the `blocks` list and `head` so that a pipeline stage can
+run any contiguous slice of it; every Linear and Embedding is a plain module that tensor
+parallelism can replace by its partitioned counterpart after the full model is initialised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.n_head = shape.n_head
+        self.dropout = shape.dropout
+        self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
+        self.proj = nn.Linear(shape.n_embd, shape.n_embd)
+        self.resid_dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, _ = x.shape
+        # Heads are read off the qkv output, so splitting qkv's columns by head splits attention.
+        q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.proj(attended.transpose(1, 2).reshape(batch, time, -1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.fc = nn.Linear(shape.n_embd, 4 * shape.n_embd)
+        self.proj = nn.Linear(4 * shape.n_embd, shape.n_embd)
+        self.dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(shape.n_embd)
+        self.attn = CausalSelfAttention(shape)
+        self.ln_2 = nn.LayerNorm(shape.n_embd)
+        self.mlp = MLP(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.shape = shape
+        self.wte = nn.Embedding(shape.vocab_size, shape.n_embd)
+        self.wpe = nn.Embedding(shape.block_size, shape.n_embd)
+        self.drop = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.ln_f = nn.LayerNorm(shape.n_embd)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled down with depth so the residual stream stays O(1).
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * shape.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(positions))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last hidden state; the output weight is the token embedding (tied)."""
+        return F.linear(self.ln_f(hidden), self.wte.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.shape[1] > self.shape.block_size:
+            raise ValueError(
+                f"sequence of {idx.shape[1]} tokens is longer than block_size {self.shape.block_size}"
+            )
+        hidden = self.embed(idx)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def flops_per_token(shape: GPTShape, n_params: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·d·T."""
+    return 6 * n_params + 12 * shape.n_layer * shape.n_embd * shape.block_size
+
+
+@torch.no_grad()
+def sample(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Append `max_new_tokens` sampled tokens to each row of `idx` (the context is cropped to block_size)."""
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.shape.block_size :]
+        logits = model(context)[:, -1, :]
+        if temperature <= 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, next_token], dim=1)
+    return idx

@@ -1,0 +1,376 @@
+"""`hpcllm train`: the training loop.
+
+Per step: this DP rank's micro-batches (from the step-defined sampler) → forward/backward with
+gradient accumulation → Horovod averages gradients over the DP group → clip → AdamW step with
+warmup + cosine learning rate. The loss logged is the mean over the whole global batch, reduced
+over DP, so it does not depend on the layout. Rank 0 writes metrics, the plot and the summary;
+every rank of a partition's first replica writes its checkpoint shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hpcllm import checkpoint, runtime
+from hpcllm import config as config_mod
+from hpcllm.config import Config
+from hpcllm.data import prepare as prepare_mod
+from hpcllm.data.loader import BatchSampler, micro_batches
+from hpcllm.data.tokens import TOKENIZER, Prepared, open_prepared
+from hpcllm.dp import DataParallel
+from hpcllm.errors import UsageError
+from hpcllm.grid import Grid
+from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
+from hpcllm.model.gpt import GPT, GPTShape, flops_per_token, lm_loss
+
+log = logging.getLogger("hpcllm.train")
+
+
+@dataclass
+class TrainArgs:
+    config: str | None = None
+    set: tuple[str, ...] = ()
+    data: str | None = None
+    out: str | None = None
+    steps: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    resume: bool = False
+
+
+# ---- configuration and the run directory --------------------------------------------------
+
+
+def resolve_config(args: TrainArgs, saved: dict[str, Any] | None) -> Config:
+    assignments = list(args.set)
+    for key, value in (
+        ("train.steps", args.steps),
+        ("parallel.tp", args.tp),
+        ("parallel.pp", args.pp),
+        ("data.path", args.data),
+    ):
+        if value is not None:
+            assignments.append(f"{key}={value}")
+    return config_mod.load(args.config, assignments, base=saved)
+
+
+def default_run_dir() -> Path:
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path("runs") / (f"job-{job}" if job else time.strftime("%Y%m%d-%H%M%S"))
+
+
+def open_run_dir(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
+    """(run directory, saved config when resuming). Refuses to touch a run without --resume."""
+    out = Path(args.out) if args.out else default_run_dir()
+    saved_config = out / "config.yaml"
+    if args.resume:
+        if not saved_config.is_file():
+            raise UsageError(
+                f"--resume: {out} holds no run (config.yaml missing); drop --resume to start one"
+            )
+        if checkpoint.latest(out) is None:
+            raise UsageError(
+                f"--resume: {out} has no complete checkpoint yet; start the run again without --resume"
+            )
+        return out, yaml.safe_load(saved_config.read_text())
+    if saved_config.exists():
+        raise UsageError(
+            f"--out {out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is not empty and is not an hpcllm run; choose another directory")
+    return out, None
+
+
+def check_resume_compatible(config: Config, saved: dict[str, Any]) -> None:
+    before = saved.get("model", {})
+    for key, value in vars(config.model).items():
+        if key in before and before[key] != value:
+            raise UsageError(
+                f"--resume: the run was trained with model.{key}={before[key]}, not {value}; "
+                "a checkpoint only loads into the same model"
+            )
+
+
+def default_data_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpcllm" / "data"
+    return (
+        cache / f"stdlib-py{sys.version_info[0]}{sys.version_info[1]}-bpe{prepare_mod.tok.DEFAULT_VOCAB_SIZE}"
+    )
+
+
+def ensure_data(config: Config, rt: runtime.Runtime) -> Prepared:
+    """The prepared data of data.path; with no path, the default corpus, prepared on first use."""
+    path = Path(config.data.path) if config.data.path else default_data_dir()
+    if not config.data.path and not (path / "manifest.json").exists():
+        log.info("preparing the default corpus (Python's standard library) once, into %s", path)
+        options = prepare_mod.PrepareOptions(sources=[], out=path, force=True)
+        prepare_mod.set_tokenizer_threads(rt.threads)
+        summary = prepare_mod.prepare(options, rt.comm)
+        for line in summary.lines():
+            log.info("  %s", line)
+    config.data.path = str(path)
+    root_verified = runtime.root_decides(rt.comm, lambda: open_prepared(path, verify=True).manifest)
+    return Prepared(path, root_verified)
+
+
+# ---- optimisation -------------------------------------------------------------------------
+
+
+def learning_rate(step: int, config: Config) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    t = config.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or position tables' rows)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def build_model(config: Config, vocab_size: int, device: torch.device) -> GPT:
+    """The full model, initialised from the seed identically on every rank."""
+    torch.manual_seed(config.train.seed)
+    m = config.model
+    shape = GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
+    return GPT(shape).to(device)
+
+
+# ---- the loop -----------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    config: Config
+    rt: runtime.Runtime
+    grid: Grid
+    data: Prepared
+    run_dir: Path
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    dp: DataParallel
+    micro_per_step: int
+
+    def __post_init__(self) -> None:
+        t, m = self.config.train, self.config.model
+        self.train_tokens = self.data.tokens("train")
+        self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.global_batch, t.seed)
+        self.val_tokens = self.data.tokens("val")
+        try:
+            self.val_sampler: BatchSampler | None = BatchSampler(
+                len(self.val_tokens), m.block_size, t.global_batch, t.seed + 1
+            )
+        except UsageError:
+            log.warning("the validation split is shorter than one sequence: no validation loss")
+            self.val_sampler = None
+        if t.dtype == "bfloat16":
+            self.autocast: Any = lambda: torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        else:
+            self.autocast = nullcontext
+
+    def _batches(
+        self, sampler: BatchSampler, tokens: Any, step: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        indices = sampler.rank_indices(step, self.grid.dp_rank, self.grid.layout.dp)
+        device = self.rt.device
+        return [
+            (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            for x, y in micro_batches(
+                tokens, indices, self.config.model.block_size, self.config.train.micro_batch
+            )
+        ]
+
+    def train_step(self, step: int) -> float:
+        lr = learning_rate(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad()
+        total = 0.0
+        for x, y in self._batches(self.sampler, self.train_tokens, step):
+            with self.autocast():
+                loss = lm_loss(self.model(x), y)
+            (loss / self.micro_per_step).backward()
+            total += loss.item()
+        self.dp.synchronize(self.optimizer)
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        with self.dp.step_without_sync(self.optimizer):
+            self.optimizer.step()
+        return self.dp.mean(total / self.micro_per_step)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_sampler is None:
+            return None
+        self.model.eval()
+        losses = []
+        for step in range(self.config.train.eval_steps):
+            for x, y in self._batches(self.val_sampler, self.val_tokens, step):
+                with self.autocast():
+                    losses.append(lm_loss(self.model(x), y).item())
+        return self.dp.mean(sum(losses) / len(losses))
+
+    def save(self, step: int) -> Path:
+        extra = {"config": self.config.to_dict(), "sampler": {"step": step, "seed": self.config.train.seed}}
+        return checkpoint.save(
+            self.run_dir, step, self.model, self.optimizer, self.grid, extra, self.config.train.keep
+        )
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=None if enabled else True)
+
+
+def train(args: TrainArgs) -> int:
+    rt = runtime.init()
+    # Every check comes before the run directory is created: bad input leaves nothing behind.
+    out, saved = runtime.root_decides(rt.comm, lambda: open_run_dir(args))
+    config = resolve_config(args, saved)
+    if saved is not None:
+        check_resume_compatible(config, saved)
+    if config.parallel.tp > 1 or config.parallel.pp > 1:
+        raise UsageError("tensor and pipeline parallelism are not available yet; use --tp 1 --pp 1")
+    grid = Grid(rt.comm, tp=config.parallel.tp, pp=config.parallel.pp, horovod=lambda: rt.horovod)
+    micro_per_step = config_mod.check_batch_layout(config, grid.layout.dp)
+    data = ensure_data(config, rt)
+    runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
+    runtime.setup_logging(rt.rank, out)
+    log.info("%s", rt.describe())
+    if rt.rank == 0:
+        config.dump(out / "config.yaml")
+        shutil.copyfile(data.tokenizer_path, out / TOKENIZER)
+
+    model = build_model(config, data.vocab_size, rt.device)
+    optimizer = make_optimizer(model, config)
+    dp = DataParallel(grid, rt.horovod if grid.layout.dp > 1 else None)
+    optimizer = dp.wrap_optimizer(optimizer, model, micro_per_step, config.parallel.fp16_allreduce)
+    start_step = 0
+    if args.resume:
+        ckpt = checkpoint.latest(out)
+        assert ckpt is not None  # checked in open_run_dir
+        start_step = checkpoint.load(ckpt, model, optimizer, grid)["step"]
+        log.info("resumed from %s at step %d", ckpt, start_step)
+    dp.broadcast_initial_state(model, optimizer)
+
+    trainer = Trainer(config, rt, grid, data, out, model, optimizer, dp, micro_per_step)
+    return _loop(trainer, start_step, resume=args.resume)
+
+
+def _loop(trainer: Trainer, start_step: int, resume: bool) -> int:
+    config, rt = trainer.config, trainer.rt
+    t = config.train
+    n_params = trainer.model.num_parameters()
+    tokens_per_step = t.global_batch * config.model.block_size
+    flops_token = flops_per_token(trainer.model.shape, n_params)
+    peak = t.peak_flops or measure_matmul_peak(rt.device)
+    peak_total = rt.comm.allreduce(peak)
+    baseline = (
+        unigram_loss(trainer.train_tokens, trainer.val_tokens, trainer.data.vocab_size)
+        if rt.rank == 0
+        else None
+    )
+    log.info(
+        "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
+        "%d micro-batches of %d per rank per step",
+        n_params / 1e6,
+        config.model.preset,
+        f"{len(trainer.train_tokens):,}",
+        rt.size,
+        trainer.grid.layout,
+        trainer.micro_per_step,
+        t.micro_batch,
+    )
+    metrics = MetricsLog(trainer.run_dir, resume) if rt.rank == 0 else None
+    if metrics is not None and resume:
+        metrics.truncate_after(start_step)
+    bar = _progress(t.steps, start_step, rt.rank == 0)
+    started = last_time = time.perf_counter()
+    last_step = start_step
+    loss = val_loss = float("nan")
+    for step in range(start_step, t.steps):
+        loss = trainer.train_step(step)
+        done = step + 1
+        row: dict[str, Any] | None = None
+        if done % t.log_every == 0 or done == t.steps or done == start_step + 1:
+            now = time.perf_counter()
+            tokens_per_s = (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+            last_time, last_step = now, done
+            mfu = tokens_per_s * flops_token / peak_total
+            row = {
+                "step": done,
+                "loss": loss,
+                "lr": learning_rate(step, config),
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu,
+                "elapsed_s": now - started,
+            }
+            bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}", refresh=False)
+        if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            val_loss = trainer.evaluate() or float("nan")
+            row = (row or {"step": done, "loss": loss}) | {"val_loss": val_loss}
+        if row is not None and metrics is not None:
+            metrics.append(row)
+            log.debug("%s", row)
+            if "val_loss" in row or done == t.steps:
+                metrics.plot(baseline)
+        if t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps):
+            trainer.save(done)
+        bar.update(1)
+    bar.close()
+    if metrics is not None:
+        metrics.plot(baseline)
+        _summary(trainer, metrics, baseline, time.perf_counter() - started, peak_total, loss, val_loss)
+    return 0
+
+
+def _summary(
+    trainer: Trainer,
+    metrics: MetricsLog,
+    baseline: float | None,
+    seconds: float,
+    peak_total: float,
+    loss: float,
+    val_loss: float,
+) -> None:
+    rows = [r for r in metrics.rows if "tokens_per_s" in r]
+    speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)  # the first interval includes start-up
+    tokens_per_s = speeds[len(speeds) // 2] if speeds else float("nan")
+    mfu = tokens_per_s * flops_per_token(trainer.model.shape, trainer.model.num_parameters()) / peak_total
+    out = trainer.run_dir
+    latest = checkpoint.latest(out)
+    lines = [
+        f"done: {trainer.config.train.steps} steps in {seconds / 60:.1f} min on {trainer.rt.size} rank(s) "
+        f"({trainer.grid.layout})",
+        f"  final train loss {loss:.3f}, val loss {val_loss:.3f}  "
+        f"(unigram baseline {baseline:.3f} nats/token)",
+        f"  throughput {tokens_per_s:,.0f} tokens/s (median), MFU {mfu:.1%} "
+        f"of {peak_total / 1e9:.0f} GFLOP/s measured matmul peak",
+        f"  run directory {out}/: metrics.jsonl, loss.png, logs/, "
+        f"checkpoints/{latest.name if latest else '-'}",
+        f"  sample from it: hpcllm generate --run {out} --prompt 'def '",
+    ]
+    print("\n".join(lines), flush=True)
