@@ -9,9 +9,15 @@ NP ?= 2
 setup:
 	@bash scripts/setup.sh
 
+# The main job on the built-in default: data-parallel training of the tiny GPT on Python's standard
+# library (prepared on first use), then a sample from the trained model.
+DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: setup
 	@$(PY) -m hpcllm.launcher -np $(NP) $(HPCLLM) info
-	@$(PY) -m hpcllm.launcher -np $(NP) $(HPCLLM) train
+	@$(PY) -m hpcllm.launcher -np $(NP) $(HPCLLM) train --out $(DEMO_RUN)
+	@echo "---- a sample from $(DEMO_RUN) ----"
+	@$(HPCLLM) generate --run $(DEMO_RUN) --prompt "def " --max-new-tokens 120
 
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)

@@ -89,6 +89,24 @@ def _train(args: argparse.Namespace) -> int:
     )
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from hpcllm import generate
+
+    return generate.generate(
+        generate.GenerateArgs(
+            run=args.run,
+            prompt=args.prompt,
+            prompts=args.prompts,
+            output=args.output,
+            checkpoint=args.checkpoint,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpcllm", description="Train GPT language models on HPC clusters.")
     parser.add_argument("--version", action="version", version=f"hpcllm {__version__}")
@@ -157,8 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=_train)
 
+    gen = commands.add_parser(
+        "generate",
+        help="sample text from a trained run",
+        description="Sample from a run's latest (or a named) checkpoint. --prompts FILE (a prompt per line) "
+        "under mpirun spreads the prompts over the ranks and writes JSONL in the input order.",
+    )
+    gen.add_argument("--run", required=True, help="run directory (hpcllm train --out)")
+    gen.add_argument("--prompt", help="one prompt; the completion goes to stdout")
+    gen.add_argument("--prompts", metavar="FILE", help="a file with one prompt per line")
+    gen.add_argument("--output", help="JSONL output for --prompts (default RUN/generations.jsonl)")
+    gen.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints (default: latest)")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (50)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gen.set_defaults(func=_generate)
+
     for name, issue, text in (
-        ("generate", "issue 3/8", "sample text from a trained run"),
         ("bench", "issues 3/8 and 7/8", "allreduce, train and pipeline benchmarks"),
         ("slurm", "issue 6/8", "render and submit Slurm batch scripts"),
     ):

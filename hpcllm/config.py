@@ -96,6 +96,11 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             return value
     elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    elif kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e9" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise UsageError(f"{key} must be a {kind.__name__}, not {value!r}")

@@ -246,6 +246,12 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 
 
 def train(args: TrainArgs) -> int:
+    run_training(args)
+    return 0
+
+
+def run_training(args: TrainArgs) -> Trainer:
+    """Collective: set up, train to train.steps, return the trainer (model and all) for inspection."""
     rt = runtime.init()
     # Every check comes before the run directory is created: bad input leaves nothing behind.
     out, saved = runtime.root_decides(rt.comm, lambda: open_run_dir(args))
@@ -277,10 +283,11 @@ def train(args: TrainArgs) -> int:
     dp.broadcast_initial_state(model, optimizer)
 
     trainer = Trainer(config, rt, grid, data, out, model, optimizer, dp, micro_per_step)
-    return _loop(trainer, start_step, resume=args.resume)
+    _loop(trainer, start_step, resume=args.resume)
+    return trainer
 
 
-def _loop(trainer: Trainer, start_step: int, resume: bool) -> int:
+def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     config, rt = trainer.config, trainer.rt
     t = config.train
     n_params = trainer.model.num_parameters()
@@ -344,7 +351,6 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> int:
     if metrics is not None:
         metrics.plot(baseline)
         _summary(trainer, metrics, baseline, time.perf_counter() - started, peak_total, loss, val_loss)
-    return 0
 
 
 def _summary(

@@ -1,16 +1,8 @@
 """The `hpcllm` command: info, and bad input as one line with exit code 2."""
 
-import subprocess
-import sys
+from conftest import run_hpcllm as run
 
-from hpcllm.launcher import launch_command, launch_env
-
-HPCLLM = [sys.executable, "-m", "hpcllm.cli"]
-
-
-def run(args, ranks=None, timeout=120):
-    command = HPCLLM + args if ranks is None else launch_command(ranks, "mpirun") + HPCLLM + args
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=launch_env())
+from hpcllm.launcher import launch_env
 
 
 def test_info_shows_horovod_with_pytorch_mpi_and_gloo():
@@ -69,7 +61,7 @@ def test_info_exits_1_with_the_fix_when_horovod_lacks_pytorch(tmp_path):
     )
     env = launch_env()
     env["PYTHONPATH"] = str(tmp_path)
-    proc = subprocess.run(HPCLLM + ["info"], capture_output=True, text=True, timeout=120, env=env)
+    proc = run(["info"], env=env)
     assert proc.returncode == 1
     assert "Extension horovod.torch has not been built" in proc.stdout
     assert "hpcllm info: horovod.torch missing" in proc.stderr and "make setup" in proc.stderr

@@ -1,29 +1,18 @@
 """Data: prepare (single and multi-rank, byte-identical), bad input, and the per-rank sampler."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import assert_usage_error, run_hpcllm
 
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import choose_dtype, open_prepared
 from hpcllm.errors import UsageError
-from hpcllm.launcher import launch_command, launch_env
-
-HPCLLM = [sys.executable, "-m", "hpcllm.cli"]
 
 
-def prepare(args, ranks=None, timeout=180):
-    prefix = launch_command(ranks, "mpirun") if ranks else []
-    return subprocess.run(
-        prefix + HPCLLM + ["prepare", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=launch_env(),
-    )
+def prepare(args, ranks=None):
+    return run_hpcllm(["prepare", *args], ranks=ranks)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +67,8 @@ def test_byte_tokenizer_round_trips_text(tmp_path):
     assert tok.decode(stream.tolist()) == "héllo wörld\n" * 20
 
 
-def _assert_bad(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0]
-
-
 def test_missing_path_is_refused(tmp_path):
-    _assert_bad(prepare([tmp_path / "nope.txt", "--out", tmp_path / "o"]), "does not exist")
+    assert_usage_error(prepare([tmp_path / "nope.txt", "--out", tmp_path / "o"]), "does not exist")
     assert not (tmp_path / "o").exists()
 
 
@@ -96,7 +77,7 @@ def test_empty_corpus_is_refused_and_leaves_nothing(tmp_path):
     src.mkdir()
     (src / "empty.txt").write_text("")
     (src / "bad.txt").write_bytes(b"\xff\xfe\xfa")
-    _assert_bad(prepare([src, "--out", tmp_path / "o"]), "no documents", "1 not-utf8", "1 empty")
+    assert_usage_error(prepare([src, "--out", tmp_path / "o"]), "no documents", "1 not-utf8", "1 empty")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp-*"))
 
 
@@ -104,7 +85,7 @@ def test_existing_output_is_never_overwritten_without_force(corpus_dir, tmp_path
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious").write_text("keep me")
-    _assert_bad(prepare([corpus_dir, "--out", out]), "not empty", "--force")
+    assert_usage_error(prepare([corpus_dir, "--out", out]), "not empty", "--force")
     assert (out / "precious").read_text() == "keep me"
 
 

@@ -1,0 +1,224 @@
+"""The main job: dp equivalence, replicas in step, resume, checkpoints, generate, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import assert_usage_error, run_hpcllm
+
+# A model small enough that a few dozen steps take seconds on 2 cores.
+TINY = [
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.n_embd=32",
+    "--set",
+    "model.block_size=32",
+    "--set",
+    "train.global_batch=8",
+    "--set",
+    "train.micro_batch=2",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=10",
+    "--set",
+    "train.eval_steps=2",
+    "--set",
+    "train.peak_flops=1e9",
+    "--set",
+    "train.warmup=5",
+]
+
+
+def write_corpus(root):
+    rng = np.random.default_rng(1)
+    words = ["def", "return", "self", "rank", "(", ")", ":", "\n    ", "x", "=", "1", "tensor", "grad"]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (root / f"f{i:02d}.txt").write_text(" ".join(rng.choice(words, size=400)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    write_corpus(root)
+    proc = run_hpcllm(["prepare", root, "--tokenizer", "byte", "--out", root / "prepared"])
+    assert proc.returncode == 0, proc.stderr
+    return root / "prepared"
+
+
+def train(data, out, *extra, ranks=None):
+    return run_hpcllm(["train", "--data", data, "--out", out, *TINY, *extra], ranks=ranks)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_dp2_matches_dp1_step_by_step(data_dir, tmp_path):
+    one = train(data_dir, tmp_path / "dp1", "--steps", 20)
+    assert one.returncode == 0, one.stderr
+    two = train(data_dir, tmp_path / "dp2", "--steps", 20, ranks=2)
+    assert two.returncode == 0, two.stderr
+    a, b = losses(tmp_path / "dp1"), losses(tmp_path / "dp2")
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert abs(a[1] - b[1]) <= 1e-5 * abs(a[1])
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-3 * abs(a[step]), step
+    assert a[20] < a[1], "the loss must go down"
+    assert "done: 20 steps" in one.stdout and "unigram baseline" in one.stdout
+
+
+@pytest.mark.mpi(ranks=2, timeout=240)
+def test_replicas_stay_identical(mpi_tmp_path, comm):
+    import hashlib
+
+    from hpcllm.data.prepare import PrepareOptions, prepare
+    from hpcllm.train import TrainArgs, run_training
+
+    # Inside the ranks everything runs in-process and collectively, prepare included.
+    if comm.Get_rank() == 0:
+        write_corpus(mpi_tmp_path / "src")
+    comm.Barrier()
+    data = mpi_tmp_path / "data"
+    prepare(
+        PrepareOptions(sources=[str(mpi_tmp_path / "src")], out=data, tokenizer="byte"), comm, progress=False
+    )
+    trainer = run_training(
+        TrainArgs(set=tuple(TINY[1::2]), data=str(data), out=str(mpi_tmp_path / "run"), steps=6)
+    )
+    digest = hashlib.sha256()
+    for _, tensor in sorted(trainer.model.state_dict().items()):
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    digests = comm.allgather(digest.hexdigest())
+    assert digests[0] == digests[1], "DP replicas drifted apart"
+    assert trainer.grid.layout.dp == 2
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
+    full = tmp_path / "full"
+    proc = train(data_dir, full, "--steps", 12, "--set", "train.ckpt_every=6", "--set", "train.keep=5")
+    assert proc.returncode == 0, proc.stderr
+    # A crash just after the step-6 checkpoint: later checkpoints and metrics never happened.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-00000012")
+    (crashed / "checkpoints" / "latest").write_text("step-00000006\n")
+    resumed = run_hpcllm(["train", "--out", crashed, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(full), losses(crashed)
+    assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # bitwise on CPU, same layout
+    assert (crashed / "checkpoints" / "step-00000012" / "manifest.json").exists()
+
+
+@pytest.mark.mpi(ranks=1, timeout=120)
+def test_checkpoint_round_trip_of_model_and_optimizer(mpi_tmp_path, comm):
+    import torch
+
+    from hpcllm import checkpoint
+    from hpcllm.grid import Grid
+    from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+
+    shape = GPTShape(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = GPT(shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 50, (2, 8))
+    lm_loss(model(x), x).backward()
+    optimizer.step()
+    grid = Grid(comm)
+    saved = checkpoint.save(mpi_tmp_path, 1, model, optimizer, grid, {"note": "test"}, keep=2)
+    assert checkpoint.latest(mpi_tmp_path) == saved
+
+    torch.manual_seed(1)
+    fresh = GPT(shape)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    manifest = checkpoint.load(saved, fresh, fresh_opt, grid)
+    assert manifest["step"] == 1 and manifest["note"] == "test"
+    for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state[p][key], fresh_opt.state[q][key]), key
+
+
+def test_generate_from_a_fresh_checkpoint_single_and_task_parallel(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--steps", 4).returncode == 0
+    one = run_hpcllm(["generate", "--run", run, "--prompt", "def ", "--max-new-tokens", 10])
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("def ") and len(one.stdout) > len("def ")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(\nreturn self\nx = 1\nrank\ngrad tensor\n")
+    for ranks, name in ((None, "g1.jsonl"), (2, "g2.jsonl")):
+        proc = run_hpcllm(
+            [
+                "generate",
+                "--run",
+                run,
+                "--prompts",
+                prompts,
+                "--max-new-tokens",
+                8,
+                "--output",
+                tmp_path / name,
+            ],
+            ranks=ranks,
+        )
+        assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "g1.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts.read_text().splitlines()
+    # Seeded per prompt: the same text whichever rank sampled it.
+    assert (tmp_path / "g1.jsonl").read_text() == (tmp_path / "g2.jsonl").read_text()
+
+
+# ---- bad input: one line, exit 2, nothing overwritten --------------------------------------
+
+
+def test_unknown_config_key_suggests_the_nearest(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path / "r", "--set", "train.learning_rate=1e-3")
+    assert_usage_error(proc, "unknown config key 'train.learning_rate'")
+    proc = train(data_dir, tmp_path / "r", "--set", "model.n_embed=64")
+    assert_usage_error(proc, "did you mean model.n_embd?")
+    assert not (tmp_path / "r").exists()
+
+
+def test_n_embd_not_divisible_by_n_head(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path / "r", "--set", "model.n_embd=30", "--set", "model.n_head=4")
+    assert_usage_error(proc, "model.n_embd 30 is not divisible by model.n_head 4")
+
+
+def test_global_batch_not_divisible_by_dp_times_micro_batch(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path / "r", "--set", "train.global_batch=6", ranks=2)
+    assert proc.returncode == 2
+    assert "train.global_batch 6 is not divisible by dp × train.micro_batch = 2 × 2 = 4" in proc.stderr
+    assert proc.stderr.count("is not divisible") == 1  # rank 0 speaks for all
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_pointing_to_nothing_prepared(tmp_path):
+    proc = run_hpcllm(["train", "--data", tmp_path / "nothing", "--out", tmp_path / "r", *TINY])
+    assert_usage_error(proc, "holds no prepared data", "hpcllm prepare")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_holding_a_run_is_refused_without_resume_and_kept(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--steps", 2).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_usage_error(train(data_dir, run, "--steps", 2), "already holds a run", "--resume")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_an_incompatible_model_is_refused(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--steps", 2).returncode == 0
+    before = (run / "metrics.jsonl").read_bytes()
+    proc = run_hpcllm(["train", "--out", run, "--resume", "--set", "model.n_layer=3"])
+    assert_usage_error(proc, "trained with model.n_layer=2, not 3")
+    assert (run / "metrics.jsonl").read_bytes() == before
