@@ -107,6 +107,32 @@ def _generate(args: argparse.Namespace) -> int:
     )
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    if args.what != "train":
+        print(f"hpcllm bench {args.what}: not available yet (it lands with issues 5/8 and 7/8).")
+        return 0
+    from hpcllm.bench import train as bench_train
+    from hpcllm.train import default_data_dir
+
+    data = Path(args.data) if args.data else default_data_dir()
+    if not (data / "manifest.json").exists():
+        if args.data:
+            raise UsageError(f"--data {data} holds no prepared data; run `hpcllm prepare --out {data}`")
+        print(f"preparing the default corpus into {data} (once)", file=sys.stderr)
+        from hpcllm import runtime
+        from hpcllm.data import prepare
+
+        rt = runtime.init()
+        prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
+    sets = [item for value in args.set for item in ("--set", value)]
+    result = bench_train.run(data, args.steps, sets, args.repeat)
+    print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpcllm", description="Train GPT language models on HPC clusters.")
     parser.add_argument("--version", action="version", version=f"hpcllm {__version__}")
@@ -192,10 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     gen.set_defaults(func=_generate)
 
-    for name, issue, text in (
-        ("bench", "issues 3/8 and 7/8", "allreduce, train and pipeline benchmarks"),
-        ("slurm", "issue 6/8", "render and submit Slurm batch scripts"),
-    ):
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks: train (hpcllm vs plain PyTorch and DDP); allreduce and pipeline later",
+        description="hpcllm bench train runs, in one invocation, hpcllm at world size 1, a plain PyTorch "
+        "loop, hpcllm dp=2 under mpirun and torch DDP (gloo) with 2 ranks on the same model and batch, "
+        "and prints tokens/s, MFU and the ratios.",
+    )
+    bench.add_argument("what", choices=["train", "allreduce", "pipeline"])
+    bench.add_argument("--steps", type=int, default=60, help="steps per variant (60)")
+    bench.add_argument("--repeat", type=int, default=1, help="interleaved repetitions of all variants (1)")
+    bench.add_argument("--data", help="prepared data (default: the default corpus)")
+    bench.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)"
+    )
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(func=_bench)
+
+    for name, issue, text in (("slurm", "issue 6/8", "render and submit Slurm batch scripts"),):
         sub = commands.add_parser(name, help=f"{text} (not yet)", description=f"{text}. Not yet available.")
         sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         sub.set_defaults(func=_not_yet(name, issue))

@@ -1,0 +1,1 @@
+"""Benchmarks: `hpcllm bench train` (and, later, allreduce and pipeline)."""

@@ -1,0 +1,80 @@
+"""What users would write instead of hpcllm, on the same model, data and batch: a plain PyTorch loop
+(one process) and torch DistributedDataParallel over gloo (under mpirun). Run as a module by
+`hpcllm bench train`; prints one JSON line with the measured tokens/s per logging interval.
+
+    python -m hpcllm.bench.baselines plain|ddp --data DIR --steps N [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from hpcllm import config as config_mod
+from hpcllm.data.loader import BatchSampler, micro_batches
+from hpcllm.data.tokens import open_prepared
+from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+from hpcllm.train import make_optimizer
+
+LOG_EVERY = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variant", choices=["plain", "ddp"])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    config = config_mod.load(assignments=args.set)
+    prepared = open_prepared(args.data, verify=False)
+    tokens = prepared.tokens("train")
+
+    rank, world = 0, 1
+    if args.variant == "ddp":
+        import torch.distributed as dist
+
+        rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group(
+            "gloo", init_method=os.environ["HPCLLM_BENCH_INIT"], rank=rank, world_size=world
+        )
+
+    m, t = config.model, config.train
+    torch.manual_seed(t.seed)
+    model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout))
+    optimizer = make_optimizer(model, config)
+    trained: torch.nn.Module = model
+    if args.variant == "ddp":
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    sampler = BatchSampler(len(tokens), m.block_size, t.global_batch, t.seed)
+    per_rank = t.global_batch // world
+    n_micro = per_rank // t.micro_batch
+
+    rates = []
+    last = time.perf_counter()
+    for step in range(args.steps):
+        optimizer.zero_grad()
+        batches = micro_batches(tokens, sampler.rank_indices(step, rank, world), m.block_size, t.micro_batch)
+        for i, (x, y) in enumerate(batches):
+            sync = args.variant != "ddp" or i == n_micro - 1
+            with torch.enable_grad() if sync else trained.no_sync():  # type: ignore[operator]
+                loss = lm_loss(trained(torch.from_numpy(x)), torch.from_numpy(y))
+                (loss / n_micro).backward()
+            loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        if (step + 1) % LOG_EVERY == 0:
+            now = time.perf_counter()
+            rates.append(LOG_EVERY * t.global_batch * m.block_size / (now - last))
+            last = now
+    if rank == 0:
+        print(json.dumps({"variant": args.variant, "ranks": world, "tokens_per_s": rates}))
+
+
+if __name__ == "__main__":
+    main()
