@@ -7,13 +7,17 @@ that line); a missing library or build feature in one line with the fix and exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from hpcllm import __version__
 from hpcllm.data.corpus import DEFAULT_EXTENSIONS
 from hpcllm.errors import EnvironmentProblem, UsageError
 from hpcllm.launcher import detect
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,39 +76,21 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass `cls` filled from the parsed arguments of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
 def _train(args: argparse.Namespace) -> int:
     from hpcllm import train
 
-    return train.train(
-        train.TrainArgs(
-            config=args.config,
-            set=tuple(args.set),
-            data=args.data,
-            out=args.out,
-            steps=args.steps,
-            tp=args.tp,
-            pp=args.pp,
-            resume=args.resume,
-        )
-    )
+    return train.train(_from_args(train.TrainArgs, args))
 
 
 def _generate(args: argparse.Namespace) -> int:
     from hpcllm import generate
 
-    return generate.generate(
-        generate.GenerateArgs(
-            run=args.run,
-            prompt=args.prompt,
-            prompts=args.prompts,
-            output=args.output,
-            checkpoint=args.checkpoint,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            seed=args.seed,
-        )
-    )
+    return generate.generate(_from_args(generate.GenerateArgs, args))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -179,6 +179,7 @@ def run(data: Path, steps: int, sets: list[str], repeat: int = 1) -> dict[str, A
         "flops_per_token": per_token,
         "model": config.model.preset,
         "steps": steps,
+        "repeat": repeat,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
