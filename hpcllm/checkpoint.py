@@ -43,8 +43,8 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def shard_name(grid: Grid) -> str:
-    return f"shard-pp{grid.pp_rank}-tp{grid.tp_rank}"
+def shard_name(pp_rank: int, tp_rank: int) -> str:
+    return f"shard-pp{pp_rank}-tp{tp_rank}"
 
 
 def _fsync(path: Path) -> None:
@@ -130,7 +130,7 @@ def save(
         optim_tensors, groups = _optimizer_to_tensors(optimizer, names)
         tensors.update(optim_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
-        base = shard_name(grid)
+        base = shard_name(grid.pp_rank, grid.tp_rank)
         written[f"{base}.safetensors"] = _write_durably(
             staging / f"{base}.safetensors", save_tensors(tensors)
         )
@@ -204,14 +204,60 @@ def _read_verified(checkpoint: Path, name: str, manifest: dict[str, Any]) -> byt
     return data
 
 
+def _read_shard(
+    checkpoint: Path, manifest: dict[str, Any], pp_rank: int, tp_rank: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    base = shard_name(pp_rank, tp_rank)
+    tensors = load_tensors(_read_verified(checkpoint, f"{base}.safetensors", manifest))
+    meta = json.loads(_read_verified(checkpoint, f"{base}.json", manifest))
+    return tensors, meta
+
+
+def _param_name(key: str) -> str:
+    """The model parameter a stored tensor belongs to: model.NAME or optim.NAME.STATE."""
+    if key.startswith("model."):
+        return key[len("model.") :]
+    if key.startswith("optim."):
+        return key[len("optim.") :].rsplit(".", 1)[0]
+    return ""  # rng state and the like: replicated
+
+
+def _resharded(
+    checkpoint: Path, manifest: dict[str, Any], grid: Grid, vocab_size: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This TP rank's tensors from a checkpoint saved at another TP size: every saved slice of this
+    pipeline stage is read, joined into the full tensor, and cut again for the current layout."""
+    from hpcllm.model.parallel import partition_kind, reshard
+
+    shards = [_read_shard(checkpoint, manifest, grid.pp_rank, t) for t in range(manifest["layout"]["tp"])]
+    tensors = {
+        key: reshard(
+            [s[0][key] for s in shards],
+            partition_kind(_param_name(key)),
+            vocab_size,
+            grid.tp_rank,
+            grid.layout.tp,
+        )
+        for key in shards[0][0]
+    }
+    return tensors, shards[0][1]
+
+
 def load(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, grid: Grid
 ) -> dict[str, Any]:
     """Load this rank's partition (and optimizer state) from a checkpoint of the same layout."""
     manifest = read_manifest(checkpoint)
-    base = shard_name(grid)
-    tensors = load_tensors(_read_verified(checkpoint, f"{base}.safetensors", manifest))
-    meta = json.loads(_read_verified(checkpoint, f"{base}.json", manifest))
+    saved = manifest["layout"]
+    if saved["pp"] != grid.layout.pp:
+        raise UsageError(
+            f"{checkpoint} was saved with pp = {saved['pp']}; "
+            f"loading it at pp = {grid.layout.pp} is not supported yet"
+        )
+    if saved["tp"] == grid.layout.tp:
+        tensors, meta = _read_shard(checkpoint, manifest, grid.pp_rank, grid.tp_rank)
+    else:
+        tensors, meta = _resharded(checkpoint, manifest, grid, model.shape.vocab_size)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     if missing or unexpected:

@@ -93,12 +93,34 @@ def _generate(args: argparse.Namespace) -> int:
     return generate.generate(_from_args(generate.GenerateArgs, args))
 
 
+def _bench_allreduce(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hpcllm.bench import allreduce
+
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    unknown = set(engines) - set(allreduce.ENGINES)
+    if unknown:
+        raise UsageError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(allreduce.ENGINES)}")
+    if args.min_bytes < 4 or args.max_bytes < args.min_bytes or args.factor < 2:
+        raise UsageError("need 4 <= --min-bytes <= --max-bytes and --factor >= 2")
+    rows = allreduce.run(args.min_bytes, args.max_bytes, args.factor, engines)
+    if rows:  # rank 0
+        print(json.dumps(rows, indent=1) if args.json else allreduce.render(rows))
+        if args.plot:
+            allreduce.plot(rows, Path(args.plot))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    if args.what == "allreduce":
+        return _bench_allreduce(args)
     if args.what != "train":
-        print(f"hpcllm bench {args.what}: not available yet (it lands with issues 5/8 and 7/8).")
+        print(f"hpcllm bench {args.what}: not available yet (it lands with issue 5/8).")
         return 0
     from hpcllm.bench import train as bench_train
     from hpcllm.train import default_data_dir
@@ -219,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)"
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--engines", default="horovod,mpi4py,torch.distributed", help="allreduce engines")
+    bench.add_argument("--min-bytes", type=int, default=8, help="allreduce: smallest message (8)")
+    bench.add_argument("--max-bytes", type=int, default=64 << 20, help="allreduce: largest message (64 MiB)")
+    bench.add_argument("--factor", type=int, default=4, help="allreduce: size step factor (4)")
+    bench.add_argument("--plot", help="allreduce: write a log-log plot PNG here")
     bench.set_defaults(func=_bench)
 
     for name, issue, text in (("slurm", "issue 6/8", "render and submit Slurm batch scripts"),):

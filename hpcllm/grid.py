@@ -70,6 +70,9 @@ class Layout:
         """Every DP group, in a fixed order (every rank must create Horovod process sets alike)."""
         return [[self.rank(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
 
+    def all_tp_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+
     def __str__(self) -> str:
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
 
@@ -95,7 +98,7 @@ class Grid:
         self.dp_comm = comm.Split(color=c.pp * self.layout.tp + c.tp, key=c.dp)
         self.pp_comm = comm.Split(color=c.dp * self.layout.tp + c.tp, key=c.pp)
         self._horovod = horovod
-        self._process_sets: list[Any] | None = None
+        self._process_sets: dict[str, list[Any]] = {}
 
     @property
     def tp_rank(self) -> int:
@@ -117,26 +120,35 @@ class Grid:
     def is_last_stage(self) -> bool:
         return self.coords.pp == self.layout.pp - 1
 
-    @property
-    def dp_process_set(self) -> Any:
+    def _process_set(self, axis: str) -> Any:
+        """This rank's Horovod process set along `axis` (created collectively, every group, on first use)."""
         if self._horovod is None:
             raise RuntimeError("Grid was built without Horovod; pass horovod=lambda: runtime.horovod")
         hvd = self._horovod()
-        if self.layout.dp == self.layout.world:
+        groups = self.layout.all_dp_groups() if axis == "dp" else self.layout.all_tp_groups()
+        if len(groups[0]) == self.layout.world:
             return hvd.global_process_set
-        if self._process_sets is None:
-            # Collective: every rank adds every DP group, in the same order.
-            self._process_sets = [hvd.add_process_set(group) for group in self.layout.all_dp_groups()]
-        c = self.coords
-        return self._process_sets[c.pp * self.layout.tp + c.tp]
+        if axis not in self._process_sets:
+            # Collective: every rank adds every group of the axis, in the same order.
+            self._process_sets[axis] = [hvd.add_process_set(group) for group in groups]
+        mine = next(i for i, group in enumerate(groups) if self.rank in group)
+        return self._process_sets[axis][mine]
+
+    @property
+    def dp_process_set(self) -> Any:
+        return self._process_set("dp")
+
+    @property
+    def tp_process_set(self) -> Any:
+        return self._process_set("tp")
 
     def close(self) -> None:
         """Free the communicators and process sets (collective); the grid is unusable afterwards."""
-        if self._process_sets is not None:
+        for sets in self._process_sets.values():
             hvd = self._horovod()  # type: ignore[misc]
-            for process_set in self._process_sets:
+            for process_set in sets:
                 hvd.remove_process_set(process_set)
-            self._process_sets = None
+        self._process_sets = {}
         for sub in (self.tp_comm, self.dp_comm, self.pp_comm):
             sub.Free()
 

@@ -25,6 +25,7 @@ import yaml
 
 from hpcllm import checkpoint, runtime
 from hpcllm import config as config_mod
+from hpcllm.comm import TensorCollectives
 from hpcllm.config import Config
 from hpcllm.data import prepare as prepare_mod
 from hpcllm.data.loader import BatchSampler, micro_batches
@@ -33,7 +34,8 @@ from hpcllm.dp import DataParallel
 from hpcllm.errors import UsageError
 from hpcllm.grid import Grid
 from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
-from hpcllm.model.gpt import GPT, GPTShape, flops_per_token, lm_loss
+from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
+from hpcllm.model.parallel import check_tp, clip_grad_norm_, partition_gpt
 
 log = logging.getLogger("hpcllm.train")
 
@@ -171,6 +173,8 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     dp: DataParallel
     micro_per_step: int
+    tp_group: TensorCollectives
+    full_parameters: int
 
     def __post_init__(self) -> None:
         t, m = self.config.train, self.config.model
@@ -210,12 +214,12 @@ class Trainer:
         total = 0.0
         for x, y in self._batches(self.sampler, self.train_tokens, step):
             with self.autocast():
-                loss = lm_loss(self.model(x), y)
+                loss = self.model.loss(self.model(x), y)
             (loss / self.micro_per_step).backward()
             total += loss.item()
         self.dp.synchronize(self.optimizer)
         if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group)
         with self.dp.step_without_sync(self.optimizer):
             self.optimizer.step()
         return self.dp.mean(total / self.micro_per_step)
@@ -229,7 +233,7 @@ class Trainer:
         for step in range(self.config.train.eval_steps):
             for x, y in self._batches(self.val_sampler, self.val_tokens, step):
                 with self.autocast():
-                    losses.append(lm_loss(self.model(x), y).item())
+                    losses.append(self.model.loss(self.model(x), y).item())
         return self.dp.mean(sum(losses) / len(losses))
 
     def save(self, step: int) -> Path:
@@ -258,8 +262,9 @@ def run_training(args: TrainArgs) -> Trainer:
     config = resolve_config(args, saved)
     if saved is not None:
         check_resume_compatible(config, saved)
-    if config.parallel.tp > 1 or config.parallel.pp > 1:
-        raise UsageError("tensor and pipeline parallelism are not available yet; use --tp 1 --pp 1")
+    if config.parallel.pp > 1:
+        raise UsageError("pipeline parallelism is not available yet; use --pp 1")
+    check_tp(config.model.n_head, config.model.n_embd, config.parallel.tp)
     grid = Grid(rt.comm, tp=config.parallel.tp, pp=config.parallel.pp, horovod=lambda: rt.horovod)
     micro_per_step = config_mod.check_batch_layout(config, grid.layout.dp)
     data = ensure_data(config, rt)
@@ -271,6 +276,17 @@ def run_training(args: TrainArgs) -> Trainer:
         shutil.copyfile(data.tokenizer_path, out / TOKENIZER)
 
     model = build_model(config, data.vocab_size, rt.device)
+    full_parameters = model.num_parameters()
+    tp_group = TensorCollectives(grid.tp_comm, cuda_backend=lambda: (rt.horovod, grid.tp_process_set))
+    partition_gpt(model, tp_group)
+    rank_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    log.info(
+        "parameters: %.2fM in the full model (%.1f MB fp32), %.1f MB on this rank (tp = %d)",
+        full_parameters / 1e6,
+        full_parameters * 4 / 1e6,
+        rank_bytes / 1e6,
+        grid.layout.tp,
+    )
     optimizer = make_optimizer(model, config)
     dp = DataParallel(grid, rt.horovod if grid.layout.dp > 1 else None)
     optimizer = dp.wrap_optimizer(optimizer, model, micro_per_step, config.parallel.fp16_allreduce)
@@ -282,7 +298,9 @@ def run_training(args: TrainArgs) -> Trainer:
         log.info("resumed from %s at step %d", ckpt, start_step)
     dp.broadcast_initial_state(model, optimizer)
 
-    trainer = Trainer(config, rt, grid, data, out, model, optimizer, dp, micro_per_step)
+    trainer = Trainer(
+        config, rt, grid, data, out, model, optimizer, dp, micro_per_step, tp_group, full_parameters
+    )
     _loop(trainer, start_step, resume=args.resume)
     return trainer
 
@@ -290,7 +308,7 @@ def run_training(args: TrainArgs) -> Trainer:
 def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     config, rt = trainer.config, trainer.rt
     t = config.train
-    n_params = trainer.model.num_parameters()
+    n_params = trainer.full_parameters
     tokens_per_step = t.global_batch * config.model.block_size
     flops_token = flops_per_token(trainer.model.shape, n_params)
     peak = t.peak_flops or measure_matmul_peak(rt.device)
@@ -365,7 +383,7 @@ def _summary(
     rows = [r for r in metrics.rows if "tokens_per_s" in r]
     speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)  # the first interval includes start-up
     tokens_per_s = speeds[len(speeds) // 2] if speeds else float("nan")
-    mfu = tokens_per_s * flops_per_token(trainer.model.shape, trainer.model.num_parameters()) / peak_total
+    mfu = tokens_per_s * flops_per_token(trainer.model.shape, trainer.full_parameters) / peak_total
     out = trainer.run_dir
     latest = checkpoint.latest(out)
     lines = [

@@ -1,8 +1,10 @@
 """hpcllm's own tests use the plugin it ships (registered by its entry point) and pytester."""
 
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hpcllm.launcher import launch_command, launch_env
@@ -36,3 +38,50 @@ def assert_usage_error(proc, *needles):
     first = proc.stderr.strip().splitlines()[0]
     for needle in needles:
         assert needle in first, proc.stderr
+
+
+# A model small enough that a few dozen steps take seconds on 2 cores.
+def sets(*assignments):
+    """`--set` flags for each key=value."""
+    return [item for assignment in assignments for item in ("--set", assignment)]
+
+
+TINY = sets(
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "train.global_batch=8",
+    "train.micro_batch=2",
+    "train.log_every=1",
+    "train.eval_every=10",
+    "train.eval_steps=2",
+    "train.peak_flops=1e9",
+    "train.warmup=5",
+)
+
+
+def write_corpus(root):
+    rng = np.random.default_rng(1)
+    words = ["def", "return", "self", "rank", "(", ")", ":", "\n    ", "x", "=", "1", "tensor", "grad"]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(40):
+        (root / f"f{i:02d}.txt").write_text(" ".join(rng.choice(words, size=400)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    write_corpus(root)
+    proc = run_hpcllm(["prepare", root, "--tokenizer", "byte", "--out", root / "prepared"])
+    assert proc.returncode == 0, proc.stderr
+    return root / "prepared"
+
+
+def train(data, out, *extra, ranks=None):
+    return run_hpcllm(["train", "--data", data, "--out", out, *TINY, *extra], ranks=ranks)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}

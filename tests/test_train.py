@@ -3,61 +3,8 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
-from conftest import assert_usage_error, run_hpcllm
-
-# A model small enough that a few dozen steps take seconds on 2 cores.
-TINY = [
-    "--set",
-    "model.n_layer=2",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.n_embd=32",
-    "--set",
-    "model.block_size=32",
-    "--set",
-    "train.global_batch=8",
-    "--set",
-    "train.micro_batch=2",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.eval_every=10",
-    "--set",
-    "train.eval_steps=2",
-    "--set",
-    "train.peak_flops=1e9",
-    "--set",
-    "train.warmup=5",
-]
-
-
-def write_corpus(root):
-    rng = np.random.default_rng(1)
-    words = ["def", "return", "self", "rank", "(", ")", ":", "\n    ", "x", "=", "1", "tensor", "grad"]
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(40):
-        (root / f"f{i:02d}.txt").write_text(" ".join(rng.choice(words, size=400)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    write_corpus(root)
-    proc = run_hpcllm(["prepare", root, "--tokenizer", "byte", "--out", root / "prepared"])
-    assert proc.returncode == 0, proc.stderr
-    return root / "prepared"
-
-
-def train(data, out, *extra, ranks=None):
-    return run_hpcllm(["train", "--data", data, "--out", out, *TINY, *extra], ranks=ranks)
-
-
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+from conftest import TINY, assert_usage_error, losses, run_hpcllm, train, write_corpus
 
 
 def test_dp2_matches_dp1_step_by_step(data_dir, tmp_path):

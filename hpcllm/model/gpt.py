@@ -75,6 +75,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class TiedHead(nn.Module):
+    """Output logits through the token embedding's weight (passed in, so it is not registered twice),
+    and the loss over them. Tensor parallelism swaps in a vocabulary-parallel version."""
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, embedding_weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits, targets)
+
+
 class GPT(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
@@ -84,6 +95,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
         self.ln_f = nn.LayerNorm(shape.n_embd)
+        self.lm_head = TiedHead()
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down with depth so the residual stream stays O(1).
         for name, param in self.named_parameters():
@@ -104,7 +116,11 @@ class GPT(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden state; the output weight is the token embedding (tied)."""
-        return F.linear(self.ln_f(hidden), self.wte.weight)
+        return self.lm_head(self.ln_f(hidden), self.wte.weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (vocabulary-parallel when the head is partitioned)."""
+        return self.lm_head.loss(logits, targets)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.shape[1] > self.shape.block_size:
