@@ -1,0 +1,280 @@
+"""`hpcllm prepare`: corpus → tokenizer → token files + manifest, spread over all ranks.
+
+1. Rank 0 resolves the sources and checks `--out` (every rank gets the plan or the same error).
+2. Rank 0 trains the BPE on a sample of the corpus (documents in order); the tokenizer is broadcast.
+3. Every rank tokenizes files drawn from a shared work queue (largest first, `tasks.dynamic_map`)
+   and writes each file's train and val tokens to a part file named by the file's index.
+4. Rank 0 concatenates the parts in file order, writes the manifest and renames the staging
+   directory to `--out`.
+
+Each document's split is a hash of (seed, file index, document index), and the parts are joined in
+file order, so the output is byte-identical whatever the number of ranks. Nothing appears at
+`--out` until it is complete; an interrupted prepare leaves only a hidden `.NAME.tmp-*` directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import hpcllm
+from hpcllm.data import corpus
+from hpcllm.data import tokenizer as tok
+from hpcllm.data.tokens import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, choose_dtype, sha256_of
+from hpcllm.errors import UsageError
+from hpcllm.runtime import root_decides
+from hpcllm.tasks import SharedCounters, dynamic_map, largest_first
+
+
+@dataclass
+class PrepareOptions:
+    sources: list[str]
+    out: Path
+    tokenizer: str = "bpe"
+    vocab_size: int = tok.DEFAULT_VOCAB_SIZE
+    val_ratio: float = 0.05
+    seed: int = 0
+    text_field: str = "text"
+    extensions: tuple[str, ...] = corpus.DEFAULT_EXTENSIONS
+    dtype: str = "auto"
+    force: bool = False
+    bpe_sample_bytes: int = 16 << 20
+
+
+@dataclass
+class Plan:
+    files: list[str]
+    sizes: list[int]
+    staging: str
+
+
+@dataclass
+class FileStats:
+    index: int
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    skipped: str | None = None
+    bad_records: int = 0
+
+
+def check_options(opts: PrepareOptions) -> None:
+    if opts.tokenizer not in tok.KINDS:
+        raise UsageError(f"--tokenizer must be one of {', '.join(tok.KINDS)}, not {opts.tokenizer}")
+    if opts.tokenizer == "bpe" and not 257 <= opts.vocab_size <= 1 << 22:
+        raise UsageError(f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304")
+    if not 0 < opts.val_ratio < 1:
+        raise UsageError(f"--val-ratio must be between 0 and 1 (exclusive), not {opts.val_ratio}")
+
+
+def _plan(opts: PrepareOptions) -> Plan:
+    check_options(opts)
+    out = opts.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise UsageError(f"--out {out} is not empty; choose another directory or pass --force to replace it")
+    files = corpus.resolve_sources(opts.sources, opts.extensions)
+    if not files:
+        raise UsageError("no corpus files found; name text files, directories or JSONL files as sources")
+    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    return Plan([str(f) for f in files], [f.stat().st_size for f in files], str(staging))
+
+
+def _train_tokenizer(opts: PrepareOptions, files: list[str]) -> str:
+    if opts.tokenizer == "byte":
+        return tok.byte_tokenizer().to_str()
+
+    def sample() -> Any:
+        taken = 0
+        for name in files:
+            for text in corpus.read_documents(Path(name), opts.text_field).texts:
+                yield text
+                taken += len(text)
+                if taken >= opts.bpe_sample_bytes:
+                    return
+
+    return tok.train_bpe(sample(), opts.vocab_size).to_str()
+
+
+def in_val(seed: int, file_index: int, doc_index: int, val_ratio: float) -> bool:
+    """A document's split, from a hash: independent of which rank reads it, or when."""
+    digest = hashlib.blake2b(f"{seed}:{file_index}:{doc_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_ratio
+
+
+def part_path(staging: Path, index: int, split: str) -> Path:
+    return staging / "parts" / f"{index:08d}.{split}.bin"
+
+
+def _tokenize_file(
+    index: int, path: str, opts: PrepareOptions, tokenizer: Any, dtype: np.dtype, staging: Path
+) -> FileStats:
+    docs = corpus.read_documents(Path(path), opts.text_field)
+    stats = FileStats(index, skipped=docs.skipped, bad_records=docs.bad_records)
+    if not docs.texts:
+        return stats
+    eot = tok.eot_id(tokenizer)
+    pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for doc_index, encoding in enumerate(tokenizer.encode_batch(docs.texts)):
+        split = "val" if in_val(opts.seed, index, doc_index, opts.val_ratio) else "train"
+        pieces[split] += [np.asarray(encoding.ids, dtype=dtype), np.array([eot], dtype=dtype)]
+        stats.documents[split] += 1
+    for split, arrays in pieces.items():
+        if arrays:
+            tokens = np.concatenate(arrays)
+            tokens.tofile(part_path(staging, index, split))
+            stats.tokens[split] = int(tokens.size)
+    return stats
+
+
+def _assemble(
+    opts: PrepareOptions, plan: Plan, stats: list[FileStats], tokenizer: Any, dtype: np.dtype
+) -> dict[str, Any]:
+    """Join the parts in file order, write tokenizer and manifest, and move the result into place."""
+    staging = Path(plan.staging)
+    stats.sort(key=lambda s: s.index)
+    skipped = Counter(s.skipped for s in stats if s.skipped)
+    documents = {split: sum(s.documents[split] for s in stats) for split in SPLITS}
+    if not sum(documents.values()):
+        shutil.rmtree(staging, ignore_errors=True)
+        detail = ", ".join(f"{n} {why.replace('_', '-')}" for why, n in skipped.items()) or "no text"
+        raise UsageError(f"the corpus has no documents ({len(stats)} files: {detail}); check the sources")
+    for split in SPLITS:
+        with open(staging / f"{split}.bin", "wb") as out:
+            for s in stats:
+                part = part_path(staging, s.index, split)
+                if part.exists():
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out)
+    split_kind = "documents"
+    tokens = {split: (staging / f"{split}.bin").stat().st_size // dtype.itemsize for split in SPLITS}
+    if not tokens["train"] or not tokens["val"]:
+        # Too few documents for a document split (one big text file, say): cut the stream instead.
+        split_kind = "tokens"
+        stream = np.concatenate([np.fromfile(staging / f"{split}.bin", dtype=dtype) for split in SPLITS])
+        if stream.size < 2:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UsageError(f"the corpus has only {stream.size} token(s); give it more text")
+        cut = min(stream.size - 1, max(1, int(round(stream.size * (1 - opts.val_ratio)))))
+        stream[:cut].tofile(staging / "train.bin")
+        stream[cut:].tofile(staging / "val.bin")
+        tokens = {"train": cut, "val": int(stream.size - cut)}
+    shutil.rmtree(staging / "parts")
+    tokenizer.save(str(staging / TOKENIZER))
+    vocab, eot = tokenizer.get_vocab_size(), tok.eot_id(tokenizer)
+    not_utf8 = [plan.files[s.index] for s in stats if s.skipped == "not_utf8"]
+    manifest = {
+        "format": FORMAT_VERSION,
+        "created_by": f"hpcllm {hpcllm.__version__}",
+        "tokenizer": {"kind": opts.tokenizer, "vocab_size": vocab, "eot_id": eot, "file": TOKENIZER},
+        "dtype": dtype.name,
+        "seed": opts.seed,
+        "val_ratio": opts.val_ratio,
+        "split_by": split_kind,
+        "splits": {
+            split: {"file": f"{split}.bin", "tokens": int(tokens[split]), "documents": documents[split],
+                    "sha256": sha256_of(staging / f"{split}.bin")}
+            for split in SPLITS
+        },
+        "sources": [str(Path(s).resolve()) for s in opts.sources] or [f"default: {corpus.default_corpus_root()}/**/*.py"],
+        "files": {"read": len(stats), "skipped_not_utf8": skipped["not_utf8"], "skipped_empty": skipped["empty"],
+                  "bad_jsonl_records": sum(s.bad_records for s in stats), "not_utf8": not_utf8},
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _move_into_place(staging, opts.out)
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging directory to `out`; an old `out` (with --force) goes only after."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+@dataclass
+class Summary:
+    manifest: dict[str, Any]
+    seconds: float
+    ranks: int
+
+    def lines(self) -> list[str]:
+        m = self.manifest
+        train, val = m["splits"]["train"], m["splits"]["val"]
+        total = train["tokens"] + val["tokens"]
+        files = m["files"]
+        skipped = files["skipped_not_utf8"] + files["skipped_empty"]
+        lines = [
+            f"read {files['read']} files; skipped {skipped} ({files['skipped_not_utf8']} not UTF-8, "
+            f"{files['skipped_empty']} empty); {files['bad_jsonl_records']} bad JSONL records",
+            f"train: {train['tokens']:,} tokens in {train['documents']:,} documents; "
+            f"val: {val['tokens']:,} tokens in {val['documents']:,} documents (split by {m['split_by']})",
+            f"tokenizer: {m['tokenizer']['kind']}, vocabulary {m['tokenizer']['vocab_size']:,}, {m['dtype']}",
+            f"{total:,} tokens in {self.seconds:.1f} s = {total / max(self.seconds, 1e-9):,.0f} tokens/s "
+            f"on {self.ranks} rank(s)",
+        ]
+        for name in files["not_utf8"][:5]:
+            lines.append(f"  skipped (not UTF-8): {name}")
+        return lines
+
+
+def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
+    """Collective over `comm`. Returns the summary on every rank."""
+    start = time.perf_counter()
+    rank = comm.Get_rank()
+    plan = root_decides(comm, lambda: _plan(opts))
+    staging = Path(plan.staging)
+    tokenizer_json = root_decides(comm, lambda: _train_tokenizer(opts, plan.files))
+    tokenizer = tok.Tokenizer.from_str(tokenizer_json)
+    vocab = tokenizer.get_vocab_size()
+    dtype = choose_dtype(vocab, opts.dtype)  # the same verdict on every rank
+    root_decides(comm, lambda: (staging / "parts").mkdir(parents=True))
+
+    done = SharedCounters(comm, slots=2)  # files finished, tokens written: for rank 0's progress bar
+    bar = _progress_bar(len(plan.files)) if progress and rank == 0 else None
+
+    def on_done(_: int, stats: FileStats) -> None:
+        files = done.fetch_add(0, 1) + 1
+        written = done.fetch_add(1, sum(stats.tokens.values())) + sum(stats.tokens.values())
+        if bar is not None:
+            bar.n = files
+            bar.set_postfix_str(f"{written / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False)
+            bar.refresh()
+
+    def work(index: int) -> FileStats:
+        return _tokenize_file(index, plan.files[index], opts, tokenizer, dtype, staging)
+
+    mine = [stats for _, stats in dynamic_map(comm, largest_first(plan.sizes), work, on_done)]
+    everything = comm.gather(mine, root=0)
+    done.free()
+    if bar is not None:
+        bar.close()
+    manifest = root_decides(
+        comm, lambda: _assemble(opts, plan, [s for part in everything for s in part], tokenizer, dtype)
+    )
+    return Summary(manifest, time.perf_counter() - start, comm.Get_size())
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="prepare", mininterval=0.5, disable=None)
+
+
+def set_tokenizer_threads(threads: int) -> None:
+    """The tokenizers library sizes its thread pool once, from RAYON_NUM_THREADS: give it our share."""
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))

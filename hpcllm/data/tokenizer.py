@@ -1,0 +1,73 @@
+"""Tokenizers through the HF `tokenizers` library: a byte-level BPE trained on the corpus, or plain bytes.
+
+Both are saved as `tokenizer.json` and loaded the same way. Every document ends with the
+end-of-text token, so documents never run into each other in the token stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+KINDS = ("bpe", "byte")
+DEFAULT_VOCAB_SIZE = 4096  # enough for the tiny preset; small embedding, fast softmax
+
+
+def _byte_level(model: models.Model) -> Tokenizer:
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style): every byte is representable, merges learned from `texts`."""
+    tokenizer = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def byte_tokenizer() -> Tokenizer:
+    """256 byte symbols (ids 0-255 in byte order) and the end-of-text token (id 256)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _BYTE_OF[ch])
+    vocab = {symbol: byte for byte, symbol in enumerate(alphabet)}
+    vocab[EOT] = 256
+    tokenizer = _byte_level(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.add_special_tokens([EOT])
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map, which the ByteLevel pre-tokenizer uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+_BYTE_OF = {ch: byte for byte, ch in _bytes_to_unicode().items()}
+
+
+def eot_id(tokenizer: Tokenizer) -> int:
+    token_id = tokenizer.token_to_id(EOT)
+    assert token_id is not None, "tokenizer has no end-of-text token"
+    return token_id
+
+
+def load(path: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
