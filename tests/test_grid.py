@@ -52,10 +52,11 @@ def _check_grid(grid, comm):
     # Horovod allreduce over this rank's DP process set sums only within the DP group.
     import horovod.torch as hvd
 
+    process_set = grid.dp_process_set  # starts Horovod on first use
     # Horovod runs on mpi4py's world: same ranks, same size.
     assert (hvd.rank(), hvd.size()) == (rank, comm.Get_size())
 
-    total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum, process_set=grid.dp_process_set)
+    total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum, process_set=process_set)
     assert total.item() == float(sum(layout.dp_group(rank)))
     # Every rank's view agrees with every other's.
     views = comm.allgather((rank, tuple(grid.coords)))

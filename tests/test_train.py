@@ -169,3 +169,24 @@ def test_resume_with_an_incompatible_model_is_refused(data_dir, tmp_path):
     proc = run_hpcllm(["train", "--out", run, "--resume", "--set", "model.n_layer=3"])
     assert_usage_error(proc, "trained with model.n_layer=2, not 3")
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_fp16_allreduce_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_path):
+    reference = train(data_dir, tmp_path / "fp32", "--steps", 10, ranks=2)
+    assert reference.returncode == 0, reference.stderr
+    lossy = train(
+        data_dir,
+        tmp_path / "mixed",
+        "--steps",
+        10,
+        "--set",
+        "parallel.fp16_allreduce=true",
+        "--set",
+        "train.dtype=bfloat16",
+        ranks=2,
+    )
+    assert lossy.returncode == 0, lossy.stderr
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "mixed")
+    assert a != b, "compression and autocast must actually change the arithmetic"
+    for step in a:
+        assert abs(a[step] - b[step]) <= 0.05 * a[step], step
