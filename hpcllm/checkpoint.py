@@ -223,41 +223,44 @@ def _param_name(key: str) -> str:
 
 
 def _resharded(
-    checkpoint: Path, manifest: dict[str, Any], grid: Grid, vocab_size: int
+    checkpoint: Path, manifest: dict[str, Any], grid: Grid, model: torch.nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This TP rank's tensors from a checkpoint saved at another TP size: every saved slice of this
-    pipeline stage is read, joined into the full tensor, and cut again for the current layout."""
+    """This rank's tensors from a checkpoint saved with another (pp, tp): every shard is read; each
+    tensor this rank's model needs is taken from the first stage that saved it, its TP slices are
+    joined into the full tensor and cut again for the current layout."""
     from hpcllm.model.parallel import partition_kind, reshard
 
-    shards = [_read_shard(checkpoint, manifest, grid.pp_rank, t) for t in range(manifest["layout"]["tp"])]
-    tensors = {
-        key: reshard(
-            [s[0][key] for s in shards],
-            partition_kind(_param_name(key)),
-            vocab_size,
-            grid.tp_rank,
-            grid.layout.tp,
-        )
-        for key in shards[0][0]
+    saved = manifest["layout"]
+    shards = {
+        (p, t): _read_shard(checkpoint, manifest, p, t)[0]
+        for p in range(saved["pp"])
+        for t in range(saved["tp"])
     }
-    return tensors, shards[0][1]
+    needed = set(model.state_dict())
+    tensors: dict[str, torch.Tensor] = {}
+    for stage in range(saved["pp"]):
+        for key in shards[(stage, 0)]:
+            name = _param_name(key)
+            if key in tensors or (name and name not in needed):
+                continue
+            slices = [shards[(stage, t)][key] for t in range(saved["tp"])]
+            tensors[key] = reshard(
+                slices, partition_kind(name), model.shape.vocab_size, grid.tp_rank, grid.layout.tp
+            )
+    meta = json.loads(_read_verified(checkpoint, f"{shard_name(0, 0)}.json", manifest))
+    return tensors, meta
 
 
 def load(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, grid: Grid
 ) -> dict[str, Any]:
-    """Load this rank's partition (and optimizer state) from a checkpoint of the same layout."""
+    """Load this rank's partition (and optimizer state); a checkpoint of another layout is resharded."""
     manifest = read_manifest(checkpoint)
     saved = manifest["layout"]
-    if saved["pp"] != grid.layout.pp:
-        raise UsageError(
-            f"{checkpoint} was saved with pp = {saved['pp']}; "
-            f"loading it at pp = {grid.layout.pp} is not supported yet"
-        )
-    if saved["tp"] == grid.layout.tp:
+    if (saved["pp"], saved["tp"]) == (grid.layout.pp, grid.layout.tp):
         tensors, meta = _read_shard(checkpoint, manifest, grid.pp_rank, grid.tp_rank)
     else:
-        tensors, meta = _resharded(checkpoint, manifest, grid, model.shape.vocab_size)
+        tensors, meta = _resharded(checkpoint, manifest, grid, model)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     if missing or unexpected:

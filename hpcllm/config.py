@@ -61,6 +61,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     schedule: str = "1f1b"
+    stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
     fp16_allreduce: bool = False
 
 

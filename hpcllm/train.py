@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from hpcllm.grid import Grid
 from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
 from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
 from hpcllm.model.parallel import check_tp, clip_grad_norm_, partition_gpt
+from hpcllm.pipeline import PipelineStage, keep_stage, parse_stage_layers, plan_stages
 
 log = logging.getLogger("hpcllm.train")
 
@@ -159,6 +161,22 @@ def build_model(config: Config, vocab_size: int, device: torch.device) -> GPT:
     return GPT(shape).to(device)
 
 
+def autocast_for(config: Config, device: torch.device) -> Callable[[], Any]:
+    if config.train.dtype == "bfloat16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def check_pp(config: Config) -> None:
+    pp, n_layer = config.parallel.pp, config.model.n_layer
+    if pp > n_layer:
+        raise UsageError(
+            f"pp = {pp} stages but model.n_layer = {n_layer}: every stage needs a layer; lower --pp"
+        )
+    if config.parallel.stage_layers:
+        parse_stage_layers(config.parallel.stage_layers, n_layer, pp)
+
+
 # ---- the loop -----------------------------------------------------------------------------
 
 
@@ -175,6 +193,7 @@ class Trainer:
     micro_per_step: int
     tp_group: TensorCollectives
     full_parameters: int
+    pipeline: PipelineStage | None = None
 
     def __post_init__(self) -> None:
         t, m = self.config.train, self.config.model
@@ -188,10 +207,7 @@ class Trainer:
         except UsageError:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
-        if t.dtype == "bfloat16":
-            self.autocast: Any = lambda: torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
-        else:
-            self.autocast = nullcontext
+        self.autocast = autocast_for(self.config, self.rt.device)
 
     def _batches(
         self, sampler: BatchSampler, tokens: Any, step: int
@@ -211,18 +227,25 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad()
-        total = 0.0
-        for x, y in self._batches(self.sampler, self.train_tokens, step):
-            with self.autocast():
-                loss = self.model.loss(self.model(x), y)
-            (loss / self.micro_per_step).backward()
-            total += loss.item()
+        batches = self._batches(self.sampler, self.train_tokens, step)
+        if self.pipeline is not None:
+            loss = self.pipeline.train_step(batches).loss
+        else:
+            loss = 0.0
+            for x, y in batches:
+                with self.autocast():
+                    micro_loss = self.model.loss(self.model(x), y)
+                (micro_loss / self.micro_per_step).backward()
+                loss += micro_loss.item() / self.micro_per_step
         self.dp.synchronize(self.optimizer)
+        if self.pipeline is not None:
+            self.pipeline.sum_tied_gradients()
         if self.config.train.grad_clip > 0:
-            clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group)
+            pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
+            clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm)
         with self.dp.step_without_sync(self.optimizer):
             self.optimizer.step()
-        return self.dp.mean(total / self.micro_per_step)
+        return self.dp.mean(loss)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -231,7 +254,11 @@ class Trainer:
         self.model.eval()
         losses = []
         for step in range(self.config.train.eval_steps):
-            for x, y in self._batches(self.val_sampler, self.val_tokens, step):
+            batches = self._batches(self.val_sampler, self.val_tokens, step)
+            if self.pipeline is not None:
+                losses += [self.pipeline.eval_step(batches)] * len(batches)
+                continue
+            for x, y in batches:
                 with self.autocast():
                     losses.append(self.model.loss(self.model(x), y).item())
         return self.dp.mean(sum(losses) / len(losses))
@@ -262,9 +289,8 @@ def run_training(args: TrainArgs) -> Trainer:
     config = resolve_config(args, saved)
     if saved is not None:
         check_resume_compatible(config, saved)
-    if config.parallel.pp > 1:
-        raise UsageError("pipeline parallelism is not available yet; use --pp 1")
     check_tp(config.model.n_head, config.model.n_embd, config.parallel.tp)
+    check_pp(config)
     grid = Grid(rt.comm, tp=config.parallel.tp, pp=config.parallel.pp, horovod=lambda: rt.horovod)
     micro_per_step = config_mod.check_batch_layout(config, grid.layout.dp)
     data = ensure_data(config, rt)
@@ -279,6 +305,25 @@ def run_training(args: TrainArgs) -> Trainer:
     full_parameters = model.num_parameters()
     tp_group = TensorCollectives(grid.tp_comm, cuda_backend=lambda: (rt.horovod, grid.tp_process_set))
     partition_gpt(model, tp_group)
+    pipeline = None
+    if grid.layout.pp > 1:
+        plan = plan_stages(model, grid.layout.pp, config.parallel.stage_layers)
+        keep_stage(model, plan, grid.pp_rank, grid.layout.pp)
+        if micro_per_step < grid.layout.pp:
+            bubble = (grid.layout.pp - 1) / (micro_per_step + grid.layout.pp - 1)
+            log.warning(
+                "only %d micro-batches per step for %d pipeline stages: the stages idle %.0f%% of the time "
+                "(bubble (p-1)/(m+p-1)); raise train.global_batch or lower train.micro_batch",
+                micro_per_step,
+                grid.layout.pp,
+                100 * bubble,
+            )
+        log.info(
+            "pipeline: %d stages with %s layers (%s schedule)",
+            grid.layout.pp,
+            plan.layers_per_stage,
+            config.parallel.schedule,
+        )
     rank_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     log.info(
         "parameters: %.2fM in the full model (%.1f MB fp32), %.1f MB on this rank (tp = %d)",
@@ -297,9 +342,19 @@ def run_training(args: TrainArgs) -> Trainer:
         start_step = checkpoint.load(ckpt, model, optimizer, grid)["step"]
         log.info("resumed from %s at step %d", ckpt, start_step)
     dp.broadcast_initial_state(model, optimizer)
+    if grid.layout.pp > 1:
+        m = config.model
+        pipeline = PipelineStage(
+            model,
+            grid,
+            config.parallel.schedule,
+            (config.train.micro_batch, m.block_size, m.n_embd),
+            autocast_for(config, rt.device),
+            rt.device,
+        )
 
     trainer = Trainer(
-        config, rt, grid, data, out, model, optimizer, dp, micro_per_step, tp_group, full_parameters
+        config, rt, grid, data, out, model, optimizer, dp, micro_per_step, tp_group, full_parameters, pipeline
     )
     _loop(trainer, start_step, resume=args.resume)
     return trainer

@@ -27,7 +27,9 @@ def default_corpus_files() -> list[Path]:
     """The standard library's .py files, without third-party packages installed beside it."""
     root = default_corpus_root()
     return sorted(
-        p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+        p
+        for p in root.rglob("*.py")
+        if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     )
 
 
@@ -45,7 +47,9 @@ def resolve_sources(sources: Sequence[str], extensions: Iterable[str] = DEFAULT_
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in wanted)
             if not found:
-                raise UsageError(f"directory {source} holds no files ending in {', '.join(wanted)}; use --ext")
+                raise UsageError(
+                    f"directory {source} holds no files ending in {', '.join(wanted)}; use --ext"
+                )
             files += found
         elif path.is_file():
             files.append(path)

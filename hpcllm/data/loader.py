@@ -72,7 +72,9 @@ def _epoch_order(seed: int, epoch: int, n_sequences: int) -> np.ndarray:
 
 def read_sequences(tokens: np.ndarray, indices: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets (int64, shape [len(indices), block_size]) for the given sequences."""
-    rows = np.stack([tokens[i * block_size : i * block_size + block_size + 1] for i in indices]).astype(np.int64)
+    rows = np.stack([tokens[i * block_size : i * block_size + block_size + 1] for i in indices]).astype(
+        np.int64
+    )
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -81,7 +83,10 @@ def micro_batches(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Split this rank's sequences into micro-batches of `micro_batch` rows, in order."""
     if len(indices) % micro_batch:
-        raise UsageError(f"{len(indices)} sequences per rank are not divisible by micro_batch = {micro_batch}")
+        raise UsageError(
+            f"{len(indices)} sequences per rank are not divisible by micro_batch = {micro_batch}"
+        )
     return [
-        read_sequences(tokens, indices[i : i + micro_batch], block_size) for i in range(0, len(indices), micro_batch)
+        read_sequences(tokens, indices[i : i + micro_batch], block_size)
+        for i in range(0, len(indices), micro_batch)
     ]

@@ -71,7 +71,9 @@ def check_options(opts: PrepareOptions) -> None:
     if opts.tokenizer not in tok.KINDS:
         raise UsageError(f"--tokenizer must be one of {', '.join(tok.KINDS)}, not {opts.tokenizer}")
     if opts.tokenizer == "bpe" and not 257 <= opts.vocab_size <= 1 << 22:
-        raise UsageError(f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304")
+        raise UsageError(
+            f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304"
+        )
     if not 0 < opts.val_ratio < 1:
         raise UsageError(f"--val-ratio must be between 0 and 1 (exclusive), not {opts.val_ratio}")
 
@@ -182,13 +184,23 @@ def _assemble(
         "val_ratio": opts.val_ratio,
         "split_by": split_kind,
         "splits": {
-            split: {"file": f"{split}.bin", "tokens": int(tokens[split]), "documents": documents[split],
-                    "sha256": sha256_of(staging / f"{split}.bin")}
+            split: {
+                "file": f"{split}.bin",
+                "tokens": int(tokens[split]),
+                "documents": documents[split],
+                "sha256": sha256_of(staging / f"{split}.bin"),
+            }
             for split in SPLITS
         },
-        "sources": [str(Path(s).resolve()) for s in opts.sources] or [f"default: {corpus.default_corpus_root()}/**/*.py"],
-        "files": {"read": len(stats), "skipped_not_utf8": skipped["not_utf8"], "skipped_empty": skipped["empty"],
-                  "bad_jsonl_records": sum(s.bad_records for s in stats), "not_utf8": not_utf8},
+        "sources": [str(Path(s).resolve()) for s in opts.sources]
+        or [f"default: {corpus.default_corpus_root()}/**/*.py"],
+        "files": {
+            "read": len(stats),
+            "skipped_not_utf8": skipped["not_utf8"],
+            "skipped_empty": skipped["empty"],
+            "bad_jsonl_records": sum(s.bad_records for s in stats),
+            "not_utf8": not_utf8,
+        },
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _move_into_place(staging, opts.out)
@@ -252,7 +264,9 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
         written = done.fetch_add(1, sum(stats.tokens.values())) + sum(stats.tokens.values())
         if bar is not None:
             bar.n = files
-            bar.set_postfix_str(f"{written / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False)
+            bar.set_postfix_str(
+                f"{written / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False
+            )
             bar.refresh()
 
     def work(index: int) -> FileStats:

@@ -31,7 +31,9 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     if requested not in ("uint16", "uint32"):
         raise UsageError(f"--dtype must be auto, uint16 or uint32, not {requested}")
     if requested == "uint16" and not fits16:
-        raise UsageError(f"a vocabulary of {vocab_size} tokens does not fit uint16 (max 65536); use --dtype uint32")
+        raise UsageError(
+            f"a vocabulary of {vocab_size} tokens does not fit uint16 (max 65536); use --dtype uint32"
+        )
     return np.dtype(requested)
 
 
@@ -80,14 +82,18 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
-        raise UsageError(f"{root} holds no prepared data ({MANIFEST} missing); run `hpcllm prepare --out {root}`")
+        raise UsageError(
+            f"{root} holds no prepared data ({MANIFEST} missing); run `hpcllm prepare --out {root}`"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
         dtype = np.dtype(manifest["dtype"])
         splits = {name: manifest["splits"][name] for name in SPLITS}
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UsageError(f"{manifest_path} is not a valid hpcllm manifest ({exc}); prepare the data again") from exc
-    for name, info in splits.items():
+        raise UsageError(
+            f"{manifest_path} is not a valid hpcllm manifest ({exc}); prepare the data again"
+        ) from exc
+    for info in splits.values():
         binary = root / info["file"]
         if not binary.is_file():
             raise UsageError(f"{binary} is missing; prepare the data again")
@@ -98,6 +104,8 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
                 "it is truncated or from another run: prepare the data again"
             )
         if verify and sha256_of(binary) != info["sha256"]:
-            raise UsageError(f"{binary} does not match the checksum in {MANIFEST}: it changed after prepare; "
-                             "prepare the data again")
+            raise UsageError(
+                f"{binary} does not match the checksum in {MANIFEST}: it changed after prepare; "
+                "prepare the data again"
+            )
     return Prepared(root, manifest)

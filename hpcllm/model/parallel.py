@@ -238,20 +238,28 @@ def partition_gpt(model: GPT, group: TensorCollectives) -> GPT:
     return model
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, group: TensorCollectives) -> float:
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, group: TensorCollectives, pipeline_comm: Any = None
+) -> float:
     """Clip by the norm of the *full* model's gradient: partitioned slices are summed over the TP
-    group, replicated parameters counted once (they are identical on every TP rank)."""
+    group, replicated parameters counted once (they are identical on every TP rank), and with a
+    pipeline the stages' sums are added (the last stage's copy of the tied embedding left out)."""
     partitioned = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
     params = [p for p in model.parameters() if p.grad is not None]
     for p in params:
+        if getattr(p, "pipeline_duplicate", False):
+            continue
         square = p.grad.detach().double().pow(2).sum().cpu()
         if getattr(p, "tensor_parallel", False):
             partitioned += square
         else:
             replicated += square
     partitioned = group.allreduce_(partitioned.reshape(1)).reshape(())
-    total = float((partitioned + replicated).sqrt())
+    total_square = float(partitioned + replicated)
+    if pipeline_comm is not None:
+        total_square = pipeline_comm.allreduce(total_square)
+    total = total_square**0.5
     scale = max_norm / (total + 1e-6)
     if scale < 1:
         for p in params:
