@@ -113,15 +113,37 @@ def _bench_allreduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{flag} takes comma-separated integers, not {text!r}") from exc
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} needs positive integers, not {text!r}")
+    return values
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hpcllm.bench import pipeline
+
+    results = pipeline.run(_int_list(args.pp, "--pp"), _int_list(args.micro, "--micro"), args.steps or 3)
+    print(json.dumps(results, indent=1) if args.json else pipeline.render(results))
+    if args.plot:
+        pipeline.plot(results, Path(args.plot))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     if args.what == "allreduce":
         return _bench_allreduce(args)
-    if args.what != "train":
-        print(f"hpcllm bench {args.what}: not available yet (it lands with issue 5/8).")
-        return 0
+    if args.what == "pipeline":
+        return _bench_pipeline(args)
     from hpcllm.bench import train as bench_train
     from hpcllm.train import default_data_dir
 
@@ -136,7 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
         rt = runtime.init()
         prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
     sets = [item for value in args.set for item in ("--set", value)]
-    result = bench_train.run(data, args.steps, sets, args.repeat)
+    result = bench_train.run(data, args.steps or 60, sets, args.repeat)
     print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
     return 0
 
@@ -234,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and prints tokens/s, MFU and the ratios.",
     )
     bench.add_argument("what", choices=["train", "allreduce", "pipeline"])
-    bench.add_argument("--steps", type=int, default=60, help="steps per variant (60)")
+    bench.add_argument(
+        "--steps", type=int, help="train: steps per variant (60); pipeline: steps per config (3)"
+    )
     bench.add_argument("--repeat", type=int, default=1, help="interleaved repetitions of all variants (1)")
     bench.add_argument("--data", help="prepared data (default: the default corpus)")
     bench.add_argument(
@@ -245,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--min-bytes", type=int, default=8, help="allreduce: smallest message (8)")
     bench.add_argument("--max-bytes", type=int, default=64 << 20, help="allreduce: largest message (64 MiB)")
     bench.add_argument("--factor", type=int, default=4, help="allreduce: size step factor (4)")
-    bench.add_argument("--plot", help="allreduce: write a log-log plot PNG here")
+    bench.add_argument("--plot", help="allreduce, pipeline: write a plot PNG here")
+    bench.add_argument("--pp", default="2,4", help="pipeline: stage counts (2,4)")
+    bench.add_argument("--micro", default="1,2,4,8,16", help="pipeline: micro-batch counts (1,2,4,8,16)")
     bench.set_defaults(func=_bench)
 
     for name, issue, text in (("slurm", "issue 6/8", "render and submit Slurm batch scripts"),):

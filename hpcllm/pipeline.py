@@ -20,6 +20,7 @@ schedules, pp or micro-batch count can deadlock.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class _Link:
 
     comm: Any
     pending: list[tuple[Any, np.ndarray]] = field(default_factory=list)
+    waited_s: float = 0.0  # time blocked in receives: this stage's share of the bubble
 
     def send(self, tensor: torch.Tensor, dest: int, tag: int) -> None:
         buffer = tensor.detach().float().cpu().contiguous().numpy()
@@ -146,13 +148,17 @@ class _Link:
 
     def recv(self, shape: tuple[int, ...], source: int, tag: int, device: torch.device) -> torch.Tensor:
         buffer = np.empty(shape, dtype=np.float32)
+        start = time.perf_counter()
         self.comm.Irecv(buffer, source=source, tag=tag).Wait()
+        self.waited_s += time.perf_counter() - start
         return torch.from_numpy(buffer).to(device)
 
     def finish(self) -> None:
         from mpi4py import MPI
 
+        start = time.perf_counter()
         MPI.Request.Waitall([request for request, _ in self.pending])
+        self.waited_s += time.perf_counter() - start
         self.pending.clear()
 
 
@@ -223,6 +229,7 @@ class PipelineStage:
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
         m = len(batches)
         scale = 1.0 / m
+        self.link.waited_s = 0.0
         live: deque[tuple[int, Any]] = deque()
         most_live, total = 0, 0.0
 
@@ -252,7 +259,8 @@ class PipelineStage:
             while live:
                 backward()
         self.link.finish()
-        return StepStats(self._loss_from_last(total / m), most_live, 0.0)
+        waited = self.link.waited_s  # before the loss broadcast, which is not part of the schedule
+        return StepStats(self._loss_from_last(total / m), most_live, waited)
 
     @torch.no_grad()
     def eval_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
