@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcllm import plots
+
 
 def measure_matmul_peak(device: torch.device, seconds: float = 0.5, n: int = 1024) -> float:
     """FLOP/s of a large fp32 matmul on this rank's threads (CPU) or device: the MFU denominator."""
@@ -60,12 +62,7 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
 
     def plot(self, baseline: float | None = None) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plots.figure()
         train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
         if train:
@@ -76,10 +73,4 @@ class MetricsLog:
             ax.axhline(baseline, color="grey", linestyle="--", label=f"unigram baseline {baseline:.2f}")
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.plot_path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(self.plot_path)  # a reader never sees half a PNG
+        plots.save(fig, self.plot_path)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hpcllm import runtime
+from hpcllm import plots, runtime
 
 ENGINES = ("horovod", "mpi4py", "torch.distributed")
 
@@ -142,12 +142,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plots.figure(ncols=2, width=11)
     for engine in dict.fromkeys(r["engine"] for r in rows):
         mine = [r for r in rows if r["engine"] == engine]
         left.loglog([r["bytes"] for r in mine], [r["time_us"] for r in mine], "o-", label=engine)
@@ -156,9 +151,4 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="message size (bytes)", ylabel="bus bandwidth (GB/s)")
     ranks = rows[0]["ranks"] if rows else 0
     fig.suptitle(f"allreduce, {ranks} ranks, {os.uname().nodename}")
-    for ax in (left, right):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from hpcllm import plots
 from hpcllm.launcher import launch_command, launch_env
 
 MICRO_BATCH = 4
@@ -156,12 +157,7 @@ def render(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plots.figure(ncols=2, width=11)
     for pp in sorted({r["pp"] for r in results}):
         for schedule, style in (("gpipe", "o-"), ("1f1b", "s--")):
             mine = [r for r in results if r["pp"] == pp and r["schedule"] == schedule]
@@ -179,12 +175,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         xscale="log",
         title="activations held for backward",
     )
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save(fig, path, legend_size=7)
 
 
 if __name__ == "__main__":
