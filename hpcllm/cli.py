@@ -16,6 +16,7 @@ from hpcllm import __version__
 from hpcllm.data.corpus import DEFAULT_EXTENSIONS
 from hpcllm.errors import EnvironmentProblem, UsageError
 from hpcllm.launcher import detect
+from hpcllm.preemption import Preempted
 
 T = TypeVar("T")
 
@@ -91,6 +92,68 @@ def _generate(args: argparse.Namespace) -> int:
     from hpcllm import generate
 
     return generate.generate(_from_args(generate.GenerateArgs, args))
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from hpcllm import slurm
+
+    if args.action == "status":
+        return _slurm_status(args)
+    if args.jobid is not None:
+        raise UsageError(f"unexpected argument {args.jobid!r}; hpcllm train's arguments go after `--`")
+    train_args = list(getattr(args, "train_args", []))
+    spec = slurm.JobSpec(
+        template=args.template,
+        nodes=args.nodes,
+        ntasks_per_node=args.ntasks_per_node,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        job_name=args.job_name,
+        out=args.out,
+        signal=args.signal,
+        max_requeues=args.max_requeues,
+        array=args.array,
+        train_args=train_args,
+    )
+    if args.action == "render":
+        print(slurm.render(spec), end="")
+        return 0
+    job, path = slurm.submit(spec)
+    print(
+        f"submitted job {job} ({path}); Slurm log {spec.out}/slurm-{spec.job_name}-{job}.out, "
+        f"run directory {spec.out}/job-{job}/ (metrics.jsonl, logs/rank-N.log)"
+    )
+    return 0
+
+
+def _slurm_status(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if not args.jobid or not args.jobid.isdigit():
+        raise UsageError("hpcllm slurm status needs a numeric JOBID")
+    job = args.jobid
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        raise UsageError("squeue is not on PATH: run on a Slurm login node")
+    state = subprocess.run(
+        [squeue, "-h", "-j", job, "-o", "%T %M %R"], capture_output=True, text=True, timeout=30
+    )
+    print(f"job {job}: {state.stdout.strip() or 'not in the queue (finished, or unknown)'}")
+    metrics = Path(args.out) / f"job-{job}" / "metrics.jsonl"
+    if metrics.exists():
+        rows = metrics.read_text().strip().splitlines()
+        if rows:
+            last = json.loads(rows[-1])
+            print("latest metrics: " + ", ".join(f"{k} {v}" for k, v in last.items()))
+    else:
+        print(f"no metrics yet at {metrics}")
+    return 0
 
 
 def _bench_allreduce(args: argparse.Namespace) -> int:
@@ -274,10 +337,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro", default="1,2,4,8,16", help="pipeline: micro-batch counts (1,2,4,8,16)")
     bench.set_defaults(func=_bench)
 
-    for name, issue, text in (("slurm", "issue 6/8", "render and submit Slurm batch scripts"),):
-        sub = commands.add_parser(name, help=f"{text} (not yet)", description=f"{text}. Not yet available.")
-        sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        sub.set_defaults(func=_not_yet(name, issue))
+    sl = commands.add_parser(
+        "slurm",
+        help="render, submit and watch Slurm batch jobs",
+        description="Render a batch script from a template (gpu, gpu-mpirun, cpu, array), submit it with "
+        "sbatch, or show a job's state and latest metrics. Everything after `--` goes to hpcllm train.",
+    )
+    sl.add_argument("action", choices=["render", "submit", "status"])
+    sl.add_argument(
+        "--template", default="gpu", help="gpu (srun+PMIx), gpu-mpirun, cpu, array, or a .j2 file"
+    )
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--ntasks-per-node", type=int, default=4, help="ranks per node (= GPUs per node)")
+    sl.add_argument("--gpus-per-node", type=int, default=4)
+    sl.add_argument("--cpus-per-task", type=int, default=8)
+    sl.add_argument("--time", default="02:00:00", help="wall-clock limit (Slurm format)")
+    sl.add_argument("--partition")
+    sl.add_argument("--account")
+    sl.add_argument("--job-name", default="hpcllm")
+    sl.add_argument("--out", default="runs", help="where the script, Slurm log and run directory go")
+    sl.add_argument("--signal", default="USR2@180", help="preemption signal and lead time (USR2@180)")
+    sl.add_argument("--max-requeues", type=int, default=3, help="requeue at most this often (3)")
+    sl.add_argument(
+        "--array", action="append", default=[], metavar="KEY=VALUE", help="array: one override per task"
+    )
+    sl.add_argument(
+        "jobid", nargs="?", help="status: the job id (render/submit: hpcllm train's arguments go after --)"
+    )
+    sl.set_defaults(func=_slurm)
     return parser
 
 
@@ -287,7 +374,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     speaks = detect().rank == 0
     command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        # `hpcllm slurm render ... -- TRAIN_ARGS`: what follows `--` belongs to hpcllm train.
+        train_args: list[str] = []
+        if command == "slurm" and "--" in argv:
+            cut = argv.index("--")
+            argv, train_args = argv[:cut], argv[cut + 1 :]
         args = build_parser().parse_args(argv)
+        args.train_args = train_args
         return int(args.func(args) or 0)
     except UsageError as exc:
         if speaks:
@@ -296,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EnvironmentProblem as exc:
         if speaks:
             print(f"hpcllm {command}: {exc}".replace("hpcllm : ", "hpcllm: "), file=sys.stderr)
+        return exc.exit_code
+    except Preempted as exc:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

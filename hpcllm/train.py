@@ -13,11 +13,12 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
 from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
 from hpcllm.model.parallel import check_tp, clip_grad_norm_, partition_gpt
 from hpcllm.pipeline import PipelineStage, keep_stage, parse_stage_layers, plan_stages
+from hpcllm.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 
 log = logging.getLogger("hpcllm.train")
 
@@ -194,6 +196,7 @@ class Trainer:
     tp_group: TensorCollectives
     full_parameters: int
     pipeline: PipelineStage | None = None
+    stop: StopFlag = field(default_factory=StopFlag)
 
     def __post_init__(self) -> None:
         t, m = self.config.train, self.config.model
@@ -356,7 +359,11 @@ def run_training(args: TrainArgs) -> Trainer:
     trainer = Trainer(
         config, rt, grid, data, out, model, optimizer, dp, micro_per_step, tp_group, full_parameters, pipeline
     )
-    _loop(trainer, start_step, resume=args.resume)
+    trainer.stop.install()
+    try:
+        _loop(trainer, start_step, resume=args.resume)
+    finally:
+        trainer.stop.uninstall()
     return trainer
 
 
@@ -388,6 +395,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     if metrics is not None and resume:
         metrics.truncate_after(start_step)
     bar = _progress(t.steps, start_step, rt.rank == 0)
+    stop = trainer.stop
     started = last_time = time.perf_counter()
     last_step = start_step
     loss = val_loss = float("nan")
@@ -417,9 +425,22 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
             log.debug("%s", row)
             if "val_loss" in row or done == t.steps:
                 metrics.plot(baseline)
-        if t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps):
+        saved = bool(t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps))
+        if saved:
             trainer.save(done)
         bar.update(1)
+        received = stop.agreed(rt.comm)
+        if received and done < t.steps:
+            if not saved:
+                trainer.save(done)
+            bar.close()
+            (log.warning if rt.rank == 0 else log.info)(
+                "stopping after step %d on %s: checkpoint written; exit code %d (run again with --resume)",
+                done,
+                signal.Signals(received).name,
+                EXIT_PREEMPTED,
+            )
+            raise Preempted(done)
     bar.close()
     if metrics is not None:
         metrics.plot(baseline)

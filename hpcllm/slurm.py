@@ -1,0 +1,196 @@
+"""Slurm: hostlists, and batch scripts rendered from the templates in `slurm/`.
+
+Everything a user types that ends up in a script is validated first (job names, partitions and
+accounts are plain identifiers; times are Slurm time formats) and quoted when it is inserted, so
+nothing user-supplied reaches the shell unquoted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcllm.errors import UsageError
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATES = ("gpu", "gpu-mpirun", "cpu", "array")
+
+# ---- hostlists ----------------------------------------------------------------------------
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"hostlist {text!r} has an unmatched ']'")
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise UsageError(f"hostlist {text!r} has an unmatched '['")
+    parts.append("".join(current))
+    return [p for p in parts if p]
+
+
+def _expand_ranges(spec: str, text: str) -> list[str]:
+    values = []
+    for item in spec.split(","):
+        low, sep, high = item.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise UsageError(f"hostlist {text!r}: {item!r} is not a number or a range like 01-04")
+        if not sep:
+            values.append(low)
+            continue
+        width = len(low) if low.startswith("0") else 0
+        start, end = int(low), int(high)
+        if end < start:
+            raise UsageError(f"hostlist {text!r}: range {item!r} runs backwards")
+        values += [str(n).zfill(width) for n in range(start, end + 1)]
+    return values
+
+
+def _expand_one(name: str, text: str) -> list[str]:
+    match = re.search(r"\[([^\[\]]*)\]", name)
+    if match is None:
+        return [name]
+    head, tail = name[: match.start()], name[match.end() :]
+    return [
+        host
+        for value in _expand_ranges(match.group(1), text)
+        for host in _expand_one(head + value + tail, text)
+    ]
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """`gpu[01-03,07],login1` → gpu01 gpu02 gpu03 gpu07 login1 (Slurm's compressed hostlist form)."""
+    return [host for part in _split_top_level(text.strip()) for host in _expand_one(part, text)]
+
+
+# ---- validating what users type -----------------------------------------------------------
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_PATH = re.compile(r"^[A-Za-z0-9_./+~-]+$")
+_SIGNAL = re.compile(r"^(USR1|USR2|TERM|INT)@\d+$")
+_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{2}(:\d{2})?)?|\d+(:\d{2}(:\d{2})?)?)$")
+
+
+def check_name(flag: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise UsageError(
+            f"{flag} {value!r} is not allowed: use letters, digits and . _ + - (at most 128, no spaces, "
+            "quotes, $ ; & | or newlines)"
+        )
+    return value
+
+
+def check_time(value: str) -> str:
+    """Slurm's forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    if not _TIME.match(value):
+        raise UsageError(f"--time {value!r} is not a Slurm time; use e.g. 30, 02:00:00 or 1-12:00:00")
+    return value
+
+
+def check_positive(flag: str, value: int) -> int:
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1, not {value}")
+    return value
+
+
+@dataclass
+class JobSpec:
+    template: str = "gpu"
+    nodes: int = 1
+    ntasks_per_node: int = 4
+    gpus_per_node: int = 4
+    cpus_per_task: int = 8
+    time: str = "02:00:00"
+    partition: str | None = None
+    account: str | None = None
+    job_name: str = "hpcllm"
+    out: str = "runs"
+    signal: str = "USR2@180"  # seconds before the time limit; NCCL may use USR1 itself
+    max_requeues: int = 3
+    array: list[str] = field(default_factory=list)  # one override per array task
+    train_args: list[str] = field(default_factory=list)
+
+    def validate(self) -> JobSpec:
+        if self.template not in TEMPLATES and not Path(self.template).is_file():
+            raise UsageError(f"--template {self.template!r}: choose {', '.join(TEMPLATES)} or give a file")
+        for flag, value in (
+            ("--nodes", self.nodes),
+            ("--ntasks-per-node", self.ntasks_per_node),
+            ("--cpus-per-task", self.cpus_per_task),
+        ):
+            check_positive(flag, value)
+        if self.gpus_per_node < 0:
+            raise UsageError(f"--gpus-per-node must be 0 or more, not {self.gpus_per_node}")
+        check_time(self.time)
+        check_name("--job-name", self.job_name)
+        for flag, value in (("--partition", self.partition), ("--account", self.account)):
+            if value is not None:
+                check_name(flag, value)
+        if not _PATH.match(self.out):
+            raise UsageError(
+                f"--out {self.out!r}: use a path of letters, digits and / . _ + - (no spaces or quotes)"
+            )
+        if not _SIGNAL.match(self.signal):
+            raise UsageError(f"--signal {self.signal!r}: use SIGNAL@SECONDS with USR1, USR2, TERM or INT")
+        if self.template == "array" and not self.array:
+            raise UsageError("the array template needs --array KEY=VALUE (repeat: one per array task)")
+        return self
+
+
+def render(spec: JobSpec) -> str:
+    import jinja2
+
+    spec.validate()
+    if spec.template in TEMPLATES:
+        loader: jinja2.BaseLoader = jinja2.FileSystemLoader(str(TEMPLATE_DIR))
+        name = f"{spec.template}.sbatch.j2"
+    else:
+        path = Path(spec.template).resolve()
+        loader, name = jinja2.FileSystemLoader(str(path.parent)), path.name
+    env = jinja2.Environment(
+        loader=loader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
+    env.filters["q"] = lambda value: shlex.quote(str(value))
+    return env.get_template(name).render(
+        spec=spec,
+        train_args=" ".join(shlex.quote(a) for a in spec.train_args),
+        array_overrides=[shlex.quote(a) for a in spec.array],
+    )
+
+
+# ---- submitting and watching --------------------------------------------------------------
+
+
+def submit(spec: JobSpec) -> tuple[str, Path]:
+    """Write the script under --out, sbatch it; return (job id, script path)."""
+    import shutil
+    import subprocess
+
+    script = render(spec)
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UsageError(
+            "sbatch is not on PATH: run on a Slurm login node (or `module load slurm`), "
+            "or use `hpcllm slurm render` and submit the script elsewhere"
+        )
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{spec.job_name}.sbatch"
+    path.write_text(script)
+    done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise UsageError(
+            f"sbatch refused the job: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}"
+        )
+    return done.stdout.strip().split(";")[0], path

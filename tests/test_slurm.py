@@ -1,0 +1,189 @@
+"""Slurm scripts and preemption: hostlists, rendering with hostile input, and a job that is
+signalled mid-run checkpointing and resuming to the same final loss.
+
+The one-node Slurm cluster these templates are tested on end to end is not started here yet; the
+preemption path is driven with the same signal the templates forward (SIGUSR2) under mpirun.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import TINY, run_hpcllm, sets
+
+from hpcllm.errors import UsageError
+from hpcllm.launcher import launch_command, launch_env
+from hpcllm.preemption import EXIT_PREEMPTED
+from hpcllm.slurm import JobSpec, expand_hostlist, render
+
+
+@pytest.mark.parametrize(
+    "text,hosts",
+    [
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("node1,node2", ["node1", "node2"]),
+        ("a[1-2]b[8-9]", ["a1b8", "a1b9", "a2b8", "a2b9"]),
+        ("login,cn[009-011]", ["login", "cn009", "cn010", "cn011"]),
+        ("single", ["single"]),
+    ],
+)
+def test_hostlist_expansion(text, hosts):
+    assert expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("bad", ["gpu[01-03", "gpu01]", "gpu[a-b]", "gpu[5-2]"])
+def test_malformed_hostlists_are_refused(bad):
+    with pytest.raises(UsageError):
+        expand_hostlist(bad)
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--job-name", "x; rm -rf ~"),
+        ("--job-name", "two\nlines"),
+        ("--partition", "gpu$(reboot)"),
+        ("--account", "acct`id`"),
+        ("--partition", "a b"),
+        ("--time", "2h"),
+        ("--time", "1:2:3:4"),
+        ("--out", "runs dir"),
+    ],
+)
+def test_hostile_or_malformed_input_exits_2(flag, value):
+    proc = run_hpcllm(["slurm", "render", flag, value])
+    assert proc.returncode == 2, proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+
+
+def test_train_arguments_are_shell_quoted():
+    script = render(JobSpec(train_args=["--set", "data.path=/data/$(whoami); echo pwned"]))
+    assert "'data.path=/data/$(whoami); echo pwned'" in script
+
+
+@pytest.mark.parametrize("template", ["gpu", "gpu-mpirun", "cpu"])
+def test_templates_render_the_requested_resources(template):
+    proc = run_hpcllm(
+        [
+            "slurm",
+            "render",
+            "--template",
+            template,
+            "--nodes",
+            3,
+            "--ntasks-per-node",
+            4,
+            "--gpus-per-node",
+            4,
+            "--time",
+            "1-00:00:00",
+            "--partition",
+            "gpu",
+            "--account",
+            "p1",
+            "--job-name",
+            "run.1",
+            "--",
+            "--tp",
+            "2",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    for line in (
+        "#SBATCH --nodes=3",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=1-00:00:00",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=p1",
+        "#SBATCH --job-name=run.1",
+        "#SBATCH --signal=B:USR2@180",
+        "scontrol requeue",
+    ):
+        assert line in script, line
+    assert "hpcllm train --out" in script and "--tp 2" in script
+    launcher = {
+        "gpu": "srun --mpi=pmix",
+        "gpu-mpirun": "mpirun --map-by ppr:4:node",
+        "cpu": "srun --mpi=pmix",
+    }
+    assert launcher[template] in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+def test_array_template_gives_each_task_its_override():
+    script = render(JobSpec(template="array", array=["train.lr=1e-3", "train.lr=3e-3"]))
+    assert "#SBATCH --array=0-1" in script
+    assert "OVERRIDES=(train.lr=1e-3 train.lr=3e-3)" in script
+    with pytest.raises(UsageError, match="needs --array"):
+        render(JobSpec(template="array"))
+
+
+def test_submit_without_sbatch_says_how_to_fix(tmp_path):
+    env = launch_env() | {"PATH": "/usr/bin/nonexistent"}
+    proc = run_hpcllm(["slurm", "submit", "--out", tmp_path], env=env)
+    assert proc.returncode == 2
+    assert "sbatch is not on PATH" in proc.stderr and "hpcllm slurm render" in proc.stderr
+
+
+# ---- preemption: signal → checkpoint → exit 75 → resume → same result ---------------------
+
+LONG = [*TINY, *sets("train.eval_every=0", "train.ckpt_every=0")]
+
+
+def _ranks_of(proc):
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "python" in p.name()]
+
+
+def test_signalled_job_checkpoints_resumes_and_ends_like_an_uninterrupted_one(data_dir, tmp_path):
+    steps = 300
+    reference = run_hpcllm(
+        ["train", "--data", data_dir, "--out", tmp_path / "plain", *LONG, "--steps", steps], ranks=2
+    )
+    assert reference.returncode == 0, reference.stderr
+
+    run = tmp_path / "preempted"
+    command = launch_command(2, "mpirun") + [
+        sys.executable,
+        "-m",
+        "hpcllm.cli",
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        *LONG,
+        "--steps",
+        str(steps),
+    ]
+    job = subprocess.Popen(
+        command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+        assert job.poll() is None and time.monotonic() < deadline, (
+            "training ended before it could be signalled"
+        )
+        time.sleep(0.05)
+    for rank in _ranks_of(job):
+        rank.send_signal(signal.SIGUSR2)  # as the Slurm templates forward it
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == EXIT_PREEMPTED, stderr
+    assert "stopping after step" in stderr and "checkpoint written" in stderr
+    stopped_at = int((run / "checkpoints" / "latest").read_text().split("-")[1])
+    assert stopped_at < steps
+
+    resumed = run_hpcllm(["train", "--out", run, "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def final(path):
+        return json.loads((path / "metrics.jsonl").read_text().splitlines()[-1])
+
+    assert final(run)["step"] == final(tmp_path / "plain")["step"] == steps
+    assert final(run)["loss"] == final(tmp_path / "plain")["loss"]  # bitwise: same layout, CPU
