@@ -122,10 +122,14 @@ def _slurm(args: argparse.Namespace) -> int:
         print(slurm.render(spec), end="")
         return 0
     job, path = slurm.submit(spec)
-    print(
-        f"submitted job {job} ({path}); Slurm log {spec.out}/slurm-{spec.job_name}-{job}.out, "
-        f"run directory {spec.out}/job-{job}/ (metrics.jsonl, logs/rank-N.log)"
-    )
+    if spec.template == "array":
+        where = (
+            f"Slurm logs {spec.out}/slurm-{spec.job_name}-<task job id>.out, "
+            f"run directories {spec.out}/job-{job}-<index>/"
+        )
+    else:
+        where = f"Slurm log {spec.out}/slurm-{spec.job_name}-{job}.out, run directory {spec.out}/job-{job}/"
+    print(f"submitted job {job} ({path}); {where} (metrics.jsonl, logs/rank-N.log)")
     return 0
 
 

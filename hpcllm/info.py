@@ -124,6 +124,14 @@ def slurm_lines() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         version = "installed, version unknown"
     job = os.environ.get("SLURM_JOB_ID")
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    if job and nodelist:
+        from hpcllm.slurm import expand_hostlist
+
+        hosts = expand_hostlist(nodelist)
+        return [
+            f"Slurm: {version}; inside job {job} on {nodelist} ({len(hosts)} node(s): {', '.join(hosts[:8])})"
+        ]
     where = (
         f"inside job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}"
         if job

@@ -187,3 +187,132 @@ def test_signalled_job_checkpoints_resumes_and_ends_like_an_uninterrupted_one(da
 
     assert final(run)["step"] == final(tmp_path / "plain")["step"] == steps
     assert final(run)["loss"] == final(tmp_path / "plain")["loss"]  # bitwise: same layout, CPU
+
+
+# ---- on a real (one-node, loopback) Slurm cluster -----------------------------------------
+
+
+def _submit_env(cluster):
+    import os
+    import sys
+    from pathlib import Path
+
+    venv_bin = str(Path(sys.executable).parent)
+    return launch_env(cluster.env) | {"PATH": f"{venv_bin}:{os.environ['PATH']}"}
+
+
+def _submit(cluster, out, *train_args, job_name="tiny"):
+    proc = run_hpcllm(
+        [
+            "slurm",
+            "submit",
+            "--template",
+            "cpu",
+            "--nodes",
+            1,
+            "--ntasks-per-node",
+            2,
+            "--gpus-per-node",
+            0,
+            "--cpus-per-task",
+            1,
+            "--time",
+            "30",
+            "--out",
+            out,
+            "--job-name",
+            job_name,
+            "--",
+            *train_args,
+        ],
+        env=_submit_env(cluster),
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[2]
+    assert job.isdigit(), proc.stdout
+    return job, proc.stdout
+
+
+def test_submitted_training_runs_to_completion_where_submit_said(slurm_cluster, data_dir, tmp_path):
+    job, said = _submit(slurm_cluster, tmp_path, "--data", data_dir, *TINY, "--steps", 10)
+    state = slurm_cluster.wait_job(job)
+    slurm_log = tmp_path / f"slurm-tiny-{job}.out"
+    assert state == "COMPLETED", slurm_log.read_text() if slurm_log.exists() else state
+    run = tmp_path / f"job-{job}"
+    assert str(slurm_log) in said and f"{run}/" in said
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 10
+    assert (run / "logs" / "rank-0.log").exists() and (run / "logs" / "rank-1.log").exists()
+    assert "launcher srun (Slurm)" in (run / "logs" / "rank-1.log").read_text()
+
+
+def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(slurm_cluster, data_dir, tmp_path):
+    steps = 300
+    plain = run_hpcllm(
+        ["train", "--data", data_dir, "--out", tmp_path / "plain", *LONG, "--steps", steps], ranks=2
+    )
+    assert plain.returncode == 0, plain.stderr
+
+    job, _ = _submit(slurm_cluster, tmp_path, "--data", data_dir, *LONG, "--steps", steps, job_name="preempt")
+    run = tmp_path / f"job-{job}"
+    deadline = time.monotonic() + 180
+    while not (
+        (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 20
+    ):
+        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline
+        time.sleep(0.1)
+    # What Slurm does before a time limit or on preemption with --signal=B:USR2@N.
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=slurm_cluster.env, check=True)
+    # The ranks checkpoint and exit 75, the script requeues: the job is pending again.
+    slurm_cluster.wait_job(job, states=("PENDING",), timeout=120)
+    log = (tmp_path / f"slurm-preempt-{job}.out").read_text()
+    assert "requeueing job" in log, log
+    # A requeued job waits for its begin time; release it now.
+    slurm_cluster.release(job)
+    assert slurm_cluster.wait_job(job, timeout=240) == "COMPLETED"
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    reference = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == reference["step"] == steps
+    assert final["loss"] == reference["loss"]
+    assert "resumed from" in (run / "logs" / "rank-0.log").read_text()
+
+
+def test_job_array_runs_one_task_per_override(slurm_cluster, data_dir, tmp_path):
+    proc = run_hpcllm(
+        [
+            "slurm",
+            "submit",
+            "--template",
+            "array",
+            "--array",
+            "train.lr=0.001",
+            "--array",
+            "train.lr=0.002",
+            "--nodes",
+            1,
+            "--ntasks-per-node",
+            1,
+            "--gpus-per-node",
+            0,
+            "--cpus-per-task",
+            1,
+            "--time",
+            "30",
+            "--out",
+            tmp_path,
+            "--job-name",
+            "sweep",
+            "--",
+            "--data",
+            data_dir,
+            *TINY,
+            "--steps",
+            3,
+        ],
+        env=_submit_env(slurm_cluster),
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[2]
+    for task, lr in ((0, 0.001), (1, 0.002)):
+        assert slurm_cluster.wait_job(f"{job}_{task}") == "COMPLETED"
+        config = (tmp_path / f"job-{job}-{task}" / "config.yaml").read_text()
+        assert f"lr: {lr}" in config

@@ -308,3 +308,24 @@ def grid(request: pytest.FixtureRequest, runtime: Any) -> Iterator[Any]:
     )
     yield built
     built.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Any]:
+    """A real one-node Slurm cluster on loopback (munged, slurmctld, slurmd), for the session.
+
+    Needs root and Debian's slurm-wlm and munge; skips, saying why, where they are missing.
+    Run client commands with `env=slurm_cluster.env` (it sets SLURM_CONF).
+    """
+    from hpcllm.testing.slurm_cluster import LocalSlurmCluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(
+            f"SLURM CLUSTER NOT STARTED: {', '.join(missing)} not installed (`make setup` installs them)"
+        )
+    if os.geteuid() != 0:
+        pytest.skip("SLURM CLUSTER NOT STARTED: the local cluster runs slurmd as root")
+    cluster = LocalSlurmCluster().start()
+    yield cluster
+    cluster.stop()
