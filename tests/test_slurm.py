@@ -243,6 +243,9 @@ def test_submitted_training_runs_to_completion_where_submit_said(slurm_cluster, 
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 10
     assert (run / "logs" / "rank-0.log").exists() and (run / "logs" / "rank-1.log").exists()
     assert "launcher srun (Slurm)" in (run / "logs" / "rank-1.log").read_text()
+    status = run_hpcllm(["slurm", "status", job, "--out", tmp_path], env=_submit_env(slurm_cluster))
+    assert status.returncode == 0, status.stderr
+    assert f"job {job}:" in status.stdout and "latest metrics: step 10" in status.stdout
 
 
 def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(slurm_cluster, data_dir, tmp_path):
