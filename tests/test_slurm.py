@@ -269,8 +269,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(slurm_
     slurm_cluster.wait_job(job, states=("PENDING",), timeout=120)
     log = (tmp_path / f"slurm-preempt-{job}.out").read_text()
     assert "requeueing job" in log, log
-    # A requeued job waits for its begin time; release it now.
-    slurm_cluster.release(job)
+    # A requeued job starts again by itself once its begin time (cred_expire + 1 s) has come.
     assert slurm_cluster.wait_job(job, timeout=240) == "COMPLETED"
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     reference = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[-1])

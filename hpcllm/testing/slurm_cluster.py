@@ -1,7 +1,10 @@
 """A real one-node Slurm cluster on loopback, for tests: munged, slurmctld and slurmd from the
 distribution's packages, configured in a temporary directory, started and stopped by the fixture.
 
-Works as root without cgroups (proctrack/linuxproc, task/none). Every client command must see
+Works as root without cgroups (proctrack/linuxproc, task/none). Credentials expire after 10 s
+(`cred_expire`, default 120), which is also how long a requeued job waits before it starts again:
+starting it earlier by hand races with slurmd revoking the previous run's credential.
+Every client command must see
 `SLURM_CONF` (without it Slurm looks its configuration up in DNS and fails): use `cluster.env`.
 """
 
@@ -54,7 +57,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r}/munge/munge.socket
+AuthInfo=socket={r}/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
@@ -145,14 +148,6 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                 raise TimeoutError(f"job {job} still {state} after {timeout:.0f} s")
             time.sleep(0.5)
         return state
-
-    def release(self, job: str, timeout: float = 60.0) -> None:
-        """Start a requeued job now instead of at its begin time. slurmd refuses a job whose
-        credential was revoked in the same second (the previous run's), so wait for the node to be
-        idle and for the clock to move on first."""
-        self._wait_for(self._node_idle, timeout, f"the node to be idle before releasing job {job}")
-        time.sleep(2.0)
-        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], env=self.env, check=True)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
