@@ -125,7 +125,6 @@ def test_partitioned_gpt_matches_the_full_model_gradient_by_gradient(comm):
     from hpcllm.model.gpt import GPT, GPTShape
     from hpcllm.model.parallel import partition_gpt, partition_kind, unshard
 
-    rank = comm.Get_rank()
     shape = GPTShape(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16)
     torch.manual_seed(3)
     full = GPT(shape)
@@ -145,7 +144,6 @@ def test_partitioned_gpt_matches_the_full_model_gradient_by_gradient(comm):
         assert torch.allclose(rebuilt, p.grad, atol=1e-5), name
         if kind == "replicated":  # LayerNorms and friends stay identical on every TP rank
             assert all(torch.equal(s, slices[0]) for s in slices), name
-    assert rank in (0, 1)
 
 
 def test_train_tp2_tp4_and_dp2xtp2_match_tp1(data_dir, tmp_path):
