@@ -201,30 +201,22 @@ def _submit_env(cluster):
     return launch_env(cluster.env) | {"PATH": f"{venv_bin}:{os.environ['PATH']}"}
 
 
-def _submit(cluster, out, *train_args, job_name="tiny"):
+def _submit(cluster, out, *train_args, job_name="tiny", ntasks=2, slurm_flags=("--template", "cpu")):
+    """`hpcllm slurm submit` of a small CPU job on the local cluster; returns (job id, what it said)."""
+    flags = [
+        "--nodes",
+        1,
+        "--ntasks-per-node",
+        ntasks,
+        "--gpus-per-node",
+        0,
+        "--cpus-per-task",
+        1,
+        "--time",
+        "30",
+    ]
     proc = run_hpcllm(
-        [
-            "slurm",
-            "submit",
-            "--template",
-            "cpu",
-            "--nodes",
-            1,
-            "--ntasks-per-node",
-            2,
-            "--gpus-per-node",
-            0,
-            "--cpus-per-task",
-            1,
-            "--time",
-            "30",
-            "--out",
-            out,
-            "--job-name",
-            job_name,
-            "--",
-            *train_args,
-        ],
+        ["slurm", "submit", *slurm_flags, *flags, "--out", out, "--job-name", job_name, "--", *train_args],
         env=_submit_env(cluster),
     )
     assert proc.returncode == 0, proc.stderr
@@ -279,41 +271,19 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(slurm_
 
 
 def test_job_array_runs_one_task_per_override(slurm_cluster, data_dir, tmp_path):
-    proc = run_hpcllm(
-        [
-            "slurm",
-            "submit",
-            "--template",
-            "array",
-            "--array",
-            "train.lr=0.001",
-            "--array",
-            "train.lr=0.002",
-            "--nodes",
-            1,
-            "--ntasks-per-node",
-            1,
-            "--gpus-per-node",
-            0,
-            "--cpus-per-task",
-            1,
-            "--time",
-            "30",
-            "--out",
-            tmp_path,
-            "--job-name",
-            "sweep",
-            "--",
-            "--data",
-            data_dir,
-            *TINY,
-            "--steps",
-            3,
-        ],
-        env=_submit_env(slurm_cluster),
+    array = ("--template", "array", "--array", "train.lr=0.001", "--array", "train.lr=0.002")
+    job, _ = _submit(
+        slurm_cluster,
+        tmp_path,
+        "--data",
+        data_dir,
+        *TINY,
+        "--steps",
+        3,
+        job_name="sweep",
+        ntasks=1,
+        slurm_flags=array,
     )
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.split()[2]
     for task, lr in ((0, 0.001), (1, 0.002)):
         assert slurm_cluster.wait_job(f"{job}_{task}") == "COMPLETED"
         config = (tmp_path / f"job-{job}-{task}" / "config.yaml").read_text()
