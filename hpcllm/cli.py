@@ -196,7 +196,10 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 
     from hpcllm.bench import pipeline
 
-    results = pipeline.run(_int_list(args.pp, "--pp"), _int_list(args.micro, "--micro"), args.steps or 3)
+    steps = 3 if args.steps is None else args.steps
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, not {steps}")
+    results = pipeline.run(_int_list(args.pp, "--pp"), _int_list(args.micro, "--micro"), steps)
     print(json.dumps(results, indent=1) if args.json else pipeline.render(results))
     if args.plot:
         pipeline.plot(results, Path(args.plot))
@@ -214,6 +217,12 @@ def _bench(args: argparse.Namespace) -> int:
     from hpcllm.bench import train as bench_train
     from hpcllm.train import default_data_dir
 
+    steps = 60 if args.steps is None else args.steps
+    if steps < 30 or args.repeat < 1:
+        raise UsageError(
+            "bench train needs --steps >= 30 (throughput is read per 10 steps after warm-up), --repeat >= 1"
+        )
+
     data = Path(args.data) if args.data else default_data_dir()
     if not (data / "manifest.json").exists():
         if args.data:
@@ -225,7 +234,7 @@ def _bench(args: argparse.Namespace) -> int:
         rt = runtime.init()
         prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
     sets = [item for value in args.set for item in ("--set", value)]
-    result = bench_train.run(data, args.steps or 60, sets, args.repeat)
+    result = bench_train.run(data, steps, sets, args.repeat)
     print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
     return 0
 

@@ -183,11 +183,25 @@ def validate(config: Config) -> None:
         ("train.global_batch", t.global_batch),
         ("train.micro_batch", t.micro_batch),
         ("train.keep", t.keep),
+        ("train.log_every", t.log_every),
+        ("train.eval_steps", t.eval_steps),
         ("parallel.tp", config.parallel.tp),
         ("parallel.pp", config.parallel.pp),
     ):
         if value < 1:
             raise UsageError(f"{key} must be at least 1, not {value}")
+    for key, value in (
+        ("train.eval_every", t.eval_every),
+        ("train.ckpt_every", t.ckpt_every),
+        ("train.warmup", t.warmup),
+        ("train.weight_decay", t.weight_decay),
+        ("train.grad_clip", t.grad_clip),
+        ("train.min_lr", t.min_lr),
+    ):
+        if value < 0:
+            raise UsageError(f"{key} must be 0 or more, not {value} (0 turns it off)")
+    if t.lr <= 0:
+        raise UsageError(f"train.lr must be positive, not {t.lr}")
     if not 0 <= m.dropout < 1:
         raise UsageError(f"model.dropout must be in [0, 1), not {m.dropout}")
     if t.dtype not in ("float32", "bfloat16"):

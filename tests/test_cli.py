@@ -65,3 +65,14 @@ def test_info_exits_1_with_the_fix_when_horovod_lacks_pytorch(tmp_path):
     assert proc.returncode == 1
     assert "Extension horovod.torch has not been built" in proc.stdout
     assert "hpcllm info: horovod.torch missing" in proc.stderr and "make setup" in proc.stderr
+
+
+def test_benchmarks_refuse_settings_that_measure_nothing():
+    for args, needle in (
+        (["bench", "train", "--steps", "5"], "--steps >= 30"),
+        (["bench", "train", "--repeat", "0"], "--repeat >= 1"),
+        (["bench", "pipeline", "--steps", "0"], "--steps must be at least 1"),
+        (["bench", "pipeline", "--pp", "x"], "--pp takes comma-separated integers"),
+    ):
+        proc = run(args)
+        assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)

@@ -190,3 +190,17 @@ def test_fp16_allreduce_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_path
     assert a != b, "compression and autocast must actually change the arithmetic"
     for step in a:
         assert abs(a[step] - b[step]) <= 0.05 * a[step], step
+
+
+@pytest.mark.parametrize(
+    "assignment,message",
+    [
+        ("train.eval_steps=0", "train.eval_steps must be at least 1"),
+        ("train.log_every=0", "train.log_every must be at least 1"),
+        ("train.lr=-1", "train.lr must be positive"),
+        ("train.warmup=-5", "train.warmup must be 0 or more"),
+    ],
+)
+def test_out_of_range_training_settings(data_dir, tmp_path, assignment, message):
+    assert_usage_error(train(data_dir, tmp_path / "r", "--set", assignment), message)
+    assert not (tmp_path / "r").exists()

@@ -89,28 +89,27 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if in_rank() or item.get_closest_marker("mpi") is None:
         return None
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    job: JobResult | None = None
     try:
         args = _marker_args(item)
-    except ValueError as exc:
-        job = JobResult(0, None, False, 0.0, {}, {}, output="")
-        for report in _reports(item, job, Path("."), _teardown_outer(item, nextitem), error=str(exc)):
-            item.ihook.pytest_runtest_logreport(report=report)
-        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-        return True
-    results_dir = Path(tempfile.mkdtemp(prefix="hpcllm-mpi-"))
-    job = run_in_ranks(
-        _rank_pytest_args(item),
-        ranks=int(args["ranks"]),
-        timeout=float(args["timeout"]),
-        startup_timeout=float(item.config.getini("mpi_startup_timeout")),
-        cwd=item.config.rootpath,
-        results_dir=results_dir,
-    )
-    for report in _reports(item, job, results_dir, _teardown_outer(item, nextitem)):
+    except ValueError as exc:  # a bad marker fails this test, not the session
+        outcome, text = "failed", str(exc)
+    else:
+        results_dir = Path(tempfile.mkdtemp(prefix="hpcllm-mpi-"))
+        job = run_in_ranks(
+            _rank_pytest_args(item),
+            ranks=int(args["ranks"]),
+            timeout=float(args["timeout"]),
+            startup_timeout=float(item.config.getini("mpi_startup_timeout")),
+            cwd=item.config.rootpath,
+            results_dir=results_dir,
+        )
+        outcome, text = _verdict(job, results_dir)
+        if outcome != "failed":
+            shutil.rmtree(results_dir, ignore_errors=True)
+    for report in _reports(item, outcome, text, job, _teardown_outer(item, nextitem)):
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-    if not job.failed_ranks and not job.timed_out and not job.missing_ranks:
-        shutil.rmtree(results_dir, ignore_errors=True)
     return True
 
 
@@ -181,12 +180,14 @@ def _verdict(job: JobResult, ranks_dir: Path) -> tuple[str, str]:
 
 
 def _reports(
-    item: pytest.Item, job: JobResult, results_dir: Path, teardown_error: str, error: str = ""
+    item: pytest.Item, outcome: str, text: str, job: JobResult | None, teardown_error: str
 ) -> list[TestReport]:
-    outcome, text = ("failed", error) if error else _verdict(job, results_dir)
+    """setup/call/teardown reports of the whole job; the call carries the captured output of the
+    failing ranks (or rank 0's)."""
     sections: list[tuple[str, str]] = []
-    for rank in job.failed_ranks or ([0] if 0 in job.results else []):
-        sections += [(f"{title} (rank {rank})", body) for title, body in job.results[rank].sections]
+    if job is not None:
+        for rank in job.failed_ranks or ([0] if 0 in job.results else []):
+            sections += [(f"{title} (rank {rank})", body) for title, body in job.results[rank].sections]
 
     def report(when: str, outcome: str, longrepr: Any = None, duration: float = 0.0) -> TestReport:
         return TestReport(
@@ -208,7 +209,7 @@ def _reports(
         ]
     return [
         report("setup", "passed"),
-        report("call", outcome, text or None, job.duration),
+        report("call", outcome, text or None, job.duration if job is not None else 0.0),
         report("teardown", "failed", teardown_error) if teardown_error else report("teardown", "passed"),
     ]
 
