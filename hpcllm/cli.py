@@ -206,6 +206,19 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sweep(text: str, sets: list[str]) -> tuple[str, list[str]]:
+    """`KEY=V1,V2,...`, each value checked now (a bad one would fail minutes into the benchmark)."""
+    from hpcllm import config
+
+    key, _, values = text.partition("=")
+    choices = [v for v in values.split(",") if v]
+    if not key or not choices:
+        raise UsageError(f"--sweep expects KEY=VALUE1,VALUE2,..., got {text!r}")
+    for value in choices:
+        config.load(assignments=[*sets, f"{key}={value}"])
+    return key, choices
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -223,6 +236,13 @@ def _bench(args: argparse.Namespace) -> int:
             "bench train needs --steps >= 30 (throughput is read per 10 steps after warm-up), --repeat >= 1"
         )
 
+    keys = tuple(k for k in args.variants.split(",") if k)
+    unknown = [k for k in keys if k not in bench_train.VARIANTS]
+    if unknown:
+        raise UsageError(
+            f"--variants: unknown {','.join(unknown)}; choose among {','.join(bench_train.VARIANTS)}"
+        )
+    sweeps = [_parse_sweep(text, args.set) for text in args.sweep]
     data = Path(args.data) if args.data else default_data_dir()
     if not (data / "manifest.json").exists():
         if args.data:
@@ -234,7 +254,8 @@ def _bench(args: argparse.Namespace) -> int:
         rt = runtime.init()
         prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
     sets = [item for value in args.set for item in ("--set", value)]
-    result = bench_train.run(data, steps, sets, args.repeat)
+    timeline = Path(args.timeline) if args.timeline else None
+    result = bench_train.run(data, steps, sets, args.repeat, keys, sweeps, timeline)
     print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
     return 0
 
@@ -305,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
+    tr.add_argument(
+        "--timeline", metavar="FILE", help="write Horovod's timeline here (horovod.timeline; dp > 1)"
+    )
     tr.set_defaults(func=_train)
 
     gen = commands.add_parser(
@@ -326,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="benchmarks: train (hpcllm vs plain PyTorch and DDP); allreduce and pipeline later",
+        help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline",
         description="hpcllm bench train runs, in one invocation, hpcllm at world size 1, a plain PyTorch "
         "loop, hpcllm dp=2 under mpirun and torch DDP (gloo) with 2 ranks on the same model and batch, "
         "and prints tokens/s, MFU and the ratios.",
@@ -341,9 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeat)"
     )
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--variants", default="a,a1,b,c,d", help="train: which of a,a1,b,c,d to run (all)")
+    bench.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="train: add a dp=2 variant per value of a config key, e.g. horovod.cycle_time_ms=1,5 (repeat)",
+    )
+    bench.add_argument(
+        "--timeline", metavar="FILE", help="train: record Horovod's timeline of one extra dp=2 run here"
+    )
     bench.add_argument("--engines", default="horovod,mpi4py,torch.distributed", help="allreduce engines")
     bench.add_argument("--min-bytes", type=int, default=8, help="allreduce: smallest message (8)")
-    bench.add_argument("--max-bytes", type=int, default=64 << 20, help="allreduce: largest message (64 MiB)")
+    bench.add_argument(
+        "--max-bytes", type=int, default=256 << 20, help="allreduce: largest message (256 MiB)"
+    )
     bench.add_argument("--factor", type=int, default=4, help="allreduce: size step factor (4)")
     bench.add_argument("--plot", help="allreduce, pipeline: write a plot PNG here")
     bench.add_argument("--pp", default="2,4", help="pipeline: stage counts (2,4)")

@@ -1,6 +1,6 @@
 """Run configuration: defaults ← model preset ← YAML file ← `--set key=value` ← flags.
 
-Keys are `section.name` (model, train, parallel, data). An unknown key is bad input, answered with
+Keys are `section.name` (model, train, parallel, horovod, data). An unknown key is bad input, answered with
 the nearest valid key. Values given on the command line are parsed as YAML scalars (`3e-4`, `true`).
 """
 
@@ -62,7 +62,17 @@ class ParallelConfig:
     pp: int = 1
     schedule: str = "1f1b"
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
-    fp16_allreduce: bool = False
+
+
+@dataclass
+class HorovodConfig:
+    """Horovod's data-parallel gradient allreduce (docs/benchmarks.md measures each knob)."""
+
+    fusion_threshold_mb: float = 128.0  # fusion buffer; 0 turns tensor fusion off (Horovod default 128)
+    cycle_time_ms: float = 1.0  # how often the background thread batches ready tensors (default 1)
+    fp16_compression: bool = False  # send gradients as fp16: half the bytes, rounding error
+    backward_passes_per_step: int = 0  # micro-batches per allreduce; 0 = all of a step (one allreduce)
+    timeline: str = ""  # write Horovod's timeline (chrome://tracing JSON) to this file, from rank 0
 
 
 @dataclass
@@ -75,6 +85,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,9 +208,13 @@ def validate(config: Config) -> None:
         ("train.weight_decay", t.weight_decay),
         ("train.grad_clip", t.grad_clip),
         ("train.min_lr", t.min_lr),
+        ("horovod.fusion_threshold_mb", config.horovod.fusion_threshold_mb),
+        ("horovod.backward_passes_per_step", config.horovod.backward_passes_per_step),
     ):
         if value < 0:
             raise UsageError(f"{key} must be 0 or more, not {value} (0 turns it off)")
+    if config.horovod.cycle_time_ms <= 0:
+        raise UsageError(f"horovod.cycle_time_ms must be positive, not {config.horovod.cycle_time_ms}")
     if t.lr <= 0:
         raise UsageError(f"train.lr must be positive, not {t.lr}")
     if not 0 <= m.dropout < 1:
@@ -218,4 +233,11 @@ def check_batch_layout(config: Config, dp: int) -> int:
             f"train.global_batch {t.global_batch} is not divisible by dp × train.micro_batch = "
             f"{dp} × {t.micro_batch} = {dp * t.micro_batch}; change one of them"
         )
-    return t.global_batch // (dp * t.micro_batch)
+    micro = t.global_batch // (dp * t.micro_batch)
+    every = config.horovod.backward_passes_per_step
+    if every and micro % every:
+        raise UsageError(
+            f"horovod.backward_passes_per_step {every} does not divide the {micro} micro-batches per rank "
+            "per step; choose a divisor of it, or 0 for one allreduce per step"
+        )
+    return micro

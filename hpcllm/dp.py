@@ -2,7 +2,8 @@
 
 Gradients are averaged by Horovod's ring-allreduce (tensor fusion, optional fp16 compression) over
 the DP process set of the grid, after `backward_passes_per_step` micro-batches have accumulated;
-initial parameters and optimizer state are broadcast from the group's first rank. Scalars (losses
+initial parameters and optimizer state are broadcast from the group's first rank. Fusion
+threshold, cycle time and the timeline come from the config's `horovod` section. Scalars (losses
 for the log) are averaged over the DP communicator with mpi4py. With dp = 1 nothing is
 communicated and Horovod is never started.
 """
@@ -11,11 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hpcllm.config import HorovodConfig
 from hpcllm.grid import Grid
+
+
+def horovod_environment(settings: HorovodConfig) -> dict[str, str]:
+    """The environment Horovod reads its knobs from when it starts."""
+    env = {
+        "HOROVOD_FUSION_THRESHOLD": str(int(settings.fusion_threshold_mb * 1024 * 1024)),
+        "HOROVOD_CYCLE_TIME": f"{settings.cycle_time_ms:g}",
+    }
+    if settings.timeline:
+        env["HOROVOD_TIMELINE"] = str(Path(settings.timeline).resolve())
+    return env
 
 
 class DataParallel:
@@ -25,16 +39,22 @@ class DataParallel:
         self.hvd = horovod if self.size > 1 else None
 
     def wrap_optimizer(
-        self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, micro_batches: int, fp16: bool
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        micro_batches: int,
+        settings: HorovodConfig,
     ) -> torch.optim.Optimizer:
+        """Horovod's optimizer: gradients are allreduced after every `backward_passes_per_step`
+        micro-batches (all of a step by default); the trainer waits for each such allreduce."""
         if self.hvd is None:
             return optimizer
         hvd = self.hvd
         return hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),
-            compression=hvd.Compression.fp16 if fp16 else hvd.Compression.none,
-            backward_passes_per_step=micro_batches,
+            compression=hvd.Compression.fp16 if settings.fp16_compression else hvd.Compression.none,
+            backward_passes_per_step=settings.backward_passes_per_step or micro_batches,
             op=hvd.Average,
             process_set=self.grid.dp_process_set,
         )

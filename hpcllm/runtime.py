@@ -61,6 +61,13 @@ class Runtime:
             self._horovod = init_horovod(self.comm)
         return self._horovod
 
+    def configure_horovod(self, env: dict[str, str]) -> None:
+        """Set Horovod's environment knobs; they only count before Horovod starts."""
+        if self._horovod is not None:
+            log.warning("Horovod is already running; ignoring %s", ", ".join(env))
+            return
+        os.environ.update(env)
+
     def describe(self) -> str:
         return (
             f"rank {self.rank}/{self.size} on {self.hostnames[self.rank]} (node {self.node_index}, "

@@ -32,7 +32,7 @@ from hpcllm.config import Config
 from hpcllm.data import prepare as prepare_mod
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import TOKENIZER, Prepared, open_prepared
-from hpcllm.dp import DataParallel
+from hpcllm.dp import DataParallel, horovod_environment
 from hpcllm.errors import UsageError
 from hpcllm.grid import Grid
 from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
@@ -40,6 +40,7 @@ from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
 from hpcllm.model.parallel import check_tp, clip_grad_norm_, partition_gpt
 from hpcllm.pipeline import PipelineStage, keep_stage, parse_stage_layers, plan_stages
 from hpcllm.preemption import EXIT_PREEMPTED, Preempted, StopFlag
+from hpcllm.timing import PhaseTimer, device_sync
 
 log = logging.getLogger("hpcllm.train")
 
@@ -54,6 +55,7 @@ class TrainArgs:
     tp: int | None = None
     pp: int | None = None
     resume: bool = False
+    timeline: str | None = None
 
 
 # ---- configuration and the run directory --------------------------------------------------
@@ -66,6 +68,7 @@ def resolve_config(args: TrainArgs, saved: dict[str, Any] | None) -> Config:
         ("parallel.tp", args.tp),
         ("parallel.pp", args.pp),
         ("data.path", args.data),
+        ("horovod.timeline", args.timeline),
     ):
         if value is not None:
             assignments.append(f"{key}={value}")
@@ -197,6 +200,7 @@ class Trainer:
     full_parameters: int
     pipeline: PipelineStage | None = None
     stop: StopFlag = field(default_factory=StopFlag)
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
 
     def __post_init__(self) -> None:
         t, m = self.config.train, self.config.model
@@ -211,6 +215,7 @@ class Trainer:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
         self.autocast = autocast_for(self.config, self.rt.device)
+        self.timer = PhaseTimer(device_sync(self.rt.device))
 
     def _batches(
         self, sampler: BatchSampler, tokens: Any, step: int
@@ -230,25 +235,40 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad()
-        batches = self._batches(self.sampler, self.train_tokens, step)
+        timer = self.timer
+        with timer.phase("data"):
+            batches = self._batches(self.sampler, self.train_tokens, step)
         if self.pipeline is not None:
-            loss = self.pipeline.train_step(batches).loss
+            with timer.phase("pipeline"):
+                loss = self.pipeline.train_step(batches).loss
         else:
             loss = 0.0
-            for x, y in batches:
-                with self.autocast():
-                    micro_loss = self.model.loss(self.model(x), y)
-                (micro_loss / self.micro_per_step).backward()
-                loss += micro_loss.item() / self.micro_per_step
-        self.dp.synchronize(self.optimizer)
-        if self.pipeline is not None:
-            self.pipeline.sum_tied_gradients()
-        if self.config.train.grad_clip > 0:
-            pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
-            clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm)
-        with self.dp.step_without_sync(self.optimizer):
-            self.optimizer.step()
-        return self.dp.mean(loss)
+            allreduce_every = self.config.horovod.backward_passes_per_step or len(batches)
+            for index, (x, y) in enumerate(batches, start=1):
+                with timer.phase("forward"):
+                    with self.autocast():
+                        micro_loss = self.model.loss(self.model(x), y)
+                    loss += micro_loss.item() / self.micro_per_step
+                with timer.phase("backward"):
+                    (micro_loss / self.micro_per_step).backward()
+                if index % allreduce_every == 0 and index < len(batches):
+                    # Averaging a partial sum is exact: what was averaged before is equal on every
+                    # replica, so mean(averaged + local) = averaged + mean(local).
+                    with timer.phase("allreduce"):
+                        self.dp.synchronize(self.optimizer)
+        with timer.phase("allreduce"):
+            self.dp.synchronize(self.optimizer)
+            if self.pipeline is not None:
+                self.pipeline.sum_tied_gradients()
+            loss = self.dp.mean(loss)
+        with timer.phase("optimizer"):
+            if self.config.train.grad_clip > 0:
+                pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
+                clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm)
+            with self.dp.step_without_sync(self.optimizer):
+                self.optimizer.step()
+        timer.step_done()
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -294,6 +314,7 @@ def run_training(args: TrainArgs) -> Trainer:
         check_resume_compatible(config, saved)
     check_tp(config.model.n_head, config.model.n_embd, config.parallel.tp)
     check_pp(config)
+    rt.configure_horovod(horovod_environment(config.horovod))
     grid = Grid(rt.comm, tp=config.parallel.tp, pp=config.parallel.pp, horovod=lambda: rt.horovod)
     micro_per_step = config_mod.check_batch_layout(config, grid.layout.dp)
     data = ensure_data(config, rt)
@@ -337,7 +358,7 @@ def run_training(args: TrainArgs) -> Trainer:
     )
     optimizer = make_optimizer(model, config)
     dp = DataParallel(grid, rt.horovod if grid.layout.dp > 1 else None)
-    optimizer = dp.wrap_optimizer(optimizer, model, micro_per_step, config.parallel.fp16_allreduce)
+    optimizer = dp.wrap_optimizer(optimizer, model, micro_per_step, config.horovod)
     start_step = 0
     if args.resume:
         ckpt = checkpoint.latest(out)
@@ -415,7 +436,10 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu,
                 "elapsed_s": now - started,
+                "phase_ms": trainer.timer.take_ms_per_step(),
             }
+            # Every rank logs its own breakdown: a straggler shows as the rank with little allreduce wait.
+            log.info("step %d: ms per step %s", done, {k: round(v, 1) for k, v in row["phase_ms"].items()})
             bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}", refresh=False)
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             val_loss = trainer.evaluate() or float("nan")

@@ -171,7 +171,7 @@ def test_resume_with_an_incompatible_model_is_refused(data_dir, tmp_path):
     assert (run / "metrics.jsonl").read_bytes() == before
 
 
-def test_fp16_allreduce_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_path):
+def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_path):
     reference = train(data_dir, tmp_path / "fp32", "--steps", 10, ranks=2)
     assert reference.returncode == 0, reference.stderr
     lossy = train(
@@ -180,7 +180,7 @@ def test_fp16_allreduce_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_path
         "--steps",
         10,
         "--set",
-        "parallel.fp16_allreduce=true",
+        "horovod.fp16_compression=true",
         "--set",
         "train.dtype=bfloat16",
         ranks=2,
@@ -204,3 +204,37 @@ def test_fp16_allreduce_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_path
 def test_out_of_range_training_settings(data_dir, tmp_path, assignment, message):
     assert_usage_error(train(data_dir, tmp_path / "r", "--set", assignment), message)
     assert not (tmp_path / "r").exists()
+
+
+def test_allreduce_every_micro_batch_gives_the_same_losses_and_a_timeline(data_dir, tmp_path):
+    """horovod.backward_passes_per_step=1 allreduces after each of the 2 micro-batches per rank
+    instead of once per step: the same arithmetic up to rounding. --timeline records Horovod."""
+    once = train(data_dir, tmp_path / "once", "--steps", 6, ranks=2)
+    assert once.returncode == 0, once.stderr
+    timeline = tmp_path / "timeline.json"
+    every = train(
+        data_dir,
+        tmp_path / "every",
+        "--steps",
+        6,
+        "--set",
+        "horovod.backward_passes_per_step=1",
+        "--timeline",
+        timeline,
+        ranks=2,
+    )
+    assert every.returncode == 0, every.stderr
+    a, b = losses(tmp_path / "once"), losses(tmp_path / "every")
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+    assert "NEGOTIATE_ALLREDUCE" in timeline.read_text()
+    row = json.loads((tmp_path / "every" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"data", "forward", "backward", "allreduce", "optimizer"} <= row["phase_ms"].keys()
+    assert all(ms >= 0 for ms in row["phase_ms"].values())
+
+
+def test_backward_passes_per_step_must_divide_the_micro_batches(data_dir, tmp_path):
+    proc = train(data_dir, tmp_path / "run", "--set", "horovod.backward_passes_per_step=3", ranks=2)
+    assert proc.returncode == 2, proc.stderr
+    assert "horovod.backward_passes_per_step 3 does not divide the 2 micro-batches" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 """What users would write instead of hpcllm, on the same model, data and batch: a plain PyTorch loop
 (one process) and torch DistributedDataParallel over gloo (under mpirun). Run as a module by
-`hpcllm bench train`; prints one JSON line with the measured tokens/s per logging interval.
+`hpcllm bench train`; prints one JSON line with the measured tokens/s and the per-step phase
+times (same timer as hpcllm's) per logging interval.
 
     python -m hpcllm.bench.baselines plain|ddp --data DIR --steps N [--set key=value ...]
 """
@@ -18,6 +19,7 @@ from hpcllm import config as config_mod
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import open_prepared
 from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+from hpcllm.timing import PhaseTimer
 from hpcllm.train import make_optimizer
 
 LOG_EVERY = 10
@@ -55,25 +57,37 @@ def main() -> None:
     per_rank = t.global_batch // world
     n_micro = per_rank // t.micro_batch
 
-    rates = []
+    rates, phases = [], []
+    timer = PhaseTimer()
     last = time.perf_counter()
     for step in range(args.steps):
         optimizer.zero_grad()
-        batches = micro_batches(tokens, sampler.rank_indices(step, rank, world), m.block_size, t.micro_batch)
+        with timer.phase("data"):
+            indices = sampler.rank_indices(step, rank, world)
+            batches = [
+                (torch.from_numpy(x), torch.from_numpy(y))
+                for x, y in micro_batches(tokens, indices, m.block_size, t.micro_batch)
+            ]
         for i, (x, y) in enumerate(batches):
             sync = args.variant != "ddp" or i == n_micro - 1
             with torch.enable_grad() if sync else trained.no_sync():  # type: ignore[operator]
-                loss = lm_loss(trained(torch.from_numpy(x)), torch.from_numpy(y))
-                (loss / n_micro).backward()
-            loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+                with timer.phase("forward"):
+                    loss = lm_loss(trained(x), y)
+                    loss.item()
+                with timer.phase("backward"):  # DDP's allreduce runs inside the last backward
+                    (loss / n_micro).backward()
+        with timer.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+        timer.step_done()
         if (step + 1) % LOG_EVERY == 0:
             now = time.perf_counter()
             rates.append(LOG_EVERY * t.global_batch * m.block_size / (now - last))
+            phases.append(timer.take_ms_per_step())
             last = now
     if rank == 0:
-        print(json.dumps({"variant": args.variant, "ranks": world, "tokens_per_s": rates}))
+        result = {"variant": args.variant, "ranks": world, "tokens_per_s": rates, "phase_ms": phases}
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

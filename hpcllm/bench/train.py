@@ -9,7 +9,9 @@ Same model, data, global batch and micro-batching for every variant:
     d   torch DistributedDataParallel (gloo), 2 ranks under mpirun
 
 Throughput is taken per logging interval (10 steps) after the first, reported as median and
-min–max; MFU is against the machine's measured fp32 matmul peak (all cores).
+min–max; MFU is against the machine's measured fp32 matmul peak (all cores). Each variant also
+reports where a step's time goes (data, forward, backward, allreduce wait, optimizer: ms per step
+on rank 0), from the same per-step timer `hpcllm train` writes to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,13 @@ QUIET = [
     "--set",
     "train.peak_flops=1",
 ]
+VARIANTS = ("a", "a1", "b", "c", "d")
+RATIOS = [  # (numerator, denominator, its multiplier, label)
+    ("a", "b", 1, "a/b (hpcllm ws1 vs plain loop, target >= 0.97)"),
+    ("c", "d", 1, "c/d (hpcllm dp=2 vs DDP gloo, target >= 1.0)"),
+    ("c", "a1", 2, "c/(2*a1) (dp=2 scaling efficiency per core)"),
+    ("c", "a", 1, "c/a (dp=2 vs ws1 on the same cores)"),
+]
 
 
 @dataclass
@@ -50,11 +59,20 @@ class Variant:
     key: str
     name: str
     ranks: int
-    rates: list[float]
+    sets: list[str] = field(default_factory=list)  # extra --set pairs of a sweep
+    rates: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.rates)
+
+    def phase_medians(self) -> dict[str, float]:
+        names = dict.fromkeys(name for interval in self.phases for name in interval)
+        return {name: statistics.median(p.get(name, 0.0) for p in self.phases) for name in names}
+
+
+Measured = tuple[list[float], list[dict[str, float]]]  # tokens/s and ms per phase, per interval
 
 
 def _free_port() -> int:
@@ -70,9 +88,7 @@ def _run(command: list[str], env: dict[str, str]) -> str:
     return proc.stdout
 
 
-def _hpcllm(
-    data: Path, steps: int, sets: list[str], ranks: int, env: dict[str, str], work: Path
-) -> list[float]:
+def _hpcllm(data: Path, steps: int, sets: list[str], ranks: int, env: dict[str, str], work: Path) -> Measured:
     out = work / f"hpcllm-{ranks}-{len(list(work.iterdir()))}"
     prefix = launch_command(ranks, "mpirun") if ranks > 1 else []
     _run(
@@ -95,15 +111,15 @@ def _hpcllm(
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Rows at steps 1, 10, 20, ...: the first two intervals hold start-up and warm-up.
-    return [r["tokens_per_s"] for r in rows if r["step"] > 10]
+    kept = [r for r in rows if r["step"] > 10]
+    return [r["tokens_per_s"] for r in kept], [r["phase_ms"] for r in kept]
 
 
 def _baseline(
     kind: str, data: Path, steps: int, sets: list[str], ranks: int, env: dict[str, str]
-) -> list[float]:
+) -> Measured:
     prefix = launch_command(ranks, "mpirun") if ranks > 1 else []
     env = env | {"HPCLLM_BENCH_INIT": f"tcp://127.0.0.1:{_free_port()}"}
-    set_args = [a for pair in zip(["--set"] * (len(sets) // 2), sets[1::2], strict=True) for a in pair]
     out = _run(
         prefix
         + [
@@ -115,44 +131,80 @@ def _baseline(
             str(data),
             "--steps",
             str(steps),
-            *set_args,
+            *sets,
         ],
         env,
     )
-    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"][1:]
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["tokens_per_s"][1:], result["phase_ms"][1:]
 
 
-def run(data: Path, steps: int, sets: list[str], repeat: int = 1) -> dict[str, Any]:
+def _variants(keys: list[str], sweeps: list[tuple[str, list[str]]]) -> list[Variant]:
+    known = {
+        "a": Variant("a", "hpcllm, world size 1", 1),
+        "a1": Variant("a1", "hpcllm, world size 1, 1 thread", 1),
+        "b": Variant("b", "plain PyTorch loop", 1),
+        "c": Variant("c", "hpcllm, dp=2 (Horovod)", 2),
+        "d": Variant("d", "torch DDP (gloo), 2 ranks", 2),
+    }
+    variants = [known[key] for key in keys]
+    for key, values in sweeps:
+        for value in values:
+            variants.append(Variant("c", f"hpcllm, dp=2, {key}={value}", 2, ["--set", f"{key}={value}"]))
+    return variants
+
+
+def run(
+    data: Path,
+    steps: int,
+    sets: list[str],
+    repeat: int = 1,
+    keys: tuple[str, ...] = VARIANTS,
+    sweeps: list[tuple[str, list[str]]] | None = None,
+    timeline: Path | None = None,
+) -> dict[str, Any]:
     """Run every variant `repeat` times, interleaved (a, a1, b, c, d, a, ...), so slow drifts of a
-    shared machine fall on all variants alike; intervals of all repeats are pooled."""
+    shared machine fall on all variants alike; intervals of all repeats are pooled. A sweep adds
+    variants of c, one per value of a config key. With `timeline`, one more run of c records
+    Horovod's timeline (apart, so that tracing does not slow the measured runs)."""
     env = launch_env()
     one_thread = env | {"OMP_NUM_THREADS": "1"}
-    variants = [
-        Variant("a", "hpcllm, world size 1", 1, []),
-        Variant("a1", "hpcllm, world size 1, 1 thread", 1, []),
-        Variant("b", "plain PyTorch loop", 1, []),
-        Variant("c", "hpcllm, dp=2 (Horovod)", 2, []),
-        Variant("d", "torch DDP (gloo), 2 ranks", 2, []),
-    ]
+    variants = _variants(list(keys), sweeps or [])
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-") as tmp:
         work = Path(tmp)
-        measure = {
-            "a": lambda: _hpcllm(data, steps, sets, 1, env, work),
-            "a1": lambda: _hpcllm(data, steps, sets, 1, one_thread, work),
-            "b": lambda: _baseline("plain", data, steps, sets, 1, env),
-            "c": lambda: _hpcllm(data, steps, sets, 2, env, work),
-            "d": lambda: _baseline("ddp", data, steps, sets, 2, env),
-        }
+
+        def measure(variant: Variant) -> Measured:
+            extra = sets + variant.sets
+            if variant.key == "a":
+                return _hpcllm(data, steps, extra, 1, env, work)
+            if variant.key == "a1":
+                return _hpcllm(data, steps, extra, 1, one_thread, work)
+            if variant.key == "b":
+                return _baseline("plain", data, steps, extra, 1, env)
+            if variant.key == "c":
+                return _hpcllm(data, steps, extra, 2, env, work)
+            return _baseline("ddp", data, steps, extra, 2, env)
+
         for _ in range(repeat):
             for variant in variants:
-                variant.rates += measure[variant.key]()
+                rates, phases = measure(variant)
+                variant.rates += rates
+                variant.phases += phases
+        if timeline is not None:
+            _hpcllm(data, steps, sets + ["--set", f"horovod.timeline={timeline.resolve()}"], 2, env, work)
     config = config_mod.load(assignments=sets[1::2])
     prepared = open_prepared(data, verify=False)
     m = config.model
     model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd))
     per_token = flops_per_token(model.shape, model.num_parameters())
     peak = measure_matmul_peak(torch.device("cpu"), seconds=1.0)
-    by_key = {v.key: v for v in variants}
+    by_key = {v.key: v for v in variants if not v.sets}
+    one_thread = by_key.get("a1")
+
+    def scaling(v: Variant) -> float | None:
+        """Throughput over (ranks x one single-threaded rank): 1.0 is perfect scaling."""
+        return v.median / (v.ranks * one_thread.median) if one_thread and v.ranks > 1 else None
+
     rows = [
         {
             "name": v.name,
@@ -162,16 +214,16 @@ def run(data: Path, steps: int, sets: list[str], repeat: int = 1) -> dict[str, A
             "min": min(v.rates),
             "max": max(v.rates),
             "mfu": v.median * per_token / peak,
+            "scaling_efficiency": scaling(v),
+            "phase_ms": v.phase_medians(),
             "intervals": len(v.rates),
         }
         for v in variants
     ]
-    ratios = {
-        "a/b (hpcllm ws1 vs plain loop, target >= 0.97)": by_key["a"].median / by_key["b"].median,
-        "c/d (hpcllm dp=2 vs DDP gloo, target >= 1.0)": by_key["c"].median / by_key["d"].median,
-        "c/(2*a1) (dp=2 scaling efficiency per core)": by_key["c"].median / (2 * by_key["a1"].median),
-        "c/a (dp=2 vs ws1 on the same cores)": by_key["c"].median / by_key["a"].median,
-    }
+    ratios = {}
+    for top, bottom, times, label in RATIOS:
+        if top in by_key and bottom in by_key:
+            ratios[label] = by_key[top].median / (times * by_key[bottom].median)
     return {
         "rows": rows,
         "ratios": ratios,
@@ -182,20 +234,35 @@ def run(data: Path, steps: int, sets: list[str], repeat: int = 1) -> dict[str, A
         "repeat": repeat,
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
+        "timeline": str(timeline) if timeline else None,
     }
 
 
 def render(result: dict[str, Any]) -> str:
+    width = max(len(r["key"] + r["name"]) + 1 for r in result["rows"])
     lines = [
         f"model {result['model']}, {result['steps']} steps per variant x {result['repeat']} (interleaved), "
         f"{result['cpus']} CPUs, "
         f"measured matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s",
-        f"{'variant':<34} {'ranks':>5} {'tokens/s (median)':>18} {'min-max':>17} {'MFU':>6}",
+        f"{'variant':<{width}} {'ranks':>5} {'tokens/s (median)':>18} {'min-max':>17} {'MFU':>6} "
+        f"{'scaling':>8}",
     ]
     for r in result["rows"]:
+        scaling = f"{r['scaling_efficiency']:.2f}" if r["scaling_efficiency"] is not None else "-"
         lines.append(
-            f"{r['key'] + ' ' + r['name']:<34} {r['ranks']:>5} {r['tokens_per_s']:>18,.0f} "
-            f"{r['min']:>8,.0f}-{r['max']:<8,.0f} {r['mfu']:>6.1%}"
+            f"{r['key'] + ' ' + r['name']:<{width}} {r['ranks']:>5} {r['tokens_per_s']:>18,.0f} "
+            f"{r['min']:>8,.0f}-{r['max']:<8,.0f} {r['mfu']:>6.1%} {scaling:>8}"
         )
+    lines.append("where a step's time goes (ms per step on rank 0, median over intervals):")
+    phases = list(dict.fromkeys(name for r in result["rows"] for name in r["phase_ms"]))
+    lines.append(f"{'variant':<{width}} " + " ".join(f"{name:>10}" for name in phases) + f" {'total':>10}")
+    for r in result["rows"]:
+        cells = [f"{r['phase_ms'][n]:>10.1f}" if n in r["phase_ms"] else f"{'-':>10}" for n in phases]
+        total = sum(r["phase_ms"].values())
+        lines.append(f"{r['key'] + ' ' + r['name']:<{width}} " + " ".join(cells) + f" {total:>10.1f}")
     lines += [f"{name}: {value:.3f}" for name, value in result["ratios"].items()]
+    if result.get("timeline"):
+        lines.append(
+            f"Horovod timeline of a separate dp=2 run: {result['timeline']} (open in chrome://tracing)"
+        )
     return "\n".join(lines)
