@@ -22,11 +22,13 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -37,6 +39,7 @@ from hpcllm.runtime import root_decides
 FORMAT_VERSION = 1
 LATEST = "latest"
 MANIFEST = "manifest.json"
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib"}
 
 
 def step_name(step: int) -> str:
@@ -111,8 +114,10 @@ def save(
     grid: Grid,
     manifest_extra: dict[str, Any],
     keep: int,
+    after_shard: Callable[[], None] | None = None,
 ) -> Path:
-    """Collective: every rank of the grid calls it. Returns the checkpoint directory."""
+    """Collective: every rank of the grid calls it. Returns the checkpoint directory.
+    `after_shard` runs between this rank's shard write and the checkpoint's completion."""
     root = run_dir / "checkpoints"
     final = root / step_name(step)
 
@@ -136,6 +141,8 @@ def save(
         )
         meta = {"optimizer_groups": groups, "coords": list(grid.coords)}
         written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
+    if after_shard is not None:
+        after_shard()
     gathered = grid.world.gather(written, root=0)
 
     def publish() -> str:
@@ -164,6 +171,15 @@ def _point_latest(root: Path, name: str) -> None:
     _write_durably(tmp, (name + "\n").encode())
     tmp.replace(root / LATEST)
     _fsync(root)
+
+
+def discard_partial(run_dir: Path) -> list[str]:
+    """Delete the staging directories of checkpoint writes that never completed (a killed job)."""
+    root = run_dir / "checkpoints"
+    partial = sorted(root.glob(".tmp-step-*")) if root.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path)
+    return [str(p) for p in partial]
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -208,9 +224,24 @@ def _read_shard(
     checkpoint: Path, manifest: dict[str, Any], pp_rank: int, tp_rank: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     base = shard_name(pp_rank, tp_rank)
-    tensors = load_tensors(_read_verified(checkpoint, f"{base}.safetensors", manifest))
+    path = checkpoint / f"{base}.safetensors"
+    try:  # a manifest can be rewritten along with the shard: the format is checked too
+        tensors = load_tensors(_read_verified(checkpoint, path.name, manifest))
+    except SafetensorError as exc:
+        raise UsageError(f"checkpoint shard {path} is not a safetensors file ({exc}); refusing it") from exc
     meta = json.loads(_read_verified(checkpoint, f"{base}.json", manifest))
     return tensors, meta
+
+
+def refuse_pickles(checkpoint: Path) -> None:
+    """A pickle runs code when it is loaded: hpcllm never opens one, and will not load a checkpoint
+    that carries one, since someone expected it to be loaded."""
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UsageError(
+                f"{path} is a pickle-format file; hpcllm loads tensors only from the safetensors shards "
+                "listed in manifest.json and does not open it. Remove it (or the checkpoint) to go on"
+            )
 
 
 def _param_name(key: str) -> str:
@@ -255,6 +286,7 @@ def load(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, grid: Grid
 ) -> dict[str, Any]:
     """Load this rank's partition (and optimizer state); a checkpoint of another layout is resharded."""
+    refuse_pickles(checkpoint)
     manifest = read_manifest(checkpoint)
     saved = manifest["layout"]
     if (saved["pp"], saved["tp"]) == (grid.layout.pp, grid.layout.tp):

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from hpcllm import watchdog
+
 
 class TensorCollectives:
     """Sum/max allreduce and last-dimension allgather over one group of ranks."""
@@ -40,7 +42,8 @@ class TensorCollectives:
         from mpi4py import MPI
 
         work = tensor if tensor.dtype != torch.bfloat16 else tensor.float()
-        self.comm.Allreduce(MPI.IN_PLACE, work.detach().numpy(), op=MPI.SUM if op == "sum" else MPI.MAX)
+        with watchdog.waiting("tensor-parallel allreduce"):
+            self.comm.Allreduce(MPI.IN_PLACE, work.detach().numpy(), op=MPI.SUM if op == "sum" else MPI.MAX)
         if work is not tensor:
             tensor.copy_(work)
         return tensor
@@ -65,7 +68,8 @@ class TensorCollectives:
         else:
             send = tensor.detach().contiguous()
             gathered = torch.empty((self.size, *send.shape), dtype=send.dtype)
-            self.comm.Allgather(send.numpy(), gathered.numpy())
+            with watchdog.waiting("tensor-parallel allgather"):
+                self.comm.Allgather(send.numpy(), gathered.numpy())
         return torch.cat(list(gathered.unbind(0)), dim=-1)
 
     def my_slice_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ class TrainConfig:
     keep: int = 2
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     peak_flops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start
+    watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
 
 
 @dataclass
@@ -208,6 +209,7 @@ def validate(config: Config) -> None:
         ("train.weight_decay", t.weight_decay),
         ("train.grad_clip", t.grad_clip),
         ("train.min_lr", t.min_lr),
+        ("train.watchdog_s", t.watchdog_s),
         ("horovod.fusion_threshold_mb", config.horovod.fusion_threshold_mb),
         ("horovod.backward_passes_per_step", config.horovod.backward_passes_per_step),
     ):

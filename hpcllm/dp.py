@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hpcllm import watchdog
 from hpcllm.config import HorovodConfig
 from hpcllm.grid import Grid
 
@@ -77,7 +78,8 @@ class DataParallel:
     def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
         """Wait for the gradient allreduce, so gradients can be clipped before the step."""
         if self.hvd is not None:
-            optimizer.synchronize()
+            with watchdog.waiting("gradient allreduce (Horovod)"):
+                optimizer.synchronize()
 
     @contextmanager
     def step_without_sync(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
@@ -88,4 +90,5 @@ class DataParallel:
         """Mean of a scalar over the DP group (every DP rank must call it)."""
         if self.size == 1:
             return value
-        return self.grid.dp_comm.allreduce(value) / self.size
+        with watchdog.waiting("loss allreduce"):
+            return self.grid.dp_comm.allreduce(value) / self.size

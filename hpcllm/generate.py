@@ -53,6 +53,7 @@ def _check(args: GenerateArgs) -> tuple[Path, list[str]]:
     if ckpt is None or not (ckpt / checkpoint.MANIFEST).is_file():
         which = f"checkpoint {args.checkpoint}" if args.checkpoint else "complete checkpoint"
         raise UsageError(f"--run {run} has no {which}; train it first (or name one under checkpoints/)")
+    checkpoint.refuse_pickles(ckpt)
     if args.prompts is not None:
         path = Path(args.prompts)
         if not path.is_file():
@@ -83,7 +84,7 @@ def load_model(run: Path, ckpt: Path, rt: runtime.Runtime) -> tuple[GPT, Any, Co
 def generate(args: GenerateArgs) -> int:
     rt = runtime.init(seed=args.seed)
     ckpt, prompts = runtime.root_decides(rt.comm, lambda: _check(args))
-    model, tokenizer, _ = load_model(Path(args.run), ckpt, rt)
+    model, tokenizer, _ = runtime.every_rank_checks(rt.comm, lambda: load_model(Path(args.run), ckpt, rt))
 
     def complete(index: int) -> str:
         # Seeded per prompt: the text does not depend on which rank ran it.

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from hpcllm.errors import EnvironmentProblem, UsageError
+
 
 class Launcher(str, Enum):
     OPENMPI = "mpirun (OpenMPI)"
@@ -146,11 +148,15 @@ def launch_command(ranks: int, launcher: str | None = None) -> list[str]:
     if choice is None:
         inside_allocation = bool(os.environ.get("SLURM_JOB_ID")) and shutil.which("srun") is not None
         choice = "srun" if inside_allocation else "mpirun"
+    if choice not in ("srun", "mpirun"):
+        raise UsageError(f"unknown launcher {choice!r} (HPCLLM_LAUNCHER): use mpirun or srun")
+    if shutil.which(choice) is None:
+        raise EnvironmentProblem(
+            f"{choice} is not on PATH: install OpenMPI (`make setup` does) or load your site's MPI module"
+        )
     if choice == "srun":
         return ["srun", f"--ntasks={ranks}", "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1"]
-    if choice == "mpirun":
-        return ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
-    raise ValueError(f"unknown launcher {choice!r}: use mpirun or srun")
+    return ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) < 3 or args[0] != "-np" or not args[1].isdigit():
         print("usage: python -m hpcllm.launcher -np N COMMAND [ARGS...]", file=sys.stderr)
         return 2
-    command = launch_command(int(args[1])) + args[2:]
+    try:
+        command = launch_command(int(args[1])) + args[2:]
+    except (UsageError, EnvironmentProblem) as exc:
+        print(f"hpcllm.launcher: {exc}", file=sys.stderr)
+        return exc.exit_code
     os.execvpe(command[0], command, launch_env())
 
 

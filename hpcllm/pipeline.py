@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcllm import watchdog
 from hpcllm.errors import UsageError
 from hpcllm.grid import Grid
 from hpcllm.model.gpt import GPT
@@ -149,7 +150,8 @@ class _Link:
     def recv(self, shape: tuple[int, ...], source: int, tag: int, device: torch.device) -> torch.Tensor:
         buffer = np.empty(shape, dtype=np.float32)
         start = time.perf_counter()
-        self.comm.Irecv(buffer, source=source, tag=tag).Wait()
+        with watchdog.waiting(f"pipeline receive from rank {source}"):
+            self.comm.Irecv(buffer, source=source, tag=tag).Wait()
         self.waited_s += time.perf_counter() - start
         return torch.from_numpy(buffer).to(device)
 
@@ -157,7 +159,8 @@ class _Link:
         from mpi4py import MPI
 
         start = time.perf_counter()
-        MPI.Request.Waitall([request for request, _ in self.pending])
+        with watchdog.waiting("pipeline sends"):
+            MPI.Request.Waitall([request for request, _ in self.pending])
         self.waited_s += time.perf_counter() - start
         self.pending.clear()
 
@@ -284,7 +287,8 @@ class PipelineStage:
         from mpi4py import MPI
 
         buffer = grad.detach().cpu().contiguous()
-        self.tied_comm.Allreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.SUM)
+        with watchdog.waiting("tied-embedding gradient allreduce"):
+            self.tied_comm.Allreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.SUM)
         grad.copy_(buffer)
 
 

@@ -44,4 +44,7 @@ class StopFlag:
         """Collective: the signal any rank received (0 if none)."""
         from mpi4py import MPI
 
-        return int(comm.allreduce(self.signal, op=MPI.MAX))
+        from hpcllm import watchdog
+
+        with watchdog.waiting("stop-signal agreement"):
+            return int(comm.allreduce(self.signal, op=MPI.MAX))

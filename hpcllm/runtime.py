@@ -121,6 +121,21 @@ def root_decides(comm: Any, decide: Callable[[], T]) -> T:
     return outcome[1]
 
 
+def every_rank_checks(comm: Any, action: Callable[[], T]) -> T:
+    """Every rank runs `action` (each on its own files, like its checkpoint shard); if any rank meets
+    bad input, every rank raises the first such rank's UsageError, so none is left in a collective."""
+    error: str | None = None
+    result: Any = None
+    try:
+        result = action()
+    except UsageError as exc:
+        error = str(exc)
+    first = next((e for e in comm.allgather(error) if e is not None), None)
+    if first is not None:
+        raise UsageError(first)
+    return result
+
+
 # ---- device, threads, seeds ---------------------------------------------------------------
 
 
@@ -178,12 +193,13 @@ class _RankFilter(logging.Filter):
 
 
 def setup_logging(rank: int, run_dir: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Rank 0 logs INFO to the console; other ranks only WARNING and up; each rank to logs/rank-N.log."""
+    """Rank 0 logs INFO to the console, other ranks only WARNING and up; each rank logs everything
+    down to DEBUG (per-step timings) to logs/rank-N.log."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    logger.setLevel(level)
+    logger.setLevel(min(level, logging.DEBUG) if run_dir is not None else level)
     logger.propagate = False
     # On the handlers, not the logger: records of child loggers (hpcllm.train) skip logger filters.
     rank_filter = _RankFilter(rank)

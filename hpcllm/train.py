@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from hpcllm import checkpoint, runtime
+from hpcllm import checkpoint, faults, runtime, watchdog
 from hpcllm import config as config_mod
 from hpcllm.comm import TensorCollectives
 from hpcllm.config import Config
@@ -89,10 +89,12 @@ def open_run_dir(args: TrainArgs) -> tuple[Path, dict[str, Any] | None]:
             raise UsageError(
                 f"--resume: {out} holds no run (config.yaml missing); drop --resume to start one"
             )
-        if checkpoint.latest(out) is None:
+        ckpt = checkpoint.latest(out)
+        if ckpt is None:
             raise UsageError(
                 f"--resume: {out} has no complete checkpoint yet; start the run again without --resume"
             )
+        checkpoint.refuse_pickles(ckpt)
         return out, yaml.safe_load(saved_config.read_text())
     if saved_config.exists():
         raise UsageError(
@@ -201,6 +203,7 @@ class Trainer:
     pipeline: PipelineStage | None = None
     stop: StopFlag = field(default_factory=StopFlag)
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    fault: faults.Fault | None = None
 
     def __post_init__(self) -> None:
         t, m = self.config.train, self.config.model
@@ -289,7 +292,14 @@ class Trainer:
     def save(self, step: int) -> Path:
         extra = {"config": self.config.to_dict(), "sampler": {"step": step, "seed": self.config.train.seed}}
         return checkpoint.save(
-            self.run_dir, step, self.model, self.optimizer, self.grid, extra, self.config.train.keep
+            self.run_dir,
+            step,
+            self.model,
+            self.optimizer,
+            self.grid,
+            extra,
+            self.config.train.keep,
+            after_shard=lambda: faults.during_checkpoint(self.fault, self.rt.rank, step),
         )
 
 
@@ -308,6 +318,7 @@ def run_training(args: TrainArgs) -> Trainer:
     """Collective: set up, train to train.steps, return the trainer (model and all) for inspection."""
     rt = runtime.init()
     # Every check comes before the run directory is created: bad input leaves nothing behind.
+    fault = runtime.root_decides(rt.comm, faults.configured)
     out, saved = runtime.root_decides(rt.comm, lambda: open_run_dir(args))
     config = resolve_config(args, saved)
     if saved is not None:
@@ -363,7 +374,11 @@ def run_training(args: TrainArgs) -> Trainer:
     if args.resume:
         ckpt = checkpoint.latest(out)
         assert ckpt is not None  # checked in open_run_dir
-        start_step = checkpoint.load(ckpt, model, optimizer, grid)["step"]
+        for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
+            log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
+        start_step = runtime.every_rank_checks(
+            rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid)
+        )["step"]
         log.info("resumed from %s at step %d", ckpt, start_step)
     dp.broadcast_initial_state(model, optimizer)
     if grid.layout.pp > 1:
@@ -380,10 +395,13 @@ def run_training(args: TrainArgs) -> Trainer:
     trainer = Trainer(
         config, rt, grid, data, out, model, optimizer, dp, micro_per_step, tp_group, full_parameters, pipeline
     )
+    trainer.fault = fault
     trainer.stop.install()
+    watchdog.start(rt.comm, config.train.watchdog_s)
     try:
         _loop(trainer, start_step, resume=args.resume)
     finally:
+        watchdog.stop()
         trainer.stop.uninstall()
     return trainer
 
@@ -421,8 +439,10 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     last_step = start_step
     loss = val_loss = float("nan")
     for step in range(start_step, t.steps):
-        loss = trainer.train_step(step)
         done = step + 1
+        watchdog.set_step(done)
+        faults.before_step(trainer.fault, rt.rank, done)
+        loss = trainer.train_step(step)
         row: dict[str, Any] | None = None
         if done % t.log_every == 0 or done == t.steps or done == start_step + 1:
             now = time.perf_counter()
@@ -439,7 +459,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
                 "phase_ms": trainer.timer.take_ms_per_step(),
             }
             # Every rank logs its own breakdown: a straggler shows as the rank with little allreduce wait.
-            log.info("step %d: ms per step %s", done, {k: round(v, 1) for k, v in row["phase_ms"].items()})
+            log.debug("step %d: ms per step %s", done, {k: round(v, 1) for k, v in row["phase_ms"].items()})
             bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}", refresh=False)
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             val_loss = trainer.evaluate() or float("nan")

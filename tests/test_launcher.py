@@ -1,8 +1,12 @@
 """Launcher detection from the environment alone: every launcher, no MPI needed."""
 
+import subprocess
+import sys
+
 import pytest
 
-from hpcllm.launcher import Launcher, detect, launch_command
+from hpcllm.errors import UsageError
+from hpcllm.launcher import Launcher, detect, launch_command, launch_env
 
 
 def test_no_launcher_is_a_single_process():
@@ -91,5 +95,21 @@ def test_launch_command_choices(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert launch_command(4)[:3] == ["mpirun", "-np", "4"]
     assert launch_command(4, "srun")[:2] == ["srun", "--ntasks=4"]
-    with pytest.raises(ValueError, match="unknown launcher"):
+    with pytest.raises(UsageError, match="unknown launcher"):
         launch_command(2, "aprun")
+
+
+def test_launching_without_mpirun_on_path_says_how_to_fix(tmp_path):
+    env = launch_env() | {"PATH": str(tmp_path)}  # no mpirun, no srun
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcllm.launcher", "-np", "2", "hpcllm", "info"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "hpcllm.launcher: mpirun is not on PATH: install OpenMPI (`make setup` does) "
+        "or load your site's MPI module"
+    )

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcllm import watchdog
 from hpcllm.comm import TensorCollectives, copy_to_region, reduce_from_region
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPT
@@ -258,7 +259,8 @@ def clip_grad_norm_(
     partitioned = group.allreduce_(partitioned.reshape(1)).reshape(())
     total_square = float(partitioned + replicated)
     if pipeline_comm is not None:
-        total_square = pipeline_comm.allreduce(total_square)
+        with watchdog.waiting("gradient-norm allreduce over stages"):
+            total_square = pipeline_comm.allreduce(total_square)
     total = total_square**0.5
     scale = max_norm / (total + 1e-6)
     if scale < 1:

@@ -1,0 +1,80 @@
+"""Fault injection, to check that failures end a job cleanly (tests/test_reliability.py, and users
+who want to see what their cluster's launcher does when a rank dies).
+
+    HPCLLM_FAULT=KIND:rank=R:step=S     e.g. HPCLLM_FAULT=kill:rank=1:step=3
+
+KIND is one of
+    raise       raise an exception on rank R before training step S
+    kill        SIGKILL rank R before step S (what the OOM killer or a dead node looks like)
+    hang        rank R stops before step S without entering the next collective (a stall)
+    checkpoint  SIGKILL rank R in the middle of writing the checkpoint of step S, after its
+                shard's tensors are on disk and before the checkpoint is complete
+
+Unset (the normal case) every hook is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from hpcllm.errors import UsageError
+
+ENV = "HPCLLM_FAULT"
+KINDS = ("raise", "kill", "hang", "checkpoint")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    rank: int
+    step: int
+
+
+def parse(text: str) -> Fault:
+    kind, *fields = text.split(":")
+    try:
+        values = dict(field.split("=", 1) for field in fields)
+        fault = Fault(kind, int(values.pop("rank")), int(values.pop("step")))
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{ENV}={text!r}: expected KIND:rank=R:step=S, e.g. kill:rank=1:step=3") from exc
+    if kind not in KINDS or values:
+        raise UsageError(f"{ENV}={text!r}: KIND is one of {', '.join(KINDS)}, with only rank= and step=")
+    return fault
+
+
+def configured() -> Fault | None:
+    text = os.environ.get(ENV)
+    return parse(text) if text else None
+
+
+def _fire(fault: Fault) -> None:
+    sys.stderr.write(
+        f"[rank {fault.rank}] {ENV}: injecting '{fault.kind}' at step {fault.step} (t={time.time():.3f})\n"
+    )
+    sys.stderr.flush()
+    if fault.kind == "raise":
+        raise InjectedFault(f"fault injected by {ENV} on rank {fault.rank} before step {fault.step}")
+    if fault.kind in ("kill", "checkpoint"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # hang: alive, holding no lock, never arriving at the next collective
+        time.sleep(3600)
+
+
+def before_step(fault: Fault | None, rank: int, step: int) -> None:
+    """Hook at the start of training step `step` (1-based, as logged)."""
+    if fault is not None and fault.kind != "checkpoint" and (fault.rank, fault.step) == (rank, step):
+        _fire(fault)
+
+
+def during_checkpoint(fault: Fault | None, rank: int, step: int) -> None:
+    """Hook inside a checkpoint write, between this rank's shard and the checkpoint's completion."""
+    if fault is not None and fault.kind == "checkpoint" and (fault.rank, fault.step) == (rank, step):
+        _fire(fault)

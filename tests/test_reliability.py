@@ -1,0 +1,252 @@
+"""Faults end a job cleanly, checkpoints survive them, and untrusted files are refused.
+
+Faults are injected into real 2-rank `hpcllm train` jobs under mpirun with HPCLLM_FAULT (see
+hpcllm/faults.py); each job has a timeout, so a fault that hangs the job fails the test instead.
+docs/reliability.md lists each fault with the time to a clean exit measured here.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, train
+
+from hpcllm.launcher import launch_command, launch_env
+from hpcllm.preemption import EXIT_PREEMPTED
+from hpcllm.watchdog import EXIT_STALLED
+
+QUIET = [*TINY, *sets("train.eval_every=0", "train.ckpt_every=0")]
+
+
+def faulty_train(data, out, fault, *extra, steps=8):
+    """A 2-rank training with a fault injected; returns (process, seconds from the fault to the exit)."""
+    proc = run_hpcllm(
+        ["train", "--data", data, "--out", out, *QUIET, "--steps", steps, *extra],
+        ranks=2,
+        timeout=120,
+        env=launch_env() | {"HPCLLM_FAULT": fault},
+    )
+    ended = time.time()
+    injected = re.search(r"HPCLLM_FAULT: injecting .* \(t=([0-9.]+)\)", proc.stderr)
+    assert injected, proc.stderr
+    return proc, ended - float(injected.group(1))
+
+
+def assert_job_refuses(proc, needle):
+    """A job ended by bad input found after start-up: exit 2, one error line (from rank 0) after
+    the log lines, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpcllm train: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def processes_of(run_dir):
+    """Processes still running with `run_dir` on their command line (orphaned ranks)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(run_dir) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_exception_on_rank_1_at_step_3_ends_every_rank_within_10s(data_dir, tmp_path):
+    proc, seconds = faulty_train(data_dir, tmp_path / "run", "raise:rank=1:step=3")
+    assert proc.returncode != 0
+    assert seconds < 10, f"{seconds:.1f} s from the exception to the end of the job"
+    # The failing rank's traceback comes first, before the launcher's account of the abort.
+    report = proc.stderr.index("[rank 1] uncaught exception; aborting the job")
+    assert "InjectedFault: fault injected by HPCLLM_FAULT on rank 1 before step 3" in proc.stderr
+    assert "Traceback" not in proc.stderr[:report]
+    abort = proc.stderr.find("MPI_ABORT")
+    assert abort == -1 or abort > report
+    assert not processes_of(tmp_path / "run")
+
+
+def test_sigkill_of_rank_1_ends_the_job_within_30s_without_orphans(data_dir, tmp_path):
+    proc, seconds = faulty_train(data_dir, tmp_path / "run", "kill:rank=1:step=3")
+    assert proc.returncode != 0
+    assert seconds < 30, f"{seconds:.1f} s from the SIGKILL to the end of the job"
+    assert not processes_of(tmp_path / "run")
+
+
+def test_watchdog_dumps_stacks_and_names_the_rank_that_did_not_arrive(data_dir, tmp_path):
+    run = tmp_path / "run"
+    proc, seconds = faulty_train(data_dir, run, "hang:rank=1:step=3", *sets("train.watchdog_s=2"))
+    assert proc.returncode == EXIT_STALLED, proc.stderr
+    assert "watchdog: rank 0 waited more than 2 s in 'gradient allreduce (Horovod)' at step 3" in proc.stderr
+    assert "did not arrive: rank 1 at step 3, not in a collective" in proc.stderr
+    assert seconds < 30, f"{seconds:.1f} s from the stall to the end of the job"
+    # Both ranks' stacks are in their logs: rank 1's shows where it hangs, rank 0's where it waits.
+    assert "in _fire" in (run / "logs" / "rank-1.log").read_text()
+    assert "in synchronize" in (run / "logs" / "rank-0.log").read_text()
+    assert not processes_of(run)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_sigterm_and_sigint_checkpoint_and_exit_75(data_dir, tmp_path, sig):
+    run = tmp_path / "run"
+    command = launch_command(2, "mpirun") + [
+        sys.executable,
+        "-m",
+        "hpcllm.cli",
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        *QUIET,
+        "--steps",
+        "2000",
+    ]
+    job = subprocess.Popen(
+        command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 5):
+            assert job.poll() is None and time.monotonic() < deadline, "training ended too early"
+            time.sleep(0.05)
+        for rank in psutil.Process(job.pid).children(recursive=True):
+            if "python" in rank.name():
+                rank.send_signal(sig)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == EXIT_PREEMPTED, stderr
+    assert f"on {sig.name}: checkpoint written" in stderr
+    assert (run / "checkpoints" / "latest").read_text().startswith("step-")
+
+
+# ---- checkpoint durability ------------------------------------------------------------------
+
+CKPT = sets("train.ckpt_every=2", "train.eval_every=0")
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
+    reference = train(data_dir, tmp_path / "reference", *CKPT, "--steps", 6, ranks=2)
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "run"
+    # Rank 0 has written its shard of step 4 and dies before the checkpoint is complete.
+    proc = run_hpcllm(
+        ["train", "--data", data_dir, "--out", run, *TINY, *CKPT, "--steps", 6],
+        ranks=2,
+        timeout=120,
+        env=launch_env() | {"HPCLLM_FAULT": "checkpoint:rank=0:step=4"},
+    )
+    assert proc.returncode != 0
+    root = run / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-00000002"
+    partial = list(root.glob(".tmp-step-00000004-*"))
+    assert partial and list(partial[0].glob("*.safetensors")), "the fault must strike mid-write"
+
+    resumed = run_hpcllm(["train", "--out", run, "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "a checkpoint write that was interrupted" in (run / "logs" / "rank-0.log").read_text()
+    assert not list(root.glob(".tmp-*"))
+    assert losses(run)[6] == losses(tmp_path / "reference")[6]  # bitwise: same layout, CPU
+
+
+@pytest.fixture(scope="module")
+def tp2_run(data_dir, tmp_path_factory):
+    """A tp=2 run with two shards per checkpoint."""
+    run = tmp_path_factory.mktemp("tp2") / "run"
+    proc = train(data_dir, run, *CKPT, "--steps", 2, "--tp", 2, ranks=2)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def _copy(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, copy / "checkpoints" / "step-00000002"
+
+
+@pytest.mark.parametrize("name", ["shard-pp0-tp1.safetensors", "shard-pp0-tp0.json"])
+def test_a_flipped_byte_in_any_shard_is_named_on_load(tp2_run, tmp_path, name):
+    run, ckpt = _copy(tp2_run, tmp_path)
+    data = bytearray((ckpt / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (ckpt / name).write_bytes(bytes(data))
+    proc = run_hpcllm(["train", "--out", run, "--resume", "--steps", 4], ranks=2, timeout=120)
+    assert_job_refuses(proc, f"{ckpt / name} does not match its checksum")
+
+
+def test_a_missing_shard_is_named_on_load(tp2_run, tmp_path):
+    run, ckpt = _copy(tp2_run, tmp_path)
+    (ckpt / "shard-pp0-tp1.safetensors").unlink()
+    proc = run_hpcllm(["train", "--out", run, "--resume", "--steps", 4], ranks=2, timeout=120)
+    assert_job_refuses(proc, f"checkpoint shard {ckpt / 'shard-pp0-tp1.safetensors'} is missing")
+
+
+# ---- untrusted files --------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that the pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def solo_run(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("solo") / "run"
+    proc = train(data_dir, run, *CKPT, "--steps", 2)
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_a_pickle_placed_in_a_checkpoint_is_refused_unopened(solo_run, tmp_path):
+    run, ckpt = _copy(solo_run, tmp_path)
+    marker = tmp_path / "payload-ran"
+    (ckpt / "model.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    resume = run_hpcllm(["train", "--out", run, "--resume", "--steps", 4])
+    assert_usage_error(resume, f"{ckpt / 'model.pt'} is a pickle-format file", "does not open it")
+    generate = run_hpcllm(["generate", "--run", run, "--prompt", "def ", "--max-new-tokens", 2])
+    assert_usage_error(generate, "model.pt is a pickle-format file")
+    assert not marker.exists()
+
+
+def test_a_pickle_disguised_as_a_shard_with_a_matching_checksum_is_refused(solo_run, tmp_path):
+    run, ckpt = _copy(solo_run, tmp_path)
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(marker))
+    shard = ckpt / "shard-pp0-tp0.safetensors"
+    shard.write_bytes(payload)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["shards"][shard.name] = hashlib.sha256(payload).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_hpcllm(["train", "--out", run, "--resume", "--steps", 4])
+    assert_job_refuses(proc, f"checkpoint shard {shard} is not a safetensors file")
+    assert not marker.exists()
+
+
+def test_nothing_in_hpcllm_unpickles_or_loads_unsafe_yaml():
+    """Regression guard for the rules in docs/reliability.md: tensors come from safetensors, any
+    torch.load must pass weights_only=True, YAML goes through safe_load."""
+    package = Path(__file__).resolve().parent.parent / "hpcllm"
+    unsafe = re.compile(r"pickle\.loads?\(|yaml\.(unsafe_)?load\(|yaml\.Loader|marshal\.loads?\(")
+    offenders = []
+    for path in package.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if unsafe.search(line) or ("torch.load(" in line and "weights_only=True" not in line):
+                offenders.append(f"{path.relative_to(package.parent)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+    assert os.environ.get("HPCLLM_FAULT") is None  # no test leaks a fault into the others
