@@ -250,3 +250,43 @@ def test_nothing_in_hpcllm_unpickles_or_loads_unsafe_yaml():
                 offenders.append(f"{path.relative_to(package.parent)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
     assert os.environ.get("HPCLLM_FAULT") is None  # no test leaks a fault into the others
+
+
+# ---- bad input that is not covered elsewhere (docs/reliability.md lists every row) ------------
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "does not exist"),
+        ("model: [unclosed", "is not valid YAML"),
+        ("- just\n- a list\n", "must hold a mapping of sections"),
+        ("!!python/object/apply:os.system ['touch pwned']\n", "is not valid YAML"),
+    ],
+    ids=["missing", "not-yaml", "not-a-mapping", "python-tag"],
+)
+def test_bad_config_files_are_refused(data_dir, tmp_path, content, message):
+    config = tmp_path / "config.yaml"
+    if content is not None:
+        config.write_text(content)
+    proc = train(data_dir, tmp_path / "r", "--config", config)
+    assert_usage_error(proc, f"config file {config}", message)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_resume_of_something_that_is_not_a_resumable_run(data_dir, tmp_path):
+    proc = run_hpcllm(["train", "--out", tmp_path / "nothing", "--resume"])
+    assert_usage_error(proc, "holds no run (config.yaml missing)", "drop --resume")
+    run = tmp_path / "no-checkpoint"
+    assert train(data_dir, run, "--steps", 2, *sets("train.ckpt_every=0")).returncode == 0
+    assert_usage_error(run_hpcllm(["train", "--out", run, "--resume"]), "has no complete checkpoint yet")
+
+
+@pytest.mark.parametrize("spec", ["explode:rank=1:step=3", "kill:rank=one:step=3", "kill:step=3"])
+def test_a_malformed_fault_specification_is_refused(data_dir, tmp_path, spec):
+    proc = run_hpcllm(
+        ["train", "--data", data_dir, "--out", tmp_path / "r", *TINY],
+        env=launch_env() | {"HPCLLM_FAULT": spec},
+    )
+    assert_usage_error(proc, f"HPCLLM_FAULT={spec!r}")
+    assert not (tmp_path / "r").exists()
