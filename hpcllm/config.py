@@ -116,7 +116,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             pass
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise UsageError(f"{key} must be a {kind.__name__}, not {value!r}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise UsageError(f"{key} must be {article} {kind.__name__}, not {value!r}")
 
 
 def _set(config: Config, key: str, value: Any) -> None:

@@ -73,6 +73,9 @@ def test_benchmarks_refuse_settings_that_measure_nothing():
         (["bench", "train", "--repeat", "0"], "--repeat >= 1"),
         (["bench", "pipeline", "--steps", "0"], "--steps must be at least 1"),
         (["bench", "pipeline", "--pp", "x"], "--pp takes comma-separated integers"),
+        (["bench", "train", "--variants", "a,x"], "--variants: unknown x"),
+        (["bench", "train", "--sweep", "horovod.nope=1,2"], "unknown config key 'horovod.nope'"),
+        (["bench", "train", "--sweep", "horovod.cycle_time_ms"], "--sweep expects KEY=VALUE1,VALUE2"),
     ):
         proc = run(args)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)

@@ -204,7 +204,7 @@ def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_pa
         ("horovod.fusion_threshold_mb=-1", "horovod.fusion_threshold_mb must be 0 or more"),
         ("train.dtype=float16", "train.dtype must be float32 or bfloat16"),
         ("model.preset=gpt5", "unknown model.preset 'gpt5'"),
-        ("train.steps=ten", "train.steps must be a int, not 'ten'"),
+        ("train.steps=ten", "train.steps must be an int, not 'ten'"),
     ],
 )
 def test_out_of_range_training_settings(data_dir, tmp_path, assignment, message):
