@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--max-bytes", type=int, default=256 << 20, help="allreduce: largest message (256 MiB)"
     )
-    bench.add_argument("--factor", type=int, default=4, help="allreduce: size step factor (4)")
+    bench.add_argument("--factor", type=int, default=2, help="allreduce: size step factor (2)")
     bench.add_argument("--plot", help="allreduce, pipeline: write a plot PNG here")
     bench.add_argument("--pp", default="2,4", help="pipeline: stage counts (2,4)")
     bench.add_argument("--micro", default="1,2,4,8,16", help="pipeline: micro-batch counts (1,2,4,8,16)")

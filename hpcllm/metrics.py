@@ -17,10 +17,14 @@ import torch
 from hpcllm import plots
 
 
-def measure_matmul_peak(device: torch.device, seconds: float = 0.5, n: int = 1024) -> float:
-    """FLOP/s of a large fp32 matmul on this rank's threads (CPU) or device: the MFU denominator."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def measure_matmul_peak(
+    device: torch.device, seconds: float = 0.5, n: int | None = None, dtype: torch.dtype = torch.float32
+) -> float:
+    """FLOP/s of a large matmul in `dtype` on this rank's threads (CPU) or device: the MFU
+    denominator. On a GPU the matrix is 8192² so that the tensor cores are saturated."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

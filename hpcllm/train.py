@@ -412,7 +412,8 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     n_params = trainer.full_parameters
     tokens_per_step = t.global_batch * config.model.block_size
     flops_token = flops_per_token(trainer.model.shape, n_params)
-    peak = t.peak_flops or measure_matmul_peak(rt.device)
+    compute_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    peak = t.peak_flops or measure_matmul_peak(rt.device, dtype=compute_dtype)
     peak_total = rt.comm.allreduce(peak)
     baseline = (
         unigram_loss(trainer.train_tokens, trainer.val_tokens, trainer.data.vocab_size)

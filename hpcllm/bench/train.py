@@ -197,7 +197,11 @@ def run(
     m = config.model
     model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd))
     per_token = flops_per_token(model.shape, model.num_parameters())
-    peak = measure_matmul_peak(torch.device("cpu"), seconds=1.0)
+    # hpcllm's variants run on the GPU when there is one; MFU is then against its matmul peak in
+    # the training dtype (bf16 tensor cores), as nanoGPT-class trainers report it.
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if config.train.dtype == "bfloat16" else torch.float32
+    peak = measure_matmul_peak(device, seconds=1.0, dtype=dtype)
     by_key = {v.key: v for v in variants if not v.sets}
     one_thread = by_key.get("a1")
 
@@ -233,6 +237,8 @@ def run(
         "steps": steps,
         "repeat": repeat,
         "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": config.train.dtype,
         "torch": torch.__version__,
         "timeline": str(timeline) if timeline else None,
     }
@@ -242,8 +248,8 @@ def render(result: dict[str, Any]) -> str:
     width = max(len(r["key"] + r["name"]) + 1 for r in result["rows"])
     lines = [
         f"model {result['model']}, {result['steps']} steps per variant x {result['repeat']} (interleaved), "
-        f"{result['cpus']} CPUs, "
-        f"measured matmul peak {result['peak_flops'] / 1e9:.0f} GFLOP/s",
+        f"{result['cpus']} CPUs, device {result.get('device', 'cpu')}, "
+        f"measured {result.get('dtype', 'float32')} matmul peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s",
         f"{'variant':<{width}} {'ranks':>5} {'tokens/s (median)':>18} {'min-max':>17} {'MFU':>6} "
         f"{'scaling':>8}",
     ]
