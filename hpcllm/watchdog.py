@@ -122,13 +122,14 @@ class Watchdog:
 
     def _judge(self, stalled: list[int], reports: dict[int, tuple[RankState, float]], now: float) -> None:
         silent_after = 3 * self.poll_s + 1
-        missing = []
+        first = reports[stalled[0]][0]
+        missing = []  # not waiting, waiting elsewhere (collectives called in another order), or silent
         for rank in range(self.size):
             state, seen = reports.get(rank, (None, now))
             silent = now - seen if state is not None and now - seen > silent_after else None
-            if state is None or silent is not None or not state.label:
+            if state is None or silent is not None or state.label != first.label:
                 missing.append(_describe(rank, state, silent))
-        first = reports[stalled[0]][0]
+        stalled = [r for r in stalled if reports[r][0].label == first.label]
         who = f"rank {stalled[0]}" if len(stalled) == 1 else f"ranks {', '.join(map(str, stalled))}"
         lines = [
             f"watchdog: {who} waited more than {self.timeout_s:g} s in {first.label!r} at step {first.step} "

@@ -290,3 +290,34 @@ def test_a_malformed_fault_specification_is_refused(data_dir, tmp_path, spec):
     )
     assert_usage_error(proc, f"HPCLLM_FAULT={spec!r}")
     assert not (tmp_path / "r").exists()
+
+
+CROSSED_COLLECTIVES = """
+from hpcllm import runtime, watchdog
+
+rt = runtime.init()
+other = rt.comm.Dup()
+watchdog.start(rt.comm, 1.0)
+if rt.rank == 0:
+    with watchdog.waiting("barrier on the world"):
+        rt.comm.Barrier()
+else:
+    with watchdog.waiting("barrier on a copy"):
+        other.Barrier()
+"""
+
+
+def test_watchdog_names_ranks_waiting_in_a_different_collective(tmp_path):
+    """Collectives called in a different order on different ranks: a deadlock the watchdog ends."""
+    (tmp_path / "crossed.py").write_text(CROSSED_COLLECTIVES)
+    proc = subprocess.run(
+        launch_command(2, "mpirun") + [sys.executable, "crossed.py"],
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == EXIT_STALLED, proc.stderr
+    assert "watchdog: rank 0 waited more than 1 s in 'barrier on the world'" in proc.stderr
+    assert "did not arrive: rank 1 at step 0, waiting in 'barrier on a copy'" in proc.stderr
