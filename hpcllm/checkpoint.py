@@ -256,28 +256,34 @@ def _param_name(key: str) -> str:
 def _resharded(
     checkpoint: Path, manifest: dict[str, Any], grid: Grid, model: torch.nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This rank's tensors from a checkpoint saved with another (pp, tp): every shard is read; each
-    tensor this rank's model needs is taken from the first stage that saved it, its TP slices are
-    joined into the full tensor and cut again for the current layout."""
+    """This rank's tensors from a checkpoint saved with another (pp, tp). Each saved stage's JSON
+    side file names its parameters; only the stages holding a parameter this rank still needs are
+    read. Each tensor is taken from the first stage that saved it, its TP slices are joined into
+    the full tensor and cut again for the current layout."""
     from hpcllm.model.parallel import partition_kind, reshard
 
     saved = manifest["layout"]
-    shards = {
-        (p, t): _read_shard(checkpoint, manifest, p, t)[0]
-        for p in range(saved["pp"])
-        for t in range(saved["tp"])
-    }
     needed = set(model.state_dict())
     tensors: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
     for stage in range(saved["pp"]):
-        for key in shards[(stage, 0)]:
+        stage_meta = json.loads(_read_verified(checkpoint, f"{shard_name(stage, 0)}.json", manifest))
+        names = {name for group in stage_meta["optimizer_groups"] for name in group["params"]}
+        if not (names & needed) - loaded:
+            continue
+        shards = [_read_shard(checkpoint, manifest, stage, t)[0] for t in range(saved["tp"])]
+        for key in shards[0]:
             name = _param_name(key)
             if key in tensors or (name and name not in needed):
                 continue
-            slices = [shards[(stage, t)][key] for t in range(saved["tp"])]
             tensors[key] = reshard(
-                slices, partition_kind(name), model.shape.vocab_size, grid.tp_rank, grid.layout.tp
+                [shard[key] for shard in shards],
+                partition_kind(name),
+                model.shape.vocab_size,
+                grid.tp_rank,
+                grid.layout.tp,
             )
+        loaded |= names
     meta = json.loads(_read_verified(checkpoint, f"{shard_name(0, 0)}.json", manifest))
     return tensors, meta
 
