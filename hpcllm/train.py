@@ -489,7 +489,8 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     bar.close()
     if metrics is not None:
         metrics.plot(baseline)
-        _summary(trainer, metrics, baseline, time.perf_counter() - started, peak_total, loss, val_loss)
+        seconds = time.perf_counter() - started
+        _summary(trainer, metrics, baseline, seconds, (flops_token, peak_total), loss, val_loss)
 
 
 def _summary(
@@ -497,14 +498,15 @@ def _summary(
     metrics: MetricsLog,
     baseline: float | None,
     seconds: float,
-    peak_total: float,
+    flops: tuple[float, float],  # per token, and the peak of all ranks together
     loss: float,
     val_loss: float,
 ) -> None:
     rows = [r for r in metrics.rows if "tokens_per_s" in r]
     speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)  # the first interval includes start-up
     tokens_per_s = speeds[len(speeds) // 2] if speeds else float("nan")
-    mfu = tokens_per_s * flops_per_token(trainer.model.shape, trainer.full_parameters) / peak_total
+    flops_token, peak_total = flops
+    mfu = tokens_per_s * flops_token / peak_total
     out = trainer.run_dir
     latest = checkpoint.latest(out)
     lines = [
