@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,6 +81,34 @@ def data_dir(tmp_path_factory):
 
 def train(data, out, *extra, ranks=None):
     return run_hpcllm(["train", "--data", data, "--out", out, *TINY, *extra], ranks=ranks)
+
+
+def signal_training_after(data, run, flags, steps_logged, sig, ranks=2, timeout=120):
+    """Start `hpcllm train` under mpirun, wait until `steps_logged` rows are in metrics.jsonl, send
+    `sig` to every rank (as Slurm's --signal or scancel would), and return (exit code, stderr)."""
+    import psutil
+
+    command = launch_command(ranks, "mpirun") + HPCLLM + ["train", "--data", str(data), "--out", str(run)]
+    job = subprocess.Popen(
+        command + [str(f) for f in flags],
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps_logged):
+            assert job.poll() is None and time.monotonic() < deadline, "training ended before the signal"
+            time.sleep(0.05)
+        for rank in psutil.Process(job.pid).children(recursive=True):
+            if "python" in rank.name():
+                rank.send_signal(sig)
+        _, stderr = job.communicate(timeout=timeout)
+    finally:
+        job.kill()
+    return job.returncode, stderr
 
 
 def losses(run_dir):

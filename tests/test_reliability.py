@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, train
+from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, signal_training_after, train
 
 from hpcllm.launcher import launch_command, launch_env
 from hpcllm.preemption import EXIT_PREEMPTED
@@ -99,34 +99,8 @@ def test_watchdog_dumps_stacks_and_names_the_rank_that_did_not_arrive(data_dir, 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_sigterm_and_sigint_checkpoint_and_exit_75(data_dir, tmp_path, sig):
     run = tmp_path / "run"
-    command = launch_command(2, "mpirun") + [
-        sys.executable,
-        "-m",
-        "hpcllm.cli",
-        "train",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(run),
-        *QUIET,
-        "--steps",
-        "2000",
-    ]
-    job = subprocess.Popen(
-        command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 5):
-            assert job.poll() is None and time.monotonic() < deadline, "training ended too early"
-            time.sleep(0.05)
-        for rank in psutil.Process(job.pid).children(recursive=True):
-            if "python" in rank.name():
-                rank.send_signal(sig)
-        _, stderr = job.communicate(timeout=60)
-    finally:
-        job.kill()
-    assert job.returncode == EXIT_PREEMPTED, stderr
+    returncode, stderr = signal_training_after(data_dir, run, [*QUIET, "--steps", 2000], 5, sig)
+    assert returncode == EXIT_PREEMPTED, stderr
     assert f"on {sig.name}: checkpoint written" in stderr
     assert (run / "checkpoints" / "latest").read_text().startswith("step-")
 

@@ -11,12 +11,11 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
-from conftest import TINY, run_hpcllm, sets
+from conftest import TINY, run_hpcllm, sets, signal_training_after
 
 from hpcllm.errors import UsageError
-from hpcllm.launcher import launch_command, launch_env
+from hpcllm.launcher import launch_env
 from hpcllm.preemption import EXIT_PREEMPTED
 from hpcllm.slurm import JobSpec, expand_hostlist, render
 
@@ -136,10 +135,6 @@ def test_submit_without_sbatch_says_how_to_fix(tmp_path):
 LONG = [*TINY, *sets("train.eval_every=0", "train.ckpt_every=0")]
 
 
-def _ranks_of(proc):
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "python" in p.name()]
-
-
 def test_signalled_job_checkpoints_resumes_and_ends_like_an_uninterrupted_one(data_dir, tmp_path):
     steps = 300
     reference = run_hpcllm(
@@ -148,33 +143,9 @@ def test_signalled_job_checkpoints_resumes_and_ends_like_an_uninterrupted_one(da
     assert reference.returncode == 0, reference.stderr
 
     run = tmp_path / "preempted"
-    command = launch_command(2, "mpirun") + [
-        sys.executable,
-        "-m",
-        "hpcllm.cli",
-        "train",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(run),
-        *LONG,
-        "--steps",
-        str(steps),
-    ]
-    job = subprocess.Popen(
-        command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 120
-    metrics = run / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
-        assert job.poll() is None and time.monotonic() < deadline, (
-            "training ended before it could be signalled"
-        )
-        time.sleep(0.05)
-    for rank in _ranks_of(job):
-        rank.send_signal(signal.SIGUSR2)  # as the Slurm templates forward it
-    _, stderr = job.communicate(timeout=120)
-    assert job.returncode == EXIT_PREEMPTED, stderr
+    # SIGUSR2, as the Slurm templates forward it.
+    returncode, stderr = signal_training_after(data_dir, run, [*LONG, "--steps", steps], 20, signal.SIGUSR2)
+    assert returncode == EXIT_PREEMPTED, stderr
     assert "stopping after step" in stderr and "checkpoint written" in stderr
     stopped_at = int((run / "checkpoints" / "latest").read_text().split("-")[1])
     assert stopped_at < steps
@@ -194,7 +165,6 @@ def test_signalled_job_checkpoints_resumes_and_ends_like_an_uninterrupted_one(da
 
 def _submit_env(cluster):
     import os
-    import sys
     from pathlib import Path
 
     venv_bin = str(Path(sys.executable).parent)
