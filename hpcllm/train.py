@@ -202,8 +202,8 @@ class Trainer:
     full_parameters: int
     pipeline: PipelineStage | None = None
     stop: StopFlag = field(default_factory=StopFlag)
-    timer: PhaseTimer = field(default_factory=PhaseTimer)
-    fault: faults.Fault | None = None
+    fault: faults.Fault | None = None  # HPCLLM_FAULT, for the reliability tests
+    timer: PhaseTimer = field(init=False)
 
     def __post_init__(self) -> None:
         t, m = self.config.train, self.config.model
@@ -393,9 +393,20 @@ def run_training(args: TrainArgs) -> Trainer:
         )
 
     trainer = Trainer(
-        config, rt, grid, data, out, model, optimizer, dp, micro_per_step, tp_group, full_parameters, pipeline
+        config,
+        rt,
+        grid,
+        data,
+        out,
+        model,
+        optimizer,
+        dp,
+        micro_per_step,
+        tp_group,
+        full_parameters,
+        pipeline,
+        fault=fault,
     )
-    trainer.fault = fault
     trainer.stop.install()
     watchdog.start(rt.comm, config.train.watchdog_s)
     try:
