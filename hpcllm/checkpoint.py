@@ -266,8 +266,10 @@ def _resharded(
     needed = set(model.state_dict())
     tensors: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
+    first_meta: dict[str, Any] = {}
     for stage in range(saved["pp"]):
         stage_meta = json.loads(_read_verified(checkpoint, f"{shard_name(stage, 0)}.json", manifest))
+        first_meta = first_meta or stage_meta  # optimizer hyperparameters: the same on every stage
         names = {name for group in stage_meta["optimizer_groups"] for name in group["params"]}
         if not (names & needed) - loaded:
             continue
@@ -284,8 +286,7 @@ def _resharded(
                 grid.layout.tp,
             )
         loaded |= names
-    meta = json.loads(_read_verified(checkpoint, f"{shard_name(0, 0)}.json", manifest))
-    return tensors, meta
+    return tensors, first_meta
 
 
 def load(

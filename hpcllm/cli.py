@@ -228,6 +228,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "pipeline":
         return _bench_pipeline(args)
     from hpcllm.bench import train as bench_train
+    from hpcllm.dp import check_timeline
     from hpcllm.train import default_data_dir
 
     steps = 60 if args.steps is None else args.steps
@@ -255,6 +256,8 @@ def _bench(args: argparse.Namespace) -> int:
         prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
     sets = [item for value in args.set for item in ("--set", value)]
     timeline = Path(args.timeline) if args.timeline else None
+    if timeline is not None:
+        check_timeline(str(timeline))
     result = bench_train.run(data, steps, sets, args.repeat, keys, sweeps, timeline)
     print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
     return 0

@@ -19,7 +19,14 @@ import torch
 
 from hpcllm import watchdog
 from hpcllm.config import HorovodConfig
+from hpcllm.errors import UsageError
 from hpcllm.grid import Grid
+
+
+def check_timeline(path: str) -> None:
+    """Horovod only logs an error and goes on without a timeline it cannot open: refuse it up front."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"timeline {path}: directory {Path(path).parent} does not exist; create it first")
 
 
 def horovod_environment(settings: HorovodConfig) -> dict[str, str]:

@@ -32,7 +32,7 @@ from hpcllm.config import Config
 from hpcllm.data import prepare as prepare_mod
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import TOKENIZER, Prepared, open_prepared
-from hpcllm.dp import DataParallel, horovod_environment
+from hpcllm.dp import DataParallel, check_timeline, horovod_environment
 from hpcllm.errors import UsageError
 from hpcllm.grid import Grid
 from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
@@ -325,6 +325,7 @@ def run_training(args: TrainArgs) -> Trainer:
         check_resume_compatible(config, saved)
     check_tp(config.model.n_head, config.model.n_embd, config.parallel.tp)
     check_pp(config)
+    runtime.root_decides(rt.comm, lambda: check_timeline(config.horovod.timeline))
     rt.configure_horovod(horovod_environment(config.horovod))
     grid = Grid(rt.comm, tp=config.parallel.tp, pp=config.parallel.pp, horovod=lambda: rt.horovod)
     micro_per_step = config_mod.check_batch_layout(config, grid.layout.dp)

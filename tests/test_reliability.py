@@ -295,3 +295,13 @@ def test_watchdog_names_ranks_waiting_in_a_different_collective(tmp_path):
     assert proc.returncode == EXIT_STALLED, proc.stderr
     assert "watchdog: rank 0 waited more than 1 s in 'barrier on the world'" in proc.stderr
     assert "did not arrive: rank 1 at step 0, waiting in 'barrier on a copy'" in proc.stderr
+
+
+def test_a_timeline_in_a_missing_directory_is_refused(data_dir, tmp_path):
+    """Horovod would only log that it cannot open the file and train without a timeline."""
+    timeline = tmp_path / "no-such-dir" / "timeline.json"
+    proc = train(data_dir, tmp_path / "r", "--timeline", timeline)
+    assert_usage_error(proc, f"timeline {timeline}: directory {timeline.parent} does not exist")
+    assert not (tmp_path / "r").exists()
+    bench = run_hpcllm(["bench", "train", "--data", data_dir, "--timeline", timeline])
+    assert_usage_error(bench, "does not exist; create it first")
