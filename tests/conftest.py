@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from hpcllm.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, launch_env
 
 pytest_plugins = ["pytester"]
 

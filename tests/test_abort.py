@@ -5,12 +5,12 @@ import sys
 import textwrap
 import time
 
-from hpcllm.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, launch_env
 
 FAILING_JOB = textwrap.dedent(
     """
     import pathlib, time
-    from hpcllm import runtime
+    from hpcllm.cluster import runtime
 
     rt = runtime.init()
     rt.comm.Barrier()

@@ -2,7 +2,7 @@
 
 from conftest import run_hpcllm as run
 
-from hpcllm.launcher import launch_env
+from hpcllm.cluster.launcher import launch_env
 
 
 def test_info_shows_horovod_with_pytorch_mpi_and_gloo():

@@ -155,7 +155,7 @@ def test_micro_batches_are_shifted_targets():
 
 @pytest.mark.mpi(ranks=4, timeout=60)
 def test_dynamic_map_runs_every_task_exactly_once(comm):
-    from hpcllm.tasks import dynamic_map, largest_first
+    from hpcllm.parallel.tasks import dynamic_map, largest_first
 
     sizes = [1, 50, 3, 3, 20, 7, 1, 1, 9, 2, 4, 30]
     mine = [

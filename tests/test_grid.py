@@ -3,7 +3,7 @@
 import pytest
 
 from hpcllm.errors import UsageError
-from hpcllm.grid import Layout
+from hpcllm.parallel.grid import Layout
 
 
 @pytest.mark.parametrize("pp,dp,tp", [(2, 2, 2), (4, 2, 1), (1, 8, 1), (1, 1, 8), (2, 1, 4)])

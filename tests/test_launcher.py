@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
+from hpcllm.cluster.launcher import Launcher, detect, launch_command, launch_env
 from hpcllm.errors import UsageError
-from hpcllm.launcher import Launcher, detect, launch_command, launch_env
 
 
 def test_no_launcher_is_a_single_process():

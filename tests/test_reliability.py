@@ -21,9 +21,9 @@ import psutil
 import pytest
 from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, signal_training_after, train
 
-from hpcllm.launcher import launch_command, launch_env
-from hpcllm.preemption import EXIT_PREEMPTED
-from hpcllm.watchdog import EXIT_STALLED
+from hpcllm.cluster.launcher import launch_command, launch_env
+from hpcllm.cluster.preemption import EXIT_PREEMPTED
+from hpcllm.cluster.watchdog import EXIT_STALLED
 
 QUIET = [*TINY, *sets("train.eval_every=0", "train.ckpt_every=0")]
 
@@ -267,7 +267,8 @@ def test_a_malformed_fault_specification_is_refused(data_dir, tmp_path, spec):
 
 
 CROSSED_COLLECTIVES = """
-from hpcllm import runtime, watchdog
+from hpcllm.cluster import runtime
+from hpcllm.cluster import watchdog
 
 rt = runtime.init()
 other = rt.comm.Dup()

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from hpcllm.launcher import Launcher
-from hpcllm.runtime import cpu_threads, setup_logging
+from hpcllm.cluster.launcher import Launcher
+from hpcllm.cluster.runtime import cpu_threads, setup_logging
 
 
 @pytest.mark.mpi(ranks=2, timeout=60)

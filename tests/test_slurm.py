@@ -14,10 +14,10 @@ import time
 import pytest
 from conftest import TINY, run_hpcllm, sets, signal_training_after
 
+from hpcllm.cluster.launcher import launch_env
+from hpcllm.cluster.preemption import EXIT_PREEMPTED
+from hpcllm.cluster.slurm import JobSpec, expand_hostlist, render
 from hpcllm.errors import UsageError
-from hpcllm.launcher import launch_env
-from hpcllm.preemption import EXIT_PREEMPTED
-from hpcllm.slurm import JobSpec, expand_hostlist, render
 
 
 @pytest.mark.parametrize(

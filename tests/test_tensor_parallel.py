@@ -12,7 +12,7 @@ TP_MODEL = [*TINY, "--set", "model.n_head=4"]
 
 
 def _group(comm):
-    from hpcllm.comm import TensorCollectives
+    from hpcllm.parallel.tensor.collectives import TensorCollectives
 
     return TensorCollectives(comm)
 
@@ -21,7 +21,12 @@ def _group(comm):
 def test_operators_forward_and_backward(comm):
     import torch
 
-    from hpcllm.comm import copy_to_region, gather_from_region, reduce_from_region, scatter_to_region
+    from hpcllm.parallel.tensor.collectives import (
+        copy_to_region,
+        gather_from_region,
+        reduce_from_region,
+        scatter_to_region,
+    )
 
     group, rank = _group(comm), comm.Get_rank()
     weights = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])]
@@ -56,7 +61,7 @@ def test_operators_forward_and_backward(comm):
 def test_column_and_row_parallel_linear_match_the_full_layer(comm):
     import torch
 
-    from hpcllm.model.parallel import ColumnParallelLinear, RowParallelLinear, shard
+    from hpcllm.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, shard
 
     group, rank = _group(comm), comm.Get_rank()
     torch.manual_seed(0)
@@ -96,7 +101,7 @@ def test_vocab_parallel_cross_entropy_matches_full_with_padding(comm):
     import torch
     import torch.nn.functional as F
 
-    from hpcllm.model.parallel import VocabParallelHead, padded_vocab, shard
+    from hpcllm.parallel.tensor.layers import VocabParallelHead, padded_vocab, shard
 
     group, rank = _group(comm), comm.Get_rank()
     vocab = 11  # padded to 12 at tp = 2
@@ -121,9 +126,9 @@ def test_vocab_parallel_cross_entropy_matches_full_with_padding(comm):
 def test_partitioned_gpt_matches_the_full_model_gradient_by_gradient(comm):
     import torch
 
-    from hpcllm.comm import TensorCollectives
     from hpcllm.model.gpt import GPT, GPTShape
-    from hpcllm.model.parallel import partition_gpt, partition_kind, unshard
+    from hpcllm.parallel.tensor.collectives import TensorCollectives
+    from hpcllm.parallel.tensor.layers import partition_gpt, partition_kind, unshard
 
     shape = GPTShape(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16)
     torch.manual_seed(3)

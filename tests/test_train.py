@@ -26,7 +26,7 @@ def test_replicas_stay_identical(mpi_tmp_path, comm):
     import hashlib
 
     from hpcllm.data.prepare import PrepareOptions, prepare
-    from hpcllm.train import TrainArgs, run_training
+    from hpcllm.training.loop import TrainArgs, run_training
 
     # Inside the ranks everything runs in-process and collectively, prepare included.
     if comm.Get_rank() == 0:
@@ -67,9 +67,9 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
 def test_checkpoint_round_trip_of_model_and_optimizer(mpi_tmp_path, comm):
     import torch
 
-    from hpcllm import checkpoint
-    from hpcllm.grid import Grid
     from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+    from hpcllm.parallel.grid import Grid
+    from hpcllm.training import checkpoint
 
     shape = GPTShape(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from hpcllm import plots, runtime
+from hpcllm.cluster import runtime
+from hpcllm.observe import plots
 
 ENGINES = ("horovod", "mpi4py", "torch.distributed")
 

@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from hpcllm import config as config_mod
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import open_prepared
 from hpcllm.model.gpt import GPT, GPTShape, lm_loss
-from hpcllm.timing import PhaseTimer
-from hpcllm.train import make_optimizer
+from hpcllm.observe.timing import PhaseTimer
+from hpcllm.training import config as config_mod
+from hpcllm.training.loop import make_optimizer
 
 LOG_EVERY = 10
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from hpcllm import plots
-from hpcllm.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, launch_env
+from hpcllm.observe import plots
 
 MICRO_BATCH = 4
 BLOCK = 64
@@ -65,10 +65,10 @@ class _SavedBytes:
 
 
 def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
-    from hpcllm import runtime
-    from hpcllm.grid import Grid
+    from hpcllm.cluster import runtime
     from hpcllm.model.gpt import GPT, GPTShape
-    from hpcllm.pipeline import PipelineStage, keep_stage, plan_stages
+    from hpcllm.parallel.grid import Grid
+    from hpcllm.parallel.pipeline.schedules import PipelineStage, keep_stage, plan_stages
 
     rt = runtime.init(seed=0)
     grid = Grid(rt.comm, pp=pp)

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from hpcllm import config as config_mod
+from hpcllm.cluster.launcher import launch_command, launch_env
 from hpcllm.data.tokens import open_prepared
-from hpcllm.launcher import launch_command, launch_env
-from hpcllm.metrics import measure_matmul_peak
 from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
+from hpcllm.observe.metrics import measure_matmul_peak
+from hpcllm.training import config as config_mod
 
 QUIET = [
     "--set",

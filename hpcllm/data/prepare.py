@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 import hpcllm
+from hpcllm.cluster.runtime import root_decides
 from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, choose_dtype, sha256_of
 from hpcllm.errors import UsageError
-from hpcllm.runtime import root_decides
-from hpcllm.tasks import SharedCounters, dynamic_map, largest_first
+from hpcllm.parallel.tasks import SharedCounters, dynamic_map, largest_first
 
 
 @dataclass

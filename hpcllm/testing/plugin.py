@@ -292,7 +292,7 @@ def mpi_tmp_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def runtime() -> Any:
     """hpcllm's Runtime for this rank (no abort hook: pytest reports the exception instead)."""
-    from hpcllm import runtime as rt
+    from hpcllm.cluster import runtime as rt
 
     return rt.init(abort_on_error=False)
 
@@ -300,7 +300,7 @@ def runtime() -> Any:
 @pytest.fixture
 def grid(request: pytest.FixtureRequest, runtime: Any) -> Iterator[Any]:
     """The pp × dp × tp grid over all ranks; tp and pp come from the mpi marker."""
-    from hpcllm.grid import Grid
+    from hpcllm.parallel.grid import Grid
 
     marker = request.node.get_closest_marker("mpi")
     kwargs = marker.kwargs if marker is not None else {}

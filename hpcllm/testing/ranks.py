@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from hpcllm.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, launch_env
 
 # Environment that puts a pytest process into rank mode, and tells it where to report.
 ENV_RESULTS = "HPCLLM_MPI_RESULTS"

@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 
-from hpcllm import checkpoint, runtime
-from hpcllm.config import Config
-from hpcllm.config import load as load_config
+from hpcllm.cluster import runtime
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import TOKENIZER
 from hpcllm.errors import UsageError
-from hpcllm.grid import Grid
 from hpcllm.model.gpt import GPT, GPTShape, sample
-from hpcllm.tasks import dynamic_map, largest_first
+from hpcllm.parallel.grid import Grid
+from hpcllm.parallel.tasks import dynamic_map, largest_first
+from hpcllm.training import checkpoint
+from hpcllm.training.config import Config
+from hpcllm.training.config import load as load_config
 
 
 @dataclass

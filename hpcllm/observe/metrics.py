@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcllm import plots
+from hpcllm.observe import plots
 
 
 def measure_matmul_peak(

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import hpcllm
-from hpcllm.grid import Layout
-from hpcllm.launcher import Launcher
+from hpcllm.cluster.launcher import Launcher
+from hpcllm.parallel.grid import Layout
 
 
 @dataclass
@@ -126,7 +126,7 @@ def slurm_lines() -> list[str]:
     job = os.environ.get("SLURM_JOB_ID")
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     if job and nodelist:
-        from hpcllm.slurm import expand_hostlist
+        from hpcllm.cluster.slurm import expand_hostlist
 
         hosts = expand_hostlist(nodelist)
         return [
@@ -190,7 +190,7 @@ def build_report(layout: Layout) -> Report:
 
 def rank_table(comm: Any, layout: Layout) -> list[str]:
     """Where every rank landed and its (pp, dp, tp) place (collective: every rank calls it)."""
-    from hpcllm import runtime as rt
+    from hpcllm.cluster import runtime as rt
 
     here = rt.init(abort_on_error=True)
     row = (

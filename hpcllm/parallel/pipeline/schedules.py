@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcllm import watchdog
+from hpcllm.cluster import watchdog
 from hpcllm.errors import UsageError
-from hpcllm.grid import Grid
 from hpcllm.model.gpt import GPT
+from hpcllm.parallel.grid import Grid
 
-log = logging.getLogger("hpcllm.pipeline")
+log = logging.getLogger("hpcllm.parallel.pipeline.schedules")
 
 
 # ---- stage partition ----------------------------------------------------------------------

@@ -32,9 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from hpcllm.cluster.runtime import root_decides
 from hpcllm.errors import UsageError
-from hpcllm.grid import Grid
-from hpcllm.runtime import root_decides
+from hpcllm.parallel.grid import Grid
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -260,7 +260,7 @@ def _resharded(
     side file names its parameters; only the stages holding a parameter this rank still needs are
     read. Each tensor is taken from the first stage that saved it, its TP slices are joined into
     the full tensor and cut again for the current layout."""
-    from hpcllm.model.parallel import partition_kind, reshard
+    from hpcllm.parallel.tensor.layers import partition_kind, reshard
 
     saved = manifest["layout"]
     needed = set(model.state_dict())

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from hpcllm.cluster.launcher import LaunchInfo, detect
 from hpcllm.errors import EnvironmentProblem, UsageError
-from hpcllm.launcher import LaunchInfo, detect
 
 if TYPE_CHECKING:
     import torch
@@ -201,7 +201,7 @@ def setup_logging(rank: int, run_dir: str | Path | None = None, level: int = log
         handler.close()
     logger.setLevel(min(level, logging.DEBUG) if run_dir is not None else level)
     logger.propagate = False
-    # On the handlers, not the logger: records of child loggers (hpcllm.train) skip logger filters.
+    # On the handlers, not the logger: records of child loggers (hpcllm.training) skip logger filters.
     rank_filter = _RankFilter(rank)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level if rank == 0 else logging.WARNING)

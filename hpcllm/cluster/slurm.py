@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpcllm.errors import UsageError
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 TEMPLATES = ("gpu", "gpu-mpirun", "cpu", "array")
 
 # ---- hostlists ----------------------------------------------------------------------------

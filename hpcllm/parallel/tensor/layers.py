@@ -11,7 +11,7 @@ exactly the single-process weights. What each parameter's slice is follows from 
     vocab    wte               rows (vocabulary), padded to a multiple of tp
     replicated   LayerNorms, position embedding, row-parallel biases
 
-Communication goes through hpcllm.comm; this module only computes.
+Communication goes through hpcllm.parallel.tensor.collectives; this module only computes.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcllm import watchdog
-from hpcllm.comm import TensorCollectives, copy_to_region, reduce_from_region
+from hpcllm.cluster import watchdog
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPT
+from hpcllm.parallel.tensor.collectives import TensorCollectives, copy_to_region, reduce_from_region
 
 log = logging.getLogger("hpcllm.parallel")
 

@@ -25,24 +25,25 @@ from typing import Any
 import torch
 import yaml
 
-from hpcllm import checkpoint, faults, runtime, watchdog
-from hpcllm import config as config_mod
-from hpcllm.comm import TensorCollectives
-from hpcllm.config import Config
+from hpcllm.cluster import faults, runtime, watchdog
+from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from hpcllm.data import prepare as prepare_mod
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import TOKENIZER, Prepared, open_prepared
-from hpcllm.dp import DataParallel, check_timeline, horovod_environment
 from hpcllm.errors import UsageError
-from hpcllm.grid import Grid
-from hpcllm.metrics import MetricsLog, measure_matmul_peak, unigram_loss
 from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
-from hpcllm.model.parallel import check_tp, clip_grad_norm_, partition_gpt
-from hpcllm.pipeline import PipelineStage, keep_stage, parse_stage_layers, plan_stages
-from hpcllm.preemption import EXIT_PREEMPTED, Preempted, StopFlag
-from hpcllm.timing import PhaseTimer, device_sync
+from hpcllm.observe.metrics import MetricsLog, measure_matmul_peak, unigram_loss
+from hpcllm.observe.timing import PhaseTimer, device_sync
+from hpcllm.parallel.data_parallel import DataParallel, check_timeline, horovod_environment
+from hpcllm.parallel.grid import Grid
+from hpcllm.parallel.pipeline.schedules import PipelineStage, keep_stage, parse_stage_layers, plan_stages
+from hpcllm.parallel.tensor.collectives import TensorCollectives
+from hpcllm.parallel.tensor.layers import check_tp, clip_grad_norm_, partition_gpt
+from hpcllm.training import checkpoint
+from hpcllm.training import config as config_mod
+from hpcllm.training.config import Config
 
-log = logging.getLogger("hpcllm.train")
+log = logging.getLogger("hpcllm.training.loop")
 
 
 @dataclass

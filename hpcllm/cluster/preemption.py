@@ -44,7 +44,7 @@ class StopFlag:
         """Collective: the signal any rank received (0 if none)."""
         from mpi4py import MPI
 
-        from hpcllm import watchdog
+        from hpcllm.cluster import watchdog
 
         with watchdog.waiting("stop-signal agreement"):
             return int(comm.allreduce(self.signal, op=MPI.MAX))

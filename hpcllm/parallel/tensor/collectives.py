@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hpcllm import watchdog
+from hpcllm.cluster import watchdog
 
 
 class TensorCollectives:

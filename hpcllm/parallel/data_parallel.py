@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from hpcllm import watchdog
-from hpcllm.config import HorovodConfig
+from hpcllm.cluster import watchdog
 from hpcllm.errors import UsageError
-from hpcllm.grid import Grid
+from hpcllm.parallel.grid import Grid
+from hpcllm.training.config import HorovodConfig
 
 
 def check_timeline(path: str) -> None:

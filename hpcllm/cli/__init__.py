@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from hpcllm import __version__
+from hpcllm.cluster.launcher import detect
+from hpcllm.cluster.preemption import Preempted
 from hpcllm.data.corpus import DEFAULT_EXTENSIONS
 from hpcllm.errors import EnvironmentProblem, UsageError
-from hpcllm.launcher import detect
-from hpcllm.preemption import Preempted
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ def _not_yet(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from hpcllm import info
+    from hpcllm.cli import info
 
     return info.main(tp=args.tp, pp=args.pp)
 
@@ -45,7 +45,7 @@ def _info(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hpcllm import runtime
+    from hpcllm.cluster import runtime
     from hpcllm.data import prepare
 
     options = prepare.PrepareOptions(
@@ -83,19 +83,19 @@ def _from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hpcllm import train
+    from hpcllm.training import loop as train
 
     return train.train(_from_args(train.TrainArgs, args))
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hpcllm import generate
+    from hpcllm.cli import generate
 
     return generate.generate(_from_args(generate.GenerateArgs, args))
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    from hpcllm import slurm
+    from hpcllm.cluster import slurm
 
     if args.action == "status":
         return _slurm_status(args)
@@ -208,7 +208,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 
 def _parse_sweep(text: str, sets: list[str]) -> tuple[str, list[str]]:
     """`KEY=V1,V2,...`, each value checked now (a bad one would fail minutes into the benchmark)."""
-    from hpcllm import config
+    from hpcllm.training import config
 
     key, _, values = text.partition("=")
     choices = [v for v in values.split(",") if v]
@@ -228,8 +228,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "pipeline":
         return _bench_pipeline(args)
     from hpcllm.bench import train as bench_train
-    from hpcllm.dp import check_timeline
-    from hpcllm.train import default_data_dir
+    from hpcllm.parallel.data_parallel import check_timeline
+    from hpcllm.training.loop import default_data_dir
 
     steps = 60 if args.steps is None else args.steps
     if steps < 30 or args.repeat < 1:
@@ -249,7 +249,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.data:
             raise UsageError(f"--data {data} holds no prepared data; run `hpcllm prepare --out {data}`")
         print(f"preparing the default corpus into {data} (once)", file=sys.stderr)
-        from hpcllm import runtime
+        from hpcllm.cluster import runtime
         from hpcllm.data import prepare
 
         rt = runtime.init()
