@@ -9,7 +9,7 @@ from conftest import TINY, losses, run_hpcllm, sets
 from safetensors.torch import load_file
 
 from hpcllm.errors import UsageError
-from hpcllm.parallel.pipeline.schedules import balanced_stages, parse_stage_layers
+from hpcllm.parallel.pipeline.partition import balanced_stages, parse_stage_layers
 
 PP_MODEL = [*TINY, *sets("model.n_layer=4", "train.eval_every=0")]
 
@@ -105,7 +105,8 @@ def test_1f1b_keeps_at_most_pp_micro_batches_alive(grid):
     import torch
 
     from hpcllm.model.gpt import GPT, GPTShape
-    from hpcllm.parallel.pipeline.schedules import PipelineStage, keep_stage, plan_stages
+    from hpcllm.parallel.pipeline.partition import plan_stages
+    from hpcllm.parallel.pipeline.schedules import PipelineStage
 
     shape = GPTShape(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=8)
     batches = [(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8))) for _ in range(6)]
@@ -113,7 +114,8 @@ def test_1f1b_keeps_at_most_pp_micro_batches_alive(grid):
     for schedule in ("1f1b", "gpipe"):
         torch.manual_seed(0)
         model = GPT(shape)
-        keep_stage(model, plan_stages(model, 2), grid.pp_rank, 2)
+        layers = plan_stages(shape, 2).layer_range(grid.pp_rank)
+        model.keep_stage(layers, grid.is_first_stage, grid.is_last_stage)
         stage = PipelineStage(model, grid, schedule, (2, 8, 8), nullcontext, torch.device("cpu"))
         live[schedule] = stage.train_step(batches).max_live_activations
     assert live["gpipe"] == 6

@@ -61,7 +61,8 @@ def test_operators_forward_and_backward(comm):
 def test_column_and_row_parallel_linear_match_the_full_layer(comm):
     import torch
 
-    from hpcllm.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, shard
+    from hpcllm.parallel.sharding import Sharding, shard
+    from hpcllm.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear
 
     group, rank = _group(comm), comm.Get_rank()
     torch.manual_seed(0)
@@ -72,13 +73,14 @@ def test_column_and_row_parallel_linear_match_the_full_layer(comm):
     x_full = x.clone().requires_grad_()
     (full(x_full) * upstream).sum().backward()
 
-    col = ColumnParallelLinear(shard(full.weight, "col", rank, 2), shard(full.bias, "col", rank, 2), group)
+    rows, cols = Sharding(dim=0), Sharding(dim=1)
+    col = ColumnParallelLinear.from_full(full, group)
     x_col = x.clone().requires_grad_()
     out = col(x_col)
     assert torch.allclose(out, full(x).detach()[:, rank * 4 : rank * 4 + 4], atol=1e-6)
     (out * upstream[:, rank * 4 : rank * 4 + 4]).sum().backward()
-    assert torch.allclose(col.weight.grad, shard(full.weight.grad, "col", rank, 2), atol=1e-6)
-    assert torch.allclose(col.bias.grad, shard(full.bias.grad, "col", rank, 2), atol=1e-6)
+    assert torch.allclose(col.weight.grad, shard(full.weight.grad, rows, rank, 2), atol=1e-6)
+    assert torch.allclose(col.bias.grad, shard(full.bias.grad, rows, rank, 2), atol=1e-6)
     assert torch.allclose(x_col.grad, x_full.grad, atol=1e-6)  # summed over the group
 
     row_full = torch.nn.Linear(8, 6)
@@ -86,12 +88,12 @@ def test_column_and_row_parallel_linear_match_the_full_layer(comm):
     up = torch.randn(3, 6)
     h_full = h.clone().requires_grad_()
     (row_full(h_full) * up).sum().backward()
-    row = RowParallelLinear(shard(row_full.weight, "row", rank, 2), row_full.bias.detach().clone(), group)
+    row = RowParallelLinear.from_full(row_full, group)
     h_part = h[:, rank * 4 : rank * 4 + 4].clone().requires_grad_()
     out = row(h_part)
     assert torch.allclose(out, row_full(h).detach(), atol=1e-6)
     (out * up).sum().backward()
-    assert torch.allclose(row.weight.grad, shard(row_full.weight.grad, "row", rank, 2), atol=1e-6)
+    assert torch.allclose(row.weight.grad, shard(row_full.weight.grad, cols, rank, 2), atol=1e-6)
     assert torch.allclose(row.bias.grad, row_full.bias.grad, atol=1e-6)
     assert torch.allclose(h_part.grad, h_full.grad[:, rank * 4 : rank * 4 + 4], atol=1e-6)
 
@@ -101,7 +103,8 @@ def test_vocab_parallel_cross_entropy_matches_full_with_padding(comm):
     import torch
     import torch.nn.functional as F
 
-    from hpcllm.parallel.tensor.layers import VocabParallelHead, padded_vocab, shard
+    from hpcllm.parallel.sharding import Sharding, padded_size, shard
+    from hpcllm.parallel.tensor.layers import VocabParallelHead
 
     group, rank = _group(comm), comm.Get_rank()
     vocab = 11  # padded to 12 at tp = 2
@@ -113,12 +116,13 @@ def test_vocab_parallel_cross_entropy_matches_full_with_padding(comm):
     expected.backward()
 
     # This rank's vocabulary columns of every row (shard cuts rows, so cut the transpose).
-    local = shard(logits.T.contiguous(), "vocab", rank, 2).T.contiguous().requires_grad_()
-    head = VocabParallelHead(group, start=rank * padded_vocab(vocab, 2) // 2, vocab_size=vocab)
+    by_vocab = Sharding(dim=0, full_size=vocab)
+    local = shard(logits.T.contiguous(), by_vocab, rank, 2).T.contiguous().requires_grad_()
+    head = VocabParallelHead(group, start=rank * padded_size(vocab, 2) // 2, vocab_size=vocab)
     loss = head.loss(local, targets)
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
-    expected_grad = shard(full.grad.T.contiguous(), "vocab", rank, 2).T
+    expected_grad = shard(full.grad.T.contiguous(), by_vocab, rank, 2).T
     assert torch.allclose(local.grad, expected_grad, atol=1e-6)
 
 
@@ -128,13 +132,14 @@ def test_partitioned_gpt_matches_the_full_model_gradient_by_gradient(comm):
 
     from hpcllm.model.gpt import GPT, GPTShape
     from hpcllm.parallel.tensor.collectives import TensorCollectives
-    from hpcllm.parallel.tensor.layers import partition_gpt, partition_kind, unshard
+    from hpcllm.model.partition import partition_tensor_parallel
+    from hpcllm.parallel.sharding import model_sharding, unshard
 
     shape = GPTShape(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16)
     torch.manual_seed(3)
     full = GPT(shape)
     torch.manual_seed(3)
-    part = partition_gpt(GPT(shape), TensorCollectives(comm))
+    part = partition_tensor_parallel(GPT(shape), TensorCollectives(comm))
     idx = torch.randint(0, 13, (3, 8))
     full_loss = full.loss(full(idx), idx)
     full_loss.backward()
@@ -142,12 +147,12 @@ def test_partitioned_gpt_matches_the_full_model_gradient_by_gradient(comm):
     assert abs(part_loss.item() - full_loss.item()) < 1e-5
     part_loss.backward()
     grads = dict(part.named_parameters())
+    sharding = model_sharding(part)
     for name, p in full.named_parameters():
-        kind = partition_kind(name)
         slices = comm.allgather(grads[name].grad)
-        rebuilt = unshard(slices, kind, shape.vocab_size)
+        rebuilt = unshard(slices, sharding[name])
         assert torch.allclose(rebuilt, p.grad, atol=1e-5), name
-        if kind == "replicated":  # LayerNorms and friends stay identical on every TP rank
+        if not sharding[name].partitioned:  # LayerNorms and friends stay identical on every TP rank
             assert all(torch.equal(s, slices[0]) for s in slices), name
 
 

@@ -38,7 +38,9 @@ def _iterations(nbytes: int) -> int:
 
 def _engine(name: str, rt: runtime.Runtime, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     if name == "horovod":
-        hvd = rt.horovod
+        from hpcllm.parallel import horovod
+
+        hvd, _ = horovod.start(rt.comm, [], {})
         return lambda t: hvd.allreduce(t, op=hvd.Sum, name="bench")
     if name == "mpi4py":
         from mpi4py import MPI

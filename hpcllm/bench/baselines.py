@@ -20,7 +20,7 @@ from hpcllm.data.tokens import open_prepared
 from hpcllm.model.gpt import GPT, GPTShape, lm_loss
 from hpcllm.observe.timing import PhaseTimer
 from hpcllm.training import config as config_mod
-from hpcllm.training.loop import make_optimizer
+from hpcllm.training.optim import make_optimizer
 
 LOG_EVERY = 10
 
@@ -49,7 +49,7 @@ def main() -> None:
     m, t = config.model, config.train
     torch.manual_seed(t.seed)
     model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout))
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config.train)
     trained: torch.nn.Module = model
     if args.variant == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)

@@ -68,13 +68,15 @@ def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
     from hpcllm.cluster import runtime
     from hpcllm.model.gpt import GPT, GPTShape
     from hpcllm.parallel.grid import Grid
-    from hpcllm.parallel.pipeline.schedules import PipelineStage, keep_stage, plan_stages
+    from hpcllm.parallel.pipeline.partition import plan_stages
+    from hpcllm.parallel.pipeline.schedules import PipelineStage
 
     rt = runtime.init(seed=0)
     grid = Grid(rt.comm, pp=pp)
     shape = GPTShape(VOCAB, BLOCK, LAYERS_PER_STAGE * pp, n_head=4, n_embd=EMBD)
     model = GPT(shape)
-    keep_stage(model, plan_stages(model, pp), grid.pp_rank, pp)
+    stages = plan_stages(shape, pp)
+    model.keep_stage(stages.layer_range(grid.pp_rank), grid.is_first_stage, grid.is_last_stage)
     stage = PipelineStage(model, grid, schedule, (MICRO_BATCH, BLOCK, EMBD), nullcontext, rt.device)
     generator = torch.Generator().manual_seed(0)
     batches = [

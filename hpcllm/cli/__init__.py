@@ -228,8 +228,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "pipeline":
         return _bench_pipeline(args)
     from hpcllm.bench import train as bench_train
-    from hpcllm.parallel.data_parallel import check_timeline
-    from hpcllm.training.loop import default_data_dir
+    from hpcllm.training.plan import check_timeline, default_data_dir
 
     steps = 60 if args.steps is None else args.steps
     if steps < 30 or args.repeat < 1:

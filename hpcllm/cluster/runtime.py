@@ -3,8 +3,8 @@
 `init()` is the first call of every hpcllm entry point. It starts MPI (through mpi4py), learns this
 rank's place from the communicator (the launcher's environment is cross-checked, not trusted), picks a
 device, seeds the RNGs, sets up rank-aware logging and makes any uncaught exception abort the whole
-job instead of leaving the other ranks hanging in a collective. Horovod is started on the same
-communicator on first use (`runtime.horovod`), so a world-size-1 run never needs it.
+job instead of leaving the other ranks hanging in a collective. Horovod is started by the grid
+(hpcllm.parallel.grid), with every process set, so a world-size-1 run never needs it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpcllm.cluster.launcher import LaunchInfo, detect
@@ -47,26 +46,11 @@ class Runtime:
     device: torch.device
     threads: int  # torch intra-op threads on CPU
     seed: int
-    _horovod: ModuleType | None = field(default=None, repr=False)
 
     @property
     def nodes(self) -> list[str]:
         """Distinct hostnames in order of their first rank."""
         return list(dict.fromkeys(self.hostnames))
-
-    @property
-    def horovod(self) -> ModuleType:
-        """`horovod.torch`, initialised on this communicator with dynamic process sets."""
-        if self._horovod is None:
-            self._horovod = init_horovod(self.comm)
-        return self._horovod
-
-    def configure_horovod(self, env: dict[str, str]) -> None:
-        """Set Horovod's environment knobs; they only count before Horovod starts."""
-        if self._horovod is not None:
-            log.warning("Horovod is already running; ignoring %s", ", ".join(env))
-            return
-        os.environ.update(env)
 
     def describe(self) -> str:
         return (
@@ -242,28 +226,6 @@ def install_abort_hook(comm: Any, rank: int) -> None:
 
     sys.excepthook = abort
     threading.excepthook = lambda args: abort(args.exc_type, args.exc_value, args.exc_traceback)
-
-
-# ---- Horovod ------------------------------------------------------------------------------
-
-
-def init_horovod(comm: Any) -> ModuleType:
-    """Start Horovod on mpi4py's communicator, allowing process sets to be added later (the grid)."""
-    try:
-        import horovod.torch as hvd
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            f"Horovod with PyTorch is not importable ({exc}); fix: run `make setup`, "
-            "which builds it with PyTorch, MPI and Gloo"
-        ) from exc
-    if not hvd.is_initialized():
-        hvd.init(comm=comm, process_sets="dynamic")
-    if hvd.size() != comm.Get_size():
-        raise EnvironmentProblem(
-            f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
-            "another MPI; fix: delete the cached wheel and rerun `make setup`"
-        )
-    return hvd
 
 
 # ---- the entry point ----------------------------------------------------------------------

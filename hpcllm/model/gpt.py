@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcllm.parallel.sharding import Sharding
+
 
 @dataclass(frozen=True)
 class GPTShape:
@@ -90,17 +92,38 @@ class GPT(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
         self.shape = shape
-        self.wte = nn.Embedding(shape.vocab_size, shape.n_embd)
-        self.wpe = nn.Embedding(shape.block_size, shape.n_embd)
-        self.drop = nn.Dropout(shape.dropout)
+        # Parts a pipeline stage does not run are None on that stage (see keep_stage).
+        self.wte: nn.Module | None = nn.Embedding(shape.vocab_size, shape.n_embd)
+        self.wpe: nn.Embedding | None = nn.Embedding(shape.block_size, shape.n_embd)
+        self.drop: nn.Dropout | None = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
-        self.ln_f = nn.LayerNorm(shape.n_embd)
-        self.lm_head = TiedHead()
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(shape.n_embd)
+        self.lm_head: nn.Module = TiedHead()
+        self.stage_layers = range(shape.n_layer)  # the blocks this model runs
+        self.holds_tied_copy = False  # the last stage's copy of the embedding the first stage owns
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down with depth so the residual stream stays O(1).
-        for name, param in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * shape.n_layer))
+        for block in self.blocks:
+            for projection in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * shape.n_layer))
+
+    def parameter_sharding(self) -> dict[str, Sharding]:
+        return {"wte.weight": Sharding(pipeline_copy=True)} if self.holds_tied_copy else {}
+
+    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
+        """Drop, in place, every part this pipeline stage does not run. Blocks keep their global
+        index in parameter names, so checkpoints of any pipeline size name a tensor alike."""
+        for index in range(len(self.blocks)):
+            if index not in layers:
+                self.blocks[index] = nn.Identity()
+        self.stage_layers = layers
+        if not first:
+            self.wpe = self.drop = None
+        if not last:
+            self.ln_f = None
+        if not (first or last):
+            self.wte = None
+        self.holds_tied_copy = last and not first
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -127,10 +150,14 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {idx.shape[1]} tokens is longer than block_size {self.shape.block_size}"
             )
-        hidden = self.embed(idx)
-        for block in self.blocks:
-            hidden = block(hidden)
-        return self.head(hidden)
+        return self.forward_stage(idx, first=True, last=True)
+
+    def forward_stage(self, inputs: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
+        """This stage's part of the forward: ids -> hidden (first), hidden -> hidden, -> logits (last)."""
+        hidden = self.embed(inputs) if first else inputs
+        for index in self.stage_layers:
+            hidden = self.blocks[index](hidden)
+        return self.head(hidden) if last else hidden
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

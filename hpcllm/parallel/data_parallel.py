@@ -1,68 +1,46 @@
 """Data-parallel communication: Horovod keeps the replicas of one model partition identical.
 
 Gradients are averaged by Horovod's ring-allreduce (tensor fusion, optional fp16 compression) over
-the DP process set of the grid, after `backward_passes_per_step` micro-batches have accumulated;
-initial parameters and optimizer state are broadcast from the group's first rank. Fusion
-threshold, cycle time and the timeline come from the config's `horovod` section. Scalars (losses
-for the log) are averaged over the DP communicator with mpi4py. With dp = 1 nothing is
-communicated and Horovod is never started.
+the DP process set of the grid (Horovod is started by the grid), after every `allreduce_every`
+micro-batches; initial parameters and optimizer state are broadcast from the group's first rank.
+Scalars (losses for the log) are averaged over the DP communicator with mpi4py. With dp = 1
+nothing is communicated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from hpcllm.cluster import watchdog
-from hpcllm.errors import UsageError
 from hpcllm.parallel.grid import Grid
-from hpcllm.training.config import HorovodConfig
-
-
-def check_timeline(path: str) -> None:
-    """Horovod only logs an error and goes on without a timeline it cannot open: refuse it up front."""
-    if path and not Path(path).resolve().parent.is_dir():
-        raise UsageError(f"timeline {path}: directory {Path(path).parent} does not exist; create it first")
-
-
-def horovod_environment(settings: HorovodConfig) -> dict[str, str]:
-    """The environment Horovod reads its knobs from when it starts."""
-    env = {
-        "HOROVOD_FUSION_THRESHOLD": str(int(settings.fusion_threshold_mb * 1024 * 1024)),
-        "HOROVOD_CYCLE_TIME": f"{settings.cycle_time_ms:g}",
-    }
-    if settings.timeline:
-        env["HOROVOD_TIMELINE"] = str(Path(settings.timeline).resolve())
-    return env
 
 
 class DataParallel:
-    def __init__(self, grid: Grid, horovod: Any = None):
+    def __init__(self, grid: Grid):
         self.grid = grid
         self.size = grid.layout.dp
-        self.hvd = horovod if self.size > 1 else None
+        self.hvd = grid.hvd if self.size > 1 else None
 
     def wrap_optimizer(
         self,
         optimizer: torch.optim.Optimizer,
         model: torch.nn.Module,
-        micro_batches: int,
-        settings: HorovodConfig,
+        allreduce_every: int,
+        fp16_compression: bool = False,
     ) -> torch.optim.Optimizer:
-        """Horovod's optimizer: gradients are allreduced after every `backward_passes_per_step`
-        micro-batches (all of a step by default); the trainer waits for each such allreduce."""
+        """Horovod's optimizer: gradients are allreduced after every `allreduce_every` micro-batches
+        (all of a step by default); the trainer waits for each such allreduce."""
         if self.hvd is None:
             return optimizer
         hvd = self.hvd
         return hvd.DistributedOptimizer(
             optimizer,
             named_parameters=model.named_parameters(),
-            compression=hvd.Compression.fp16 if settings.fp16_compression else hvd.Compression.none,
-            backward_passes_per_step=settings.backward_passes_per_step or micro_batches,
+            compression=hvd.Compression.fp16 if fp16_compression else hvd.Compression.none,
+            backward_passes_per_step=allreduce_every,
             op=hvd.Average,
             process_set=self.grid.dp_process_set,
         )

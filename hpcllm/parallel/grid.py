@@ -1,104 +1,71 @@
-"""The pp × dp × tp process grid: coordinates, sub-communicators and Horovod process sets.
+"""The grid: this rank's place in the pp × dp × tp layout and every group it communicates in.
 
-Rank order is Megatron's: TP varies fastest (tensor-parallel neighbours share a node and its fast
-links), then DP, then PP:  rank = (pp_idx * dp + dp_idx) * tp + tp_idx.
-
-`Layout` is pure arithmetic (testable without MPI); `Grid` builds the communicators from it.
+Like Megatron's `initialize_model_parallel`, every group is created eagerly, in one order, when the
+grid is built, and on every rank alike: the mpi4py sub-communicators (tp, dp, pp and the two-rank
+tied-embedding group of each pipeline) and, when Horovod is used, Horovod with all its process sets.
+Nothing is created later, so no collective setup can happen inside a forward pass (where a pipeline's
+stages would wait on each other in different calls and deadlock).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
-from hpcllm.errors import UsageError
+from hpcllm.parallel import horovod as horovod_start
+from hpcllm.parallel.layout import Coords, Layout
 
-
-class Coords(NamedTuple):
-    pp: int
-    dp: int
-    tp: int
-
-
-@dataclass(frozen=True)
-class Layout:
-    pp: int
-    dp: int
-    tp: int
-
-    @classmethod
-    def for_world(cls, world: int, tp: int = 1, pp: int = 1) -> Layout:
-        """dp = world / (tp * pp); a world that does not factor is bad input (exit 2)."""
-        for name, value in (("tp", tp), ("pp", pp)):
-            if value < 1:
-                raise UsageError(f"{name} must be at least 1, got {value}")
-        if world % (tp * pp):
-            raise UsageError(
-                f"world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
-                f"launch a multiple of {tp * pp} ranks or change --tp/--pp"
-            )
-        return cls(pp=pp, dp=world // (tp * pp), tp=tp)
-
-    @property
-    def world(self) -> int:
-        return self.pp * self.dp * self.tp
-
-    def rank(self, pp: int, dp: int, tp: int) -> int:
-        return (pp * self.dp + dp) * self.tp + tp
-
-    def coords(self, rank: int) -> Coords:
-        tp = rank % self.tp
-        dp = (rank // self.tp) % self.dp
-        pp = rank // (self.tp * self.dp)
-        return Coords(pp, dp, tp)
-
-    # The groups: ranks that share every coordinate but one, in order of that coordinate.
-    def tp_group(self, rank: int) -> list[int]:
-        c = self.coords(rank)
-        return [self.rank(c.pp, c.dp, t) for t in range(self.tp)]
-
-    def dp_group(self, rank: int) -> list[int]:
-        c = self.coords(rank)
-        return [self.rank(c.pp, d, c.tp) for d in range(self.dp)]
-
-    def pp_group(self, rank: int) -> list[int]:
-        c = self.coords(rank)
-        return [self.rank(p, c.dp, c.tp) for p in range(self.pp)]
-
-    def all_dp_groups(self) -> list[list[int]]:
-        """Every DP group, in a fixed order (every rank must create Horovod process sets alike)."""
-        return [[self.rank(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
-
-    def all_tp_groups(self) -> list[list[int]]:
-        return [[self.rank(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
-
-    def __str__(self) -> str:
-        return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
+__all__ = ["Coords", "Grid", "Layout"]
 
 
 class Grid:
-    """This rank's place in the layout, with one mpi4py communicator per axis.
+    """Communicators for this rank. With `horovod=True` Horovod is started with a static process
+    set for every DP group, and for every TP group too when `horovod_tp=True`."""
 
-    `dp_process_set` is the Horovod process set of this rank's DP group, created collectively on
-    first use; gradient allreduce runs over it. `horovod` provides the initialised `horovod.torch`
-    module when first needed (`lambda: runtime.horovod`), so a grid that never allreduces never
-    starts Horovod.
-    """
+    def __init__(
+        self,
+        comm: Any,
+        tp: int = 1,
+        pp: int = 1,
+        *,
+        horovod: bool = False,
+        horovod_tp: bool = False,
+        horovod_env: Mapping[str, str] | None = None,
+    ):
+        from mpi4py import MPI
 
-    def __init__(self, comm: Any, tp: int = 1, pp: int = 1, horovod: Callable[[], Any] | None = None):
         self.world = comm
         self.layout = Layout.for_world(comm.Get_size(), tp=tp, pp=pp)
         self.rank = comm.Get_rank()
         self.coords = self.layout.coords(self.rank)
-        c = self.coords
+        c, layout = self.coords, self.layout
         # Split colour: the coordinates the group shares; key: the one that varies, so the
         # sub-communicator's rank equals this rank's coordinate along its axis.
-        self.tp_comm = comm.Split(color=c.pp * self.layout.dp + c.dp, key=c.tp)
-        self.dp_comm = comm.Split(color=c.pp * self.layout.tp + c.tp, key=c.dp)
-        self.pp_comm = comm.Split(color=c.dp * self.layout.tp + c.tp, key=c.pp)
-        self._horovod = horovod
-        self._process_sets: dict[str, list[Any]] = {}
+        self.tp_comm = comm.Split(color=c.pp * layout.dp + c.dp, key=c.tp)
+        self.dp_comm = comm.Split(color=c.pp * layout.tp + c.tp, key=c.dp)
+        self.pp_comm = comm.Split(color=c.dp * layout.tp + c.tp, key=c.pp)
+        # The first and last stage of each pipeline both hold the tied embedding.
+        holds_embedding = layout.pp > 1 and c.pp in (0, layout.pp - 1)
+        embedding = self.pp_comm.Split(0 if holds_embedding else MPI.UNDEFINED, c.pp)
+        self.embedding_comm: Any = embedding if holds_embedding else None
+        self.hvd: Any = None
+        self._sets: dict[str, Any] = {}
+        if horovod:
+            self._start_horovod(horovod_tp, dict(horovod_env or {}))
+
+    def _start_horovod(self, with_tp: bool, env: dict[str, str]) -> None:
+        axes = {"dp": self.layout.all_dp_groups()}
+        if with_tp:
+            axes["tp"] = self.layout.all_tp_groups()
+        # A group of one rank needs no set; a group of every rank is Horovod's global set.
+        partial = {axis: groups for axis, groups in axes.items() if 1 < len(groups[0]) < self.layout.world}
+        ordered = [group for groups in partial.values() for group in groups]
+        unique = list(dict.fromkeys(tuple(g) for g in ordered))
+        self.hvd, sets = horovod_start.start(self.world, [list(g) for g in unique], env)
+        by_ranks = dict(zip(unique, sets, strict=True))
+        for axis, groups in axes.items():
+            mine = next(g for g in groups if self.rank in g)
+            self._sets[axis] = by_ranks.get(tuple(mine), self.hvd.global_process_set)
 
     @property
     def tp_rank(self) -> int:
@@ -120,37 +87,28 @@ class Grid:
     def is_last_stage(self) -> bool:
         return self.coords.pp == self.layout.pp - 1
 
-    def _process_set(self, axis: str) -> Any:
-        """This rank's Horovod process set along `axis` (created collectively, every group, on first use)."""
-        if self._horovod is None:
-            raise RuntimeError("Grid was built without Horovod; pass horovod=lambda: runtime.horovod")
-        hvd = self._horovod()
-        groups = self.layout.all_dp_groups() if axis == "dp" else self.layout.all_tp_groups()
-        if len(groups[0]) == self.layout.world:
-            return hvd.global_process_set
-        if axis not in self._process_sets:
-            # Collective: every rank adds every group of the axis, in the same order.
-            self._process_sets[axis] = [hvd.add_process_set(group) for group in groups]
-        mine = next(i for i, group in enumerate(groups) if self.rank in group)
-        return self._process_sets[axis][mine]
+    def process_set(self, axis: str) -> Any:
+        """This rank's Horovod process set along `axis` ("dp", or "tp" when started with horovod_tp)."""
+        if axis not in self._sets:
+            raise RuntimeError(f"the grid was built without Horovod process sets for {axis}")
+        return self._sets[axis]
 
     @property
     def dp_process_set(self) -> Any:
-        return self._process_set("dp")
+        return self.process_set("dp")
 
     @property
     def tp_process_set(self) -> Any:
-        return self._process_set("tp")
+        return self.process_set("tp")
 
     def close(self) -> None:
-        """Free the communicators and process sets (collective); the grid is unusable afterwards."""
-        for sets in self._process_sets.values():
-            hvd = self._horovod()  # type: ignore[misc]
-            for process_set in sets:
-                hvd.remove_process_set(process_set)
-        self._process_sets = {}
-        for sub in (self.tp_comm, self.dp_comm, self.pp_comm):
-            sub.Free()
+        """Free the communicators and stop Horovod (collective); the grid is unusable afterwards."""
+        if self.hvd is not None:
+            self.hvd.shutdown()
+            self.hvd, self._sets = None, {}
+        for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.embedding_comm):
+            if sub is not None:
+                sub.Free()
 
     def __repr__(self) -> str:
         return f"Grid({self.layout}, rank {self.rank} at {tuple(self.coords)})"

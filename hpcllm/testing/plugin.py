@@ -304,9 +304,8 @@ def grid(request: pytest.FixtureRequest, runtime: Any) -> Iterator[Any]:
 
     marker = request.node.get_closest_marker("mpi")
     kwargs = marker.kwargs if marker is not None else {}
-    built = Grid(
-        runtime.comm, tp=kwargs.get("tp", 1), pp=kwargs.get("pp", 1), horovod=lambda: runtime.horovod
-    )
+    # Horovod starts with the grid, its process sets static, as in training.
+    built = Grid(runtime.comm, tp=kwargs.get("tp", 1), pp=kwargs.get("pp", 1), horovod=True)
     yield built
     built.close()
 

@@ -35,6 +35,7 @@ from safetensors.torch import save as save_tensors
 from hpcllm.cluster.runtime import root_decides
 from hpcllm.errors import UsageError
 from hpcllm.parallel.grid import Grid
+from hpcllm.parallel.sharding import REPLICATED, Sharding, model_sharding, shard, unshard
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -139,7 +140,8 @@ def save(
         written[f"{base}.safetensors"] = _write_durably(
             staging / f"{base}.safetensors", save_tensors(tensors)
         )
-        meta = {"optimizer_groups": groups, "coords": list(grid.coords)}
+        split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
+        meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
         written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
     if after_shard is not None:
         after_shard()
@@ -257,13 +259,11 @@ def _resharded(
     checkpoint: Path, manifest: dict[str, Any], grid: Grid, model: torch.nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's tensors from a checkpoint saved with another (pp, tp). Each saved stage's JSON
-    side file names its parameters; only the stages holding a parameter this rank still needs are
-    read. Each tensor is taken from the first stage that saved it, its TP slices are joined into
-    the full tensor and cut again for the current layout."""
-    from hpcllm.parallel.tensor.layers import partition_kind, reshard
-
+    side file names its parameters and how they were split; only the stages holding a parameter
+    this rank still needs are read. Each tensor is taken from the first stage that saved it, its TP
+    slices joined by the saved split and cut by the split this model's layers declare."""
     saved = manifest["layout"]
-    needed = set(model.state_dict())
+    current = model_sharding(model)
     tensors: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
     first_meta: dict[str, Any] = {}
@@ -271,20 +271,18 @@ def _resharded(
         stage_meta = json.loads(_read_verified(checkpoint, f"{shard_name(stage, 0)}.json", manifest))
         first_meta = first_meta or stage_meta  # optimizer hyperparameters: the same on every stage
         names = {name for group in stage_meta["optimizer_groups"] for name in group["params"]}
-        if not (names & needed) - loaded:
+        if not (names & current.keys()) - loaded:
             continue
+        if saved["tp"] > 1 and "sharding" not in stage_meta:
+            raise UsageError(f"{checkpoint} predates recorded sharding; resume it at tp = {saved['tp']}")
+        saved_split = {n: Sharding.from_json(s) for n, s in stage_meta.get("sharding", {}).items()}
         shards = [_read_shard(checkpoint, manifest, stage, t)[0] for t in range(saved["tp"])]
         for key in shards[0]:
             name = _param_name(key)
-            if key in tensors or (name and name not in needed):
+            if key in tensors or (name and name not in current):
                 continue
-            tensors[key] = reshard(
-                [shard[key] for shard in shards],
-                partition_kind(name),
-                model.shape.vocab_size,
-                grid.tp_rank,
-                grid.layout.tp,
-            )
+            full = unshard([shard[key] for shard in shards], saved_split.get(name, REPLICATED))
+            tensors[key] = shard(full, current.get(name, REPLICATED), grid.tp_rank, grid.layout.tp)
         loaded |= names
     return tensors, first_meta
 

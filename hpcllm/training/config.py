@@ -7,7 +7,7 @@ the nearest valid key. Values given on the command line are parsed as YAML scala
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"
     block_size: int = 128
@@ -36,7 +36,7 @@ class ModelConfig:
     dropout: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 400
     global_batch: int = 32  # sequences per optimizer step, over all DP ranks
@@ -57,15 +57,16 @@ class TrainConfig:
     watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
     schedule: str = "1f1b"
+    tp_backend: str = "auto"  # auto | mpi4py | horovod: auto = mpi4py on CPU, Horovod (NCCL) on CUDA
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
 
 
-@dataclass
+@dataclass(frozen=True)
 class HorovodConfig:
     """Horovod's data-parallel gradient allreduce (docs/benchmarks.md measures each knob)."""
 
@@ -76,12 +77,12 @@ class HorovodConfig:
     timeline: str = ""  # write Horovod's timeline (chrome://tracing JSON) to this file, from rank 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # a prepared directory; empty = the default corpus, prepared on first use
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -120,14 +121,11 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     raise UsageError(f"{key} must be {article} {kind.__name__}, not {value!r}")
 
 
-def _set(config: Config, key: str, value: Any) -> None:
-    section_name, _, name = key.partition(".")
+def _check_key(key: str) -> None:
     if key not in valid_keys():
         close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid_keys())}"
         raise UsageError(f"unknown config key {key!r}{hint}")
-    section = getattr(config, section_name)
-    setattr(section, name, _coerce(key, value, getattr(section, name)))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -156,9 +154,11 @@ def load(
     path: str | Path | None = None,
     assignments: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Build the config; a preset (from the file or --set model.preset=...) fills the model's shape,
-    and explicit model keys override it. `base` (a saved run's config, on resume) comes first."""
+    """Build and check the config, in this order of precedence (last wins): defaults, `base` (a saved
+    run's config, on resume), the YAML file, `--set` assignments, then `overrides` (typed values of
+    command-line flags). A preset fills the model's shape; explicit model keys override it."""
     values: dict[str, Any] = _flatten(base) if base else {}
     if path is not None:
         file = Path(path)
@@ -172,14 +172,21 @@ def load(
             raise UsageError(f"config file {file} must hold a mapping of sections (model:, train:, ...)")
         values.update(_flatten(tree))
     values.update(dict(parse_assignment(a) for a in assignments))
-    config = Config()
-    preset = values.get("model.preset", config.model.preset)
+    values.update(overrides or {})
+    defaults = Config()
+    preset = values.get("model.preset", defaults.model.preset)
     if preset not in PRESETS:
         raise UsageError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    for name, value in PRESETS[preset].items():
-        setattr(config.model, name, value)
+    sections: dict[str, dict[str, Any]] = {"model": dict(PRESETS[preset])}
     for key, value in values.items():
-        _set(config, key, value)
+        _check_key(key)
+        section_name, _, name = key.partition(".")
+        current = getattr(getattr(defaults, section_name), name)
+        sections.setdefault(section_name, {})[name] = _coerce(key, value, current)
+    config = replace(
+        defaults,
+        **{name: replace(getattr(defaults, name), **fields_) for name, fields_ in sections.items()},
+    )
     validate(config)
     return config
 
@@ -224,23 +231,9 @@ def validate(config: Config) -> None:
         raise UsageError(f"model.dropout must be in [0, 1), not {m.dropout}")
     if t.dtype not in ("float32", "bfloat16"):
         raise UsageError(f"train.dtype must be float32 or bfloat16, not {t.dtype}")
+    if config.parallel.tp_backend not in ("auto", "mpi4py", "horovod"):
+        raise UsageError(
+            f"parallel.tp_backend must be auto, mpi4py or horovod, not {config.parallel.tp_backend}"
+        )
     if config.parallel.schedule not in ("1f1b", "gpipe"):
         raise UsageError(f"parallel.schedule must be 1f1b or gpipe, not {config.parallel.schedule}")
-
-
-def check_batch_layout(config: Config, dp: int) -> int:
-    """Micro-batches per rank per step; the global batch must split evenly over dp × micro_batch."""
-    t = config.train
-    if t.global_batch % (dp * t.micro_batch):
-        raise UsageError(
-            f"train.global_batch {t.global_batch} is not divisible by dp × train.micro_batch = "
-            f"{dp} × {t.micro_batch} = {dp * t.micro_batch}; change one of them"
-        )
-    micro = t.global_batch // (dp * t.micro_batch)
-    every = config.horovod.backward_passes_per_step
-    if every and micro % every:
-        raise UsageError(
-            f"horovod.backward_passes_per_step {every} does not divide the {micro} micro-batches per rank "
-            "per step; choose a divisor of it, or 0 for one allreduce per step"
-        )
-    return micro

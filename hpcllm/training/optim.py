@@ -1,0 +1,68 @@
+"""The optimizer side of a step: AdamW with its parameter groups, the learning-rate schedule, and
+clipping by the norm of the full model's gradient (read through the declared sharding)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcllm.cluster import watchdog
+from hpcllm.parallel.sharding import model_sharding
+from hpcllm.parallel.tensor.collectives import TensorCollectives
+from hpcllm.training.config import TrainConfig
+
+
+def learning_rate(step: int, train: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    if step < train.warmup:
+        return train.lr * (step + 1) / train.warmup
+    progress = (step - train.warmup) / max(1, train.steps - train.warmup)
+    return train.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (train.lr - train.min_lr)
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or position tables' rows)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, group: TensorCollectives, pipeline_comm: Any = None
+) -> float:
+    """Clip by the norm of the *full* model's gradient: partitioned slices are summed over the TP
+    group, replicated parameters counted once (they are identical on every TP rank), and with a
+    pipeline the stages' sums are added (a pipeline copy of a tied weight left out)."""
+    sharding = model_sharding(model)
+    partitioned = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        grads.append(param.grad)
+        if sharding[name].pipeline_copy:
+            continue
+        square = param.grad.detach().double().pow(2).sum().cpu()
+        if sharding[name].partitioned:
+            partitioned += square
+        else:
+            replicated += square
+    partitioned = group.allreduce_(partitioned.reshape(1)).reshape(())
+    total_square = float(partitioned + replicated)
+    if pipeline_comm is not None:
+        with watchdog.waiting("gradient-norm allreduce over stages"):
+            total_square = pipeline_comm.allreduce(total_square)
+    total = total_square**0.5
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for grad in grads:
+            grad.detach().mul_(scale)
+    return total

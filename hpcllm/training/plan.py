@@ -1,0 +1,143 @@
+"""The plan: the configuration checked once, together with the world, into everything a run needs.
+
+`make_plan` is the only place a training configuration is validated against the world: the layout,
+tensor-parallel divisibility, the pipeline stage split, the batch layout, the gradient-reduction
+cadence, the backends, Horovod's environment, resume compatibility. Everything downstream reads the
+frozen `Plan`; nothing changes it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hpcllm.data import tokenizer
+from hpcllm.errors import UsageError
+from hpcllm.model.gpt import GPTShape
+from hpcllm.model.partition import check_tp
+from hpcllm.parallel import horovod
+from hpcllm.parallel.layout import Layout
+from hpcllm.parallel.pipeline.partition import StagePlan, parse_stage_layers, plan_stages
+from hpcllm.training.config import Config
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config  # validated; data.path resolved (the default corpus's cache when none was given)
+    layout: Layout
+    micro_batches: int  # micro-batches per rank per step
+    allreduce_every: int  # micro-batches between data-parallel gradient reductions
+    tp_backend: str  # mpi4py | horovod (auto resolved by device)
+    horovod_env: dict[str, str]  # Horovod's knobs, set once when it starts
+    default_data: bool  # data.path was empty: prepare the default corpus there on first use
+
+    @property
+    def uses_horovod(self) -> bool:
+        return self.layout.dp > 1 or (self.tp_backend == "horovod" and self.layout.tp > 1)
+
+    @property
+    def bubble(self) -> float:
+        """The pipeline's idle fraction, (p - 1) / (m + p - 1)."""
+        p, m = self.layout.pp, self.micro_batches
+        return (p - 1) / (m + p - 1)
+
+    def model_shape(self, vocab_size: int) -> GPTShape:
+        m = self.config.model
+        return GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
+
+    def stages(self, vocab_size: int) -> StagePlan:
+        """Layers per pipeline stage (balancing needs the vocabulary, known once the data is)."""
+        return plan_stages(self.model_shape(vocab_size), self.layout.pp, self.config.parallel.stage_layers)
+
+
+def default_data_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpcllm" / "data"
+    version = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache / f"stdlib-{version}-bpe{tokenizer.DEFAULT_VOCAB_SIZE}"
+
+
+def _check_resume_compatible(config: Config, saved: dict[str, Any]) -> None:
+    before = saved.get("model", {})
+    for key, value in vars(config.model).items():
+        if key in before and before[key] != value:
+            raise UsageError(
+                f"--resume: the run was trained with model.{key}={before[key]}, not {value}; "
+                "a checkpoint only loads into the same model"
+            )
+
+
+def _batch_layout(config: Config, dp: int) -> int:
+    """Micro-batches per rank per step; the global batch must split evenly over dp × micro_batch."""
+    t = config.train
+    if t.global_batch % (dp * t.micro_batch):
+        raise UsageError(
+            f"train.global_batch {t.global_batch} is not divisible by dp × train.micro_batch = "
+            f"{dp} × {t.micro_batch} = {dp * t.micro_batch}; change one of them"
+        )
+    return t.global_batch // (dp * t.micro_batch)
+
+
+def _allreduce_every(config: Config, micro: int) -> int:
+    every = config.horovod.backward_passes_per_step
+    if every and micro % every:
+        raise UsageError(
+            f"horovod.backward_passes_per_step {every} does not divide the {micro} micro-batches per rank "
+            "per step; choose a divisor of it, or 0 for one allreduce per step"
+        )
+    return every or micro
+
+
+def _check_stages(config: Config, pp: int) -> None:
+    n_layer = config.model.n_layer
+    if pp > n_layer:
+        raise UsageError(
+            f"pp = {pp} stages but model.n_layer = {n_layer}: every stage needs a layer; lower --pp"
+        )
+    if config.parallel.stage_layers:
+        parse_stage_layers(config.parallel.stage_layers, n_layer, pp)
+
+
+def _tp_backend(config: Config, device_type: str) -> str:
+    choice = config.parallel.tp_backend
+    if choice == "auto":
+        return "horovod" if device_type == "cuda" else "mpi4py"
+    if choice == "mpi4py" and device_type == "cuda":
+        raise UsageError("parallel.tp_backend=mpi4py passes host buffers; on CUDA use horovod (or auto)")
+    return choice
+
+
+def check_timeline(path: str) -> None:
+    """Horovod only logs an error and goes on without a timeline it cannot open: refuse it up front."""
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"timeline {path}: directory {Path(path).parent} does not exist; create it first")
+
+
+def make_plan(
+    config: Config, world: int, device_type: str = "cpu", saved: dict[str, Any] | None = None
+) -> Plan:
+    """Check `config` against a world of `world` ranks; bad input raises UsageError (exit 2)."""
+    if saved is not None:
+        _check_resume_compatible(config, saved)
+    p = config.parallel
+    layout = Layout.for_world(world, tp=p.tp, pp=p.pp)
+    check_tp(config.model.n_head, config.model.n_embd, p.tp)
+    _check_stages(config, p.pp)
+    micro = _batch_layout(config, layout.dp)
+    every = _allreduce_every(config, micro)
+    check_timeline(config.horovod.timeline)
+    h = config.horovod
+    default_data = not config.data.path
+    if default_data:
+        config = replace(config, data=replace(config.data, path=str(default_data_dir())))
+    return Plan(
+        config=config,
+        layout=layout,
+        micro_batches=micro,
+        allreduce_every=every,
+        tp_backend=_tp_backend(config, device_type),
+        horovod_env=horovod.environment(h.fusion_threshold_mb, h.cycle_time_ms, h.timeline),
+        default_data=default_data,
+    )

@@ -1,0 +1,65 @@
+"""The run directory (config.yaml, metrics.jsonl, loss.png, logs/, checkpoints/) and the data a run
+reads: where a run writes, when an existing directory may be touched, and the default corpus."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpcllm.cluster import runtime
+from hpcllm.data import prepare
+from hpcllm.data.tokens import Prepared, open_prepared
+from hpcllm.errors import UsageError
+from hpcllm.training import checkpoint
+from hpcllm.training.plan import Plan
+
+log = logging.getLogger("hpcllm.training")
+
+
+def default_run_dir() -> Path:
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path("runs") / (f"job-{job}" if job else time.strftime("%Y%m%d-%H%M%S"))
+
+
+def open_run_dir(out_arg: str | None, resume: bool) -> tuple[Path, dict[str, Any] | None]:
+    """(run directory, saved config when resuming). Refuses to touch a run without --resume."""
+    out = Path(out_arg) if out_arg else default_run_dir()
+    saved_config = out / "config.yaml"
+    if resume:
+        if not saved_config.is_file():
+            raise UsageError(
+                f"--resume: {out} holds no run (config.yaml missing); drop --resume to start one"
+            )
+        ckpt = checkpoint.latest(out)
+        if ckpt is None:
+            raise UsageError(
+                f"--resume: {out} has no complete checkpoint yet; start the run again without --resume"
+            )
+        checkpoint.refuse_pickles(ckpt)
+        return out, yaml.safe_load(saved_config.read_text())
+    if saved_config.exists():
+        raise UsageError(
+            f"--out {out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is not empty and is not an hpcllm run; choose another directory")
+    return out, None
+
+
+def ensure_data(plan: Plan, rt: runtime.Runtime) -> Prepared:
+    """The prepared data of data.path; the default corpus is prepared there on first use."""
+    path = Path(plan.config.data.path)
+    if plan.default_data and not (path / "manifest.json").exists():
+        log.info("preparing the default corpus (Python's standard library) once, into %s", path)
+        options = prepare.PrepareOptions(sources=[], out=path, force=True)
+        prepare.set_tokenizer_threads(rt.threads)
+        summary = prepare.prepare(options, rt.comm)
+        for line in summary.lines():
+            log.info("  %s", line)
+    root_verified = runtime.root_decides(rt.comm, lambda: open_prepared(path, verify=True).manifest)
+    return Prepared(path, root_verified)

@@ -1,0 +1,165 @@
+"""One training step and one evaluation, for this rank's partition of the model.
+
+Per step: this DP rank's micro-batches (from the step-defined sampler) -> forward/backward with
+gradient accumulation (through the pipeline schedule when pp > 1) -> Horovod averages gradients
+over the DP group -> clip -> AdamW step. The loss returned is the mean over the whole global batch,
+reduced over DP, so it does not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcllm.cluster import faults, runtime
+from hpcllm.cluster.preemption import StopFlag
+from hpcllm.data.loader import BatchSampler, micro_batches
+from hpcllm.data.tokens import Prepared
+from hpcllm.errors import UsageError
+from hpcllm.model.gpt import GPT
+from hpcllm.observe.timing import PhaseTimer, device_sync
+from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.grid import Grid
+from hpcllm.parallel.pipeline.schedules import PipelineStage
+from hpcllm.parallel.tensor.collectives import TensorCollectives
+from hpcllm.training import checkpoint
+from hpcllm.training.config import Config
+from hpcllm.training.optim import clip_grad_norm_, learning_rate
+from hpcllm.training.plan import Plan
+
+log = logging.getLogger("hpcllm.training")
+
+
+def autocast_for(dtype: str, device: torch.device) -> Callable[[], Any]:
+    if dtype == "bfloat16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+@dataclass
+class Trainer:
+    plan: Plan
+    rt: runtime.Runtime
+    grid: Grid
+    data: Prepared
+    run_dir: Path
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    dp: DataParallel
+    tp_group: TensorCollectives
+    full_parameters: int
+    pipeline: PipelineStage | None = None
+    stop: StopFlag = field(default_factory=StopFlag)
+    fault: faults.Fault | None = None  # HPCLLM_FAULT, for the reliability tests
+    timer: PhaseTimer = field(init=False)
+    config: Config = field(init=False)  # the plan's, for short
+    micro_per_step: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = self.plan.config
+        self.micro_per_step = self.plan.micro_batches
+        t, m = self.config.train, self.config.model
+        self.train_tokens = self.data.tokens("train")
+        self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.global_batch, t.seed)
+        self.val_tokens = self.data.tokens("val")
+        try:
+            self.val_sampler: BatchSampler | None = BatchSampler(
+                len(self.val_tokens), m.block_size, t.global_batch, t.seed + 1
+            )
+        except UsageError:
+            log.warning("the validation split is shorter than one sequence: no validation loss")
+            self.val_sampler = None
+        self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
+        self.timer = PhaseTimer(device_sync(self.rt.device))
+
+    def _batches(
+        self, sampler: BatchSampler, tokens: Any, step: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        indices = sampler.rank_indices(step, self.grid.dp_rank, self.grid.layout.dp)
+        device = self.rt.device
+        return [
+            (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            for x, y in micro_batches(
+                tokens, indices, self.config.model.block_size, self.config.train.micro_batch
+            )
+        ]
+
+    def train_step(self, step: int) -> float:
+        lr = learning_rate(step, self.config.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad()
+        timer = self.timer
+        with timer.phase("data"):
+            batches = self._batches(self.sampler, self.train_tokens, step)
+        every = self.plan.allreduce_every
+
+        def reduce_early(done: int) -> None:
+            # Averaging a partial sum is exact: what was averaged before is equal on every
+            # replica, so mean(averaged + local) = averaged + mean(local).
+            if done % every == 0 and done < len(batches):
+                with timer.phase("allreduce"):
+                    self.dp.synchronize(self.optimizer)
+
+        if self.pipeline is not None:
+            with timer.phase("pipeline"):
+                loss = self.pipeline.train_step(batches, after_backward=reduce_early).loss
+        else:
+            loss = 0.0
+            for index, (x, y) in enumerate(batches, start=1):
+                with timer.phase("forward"):
+                    with self.autocast():
+                        micro_loss = self.model.loss(self.model(x), y)
+                    loss += micro_loss.item() / self.micro_per_step
+                with timer.phase("backward"):
+                    (micro_loss / self.micro_per_step).backward()
+                reduce_early(index)
+        with timer.phase("allreduce"):
+            self.dp.synchronize(self.optimizer)
+            if self.pipeline is not None:
+                self.pipeline.sum_tied_gradients()
+            loss = self.dp.mean(loss)
+        with timer.phase("optimizer"):
+            if self.config.train.grad_clip > 0:
+                pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
+                clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm)
+            with self.dp.step_without_sync(self.optimizer):
+                self.optimizer.step()
+        timer.step_done()
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_sampler is None:
+            return None
+        self.model.eval()
+        losses = []
+        for step in range(self.config.train.eval_steps):
+            batches = self._batches(self.val_sampler, self.val_tokens, step)
+            if self.pipeline is not None:
+                losses += [self.pipeline.eval_step(batches)] * len(batches)
+                continue
+            for x, y in batches:
+                with self.autocast():
+                    losses.append(self.model.loss(self.model(x), y).item())
+        return self.dp.mean(sum(losses) / len(losses))
+
+    def save(self, step: int) -> Path:
+        extra = {"config": self.config.to_dict(), "sampler": {"step": step, "seed": self.config.train.seed}}
+        return checkpoint.save(
+            self.run_dir,
+            step,
+            self.model,
+            self.optimizer,
+            self.grid,
+            extra,
+            self.config.train.keep,
+            after_shard=lambda: faults.during_checkpoint(self.fault, self.rt.rank, step),
+        )
