@@ -134,11 +134,18 @@ def test_an_epoch_visits_every_sequence_once():
 
 
 def test_resume_at_step_k_gives_the_same_batches():
-    a = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)
-    b = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)  # a "restarted" sampler
+    """A sampler that has served steps 0..k-1 and a fresh one (a restarted job) give step k's batch
+    alike, and the batch depends on seed and step only: other seeds and steps give other batches."""
+    used = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)
+    for step in range(5):
+        used.rank_indices(step, 0, 2)
+    fresh = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)
+    other_seed = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=10)
     for step in range(5, 12):
         for r in range(2):
-            assert np.array_equal(a.rank_indices(step, r, 2), b.rank_indices(step, r, 2))
+            assert np.array_equal(used.rank_indices(step, r, 2), fresh.rank_indices(step, r, 2))
+        assert not np.array_equal(fresh.global_indices(step), other_seed.global_indices(step))
+        assert not np.array_equal(fresh.global_indices(step), fresh.global_indices(step + 1))
 
 
 def test_micro_batches_are_shifted_targets():

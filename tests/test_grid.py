@@ -31,45 +31,52 @@ def test_world_that_does_not_factor_is_a_usage_error():
         Layout.for_world(4, tp=0)
 
 
-def _check_grid(grid, comm):
+# Megatron's rank order, written out: TP fastest, then DP, then PP (rank -> (pp, dp, tp)).
+COORDS_2x2x2 = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+COORDS_4x2x1 = [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (2, 0, 0), (2, 1, 0), (3, 0, 0), (3, 1, 0)]
+
+
+def _peers(table, rank, axis):
+    """The ranks that share every coordinate of `rank` but `axis`, in order of that coordinate."""
+    mine = table[rank]
+    same = [r for r, c in enumerate(table) if all(c[i] == mine[i] for i in range(3) if i != axis)]
+    return sorted(same, key=lambda r: table[r][axis])
+
+
+def _check_grid(grid, comm, table):
     import torch
 
-    layout = grid.layout
     rank = comm.Get_rank()
-    assert tuple(grid.coords) == tuple(layout.coords(rank))
-    # Each sub-communicator holds exactly the layout's group, ordered by the varying coordinate.
-    for sub, expected in (
-        (grid.tp_comm, layout.tp_group(rank)),
-        (grid.dp_comm, layout.dp_group(rank)),
-        (grid.pp_comm, layout.pp_group(rank)),
-    ):
-        assert sub.allgather(rank) == expected
-    assert (grid.tp_comm.Get_rank(), grid.dp_comm.Get_rank(), grid.pp_comm.Get_rank()) == (
-        grid.tp_rank,
-        grid.dp_rank,
-        grid.pp_rank,
-    )
-    # Horovod allreduce over this rank's DP process set sums only within the DP group.
+    assert tuple(grid.coords) == table[rank]
+    assert (grid.pp_rank, grid.dp_rank, grid.tp_rank) == table[rank]
+    # Each sub-communicator holds exactly the ranks that differ along its axis, ordered along it.
+    for sub, axis in ((grid.pp_comm, 0), (grid.dp_comm, 1), (grid.tp_comm, 2)):
+        assert sub.allgather(rank) == _peers(table, rank, axis)
+        assert sub.Get_rank() == table[rank][axis]
+    # Horovod was started with the grid, on mpi4py's world: same ranks, same size.
     import horovod.torch as hvd
 
-    process_set = grid.dp_process_set  # starts Horovod on first use
-    # Horovod runs on mpi4py's world: same ranks, same size.
-    assert (hvd.rank(), hvd.size()) == (rank, comm.Get_size())
-
-    total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum, process_set=process_set)
-    assert total.item() == float(sum(layout.dp_group(rank)))
-    # Every rank's view agrees with every other's.
-    views = comm.allgather((rank, tuple(grid.coords)))
-    assert views == [(r, tuple(layout.coords(r))) for r in range(layout.world)]
+    assert hvd.is_initialized() and (hvd.rank(), hvd.size()) == (rank, comm.Get_size())
+    # Allreduce over this rank's static DP process set sums only within the DP group.
+    total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum, process_set=grid.dp_process_set)
+    assert total.item() == float(sum(_peers(table, rank, 1)))
+    # Every rank's view agrees with the table.
+    assert comm.allgather(tuple(grid.coords)) == table
 
 
 @pytest.mark.mpi(ranks=8, timeout=120, tp=2, pp=2)
 def test_grid_2x2x2_on_8_ranks(grid, comm):
     assert (grid.layout.pp, grid.layout.dp, grid.layout.tp) == (2, 2, 2)
-    _check_grid(grid, comm)
+    _check_grid(grid, comm, COORDS_2x2x2)
+    # The tied-embedding group joins the first and last stage of each pipeline; nobody else.
+    assert grid.embedding_comm is not None and grid.embedding_comm.allgather(comm.Get_rank()) == _peers(
+        COORDS_2x2x2, comm.Get_rank(), 0
+    )
 
 
 @pytest.mark.mpi(ranks=8, timeout=120, tp=1, pp=4)
 def test_grid_4x2x1_on_8_ranks(grid, comm):
     assert (grid.layout.pp, grid.layout.dp, grid.layout.tp) == (4, 2, 1)
-    _check_grid(grid, comm)
+    _check_grid(grid, comm, COORDS_4x2x1)
+    holds_embedding = grid.pp_rank in (0, 3)
+    assert (grid.embedding_comm is not None) == holds_embedding

@@ -59,12 +59,22 @@ def test_pp2_and_pp4_with_both_schedules_match_pp1(data_dir, tmp_path):
             assert (first["model.wte.weight"] == last["model.wte.weight"]).all()
 
 
-def test_3d_layout_2x2x2_on_8_ranks_matches_one_process(data_dir, tmp_path):
+def test_3d_layouts_and_horovod_paths_through_the_pipeline_match_one_process(data_dir, tmp_path):
+    """2x2x2 on 8 ranks, and two layouts that used to hang or crash: Horovod TP process sets with
+    pp > 1 (created lazily inside the first forward, they deadlocked the stages; now static, made
+    with the grid), and a pipeline reducing gradients every micro-batch (Horovod raised 'Gradients
+    were computed more than backward_passes_per_step times')."""
     reference = run_layout(data_dir, tmp_path / "one", 5)
     got = run_layout(data_dir, tmp_path / "3d", 5, 8, "--pp", 2, "--tp", 2)
     assert_same_losses(reference, got, "2x2x2")
     log = (tmp_path / "3d" / "logs" / "rank-0.log").read_text()
     assert "pp=2 x dp=2 x tp=2" in log
+    hvd_tp = sets("parallel.tp_backend=horovod")
+    got = run_layout(data_dir, tmp_path / "hvd-tp", 5, 4, "--tp", 2, "--pp", 2, *hvd_tp)
+    assert_same_losses(reference, got, "pp2 x tp2, TP over Horovod")
+    every = sets("horovod.backward_passes_per_step=1")
+    got = run_layout(data_dir, tmp_path / "every", 5, 4, "--pp", 2, *every)
+    assert_same_losses(reference, got, "pp2 x dp2, gradients reduced every micro-batch")
 
 
 def test_checkpoint_saved_at_pp2_resumes_at_pp1(data_dir, tmp_path):

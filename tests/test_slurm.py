@@ -76,8 +76,7 @@ def test_templates_render_the_requested_resources(template):
             3,
             "--ntasks-per-node",
             4,
-            "--gpus-per-node",
-            4,
+            *(["--gpus-per-node", 4] if template != "cpu" else []),
             "--time",
             "1-00:00:00",
             "--partition",
@@ -93,10 +92,13 @@ def test_templates_render_the_requested_resources(template):
     )
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
+    if template == "cpu":  # a CPU partition rejects any GPU request, and its nodes are not GPU-shaped
+        assert "--gpus-per-node" not in script and "--cpus-per-task" not in script
+    else:
+        assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --cpus-per-task=8" in script
     for line in (
         "#SBATCH --nodes=3",
         "#SBATCH --ntasks-per-node=4",
-        "#SBATCH --gpus-per-node=4",
         "#SBATCH --time=1-00:00:00",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=p1",
@@ -113,6 +115,13 @@ def test_templates_render_the_requested_resources(template):
     }
     assert launcher[template] in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+def test_cpu_template_follows_what_the_user_passed():
+    script = render(JobSpec(template="cpu", cpus_per_task=2))
+    assert "#SBATCH --cpus-per-task=2" in script and "gpus" not in script
+    with pytest.raises(UsageError, match="--template cpu asks for no GPUs"):
+        render(JobSpec(template="cpu", gpus_per_node=2))
 
 
 def test_array_template_gives_each_task_its_override():
@@ -168,7 +177,9 @@ def _submit_env(cluster):
     from pathlib import Path
 
     venv_bin = str(Path(sys.executable).parent)
-    return launch_env(cluster.env) | {"PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    # Submissions are recorded under XDG_STATE_HOME: keep this cluster's job ids apart from others'.
+    state = str(cluster.root / "state")
+    return launch_env(cluster.env) | {"PATH": f"{venv_bin}:{os.environ['PATH']}", "XDG_STATE_HOME": state}
 
 
 def _submit(cluster, out, *train_args, job_name="tiny", ntasks=2, slurm_flags=("--template", "cpu")):
@@ -205,7 +216,8 @@ def test_submitted_training_runs_to_completion_where_submit_said(slurm_cluster, 
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 10
     assert (run / "logs" / "rank-0.log").exists() and (run / "logs" / "rank-1.log").exists()
     assert "launcher srun (Slurm)" in (run / "logs" / "rank-1.log").read_text()
-    status = run_hpcllm(["slurm", "status", job, "--out", tmp_path], env=_submit_env(slurm_cluster))
+    # No --out: submit recorded where the job writes, so status finds the finished job's metrics.
+    status = run_hpcllm(["slurm", "status", job], env=_submit_env(slurm_cluster))
     assert status.returncode == 0, status.stderr
     assert f"job {job}:" in status.stdout and "latest metrics: step 10" in status.stdout
 

@@ -131,9 +131,9 @@ def test_partitioned_gpt_matches_the_full_model_gradient_by_gradient(comm):
     import torch
 
     from hpcllm.model.gpt import GPT, GPTShape
-    from hpcllm.parallel.tensor.collectives import TensorCollectives
     from hpcllm.model.partition import partition_tensor_parallel
     from hpcllm.parallel.sharding import model_sharding, unshard
+    from hpcllm.parallel.tensor.collectives import TensorCollectives
 
     shape = GPTShape(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_embd=16)
     torch.manual_seed(3)
@@ -218,3 +218,43 @@ def test_heads_not_divisible_by_tp_is_refused(data_dir, tmp_path):
     assert proc.returncode == 2
     assert "model.n_head 2 is not divisible by tp 4" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.mpi(ranks=2, timeout=120)
+def test_a_layer_named_against_the_old_convention_reshards_by_its_declaration(comm, mpi_tmp_path):
+    """`q_proj` ends in proj.weight, which the old name rule read as row-parallel; it is a
+    column-parallel layer and says so. Saved at tp = 2, it loads at tp = 1 (dp = 2) whole."""
+    import torch
+
+    from hpcllm.parallel.grid import Grid
+    from hpcllm.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear
+    from hpcllm.training import checkpoint
+
+    def layers(q_proj, out_fc):
+        return torch.nn.ModuleDict({"q_proj": q_proj, "out_fc": out_fc})
+
+    torch.manual_seed(0)
+    full = layers(torch.nn.Linear(4, 6), torch.nn.Linear(6, 4))
+    group = _group(comm)
+    model = layers(
+        ColumnParallelLinear.from_full(full["q_proj"], group),
+        RowParallelLinear.from_full(full["out_fc"], group),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model["out_fc"](model["q_proj"](torch.randn(3, 4))).square().sum().backward()
+    optimizer.step()  # every parameter moves; Adam's moments are sharded like their parameters
+    saved = checkpoint.save(mpi_tmp_path, 1, model, optimizer, Grid(comm, tp=2), {}, keep=1)
+
+    fresh = layers(torch.nn.Linear(4, 6), torch.nn.Linear(6, 4))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    checkpoint.load(saved, fresh, fresh_optimizer, Grid(comm, tp=1))
+    joined = {  # the tp = 2 slices joined along each layer's declared dimension
+        "q_proj.weight": torch.cat(comm.allgather(model["q_proj"].weight.detach()), dim=0),
+        "q_proj.bias": torch.cat(comm.allgather(model["q_proj"].bias.detach()), dim=0),
+        "out_fc.weight": torch.cat(comm.allgather(model["out_fc"].weight.detach()), dim=1),
+        "out_fc.bias": model["out_fc"].bias.detach(),
+    }
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param.detach(), joined[name]), name
+    moments = torch.cat(comm.allgather(optimizer.state[model["q_proj"].weight]["exp_avg"]), dim=0)
+    assert torch.equal(fresh_optimizer.state[fresh["q_proj"].weight]["exp_avg"], moments)

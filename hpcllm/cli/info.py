@@ -231,3 +231,19 @@ def main(tp: int = 1, pp: int = 1) -> int:
         return 1
     print("OK: hpcllm can train here.")
     return 0
+
+
+def add_parser(commands: Any) -> None:
+    info = commands.add_parser(
+        "info",
+        help="what this installation and job can do (Horovod build, MPI, torch/CUDA, Slurm, ranks)",
+        description="Like `horovodrun --check-build`, plus MPI, torch, CUDA/NCCL, Slurm and the rank "
+        "placement when run under mpirun or srun. Exits 1 with the fix when something is missing.",
+    )
+    info.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size for the grid column (default 1)"
+    )
+    info.add_argument(
+        "--pp", type=int, default=1, help="pipeline-parallel size for the grid column (default 1)"
+    )
+    info.set_defaults(func=lambda args: main(tp=args.tp, pp=args.pp))

@@ -7,6 +7,8 @@ nothing user-supplied reaches the shell unquoted.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -109,8 +111,8 @@ class JobSpec:
     template: str = "gpu"
     nodes: int = 1
     ntasks_per_node: int = 4
-    gpus_per_node: int = 4
-    cpus_per_task: int = 8
+    gpus_per_node: int | None = None  # None: 4 on GPU templates, none on the CPU template
+    cpus_per_task: int | None = None  # None: 8 on GPU templates, Slurm's default on the CPU template
     time: str = "02:00:00"
     partition: str | None = None
     account: str | None = None
@@ -122,12 +124,20 @@ class JobSpec:
     train_args: list[str] = field(default_factory=list)
 
     def validate(self) -> JobSpec:
+        """Check every field and fill the node shape the template implies where the user gave none."""
         if self.template not in TEMPLATES and not Path(self.template).is_file():
             raise UsageError(f"--template {self.template!r}: choose {', '.join(TEMPLATES)} or give a file")
+        cpu_only = self.template == "cpu"
+        if cpu_only and self.gpus_per_node:
+            raise UsageError("--template cpu asks for no GPUs; drop --gpus-per-node or use --template gpu")
+        if self.gpus_per_node is None:
+            self.gpus_per_node = 0 if cpu_only else 4
+        if self.cpus_per_task is None and not cpu_only:
+            self.cpus_per_task = 8
         for flag, value in (
             ("--nodes", self.nodes),
             ("--ntasks-per-node", self.ntasks_per_node),
-            ("--cpus-per-task", self.cpus_per_task),
+            ("--cpus-per-task", 1 if self.cpus_per_task is None else self.cpus_per_task),
         ):
             check_positive(flag, value)
         if self.gpus_per_node < 0:
@@ -193,4 +203,27 @@ def submit(spec: JobSpec) -> tuple[str, Path]:
         raise UsageError(
             f"sbatch refused the job: {done.stderr.strip().splitlines()[-1] if done.stderr else '?'}"
         )
-    return done.stdout.strip().split(";")[0], path
+    job = done.stdout.strip().split(";")[0]
+    _record(job, out)
+    return job, path
+
+
+def _jobs_dir() -> Path:
+    state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return state / "hpcllm" / "jobs"
+
+
+def _record(job: str, out: Path) -> None:
+    """Remember where job `job` writes, so `slurm status` finds it without --out."""
+    records = _jobs_dir()
+    records.mkdir(parents=True, exist_ok=True)
+    (records / f"{job}.json").write_text(json.dumps({"out": str(out.resolve())}))
+
+
+def submitted_out(job: str) -> Path | None:
+    """The --out that job `job` was submitted with (None when it was not submitted from here)."""
+    record = _jobs_dir() / f"{job}.json"
+    try:
+        return Path(json.loads(record.read_text())["out"])
+    except (OSError, ValueError, KeyError):
+        return None

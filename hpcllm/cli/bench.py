@@ -1,0 +1,154 @@
+"""`hpcllm bench train|allreduce|pipeline`: one subcommand per benchmark, each with its own flags.
+
+The measurement code is hpcllm.bench; this module checks the flags (bad ones exit 2 before minutes
+of benchmarking) and prints tables, JSON and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpcllm.cli.common import Parser, add_set_option
+from hpcllm.errors import UsageError
+
+
+def add_parser(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline",
+        description="Benchmarks whose results docs/benchmarks.md records, as ratios measured side by side.",
+    )
+    kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
+    kinds.required = True
+    tr = kinds.add_parser(
+        "train",
+        help="hpcllm vs a plain PyTorch loop and DDP, tokens/s and MFU",
+        description="Runs, in one invocation, hpcllm at world size 1, a plain PyTorch loop, hpcllm dp=2 "
+        "under mpirun and torch DDP (gloo) with 2 ranks on the same model and batch, and prints "
+        "tokens/s, MFU and the ratios.",
+    )
+    tr.add_argument("--steps", type=int, help="steps per variant (60)")
+    tr.add_argument("--repeat", type=int, default=1, help="interleaved repetitions of all variants (1)")
+    tr.add_argument("--data", help="prepared data (default: the default corpus)")
+    add_set_option(tr, "config override (repeat)")
+    tr.add_argument("--variants", default="a,a1,b,c,d", help="which of a,a1,b,c,d to run (all)")
+    tr.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="add a dp=2 variant per value of a config key, e.g. horovod.cycle_time_ms=1,5 (repeat)",
+    )
+    tr.add_argument("--timeline", metavar="FILE", help="record Horovod's timeline of one extra dp=2 run here")
+    tr.add_argument("--json", action="store_true", help="machine-readable output")
+    tr.set_defaults(func=train)
+
+    ar = kinds.add_parser("allreduce", help="allreduce bandwidth of Horovod, mpi4py and torch.distributed")
+    ar.add_argument("--engines", default="horovod,mpi4py,torch.distributed", help="allreduce engines")
+    ar.add_argument("--min-bytes", type=int, default=8, help="smallest message (8)")
+    ar.add_argument("--max-bytes", type=int, default=256 << 20, help="largest message (256 MiB)")
+    ar.add_argument("--factor", type=int, default=2, help="size step factor (2)")
+    ar.add_argument("--plot", help="write a plot PNG here")
+    ar.add_argument("--json", action="store_true", help="machine-readable output")
+    ar.set_defaults(func=allreduce)
+
+    pl = kinds.add_parser("pipeline", help="pipeline bubble and activation memory, GPipe vs 1F1B")
+    pl.add_argument("--steps", type=int, help="steps per configuration (3)")
+    pl.add_argument("--pp", default="2,4", help="stage counts (2,4)")
+    pl.add_argument("--micro", default="1,2,4,8,16", help="micro-batch counts (1,2,4,8,16)")
+    pl.add_argument("--plot", help="write a plot PNG here")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=pipeline)
+
+
+def allreduce(args: argparse.Namespace) -> int:
+    from hpcllm.bench import allreduce as bench
+
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    unknown = set(engines) - set(bench.ENGINES)
+    if unknown:
+        raise UsageError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(bench.ENGINES)}")
+    if args.min_bytes < 4 or args.max_bytes < args.min_bytes or args.factor < 2:
+        raise UsageError("need 4 <= --min-bytes <= --max-bytes and --factor >= 2")
+    rows = bench.run(args.min_bytes, args.max_bytes, args.factor, engines)
+    if rows:  # rank 0
+        print(json.dumps(rows, indent=1) if args.json else bench.render(rows))
+        if args.plot:
+            bench.plot(rows, Path(args.plot))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{flag} takes comma-separated integers, not {text!r}") from exc
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} needs positive integers, not {text!r}")
+    return values
+
+
+def pipeline(args: argparse.Namespace) -> int:
+    from hpcllm.bench import pipeline as bench
+
+    steps = 3 if args.steps is None else args.steps
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, not {steps}")
+    results = bench.run(_int_list(args.pp, "--pp"), _int_list(args.micro, "--micro"), steps)
+    print(json.dumps(results, indent=1) if args.json else bench.render(results))
+    if args.plot:
+        bench.plot(results, Path(args.plot))
+    return 0
+
+
+def _parse_sweep(text: str, sets: list[str]) -> tuple[str, list[str]]:
+    """`KEY=V1,V2,...`, each value checked now (a bad one would fail minutes into the benchmark)."""
+    from hpcllm.training import config
+
+    key, _, values = text.partition("=")
+    choices = [v for v in values.split(",") if v]
+    if not key or not choices:
+        raise UsageError(f"--sweep expects KEY=VALUE1,VALUE2,..., got {text!r}")
+    for value in choices:
+        config.load(assignments=[*sets, f"{key}={value}"])
+    return key, choices
+
+
+def train(args: argparse.Namespace) -> int:
+    from hpcllm.bench import train as bench_train
+    from hpcllm.training.plan import check_timeline, default_data_dir
+
+    steps = 60 if args.steps is None else args.steps
+    if steps < 30 or args.repeat < 1:
+        raise UsageError(
+            "bench train needs --steps >= 30 (throughput is read per 10 steps after warm-up), --repeat >= 1"
+        )
+
+    keys = tuple(k for k in args.variants.split(",") if k)
+    unknown = [k for k in keys if k not in bench_train.VARIANTS]
+    if unknown:
+        raise UsageError(
+            f"--variants: unknown {','.join(unknown)}; choose among {','.join(bench_train.VARIANTS)}"
+        )
+    sweeps = [_parse_sweep(text, args.set) for text in args.sweep]
+    data = Path(args.data) if args.data else default_data_dir()
+    if not (data / "manifest.json").exists():
+        if args.data:
+            raise UsageError(f"--data {data} holds no prepared data; run `hpcllm prepare --out {data}`")
+        print(f"preparing the default corpus into {data} (once)", file=sys.stderr)
+        from hpcllm.cluster import runtime
+        from hpcllm.data import prepare
+
+        rt = runtime.init()
+        prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
+    sets = [item for value in args.set for item in ("--set", value)]
+    timeline = Path(args.timeline) if args.timeline else None
+    if timeline is not None:
+        check_timeline(str(timeline))
+    result = bench_train.run(data, steps, sets, args.repeat, keys, sweeps, timeline)
+    print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
+    return 0

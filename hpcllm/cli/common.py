@@ -1,0 +1,29 @@
+"""What every command shares: an argparse that reports bad arguments in one line (exit 2), and
+filling a command's argument dataclass from the parsed namespace."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, TypeVar
+
+from hpcllm.errors import UsageError
+
+T = TypeVar("T")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line, pointing at --help."""
+
+    def error(self, message: str) -> Any:  # argparse's error never returns
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass `cls` filled from the parsed arguments of the same names."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]  # cls is a dataclass
+    return cls(**{name: getattr(args, name) for name in names})
+
+
+def add_set_option(parser: argparse.ArgumentParser, what: str = "override a config key (repeat)") -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=what)

@@ -1,0 +1,66 @@
+"""`hpcllm prepare`: tokenize a corpus into token files, task-parallel over the ranks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from hpcllm.data.corpus import DEFAULT_EXTENSIONS
+
+
+def add_parser(commands: Any) -> None:
+    prep = commands.add_parser(
+        "prepare",
+        help="tokenize a corpus into token files, in parallel over ranks",
+        description="Tokenize text files, directories and JSONL files into train/val token files plus a "
+        "manifest. With no SOURCES, the Python standard library's .py files. Under mpirun the files are "
+        "spread over the ranks; the output is the same for any number of ranks.",
+    )
+    prep.add_argument("sources", nargs="*", metavar="SOURCE", help="text file, directory or .jsonl file")
+    prep.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
+    prep.add_argument(
+        "--tokenizer", choices=["bpe", "byte"], default="bpe", help="byte-level BPE (default) or bytes"
+    )
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument(
+        "--val-ratio", type=float, default=0.05, help="share of documents for validation (0.05)"
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
+    prep.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    prep.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="extensions read from directories")
+    prep.add_argument(
+        "--dtype", default="auto", help="token dtype: auto (uint16 if the vocabulary fits), uint16, uint32"
+    )
+    prep.add_argument("--bpe-sample-mb", type=float, default=16, help="MB of text the BPE is trained on (16)")
+    prep.add_argument(
+        "--force", action="store_true", help="replace a non-empty --out (only once the new data is complete)"
+    )
+    prep.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpcllm.cluster import runtime
+    from hpcllm.data import prepare
+
+    options = prepare.PrepareOptions(
+        sources=args.sources,
+        out=Path(args.out),
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        text_field=args.text_field,
+        extensions=tuple(e.strip() for e in args.ext.split(",") if e.strip()),
+        dtype=args.dtype,
+        force=args.force,
+        bpe_sample_bytes=int(args.bpe_sample_mb * (1 << 20)),
+    )
+    prepare.check_options(options)
+    rt = runtime.init(seed=args.seed)
+    prepare.set_tokenizer_threads(rt.threads)
+    summary = prepare.prepare(options, rt.comm)
+    if rt.rank == 0:
+        wrote = f"wrote {options.out}/ (train.bin, val.bin, tokenizer.json, manifest.json)"
+        print("\n".join([*summary.lines(), wrote]))
+    return 0

@@ -1,0 +1,37 @@
+"""`hpcllm train`: the command line of training; the run itself is hpcllm.training.loop."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hpcllm.cli.common import add_set_option, from_args
+
+
+def add_parser(commands: Any) -> None:
+    tr = commands.add_parser(
+        "train",
+        help="train a GPT (dp = world / (tp*pp))",
+        description="Train a GPT. With no arguments: the tiny preset on the default corpus (Python's "
+        "standard library, prepared on first use). Run under mpirun/srun for data parallelism.",
+    )
+    tr.add_argument("--config", help="YAML file with model:, train:, parallel:, data: sections")
+    add_set_option(tr)
+    tr.add_argument("--data", help="prepared data directory (hpcllm prepare --out DIR)")
+    tr.add_argument("--out", help="run directory (default runs/<time> or runs/job-<SLURM_JOB_ID>)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    tr.add_argument("--tp", type=int, help="tensor-parallel size (parallel.tp)")
+    tr.add_argument("--pp", type=int, help="pipeline-parallel size (parallel.pp)")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    tr.add_argument(
+        "--timeline", metavar="FILE", help="write Horovod's timeline here (horovod.timeline; dp > 1)"
+    )
+    tr.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpcllm.training import loop
+
+    return loop.train(from_args(loop.TrainArgs, args))
