@@ -1,1 +1,1 @@
-"""Benchmarks: `hpcllm bench train` (and, later, allreduce and pipeline)."""
+"""Benchmarks behind `hpcllm bench train|allreduce|pipeline`."""

@@ -192,6 +192,13 @@ def run(
                 variant.phases += phases
         if timeline is not None:
             _hpcllm(data, steps, sets + ["--set", f"horovod.timeline={timeline.resolve()}"], 2, env, work)
+    return _report(variants, data, sets, steps, repeat, timeline)
+
+
+def _report(
+    variants: list[Variant], data: Path, sets: list[str], steps: int, repeat: int, timeline: Path | None
+) -> dict[str, Any]:
+    """Rows per variant (median tokens/s, MFU against a measured peak, scaling) and the ratios."""
     config = config_mod.load(assignments=sets[1::2])
     prepared = open_prepared(data, verify=False)
     m = config.model

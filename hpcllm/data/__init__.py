@@ -1,0 +1,1 @@
+"""Data: corpus -> tokenizer -> token files + manifest (prepare), and the per-rank sampler."""

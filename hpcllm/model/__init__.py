@@ -1,1 +1,2 @@
-"""The GPT model (gpt.py); tensor- and pipeline-parallel runs partition this same model."""
+"""The GPT (gpt.py), written once; partition.py cuts it for tensor parallelism, and a pipeline
+stage keeps its own layers of it."""

@@ -11,7 +11,7 @@ import logging
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -202,15 +202,60 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="step", desc="train", disable=None if enabled else True)
 
 
+@dataclass
+class _Speed:
+    """Tokens per second and MFU over the interval since the last logged step."""
+
+    tokens_per_step: int
+    flops_per_token: float
+    peak_total: float  # FLOP/s of all ranks together
+    last_step: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.last_time = self.started
+
+    def interval(self, done: int) -> dict[str, float]:
+        now = time.perf_counter()
+        tokens_per_s = (done - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, done
+        mfu = tokens_per_s * self.flops_per_token / self.peak_total
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": now - self.started}
+
+
+def _speed(trainer: Trainer, start_step: int) -> _Speed:
+    t, rt = trainer.config.train, trainer.rt
+    compute_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+    peak = t.peak_flops or measure_matmul_peak(rt.device, dtype=compute_dtype)
+    return _Speed(
+        tokens_per_step=t.global_batch * trainer.config.model.block_size,
+        flops_per_token=flops_per_token(trainer.model.shape, trainer.full_parameters),
+        peak_total=rt.comm.allreduce(peak),
+        last_step=start_step,
+    )
+
+
+def _stop_if_asked(trainer: Trainer, done: int, saved: bool, bar: Any) -> None:
+    """Every rank agrees whether a stop signal arrived; if so, checkpoint and leave with exit 75."""
+    received = trainer.stop.agreed(trainer.rt.comm)
+    if not received or done >= trainer.config.train.steps:
+        return
+    if not saved:
+        trainer.save(done)
+    bar.close()
+    (log.warning if trainer.rt.rank == 0 else log.info)(
+        "stopping after step %d on %s: checkpoint written; exit code %d (run again with --resume)",
+        done,
+        signal.Signals(received).name,
+        EXIT_PREEMPTED,
+    )
+    raise Preempted(done)
+
+
 def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     config, rt = trainer.config, trainer.rt
     t = config.train
-    n_params = trainer.full_parameters
-    tokens_per_step = t.global_batch * config.model.block_size
-    flops_token = flops_per_token(trainer.model.shape, n_params)
-    compute_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    peak = t.peak_flops or measure_matmul_peak(rt.device, dtype=compute_dtype)
-    peak_total = rt.comm.allreduce(peak)
+    speed = _speed(trainer, start_step)
     baseline = (
         unigram_loss(trainer.train_tokens, trainer.val_tokens, trainer.data.vocab_size)
         if rt.rank == 0
@@ -219,7 +264,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     log.info(
         "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
         "%d micro-batches of %d per rank per step",
-        n_params / 1e6,
+        trainer.full_parameters / 1e6,
         config.model.preset,
         f"{len(trainer.train_tokens):,}",
         rt.size,
@@ -231,9 +276,6 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     if metrics is not None and resume:
         metrics.truncate_after(start_step)
     bar = _progress(t.steps, start_step, rt.rank == 0)
-    stop = trainer.stop
-    started = last_time = time.perf_counter()
-    last_step = start_step
     loss = val_loss = float("nan")
     for step in range(start_step, t.steps):
         done = step + 1
@@ -242,22 +284,12 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
         loss = trainer.train_step(step)
         row: dict[str, Any] | None = None
         if done % t.log_every == 0 or done == t.steps or done == start_step + 1:
-            now = time.perf_counter()
-            tokens_per_s = (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-            last_time, last_step = now, done
-            mfu = tokens_per_s * flops_token / peak_total
-            row = {
-                "step": done,
-                "loss": loss,
-                "lr": learning_rate(step, config.train),
-                "tokens_per_s": tokens_per_s,
-                "mfu": mfu,
-                "elapsed_s": now - started,
-                "phase_ms": trainer.timer.take_ms_per_step(),
-            }
+            row = {"step": done, "loss": loss, "lr": learning_rate(step, t), **speed.interval(done)}
+            row["phase_ms"] = trainer.timer.take_ms_per_step()
             # Every rank logs its own breakdown: a straggler shows as the rank with little allreduce wait.
             log.debug("step %d: ms per step %s", done, {k: round(v, 1) for k, v in row["phase_ms"].items()})
-            bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}", refresh=False)
+            progress = f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | MFU {row['mfu']:.1%}"
+            bar.set_postfix_str(progress, refresh=False)
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             val_loss = trainer.evaluate() or float("nan")
             row = (row or {"step": done, "loss": loss}) | {"val_loss": val_loss}
@@ -270,23 +302,14 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
         if saved:
             trainer.save(done)
         bar.update(1)
-        received = stop.agreed(rt.comm)
-        if received and done < t.steps:
-            if not saved:
-                trainer.save(done)
-            bar.close()
-            (log.warning if rt.rank == 0 else log.info)(
-                "stopping after step %d on %s: checkpoint written; exit code %d (run again with --resume)",
-                done,
-                signal.Signals(received).name,
-                EXIT_PREEMPTED,
-            )
-            raise Preempted(done)
+        _stop_if_asked(trainer, done, saved, bar)
     bar.close()
     if metrics is not None:
         metrics.plot(baseline)
-        seconds = time.perf_counter() - started
-        _summary(trainer, metrics, baseline, seconds, (flops_token, peak_total), loss, val_loss)
+        seconds = time.perf_counter() - speed.started
+        _summary(
+            trainer, metrics, baseline, seconds, (speed.flops_per_token, speed.peak_total), loss, val_loss
+        )
 
 
 def _summary(

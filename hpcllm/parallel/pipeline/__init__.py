@@ -1,0 +1,2 @@
+"""Pipeline parallelism: the stage partition, point-to-point transport, and the GPipe / 1F1B
+schedules."""
