@@ -43,7 +43,7 @@ def _check_runtime(runtime, comm, expected_size):
 def test_runtime_plain_process_without_launcher(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "SLURM_", "PMI_"))}
     code = (
-        "import json; from hpcllm import runtime; r = runtime.init(seed=3);"
+        "import json; from hpcllm.cluster import runtime; r = runtime.init(seed=3);"
         "print(json.dumps([r.launch.launcher.name, r.rank, r.size,"
         " r.local_rank, r.local_size, str(r.device)]))"
     )

@@ -21,7 +21,7 @@ def _group(comm):
 def test_operators_forward_and_backward(comm):
     import torch
 
-    from hpcllm.parallel.tensor.collectives import (
+    from hpcllm.parallel.tensor.mappings import (
         copy_to_region,
         gather_from_region,
         reduce_from_region,
