@@ -115,7 +115,7 @@ def test_1f1b_keeps_at_most_pp_micro_batches_alive(grid):
     import torch
 
     from hpcllm.model.gpt import GPT, GPTShape
-    from hpcllm.parallel.pipeline.partition import plan_stages
+    from hpcllm.model.partition import plan_stages
     from hpcllm.parallel.pipeline.schedules import PipelineStage
 
     shape = GPTShape(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=8)

@@ -67,8 +67,8 @@ class _SavedBytes:
 def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
     from hpcllm.cluster import runtime
     from hpcllm.model.gpt import GPT, GPTShape
+    from hpcllm.model.partition import plan_stages
     from hpcllm.parallel.grid import Grid
-    from hpcllm.parallel.pipeline.partition import plan_stages
     from hpcllm.parallel.pipeline.schedules import PipelineStage
 
     rt = runtime.init(seed=0)

@@ -1,4 +1,5 @@
-"""Partitioning the GPT for tensor parallelism: each Linear and the embedding replaced, in place, by
+"""Partitioning the GPT: its layers per pipeline stage (`plan_stages`), and for tensor parallelism
+each Linear and the embedding replaced, in place, by
 its tensor-parallel counterpart holding this TP rank's slice of the full, seeded weights, so a TP
 run starts from exactly the single-process model. The split of each slice is the one its new layer
 declares (hpcllm.parallel.sharding), so the cut here and the checkpoint's join cannot disagree.
@@ -11,7 +12,8 @@ import logging
 from torch import nn
 
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPT
+from hpcllm.model.gpt import GPT, GPTShape
+from hpcllm.parallel.pipeline.partition import StagePlan, balanced_stages, parse_stage_layers
 from hpcllm.parallel.sharding import padded_size
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.layers import (
@@ -54,3 +56,15 @@ def partition_tensor_parallel(model: GPT, group: TensorCollectives) -> GPT:
     model.wte = VocabParallelEmbedding.from_full(model.wte, group)
     model.lm_head = VocabParallelHead(group, model.wte.start, shape.vocab_size)
     return model
+
+
+def plan_stages(shape: GPTShape, pp: int, stage_layers: str = "") -> StagePlan:
+    """Layers per stage: as `stage_layers` says, or balanced by parameter count (the token
+    embedding counts on the first stage, the final norm and the tied head on the last)."""
+    if stage_layers:
+        return StagePlan(parse_stage_layers(stage_layers, shape.n_layer, pp))
+    d = shape.n_embd
+    block = 12 * d * d + 13 * d  # qkv, attention projection, MLP in and out, two LayerNorms
+    embed = (shape.vocab_size + shape.block_size) * d
+    head = shape.vocab_size * d + 2 * d
+    return StagePlan(balanced_stages([block] * shape.n_layer, embed, head, pp))

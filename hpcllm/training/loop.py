@@ -156,7 +156,10 @@ def _trainer(
         m = config.model
         hidden_shape = (config.train.micro_batch, m.block_size, m.n_embd)
         autocast = autocast_for(config.train.dtype, rt.device)
-        pipeline = PipelineStage(model, grid, config.parallel.schedule, hidden_shape, autocast, rt.device)
+        tied = model.wte.weight if model.wte is not None else None
+        pipeline = PipelineStage(
+            model, grid, config.parallel.schedule, hidden_shape, autocast, rt.device, tied_weight=tied
+        )
     trainer = Trainer(
         plan, rt, grid, data, out, model, optimizer, dp, tp_group, full_parameters, pipeline, fault=fault
     )

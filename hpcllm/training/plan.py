@@ -17,10 +17,10 @@ from typing import Any
 from hpcllm.data import tokenizer
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPTShape
-from hpcllm.model.partition import check_tp
+from hpcllm.model.partition import check_tp, plan_stages
 from hpcllm.parallel import horovod
 from hpcllm.parallel.layout import Layout
-from hpcllm.parallel.pipeline.partition import StagePlan, parse_stage_layers, plan_stages
+from hpcllm.parallel.pipeline.partition import StagePlan, parse_stage_layers
 from hpcllm.training.config import Config
 
 

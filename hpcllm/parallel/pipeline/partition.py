@@ -1,5 +1,5 @@
 """Splitting the layer stack into pipeline stages: contiguous, every stage at least one layer,
-balanced by parameter count or as `parallel.stage_layers` says. Pure arithmetic (no MPI, no model)."""
+balanced by a weight per layer or as `parallel.stage_layers` says. Pure arithmetic (no MPI, no model)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPTShape
 
 
 def balanced_stages(block_params: list[int], first_extra: int, last_extra: int, pp: int) -> list[int]:
@@ -62,15 +61,3 @@ class StagePlan:
     def layer_range(self, stage: int) -> range:
         start = sum(self.layers_per_stage[:stage])
         return range(start, start + self.layers_per_stage[stage])
-
-
-def plan_stages(shape: GPTShape, pp: int, stage_layers: str = "") -> StagePlan:
-    """Layers per stage: as `stage_layers` says, or balanced by parameter count (the token
-    embedding counts on the first stage, the final norm and the tied head on the last)."""
-    if stage_layers:
-        return StagePlan(parse_stage_layers(stage_layers, shape.n_layer, pp))
-    d = shape.n_embd
-    block = 12 * d * d + 13 * d  # qkv, attention projection, MLP in and out, two LayerNorms
-    embed = (shape.vocab_size + shape.block_size) * d
-    head = shape.vocab_size * d + 2 * d
-    return StagePlan(balanced_stages([block] * shape.n_layer, embed, head, pp))

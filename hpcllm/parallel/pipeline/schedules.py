@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from hpcllm.cluster import watchdog
-from hpcllm.model.gpt import GPT
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.p2p import PointToPoint, tag
 
@@ -30,19 +29,30 @@ class StepStats:
     idle_s: float  # time spent waiting for a neighbour
 
 
+class StageModel(Protocol):
+    """What a schedule needs of the model: run this stage's part, and the loss on the last stage."""
+
+    def forward_stage(self, inputs: torch.Tensor, first: bool, last: bool) -> torch.Tensor: ...
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
 class PipelineStage:
     """Runs one training or evaluation step of this stage over a list of micro-batches."""
 
     def __init__(
         self,
-        model: GPT,
+        model: StageModel,
         grid: Grid,
         schedule: str,
         hidden_shape: tuple[int, int, int],
         autocast: Callable[[], Any],
         device: torch.device,
+        tied_weight: torch.nn.Parameter | None = None,
     ):
+        """`tied_weight`: on the first and last stage, the weight both hold (the token embedding)."""
         self.model = model
+        self.tied_weight = tied_weight
         self.grid = grid
         self.schedule = schedule
         self.stage, self.pp = grid.pp_rank, grid.layout.pp
@@ -138,13 +148,11 @@ class PipelineStage:
 
     def sum_tied_gradients(self) -> None:
         """Sum the tied embedding's gradient over its first- and last-stage copies."""
-        comm = self.grid.embedding_comm
-        if self.pp == 1 or comm is None:
+        comm, weight = self.grid.embedding_comm, self.tied_weight
+        if self.pp == 1 or comm is None or weight is None:
             return
         from mpi4py import MPI
 
-        assert self.model.wte is not None
-        weight = self.model.wte.weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         buffer = weight.grad.detach().cpu().contiguous()
