@@ -205,6 +205,7 @@ def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_pa
         ("train.dtype=float16", "train.dtype must be float32 or bfloat16"),
         ("model.preset=gpt5", "unknown model.preset 'gpt5'"),
         ("train.steps=ten", "train.steps must be an int, not 'ten'"),
+        ("parallel.tp_backend=nccl", "parallel.tp_backend must be auto, mpi4py or horovod"),
     ],
 )
 def test_out_of_range_training_settings(data_dir, tmp_path, assignment, message):
@@ -251,3 +252,33 @@ def test_backward_passes_per_step_must_divide_the_micro_batches(data_dir, tmp_pa
     assert proc.returncode == 2, proc.stderr
     assert "horovod.backward_passes_per_step 3 does not divide the 2 micro-batches" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_flags_keep_their_types_and_the_plan_is_checked_once_and_frozen(tmp_path):
+    """Flags reach the config as typed values, not as YAML text (a data directory named `yes` or
+    `1e3` stays a path); the plan resolves the default data path itself and cannot be changed."""
+    import dataclasses
+
+    from hpcllm.errors import UsageError
+    from hpcllm.training import config as config_mod
+    from hpcllm.training.loop import TrainArgs
+    from hpcllm.training.plan import default_data_dir, make_plan
+
+    for name in ("yes", "1e3", "null"):
+        args = TrainArgs(data=name, timeline=str(tmp_path / "on"), steps=7)
+        config = config_mod.load(None, ["train.global_batch=16"], overrides=args.overrides())
+        assert (config.data.path, config.horovod.timeline, config.train.steps) == (
+            name,
+            str(tmp_path / "on"),
+            7,
+        )
+    plan = make_plan(config_mod.load(None, ["parallel.tp=2", "parallel.pp=2"]), world=8)
+    assert (plan.layout.pp, plan.layout.dp, plan.layout.tp) == (2, 2, 2)
+    assert plan.micro_batches == 32 // (2 * 8) and plan.allreduce_every == plan.micro_batches
+    assert plan.config.data.path == str(default_data_dir()) and plan.default_data
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.config.train.steps = 1
+    with pytest.raises(UsageError, match="world size 6 is not divisible by tp\\*pp"):
+        make_plan(config_mod.load(None, ["parallel.tp=2", "parallel.pp=2"]), world=6)
+    with pytest.raises(UsageError, match="parallel.tp_backend=mpi4py passes host buffers"):
+        make_plan(config_mod.load(None, ["parallel.tp_backend=mpi4py"]), world=1, device_type="cuda")
