@@ -65,7 +65,10 @@ class Grid:
         by_ranks = dict(zip(unique, sets, strict=True))
         for axis, groups in axes.items():
             mine = next(g for g in groups if self.rank in g)
-            self._sets[axis] = by_ranks.get(tuple(mine), self.hvd.global_process_set)
+            if len(mine) == self.layout.world:
+                self._sets[axis] = self.hvd.global_process_set
+            elif len(mine) > 1:  # a one-rank group communicates with nobody: it has no set
+                self._sets[axis] = by_ranks[tuple(mine)]
 
     @property
     def tp_rank(self) -> int:

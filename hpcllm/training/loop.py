@@ -102,11 +102,11 @@ def _build_model(
     return model, tp_group, full_parameters
 
 
-def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Any]:
+def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
     """Collective: rank 0 opens the run directory and checks the configuration; every rank gets
     the same plan, or the same one-line error."""
 
-    def decide() -> tuple[Plan, Any]:
+    def decide() -> tuple[Plan, Path]:
         out, saved = open_run_dir(args.out, args.resume)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())
         return make_plan(config, rt.size, rt.device.type, saved), out
