@@ -25,6 +25,16 @@ from hpcllm.training.optim import make_optimizer
 LOG_EVERY = 10
 
 
+def _start_ddp() -> tuple[int, int]:
+    """torch.distributed (gloo) on the ranks mpirun started; (rank, world)."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=os.environ["HPCLLM_BENCH_INIT"], rank=rank, world_size=world)
+    return rank, world
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("variant", choices=["plain", "ddp"])
@@ -36,15 +46,7 @@ def main() -> None:
     prepared = open_prepared(args.data, verify=False)
     tokens = prepared.tokens("train")
 
-    rank, world = 0, 1
-    if args.variant == "ddp":
-        import torch.distributed as dist
-
-        rank, world = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group(
-            "gloo", init_method=os.environ["HPCLLM_BENCH_INIT"], rank=rank, world_size=world
-        )
+    rank, world = _start_ddp() if args.variant == "ddp" else (0, 1)
 
     m, t = config.model, config.train
     torch.manual_seed(t.seed)

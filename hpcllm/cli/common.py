@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The dataclass `cls` filled from the parsed arguments of the same names."""
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]  # cls is a dataclass
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     return cls(**{name: getattr(args, name) for name in names})
 
 

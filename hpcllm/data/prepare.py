@@ -173,9 +173,26 @@ def _assemble(
         tokens = {"train": cut, "val": int(stream.size - cut)}
     shutil.rmtree(staging / "parts")
     tokenizer.save(str(staging / TOKENIZER))
+    manifest = _manifest(opts, plan, stats, tokenizer, dtype, (split_kind, tokens, documents))
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _move_into_place(staging, opts.out)
+    return manifest
+
+
+def _manifest(
+    opts: PrepareOptions,
+    plan: Plan,
+    stats: list[FileStats],
+    tokenizer: Any,
+    dtype: np.dtype,
+    counts: tuple[str, dict[str, int], dict[str, int]],  # how the split was cut, tokens, documents
+) -> dict[str, Any]:
+    staging = Path(plan.staging)
+    split_kind, tokens, documents = counts
+    skipped = Counter(s.skipped for s in stats if s.skipped)
     vocab, eot = tokenizer.get_vocab_size(), tok.eot_id(tokenizer)
     not_utf8 = [plan.files[s.index] for s in stats if s.skipped == "not_utf8"]
-    manifest = {
+    return {
         "format": FORMAT_VERSION,
         "created_by": f"hpcllm {hpcllm.__version__}",
         "tokenizer": {"kind": opts.tokenizer, "vocab_size": vocab, "eot_id": eot, "file": TOKENIZER},
@@ -202,9 +219,6 @@ def _assemble(
             "not_utf8": not_utf8,
         },
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    _move_into_place(staging, opts.out)
-    return manifest
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
