@@ -28,7 +28,9 @@ def _check_runtime(runtime, comm, expected_size):
     # One node here: every rank is local, local ranks are a permutation of 0..size-1.
     assert runtime.local_size == expected_size and runtime.node_index == 0
     assert sorted(comm.allgather(runtime.local_rank)) == list(range(expected_size))
-    assert len(runtime.hostnames) == expected_size and len(runtime.nodes) == 1
+    assert len(runtime.hostnames) == expected_size and runtime.node_count == 1
+    assert runtime.node_of_rank == [0] * expected_size
+    assert runtime.node_map() == [f"node 0 ({runtime.hostnames[0]}): ranks 0-{expected_size - 1}"]
     assert runtime.device.type == "cpu"
     # The node's cores are shared, never oversubscribed by threads.
     if "OMP_NUM_THREADS" not in os.environ:
@@ -81,3 +83,20 @@ def test_every_rank_logs_to_its_file_and_only_rank_0_to_console(comm, mpi_tmp_pa
         assert "[rank 0] hello from 0" in console
     else:
         assert "hello from" not in console and f"[rank {rank}] warn from {rank}" in console
+
+
+# ---- GPUs per node (no GPU here: the rule is pure arithmetic over what CUDA would report) -----
+
+
+def test_each_local_rank_gets_its_own_gpu_or_a_clear_refusal():
+    from hpcllm.cluster.runtime import check_gpus_not_shared, gpu_for_local_rank
+    from hpcllm.errors import UsageError
+
+    assert [gpu_for_local_rank(r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
+    assert [gpu_for_local_rank(r, 2, 8) for r in range(2)] == [0, 1]
+    assert gpu_for_local_rank(3, 4, 1) == 0  # each rank sees its own single GPU (--gpus-per-task)
+    with pytest.raises(UsageError, match="4 ranks on this node but 2 GPUs visible: two ranks would share"):
+        gpu_for_local_rank(3, 4, 2)
+    check_gpus_not_shared(["GPU-a", "GPU-b"], node=0)
+    with pytest.raises(UsageError, match="local ranks 0 and 1 of node 3 see the same GPU"):
+        check_gpus_not_shared(["GPU-a", "GPU-a"], node=3)

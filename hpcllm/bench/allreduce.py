@@ -60,7 +60,7 @@ def _engine(name: str, rt: runtime.Runtime, device: torch.device) -> Callable[[t
     if not dist.is_initialized():
         port = rt.comm.bcast(_free_port() if rt.rank == 0 else None, root=0)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        host = "127.0.0.1" if len(rt.nodes) == 1 else rt.hostnames[0]
+        host = "127.0.0.1" if rt.node_count == 1 else rt.hostnames[0]
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rt.rank, world_size=rt.size)
 
     def torch_allreduce(t: torch.Tensor) -> torch.Tensor:

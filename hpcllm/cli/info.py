@@ -205,8 +205,9 @@ def rank_table(comm: Any, layout: Layout) -> list[str]:
     if here.launch.launcher is Launcher.NONE:
         return ["Launcher: none (single process); run under mpirun -np N or srun for a rank table"]
     lines = [
-        f"Launcher: {here.launch.launcher.value}; {here.size} ranks on {len(here.nodes)} node(s); "
-        f"grid {layout}"
+        f"Launcher: {here.launch.launcher.value}; {here.size} ranks on {here.node_count} node(s); "
+        f"grid {layout}",
+        *(f"  {line}" for line in here.node_map()),
     ]
     lines.append("  rank  host                  node  local  device  threads   pp  dp  tp")
     for rank, host, node, local, device, threads in rows or []:

@@ -41,16 +41,24 @@ class Runtime:
     size: int
     local_rank: int
     local_size: int
-    node_index: int
-    hostnames: list[str]  # hostname of every rank, by rank
+    node_index: int  # this rank's node, numbered by each node's first rank
+    node_of_rank: list[int]  # the node of every rank, by rank (from MPI, not from hostnames)
+    hostnames: list[str]  # hostname of every rank, by rank (for people: virtual nodes may share one)
     device: torch.device
     threads: int  # torch intra-op threads on CPU
     seed: int
 
     @property
-    def nodes(self) -> list[str]:
-        """Distinct hostnames in order of their first rank."""
-        return list(dict.fromkeys(self.hostnames))
+    def node_count(self) -> int:
+        return max(self.node_of_rank) + 1
+
+    def node_map(self) -> list[str]:
+        """One line per node: its index, hostname and ranks."""
+        lines = []
+        for node in range(self.node_count):
+            ranks = [r for r, n in enumerate(self.node_of_rank) if n == node]
+            lines.append(f"node {node} ({self.hostnames[ranks[0]]}): ranks {_ranges(ranks)}")
+        return lines
 
     def describe(self) -> str:
         return (
@@ -71,14 +79,27 @@ def _mpi() -> Any:
     return MPI
 
 
-def _local_placement(comm: Any, MPI: Any) -> tuple[int, int, int, list[str]]:
-    """Local rank/size from a shared-memory split, node index from the gathered hostnames."""
+def _local_placement(comm: Any, MPI: Any) -> tuple[Any, list[int], list[str]]:
+    """The node-local communicator (ranks that share memory share a node) and every rank's node
+    index, numbered in order of each node's first rank. Hostnames are gathered for display only:
+    containers and virtual nodes can share one, and one host can have several names."""
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    local_rank, local_size = local.Get_rank(), local.Get_size()
-    local.Free()
+    leader = local.bcast(comm.Get_rank(), root=0)  # the world rank of this node's first rank
+    leaders = comm.allgather(leader)
+    order = sorted(set(leaders))
     hostnames = comm.allgather(MPI.Get_processor_name())
-    node_index = list(dict.fromkeys(hostnames)).index(hostnames[comm.Get_rank()])
-    return local_rank, local_size, node_index, hostnames
+    return local, [order.index(first) for first in leaders], hostnames
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts: list[str] = []
+    for rank in ranks:
+        if parts and rank == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{rank}"
+        else:
+            parts.append(str(rank))
+    return ",".join(parts)
 
 
 def _check_launch(launch: LaunchInfo, size: int) -> None:
@@ -140,17 +161,49 @@ def cpu_threads(local_size: int, env: dict[str, str] | None = None) -> int:
     return max(1, total // max(1, local_size))
 
 
-def choose_device(local_rank: int, local_size: int) -> tuple[torch.device, int]:
-    """CUDA device `local_rank % n_gpus` when CUDA is present, else CPU with a fair thread share."""
+def gpu_for_local_rank(local_rank: int, local_size: int, visible: int) -> int:
+    """The CUDA device index of this rank: one GPU per local rank. With a single visible GPU each
+    rank may have been given its own (Slurm's --gpus-per-task); `check_gpus_not_shared` verifies it."""
+    if visible >= local_size:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UsageError(
+        f"{local_size} ranks on this node but {visible} GPUs visible: two ranks would share a GPU; "
+        f"launch at most {visible} ranks per node (--ntasks-per-node) or make more GPUs visible"
+    )
+
+
+def check_gpus_not_shared(uuids: list[str], node: int) -> None:
+    """`uuids`: the GPU of every rank on one node, by local rank."""
+    for local_rank, uuid in enumerate(uuids):
+        first = uuids.index(uuid)
+        if first != local_rank:
+            raise UsageError(
+                f"local ranks {first} and {local_rank} of node {node} see the same GPU ({uuid}): give each "
+                "rank its own (one rank per GPU, e.g. srun --gpus-per-task=1 or CUDA_VISIBLE_DEVICES)"
+            )
+
+
+def choose_device(local: Any, node: int) -> tuple[torch.device, int]:
+    """Collective over the node: one CUDA device per local rank when CUDA is present (refusing two
+    ranks on one GPU), else CPU with a fair share of the node's cores."""
     import torch
 
+    local_rank, local_size = local.Get_rank(), local.Get_size()
     threads = cpu_threads(local_size)
     torch.set_num_threads(threads)
-    if torch.cuda.is_available():
-        index = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index), threads
-    return torch.device("cpu"), threads
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), threads
+
+    def pick() -> int:
+        return gpu_for_local_rank(local_rank, local_size, torch.cuda.device_count())
+
+    index = every_rank_checks(local, pick)
+    uuids = local.allgather(str(torch.cuda.get_device_properties(index).uuid))
+    every_rank_checks(local, lambda: check_gpus_not_shared(uuids, node))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index), threads
 
 
 def seed_everything(seed: int) -> None:
@@ -238,8 +291,12 @@ def init(seed: int = 0, run_dir: str | Path | None = None, abort_on_error: bool 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     _check_launch(launch, size)
-    local_rank, local_size, node_index, hostnames = _local_placement(comm, MPI)
-    device, threads = choose_device(local_rank, local_size)
+    local, node_of_rank, hostnames = _local_placement(comm, MPI)
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    try:  # a refusal on one node must end the others too: they would wait in the next collective
+        device, threads = every_rank_checks(comm, lambda: choose_device(local, node_of_rank[rank]))
+    finally:
+        local.Free()
     seed_everything(seed)
     setup_logging(rank, run_dir)
     faulthandler.enable()  # a segfault in a C extension still shows where each rank was
@@ -252,7 +309,8 @@ def init(seed: int = 0, run_dir: str | Path | None = None, abort_on_error: bool 
         size=size,
         local_rank=local_rank,
         local_size=local_size,
-        node_index=node_index,
+        node_index=node_of_rank[rank],
+        node_of_rank=node_of_rank,
         hostnames=hostnames,
         device=device,
         threads=threads,

@@ -44,6 +44,8 @@ class Grid:
         self.tp_comm = comm.Split(color=c.pp * layout.dp + c.dp, key=c.tp)
         self.dp_comm = comm.Split(color=c.pp * layout.tp + c.tp, key=c.dp)
         self.pp_comm = comm.Split(color=c.dp * layout.tp + c.tp, key=c.pp)
+        # The ranks sharing this node's memory (a node-local leader copies staged data, say).
+        self.node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         # The first and last stage of each pipeline both hold the tied embedding.
         holds_embedding = layout.pp > 1 and c.pp in (0, layout.pp - 1)
         embedding = self.pp_comm.Split(0 if holds_embedding else MPI.UNDEFINED, c.pp)
@@ -109,7 +111,7 @@ class Grid:
         if self.hvd is not None:
             self.hvd.shutdown()
             self.hvd, self._sets = None, {}
-        for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.embedding_comm):
+        for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.node_comm, self.embedding_comm):
             if sub is not None:
                 sub.Free()
 
