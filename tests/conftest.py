@@ -114,3 +114,10 @@ def signal_training_after(data, run, flags, steps_logged, sig, ranks=2, timeout=
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
+
+
+def assert_same_losses(reference, got, label):
+    """The equivalence oracle: 1e-5 relative at step 1, 1e-3 relative at every logged step."""
+    assert abs(got[1] - reference[1]) <= 1e-5 * reference[1], label
+    for step, value in reference.items():
+        assert abs(got[step] - value) <= 1e-3 * value, (label, step)

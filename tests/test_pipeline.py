@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import TINY, losses, run_hpcllm, sets
+from conftest import TINY, assert_same_losses, losses, run_hpcllm, sets
 from safetensors.torch import load_file
 
 from hpcllm.errors import UsageError
@@ -37,12 +37,6 @@ def run_layout(data, out, steps, ranks=None, *flags):
     )
     assert proc.returncode == 0, proc.stderr
     return losses(out)
-
-
-def assert_same_losses(reference, got, label):
-    assert abs(got[1] - reference[1]) <= 1e-5 * reference[1], label
-    for step, value in reference.items():
-        assert abs(got[step] - value) <= 1e-3 * value, (label, step)
 
 
 def test_pp2_and_pp4_with_both_schedules_match_pp1(data_dir, tmp_path):

@@ -136,8 +136,9 @@ def launch_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch_command(ranks: int, launcher: str | None = None) -> list[str]:
-    """The command prefix that starts `ranks` ranks on this machine or allocation.
+def launch_command(ranks: int, launcher: str | None = None, nodes: int | None = None) -> list[str]:
+    """The command prefix that starts `ranks` ranks on this machine or allocation (srun: on
+    exactly `nodes` nodes, when given).
 
     `launcher` is "mpirun" or "srun"; by default srun inside a Slurm allocation, mpirun elsewhere
     (the environment variable HPCLLM_LAUNCHER overrides both).
@@ -155,7 +156,8 @@ def launch_command(ranks: int, launcher: str | None = None) -> list[str]:
             f"{choice} is not on PATH: install OpenMPI (`make setup` does) or load your site's MPI module"
         )
     if choice == "srun":
-        return ["srun", f"--ntasks={ranks}", "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1"]
+        spread = [f"--nodes={nodes}"] if nodes else []
+        return ["srun", f"--ntasks={ranks}", *spread, "--mpi=pmix", "--overlap", "--kill-on-bad-exit=1"]
     return ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
 
 

@@ -17,11 +17,14 @@ from typing import Any
 from hpcllm.errors import EnvironmentProblem
 
 
-def environment(fusion_threshold_mb: float, cycle_time_ms: float, timeline: str = "") -> dict[str, str]:
+def environment(
+    fusion_threshold_mb: float, cycle_time_ms: float, timeline: str = "", hierarchical: bool = False
+) -> dict[str, str]:
     """The environment Horovod reads its knobs from when it starts."""
     env = {
         "HOROVOD_FUSION_THRESHOLD": str(int(fusion_threshold_mb * 1024 * 1024)),
         "HOROVOD_CYCLE_TIME": f"{cycle_time_ms:g}",
+        "HOROVOD_HIERARCHICAL_ALLREDUCE": "1" if hierarchical else "0",
     }
     if timeline:
         env["HOROVOD_TIMELINE"] = str(Path(timeline).resolve())

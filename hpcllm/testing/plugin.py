@@ -12,7 +12,9 @@ shows its traceback; a timeout kills every rank and shows each rank's Python sta
 it was stuck. Inside a rank the same plugin runs in *rank mode*: it provides the fixtures `comm`,
 `grid`, `runtime` and `mpi_tmp_path`, arms the stack dump timer, and reports back through a file.
 
-Markers: `mpi(ranks=2, timeout=<ini mpi_timeout>, tp=1, pp=1)`; tp and pp shape the `grid` fixture.
+Markers: `mpi(ranks=2, timeout=<ini mpi_timeout>, tp=1, pp=1, nodes=1)`; tp and pp shape the `grid`
+fixture; `nodes=N > 1` runs the ranks with `srun` across N virtual nodes of the session's local
+Slurm cluster (skipped, saying why, where that cluster cannot start).
 """
 
 from __future__ import annotations
@@ -61,20 +63,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "mpi(ranks=2, timeout=None, tp=1, pp=1): run the test in `ranks` MPI ranks under mpirun "
-        "(srun inside a Slurm allocation); kill all ranks with stack dumps after `timeout` seconds",
+        "mpi(ranks=2, timeout=None, tp=1, pp=1, nodes=1): run the test in `ranks` MPI ranks under mpirun "
+        "(srun inside a Slurm allocation, or across `nodes` virtual nodes of a local Slurm cluster); "
+        "kill all ranks with stack dumps after `timeout` seconds",
     )
 
 
 def _marker_args(item: pytest.Item) -> dict[str, Any]:
     marker = item.get_closest_marker("mpi")
     assert marker is not None
-    args: dict[str, Any] = {"ranks": 2, "timeout": None, "tp": 1, "pp": 1}
+    args: dict[str, Any] = {"ranks": 2, "timeout": None, "tp": 1, "pp": 1, "nodes": 1}
     for key, value in zip(("ranks", "timeout"), marker.args, strict=False):
         args[key] = value
     unknown = set(marker.kwargs) - set(args)
     if unknown:
-        raise ValueError(f"unknown mpi marker argument(s) {sorted(unknown)}; known: ranks, timeout, tp, pp")
+        raise ValueError(
+            f"unknown mpi marker argument(s) {sorted(unknown)}; known: ranks, timeout, tp, pp, nodes"
+        )
     args.update(marker.kwargs)
     if args["timeout"] is None:
         args["timeout"] = float(item.config.getini("mpi_timeout"))
@@ -95,18 +100,25 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     except ValueError as exc:  # a bad marker fails this test, not the session
         outcome, text = "failed", str(exc)
     else:
-        results_dir = Path(tempfile.mkdtemp(prefix="hpcllm-mpi-"))
-        job = run_in_ranks(
-            _rank_pytest_args(item),
-            ranks=int(args["ranks"]),
-            timeout=float(args["timeout"]),
-            startup_timeout=float(item.config.getini("mpi_startup_timeout")),
-            cwd=item.config.rootpath,
-            results_dir=results_dir,
-        )
-        outcome, text = _verdict(job, results_dir)
-        if outcome != "failed":
-            shutil.rmtree(results_dir, ignore_errors=True)
+        nodes = int(args["nodes"])
+        cluster, why_not = _cluster(item.config, nodes) if nodes > 1 else (None, "")
+        if why_not:
+            outcome, text = "skipped", why_not
+        else:
+            results_dir = Path(tempfile.mkdtemp(prefix="hpcllm-mpi-"))
+            job = run_in_ranks(
+                _rank_pytest_args(item),
+                ranks=int(args["ranks"]),
+                timeout=float(args["timeout"]),
+                startup_timeout=float(item.config.getini("mpi_startup_timeout")),
+                cwd=item.config.rootpath,
+                results_dir=results_dir,
+                nodes=nodes,
+                env=cluster.env if cluster is not None else None,
+            )
+            outcome, text = _verdict(job, results_dir)
+            if outcome != "failed":
+                shutil.rmtree(results_dir, ignore_errors=True)
     for report in _reports(item, outcome, text, job, _teardown_outer(item, nextitem)):
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
@@ -310,22 +322,37 @@ def grid(request: pytest.FixtureRequest, runtime: Any) -> Iterator[Any]:
     built.close()
 
 
+_CLUSTER = pytest.StashKey[Any]()
+
+
+def _cluster(config: pytest.Config, nodes: int = 1) -> tuple[Any, str]:
+    """(the session's local Slurm cluster of `nodes` nodes, started on first use; or why it cannot
+    start here). Stopped when the session ends."""
+    from hpcllm.testing.slurm_cluster import LocalSlurmCluster, unavailable
+
+    why_not = unavailable()
+    if why_not:
+        return None, why_not
+    if _CLUSTER not in config.stash:
+        config.stash[_CLUSTER] = LocalSlurmCluster().start()
+    return config.stash[_CLUSTER](nodes), ""
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cluster = config.stash.get(_CLUSTER, None)
+    if cluster is not None:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[Any]:
-    """A real one-node Slurm cluster on loopback (munged, slurmctld, slurmd), for the session.
+def slurm_cluster(request: pytest.FixtureRequest) -> Any:
+    """A real one-node Slurm cluster on loopback (munged, slurmctld, slurmd), for the session;
+    `slurm_cluster(nodes=N)` gives an N-node one (virtual nodes on this machine), started once.
 
     Needs root and Debian's slurm-wlm and munge; skips, saying why, where they are missing.
-    Run client commands with `env=slurm_cluster.env` (it sets SLURM_CONF).
+    Run client commands with `env=cluster.env` (it sets SLURM_CONF, and TCP between virtual nodes).
     """
-    from hpcllm.testing.slurm_cluster import LocalSlurmCluster, missing_binaries
-
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(
-            f"SLURM CLUSTER NOT STARTED: {', '.join(missing)} not installed (`make setup` installs them)"
-        )
-    if os.geteuid() != 0:
-        pytest.skip("SLURM CLUSTER NOT STARTED: the local cluster runs slurmd as root")
-    cluster = LocalSlurmCluster().start()
-    yield cluster
-    cluster.stop()
+    cluster, why_not = _cluster(request.config)
+    if why_not:
+        pytest.skip(why_not)
+    return cluster

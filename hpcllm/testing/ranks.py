@@ -130,6 +130,8 @@ def run_in_ranks(
     startup_timeout: float,
     cwd: Path,
     results_dir: Path,
+    nodes: int = 1,
+    env: dict[str, str] | None = None,
 ) -> JobResult:
     """Launch `python -m pytest ARGS` in `ranks` ranks; return what each rank reported.
 
@@ -138,10 +140,11 @@ def run_in_ranks(
     """
     shared_tmp = results_dir / "tmp"
     shared_tmp.mkdir(parents=True, exist_ok=True)
-    env = launch_env()
+    env = launch_env(env)
     env.update({ENV_RESULTS: str(results_dir), ENV_TIMEOUT: str(timeout), ENV_TMP: str(shared_tmp)})
     env.setdefault("PYTHONUNBUFFERED", "1")
-    command = launch_command(ranks) + [sys.executable, "-m", "pytest", *pytest_args]
+    prefix = launch_command(ranks, "srun", nodes) if nodes > 1 else launch_command(ranks)
+    command = [*prefix, sys.executable, "-m", "pytest", *pytest_args]
     output_file = results_dir / "output.txt"
     start = time.monotonic()
     hard_deadline = start + timeout + startup_timeout

@@ -1,5 +1,10 @@
-"""A real one-node Slurm cluster on loopback, for tests: munged, slurmctld and slurmd from the
+"""A real Slurm cluster on loopback, for tests: munged, slurmctld and one slurmd per node from the
 distribution's packages, configured in a temporary directory, started and stopped by the fixture.
+
+With `nodes=N > 1` the nodes are virtual: N slurmd daemons on this machine (`slurmd -N nI`), each
+with its own port, spool, log and TmpFS directory (`%n`; without a per-node TmpFS the PMIx client
+directories of two nodes collide and every `srun --mpi=pmix` step fails). OpenMPI's shared-memory
+transport crashes between ranks of two virtual nodes, so `env` selects TCP over loopback.
 
 Works as root without cgroups (proctrack/linuxproc, task/none). Credentials expire after 10 s
 (`cred_expire`, default 120), which is also how long a requeued job waits before it starts again:
@@ -25,6 +30,16 @@ def missing_binaries() -> list[str]:
     return [name for name in NEEDED if shutil.which(name) is None]
 
 
+def unavailable() -> str:
+    """Why a local cluster cannot start here ("" when it can)."""
+    missing = missing_binaries()
+    if missing:
+        return f"SLURM CLUSTER NOT STARTED: {', '.join(missing)} not installed (`make setup` installs them)"
+    if os.geteuid() != 0:
+        return "SLURM CLUSTER NOT STARTED: the local cluster runs slurmd as root"
+    return ""
+
+
 def _free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -37,35 +52,60 @@ def _free_ports(count: int) -> list[int]:
 
 
 class LocalSlurmCluster:
-    def __init__(self, cpus: int | None = None):
+    def __init__(self, cpus: int | None = None, nodes: int = 1):
         self.root = Path(tempfile.mkdtemp(prefix="hpcllm-slurm-"))
         self.host = socket.gethostname().split(".")[0]
         self.cpus = cpus or (os.cpu_count() or 2)
+        self.nodes = nodes
+        # One node is this host itself; several are virtual nodes n1..nN on it.
+        self.node_names = [self.host] if nodes == 1 else [f"n{i}" for i in range(1, nodes + 1)]
         self.processes: list[subprocess.Popen] = []
         self.conf = self.root / "slurm.conf"
         self.env = os.environ | {"SLURM_CONF": str(self.conf)}
+        if nodes > 1:
+            self.env |= {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo"}
+        self._others: dict[int, LocalSlurmCluster] = {}
+
+    def __call__(self, nodes: int = 1) -> LocalSlurmCluster:
+        """The session's cluster of `nodes` nodes: this one, or another started on first use (and
+        stopped with this one)."""
+        if nodes == self.nodes:
+            return self
+        if nodes not in self._others:
+            self._others[nodes] = LocalSlurmCluster(self.cpus, nodes=nodes).start()
+        return self._others[nodes]
 
     def _write_config(self) -> None:
-        for sub in ("state", "spool", "munge"):
+        for sub in ("state", "munge"):
             (self.root / sub).mkdir()
-        ctld_port, slurmd_port = _free_ports(2)
+        for name in self.node_names:
+            for sub in ("spool", "tmp"):
+                (self.root / f"{sub}-{name}").mkdir()
+        ctld_port, *slurmd_ports = _free_ports(1 + self.nodes)
         r = self.root
+        nodes = ",".join(self.node_names)
+        node_lines = "\n".join(
+            f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={port} "
+            f"CPUs={self.cpus} State=UNKNOWN"
+            for name, port in zip(self.node_names, slurmd_ports, strict=True)
+        )
         self.conf.write_text(
             f"""ClusterName=hpcllmtest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
+SlurmdPort={slurmd_ports[0]}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={r}/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool-%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd-%n.log
+TmpFS={r}/tmp-%n
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -77,8 +117,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobRequeue=1
 SlurmdParameters=config_overrides
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
+{node_lines}
+PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
 """
         )
 
@@ -102,17 +142,23 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         )
         self._wait_for(lambda: (r / "munge" / "munge.socket").exists(), timeout, "munged")
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._spawn(["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(self._node_idle, timeout, "slurmd to register as idle")
+        for name in self.node_names:
+            self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", name], log_name=f"slurmd-{name}")
+        self._wait_for(self._nodes_idle, timeout, "every slurmd to register as idle")
         return self
 
-    def _spawn(self, command: list[str]) -> None:
-        log = open(self.root / f"{command[0]}.out", "wb")  # noqa: SIM115 - lives with the process
+    def _spawn(self, command: list[str], log_name: str | None = None) -> None:
+        log = open(self.root / f"{log_name or command[0]}.out", "wb")  # noqa: SIM115 - lives with the process
         self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
-    def _node_idle(self) -> bool:
-        state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-        return state.returncode == 0 and state.stdout.strip().startswith("idle")
+    def _nodes_idle(self) -> bool:
+        state = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True
+        )
+        states = state.stdout.split()
+        return (
+            state.returncode == 0 and len(states) == self.nodes and all(s.startswith("idle") for s in states)
+        )
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + timeout
@@ -150,6 +196,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         return state
 
     def stop(self) -> None:
+        for other in self._others.values():
+            other.stop()
+        self._others.clear()
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.terminate()

@@ -75,6 +75,7 @@ class HorovodConfig:
     fp16_compression: bool = False  # send gradients as fp16: half the bytes, rounding error
     backward_passes_per_step: int = 0  # micro-batches per allreduce; 0 = all of a step (one allreduce)
     timeline: str = ""  # write Horovod's timeline (chrome://tracing JSON) to this file, from rank 0
+    hierarchical_allreduce: bool = False  # reduce inside each node first, then across (NCCL/GPU jobs)
 
 
 @dataclass(frozen=True)

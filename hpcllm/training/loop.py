@@ -166,6 +166,22 @@ def _trainer(
     return trainer, start_step
 
 
+def _warn_about_placement(plan: Plan, rt: runtime.Runtime) -> None:
+    """TP groups belong inside a node: their allreduces run in every layer's forward and backward."""
+    across = plan.layout.tp_groups_across_nodes(rt.node_of_rank)
+    if across and rt.rank == 0:
+        nodes = sorted({rt.node_of_rank[r] for r in across[0]})
+        log.warning(
+            "%d tensor-parallel group(s) span nodes (ranks %s on nodes %s): every layer's activations "
+            "are allreduced over the interconnect 4 times per micro-batch, far slower than inside a node; "
+            "use tp <= ranks per node (%d here)",
+            len(across),
+            across[0],
+            nodes,
+            rt.local_size,
+        )
+
+
 def run_training(args: TrainArgs) -> Trainer:
     """Collective: set up, train to train.steps, return the trainer (model and all) for inspection."""
     rt = runtime.init()
@@ -184,6 +200,7 @@ def run_training(args: TrainArgs) -> Trainer:
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
     log.info("%s", rt.describe())
+    _warn_about_placement(plan, rt)
     if rt.rank == 0:
         plan.config.dump(out / "config.yaml")
         shutil.copyfile(data.tokenizer_path, out / TOKENIZER)

@@ -138,6 +138,8 @@ def make_plan(
         micro_batches=micro,
         allreduce_every=every,
         tp_backend=_tp_backend(config, device_type),
-        horovod_env=horovod.environment(h.fusion_threshold_mb, h.cycle_time_ms, h.timeline),
+        horovod_env=horovod.environment(
+            h.fusion_threshold_mb, h.cycle_time_ms, h.timeline, h.hierarchical_allreduce
+        ),
         default_data=default_data,
     )
