@@ -107,45 +107,62 @@ def test_checksum_mismatch_is_detected(corpus_dir, tmp_path):
 
 def test_corpus_smaller_than_one_sequence():
     with pytest.raises(UsageError, match="fewer than one sequence of block_size \\+ 1 = 65"):
-        BatchSampler(n_tokens=50, block_size=64, global_batch=4, seed=0)
+        BatchSampler(n_tokens=50, block_size=64, seed=0)
 
 
 # ---- the sampler ---------------------------------------------------------------------------
 
+G = 8  # global batch of these tests
 
-def _slices(sampler, step, dp):
-    return [sampler.rank_indices(step, r, dp) for r in range(dp)]
+
+def _slices(sampler, step, dp, global_batch=G):
+    return [sampler.rank_indices(step * global_batch, global_batch, r, dp) for r in range(dp)]
 
 
 @pytest.mark.parametrize("dp", [1, 2, 4])
 def test_rank_slices_partition_the_global_batch(dp):
-    sampler = BatchSampler(n_tokens=10_000, block_size=16, global_batch=8, seed=3)
+    sampler = BatchSampler(n_tokens=10_000, block_size=16, seed=3)
     for step in (0, 1, 7, 77, 78):  # 624 sequences: step 77/78 straddle the first epoch boundary
         slices = _slices(sampler, step, dp)
         union = np.concatenate(slices)
-        assert np.array_equal(union, sampler.global_indices(step))
+        assert np.array_equal(union, sampler.global_indices(step * G, G))
         assert len(set(union.tolist())) == len(union), "slices overlap"
 
 
-def test_an_epoch_visits_every_sequence_once():
-    sampler = BatchSampler(n_tokens=16 * 64 + 1, block_size=16, global_batch=8, seed=1)
-    seen = np.concatenate([np.concatenate(_slices(sampler, s, 4)) for s in range(8)])
-    assert sorted(seen.tolist()) == list(range(64))
+@pytest.mark.parametrize("n_sequences", [1, 2, 3, 64, 1000, 4097])
+def test_an_epoch_visits_every_sequence_once(n_sequences):
+    sampler = BatchSampler(n_tokens=16 * n_sequences + 1, block_size=16, seed=1)
+    seen = sampler.global_indices(0, n_sequences)
+    assert sorted(seen.tolist()) == list(range(n_sequences))
+    if n_sequences >= 64:  # shuffled, and differently in the next epoch
+        assert not np.array_equal(seen, np.arange(n_sequences))
+        assert not np.array_equal(sampler.global_indices(n_sequences, n_sequences), seen)
 
 
-def test_resume_at_step_k_gives_the_same_batches():
-    """A sampler that has served steps 0..k-1 and a fresh one (a restarted job) give step k's batch
-    alike, and the batch depends on seed and step only: other seeds and steps give other batches."""
-    used = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)
+def test_the_shuffle_needs_no_memory_that_grows_with_the_data():
+    """A trillion sequences: the batch at any position comes at once, distinct and in range (a
+    permutation array would need 8 TB)."""
+    sampler = BatchSampler(n_tokens=16 * 10**12 + 1, block_size=16, seed=5)
+    batch = sampler.global_indices(987_654_321_000, 4096)
+    assert len(set(batch.tolist())) == 4096 and 0 <= batch.min() and batch.max() < 10**12
+
+
+def test_resume_continues_at_samples_consumed_even_with_another_global_batch():
+    """The state is the number of samples consumed: a restarted sampler gives the same batches, and
+    a run that ramps its global batch from 8 to 16 reads exactly the samples an unchanged run reads,
+    with none repeated or skipped. Other seeds give other batches."""
+    used = BatchSampler(n_tokens=5000, block_size=16, seed=9)
     for step in range(5):
-        used.rank_indices(step, 0, 2)
-    fresh = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=9)
-    other_seed = BatchSampler(n_tokens=5000, block_size=16, global_batch=8, seed=10)
+        used.global_indices(step * G, G)
+    fresh = BatchSampler(n_tokens=5000, block_size=16, seed=9)
+    other_seed = BatchSampler(n_tokens=5000, block_size=16, seed=10)
     for step in range(5, 12):
         for r in range(2):
-            assert np.array_equal(used.rank_indices(step, r, 2), fresh.rank_indices(step, r, 2))
-        assert not np.array_equal(fresh.global_indices(step), other_seed.global_indices(step))
-        assert not np.array_equal(fresh.global_indices(step), fresh.global_indices(step + 1))
+            assert np.array_equal(used.rank_indices(step * G, G, r, 2), fresh.rank_indices(step * G, G, r, 2))
+        assert not np.array_equal(fresh.global_indices(step * G, G), other_seed.global_indices(step * G, G))
+    ramped = [fresh.global_indices(s * 8, 8) for s in range(3)]  # 3 steps of 8, then 16 from sample 24
+    ramped += [fresh.global_indices(24 + s * 16, 16) for s in range(2)]
+    assert np.array_equal(np.concatenate(ramped), fresh.global_indices(0, 56))
 
 
 def test_micro_batches_are_shifted_targets():

@@ -63,6 +63,31 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert (crashed / "checkpoints" / "step-00000012" / "manifest.json").exists()
 
 
+def test_resume_may_ramp_the_batch_but_not_change_seed_or_data(data_dir, tmp_path):
+    """The sampler's position is samples consumed: a resume with a larger global batch continues
+    where the run stopped. Another seed or other data would repeat and skip samples: refused."""
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--steps", 2, "--set", "train.ckpt_every=2").returncode == 0
+    ramped = tmp_path / "ramped"
+    shutil.copytree(run, ramped)
+    proc = run_hpcllm(["train", "--out", ramped, "--resume", "--steps", 4, "--set", "train.global_batch=16"])
+    assert proc.returncode == 0, proc.stderr
+    sampler = json.loads((ramped / "checkpoints" / "step-00000004" / "manifest.json").read_text())["sampler"]
+    assert sampler["consumed_samples"] == 2 * 8 + 2 * 16 and sampler["seed"] == 1337
+
+    proc = run_hpcllm(["train", "--out", run, "--resume", "--steps", 4, "--set", "train.seed=7"])
+    assert_usage_error(proc, "drew its data order with train.seed=1337, not 7")
+    other = tmp_path / "other-data"
+    prepared = run_hpcllm(
+        ["prepare", data_dir.parent, "--tokenizer", "byte", "--val-ratio", 0.3, "--out", other]
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    proc = run_hpcllm(["train", "--out", run, "--resume", "--steps", 4, "--data", other])
+    assert_usage_error(proc, f"--resume: {other} is not the data this run was trained on")
+    assert "[rank" not in proc.stderr  # refused before the run's logging started
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000002"  # nothing written
+
+
 @pytest.mark.mpi(ranks=1, timeout=120)
 def test_checkpoint_round_trip_of_model_and_optimizer(mpi_tmp_path, comm):
     import torch

@@ -55,7 +55,7 @@ def main() -> None:
     trained: torch.nn.Module = model
     if args.variant == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)
-    sampler = BatchSampler(len(tokens), m.block_size, t.global_batch, t.seed)
+    sampler = BatchSampler(len(tokens), m.block_size, t.seed)
     per_rank = t.global_batch // world
     n_micro = per_rank // t.micro_batch
 
@@ -65,7 +65,7 @@ def main() -> None:
     for step in range(args.steps):
         optimizer.zero_grad()
         with timer.phase("data"):
-            indices = sampler.rank_indices(step, rank, world)
+            indices = sampler.rank_indices(step * t.global_batch, t.global_batch, rank, world)
             batches = [
                 (torch.from_numpy(x), torch.from_numpy(y))
                 for x, y in micro_batches(tokens, indices, m.block_size, t.micro_batch)

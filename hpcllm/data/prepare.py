@@ -31,7 +31,15 @@ import hpcllm
 from hpcllm.cluster.runtime import root_decides
 from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.tokens import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, choose_dtype, sha256_of
+from hpcllm.data.tokens import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER,
+    choose_dtype,
+    sha256_of,
+    unigram_loss,
+)
 from hpcllm.errors import UsageError
 from hpcllm.parallel.tasks import SharedCounters, dynamic_map, largest_first
 
@@ -191,6 +199,7 @@ def _manifest(
     split_kind, tokens, documents = counts
     skipped = Counter(s.skipped for s in stats if s.skipped)
     vocab, eot = tokenizer.get_vocab_size(), tok.eot_id(tokenizer)
+    train, val = (np.memmap(staging / f"{split}.bin", dtype=dtype, mode="r") for split in ("train", "val"))
     not_utf8 = [plan.files[s.index] for s in stats if s.skipped == "not_utf8"]
     return {
         "format": FORMAT_VERSION,
@@ -200,6 +209,8 @@ def _manifest(
         "seed": opts.seed,
         "val_ratio": opts.val_ratio,
         "split_by": split_kind,
+        # Measured once here, so that a training start needs no pass over the data.
+        "unigram_loss": unigram_loss(train, val, vocab),
         "splits": {
             split: {
                 "file": f"{split}.bin",

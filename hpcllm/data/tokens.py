@@ -109,3 +109,12 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
                 "prepare the data again"
             )
     return Prepared(root, manifest)
+
+
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on val of the train unigram distribution (add-one smoothed): the
+    loss of a model that ignores context. A language model must land well below it."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    val_counts = np.bincount(np.asarray(val_tokens), minlength=vocab_size)
+    return float(-(val_counts * log_probs).sum() / max(1, val_counts.sum()))

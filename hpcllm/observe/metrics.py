@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from hpcllm.observe import plots
@@ -33,15 +32,6 @@ def measure_matmul_peak(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * n**3 * runs / (time.perf_counter() - start)
-
-
-def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) on val of the train unigram distribution (add-one smoothed): the
-    loss of a model that ignores context. A language model must land well below it."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
-    log_probs = np.log(counts / counts.sum())
-    val_counts = np.bincount(np.asarray(val_tokens), minlength=vocab_size)
-    return float(-(val_counts * log_probs).sum() / max(1, val_counts.sum()))
 
 
 class MetricsLog:

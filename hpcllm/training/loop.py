@@ -19,10 +19,10 @@ import torch
 
 from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
-from hpcllm.data.tokens import TOKENIZER, Prepared
+from hpcllm.data.tokens import TOKENIZER, Prepared, unigram_loss
 from hpcllm.model.gpt import GPT, flops_per_token
 from hpcllm.model.partition import partition_tensor_parallel
-from hpcllm.observe.metrics import MetricsLog, measure_matmul_peak, unigram_loss
+from hpcllm.observe.metrics import MetricsLog, measure_matmul_peak
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
@@ -31,7 +31,7 @@ from hpcllm.training import checkpoint
 from hpcllm.training import config as config_mod
 from hpcllm.training.optim import learning_rate, make_optimizer
 from hpcllm.training.plan import Plan, make_plan
-from hpcllm.training.run_dir import ensure_data, open_run_dir
+from hpcllm.training.run_dir import ensure_data, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer, autocast_for
 
 log = logging.getLogger("hpcllm.training")
@@ -123,6 +123,7 @@ def _trainer(
     built: tuple[GPT, TensorCollectives, int],
     fault: faults.Fault | None,
     resume: bool,
+    resumed_at: tuple[int, int],
 ) -> tuple[Trainer, int]:
     """Optimizer, Horovod's wrapper, resumed state and the pipeline schedule around the model;
     returns the trainer and the step it starts from."""
@@ -141,15 +142,14 @@ def _trainer(
     optimizer = dp.wrap_optimizer(
         make_optimizer(model, config.train), model, plan.allreduce_every, config.horovod.fp16_compression
     )
-    start_step = 0
+    start_step = resumed_at[0]
     if resume:
         ckpt = checkpoint.latest(out)
         assert ckpt is not None  # checked when the run directory was opened
         for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
             log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
-        manifest = runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
-        start_step = manifest["step"]
-        log.info("resumed from %s at step %d", ckpt, start_step)
+        runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
+        log.info("resumed from %s at step %d (%d samples consumed)", ckpt, *resumed_at)
     dp.broadcast_initial_state(model, optimizer)
     pipeline = None
     if grid.layout.pp > 1:
@@ -161,7 +161,19 @@ def _trainer(
             model, grid, config.parallel.schedule, hidden_shape, autocast, rt.device, tied_weight=tied
         )
     trainer = Trainer(
-        plan, rt, grid, data, out, model, optimizer, dp, tp_group, full_parameters, pipeline, fault=fault
+        plan,
+        rt,
+        grid,
+        data,
+        out,
+        model,
+        optimizer,
+        dp,
+        tp_group,
+        full_parameters,
+        pipeline,
+        fault=fault,
+        resumed_at=resumed_at,
     )
     return trainer, start_step
 
@@ -197,6 +209,7 @@ def run_training(args: TrainArgs) -> Trainer:
         horovod_env=plan.horovod_env,
     )
     data = ensure_data(plan, rt)
+    resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
     log.info("%s", rt.describe())
@@ -205,7 +218,7 @@ def run_training(args: TrainArgs) -> Trainer:
         plan.config.dump(out / "config.yaml")
         shutil.copyfile(data.tokenizer_path, out / TOKENIZER)
     built = _build_model(plan, data.vocab_size, rt, grid)
-    trainer, start_step = _trainer(plan, rt, grid, data, out, built, fault, resume=args.resume)
+    trainer, start_step = _trainer(plan, rt, grid, data, out, built, fault, args.resume, resumed_at)
     trainer.stop.install()
     watchdog.start(rt.comm, plan.config.train.watchdog_s)
     try:
@@ -272,15 +285,20 @@ def _stop_if_asked(trainer: Trainer, done: int, saved: bool, bar: Any) -> None:
     raise Preempted(done)
 
 
+def _baseline(trainer: Trainer) -> float:
+    """The unigram loss recorded at prepare time; data prepared by an older hpcllm is measured now."""
+    recorded = trainer.data.manifest.get("unigram_loss")
+    if recorded is not None:
+        return float(recorded)
+    log.info("measuring the unigram baseline (one pass over the data; `hpcllm prepare` again records it)")
+    return unigram_loss(trainer.train_tokens, trainer.val_tokens, trainer.data.vocab_size)
+
+
 def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     config, rt = trainer.config, trainer.rt
     t = config.train
     speed = _speed(trainer, start_step)
-    baseline = (
-        unigram_loss(trainer.train_tokens, trainer.val_tokens, trainer.data.vocab_size)
-        if rt.rank == 0
-        else None
-    )
+    baseline = _baseline(trainer) if rt.rank == 0 else None
     log.info(
         "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
         "%d micro-batches of %d per rank per step",

@@ -60,6 +60,12 @@ def default_data_dir() -> Path:
 
 
 def _check_resume_compatible(config: Config, saved: dict[str, Any]) -> None:
+    seed = saved.get("train", {}).get("seed", config.train.seed)
+    if seed != config.train.seed:
+        raise UsageError(
+            f"--resume: the run drew its data order with train.seed={seed}, not {config.train.seed}; "
+            "resuming with another seed would repeat and skip data: keep the seed"
+        )
     before = saved.get("model", {})
     for key, value in vars(config.model).items():
         if key in before and before[key] != value:

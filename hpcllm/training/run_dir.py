@@ -52,7 +52,9 @@ def open_run_dir(out_arg: str | None, resume: bool) -> tuple[Path, dict[str, Any
 
 
 def ensure_data(plan: Plan, rt: runtime.Runtime) -> Prepared:
-    """The prepared data of data.path; the default corpus is prepared there on first use."""
+    """The prepared data of data.path; the default corpus is prepared there on first use. Start-up
+    reads the manifest and checks the files' sizes: O(1) in the data's size (the checksums are
+    computed by `hpcllm prepare`, and re-checked by `open_prepared(verify=True)`)."""
     path = Path(plan.config.data.path)
     if plan.default_data and not (path / "manifest.json").exists():
         log.info("preparing the default corpus (Python's standard library) once, into %s", path)
@@ -61,5 +63,22 @@ def ensure_data(plan: Plan, rt: runtime.Runtime) -> Prepared:
         summary = prepare.prepare(options, rt.comm)
         for line in summary.lines():
             log.info("  %s", line)
-    root_verified = runtime.root_decides(rt.comm, lambda: open_prepared(path, verify=True).manifest)
+    root_verified = runtime.root_decides(rt.comm, lambda: open_prepared(path, verify=False).manifest)
     return Prepared(path, root_verified)
+
+
+def resume_point(out: Path, data: Prepared) -> tuple[int, int]:
+    """(step, samples consumed) that a resume of the run in `out` continues from. The data order is
+    a function of (seed, sample): other data would repeat and skip samples, so it is refused (the
+    seed is checked with the plan); another global batch is fine."""
+    ckpt = checkpoint.latest(out)
+    assert ckpt is not None  # checked when the run directory was opened
+    manifest = checkpoint.read_manifest(ckpt)
+    sampler, step = manifest.get("sampler", {}), manifest["step"]
+    trained_on = sampler.get("data_sha256")
+    if trained_on and trained_on != data.manifest["splits"]["train"]["sha256"]:
+        raise UsageError(
+            f"--resume: {data.path} is not the data this run was trained on (its train split differs); "
+            "resume on the same prepared data, or start a new run"
+        )
+    return step, sampler.get("consumed_samples", step * manifest["config"]["train"]["global_batch"])

@@ -57,6 +57,7 @@ class Trainer:
     pipeline: PipelineStage | None = None
     stop: StopFlag = field(default_factory=StopFlag)
     fault: faults.Fault | None = None  # HPCLLM_FAULT, for the reliability tests
+    resumed_at: tuple[int, int] = (0, 0)  # (step, samples consumed by then) of the checkpoint resumed
     timer: PhaseTimer = field(init=False)
     config: Config = field(init=False)  # the plan's, for short
     micro_per_step: int = field(init=False)
@@ -66,11 +67,11 @@ class Trainer:
         self.micro_per_step = self.plan.micro_batches
         t, m = self.config.train, self.config.model
         self.train_tokens = self.data.tokens("train")
-        self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.global_batch, t.seed)
+        self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.seed)
         self.val_tokens = self.data.tokens("val")
         try:
             self.val_sampler: BatchSampler | None = BatchSampler(
-                len(self.val_tokens), m.block_size, t.global_batch, t.seed + 1
+                len(self.val_tokens), m.block_size, t.seed + 1
             )
         except UsageError:
             log.warning("the validation split is shorter than one sequence: no validation loss")
@@ -78,10 +79,16 @@ class Trainer:
         self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
         self.timer = PhaseTimer(device_sync(self.rt.device))
 
+    def samples_before(self, step: int) -> int:
+        """Samples the run consumed before `step` (the global batch may differ before a resume)."""
+        resumed_step, resumed_samples = self.resumed_at
+        return resumed_samples + (step - resumed_step) * self.config.train.global_batch
+
     def _batches(
-        self, sampler: BatchSampler, tokens: Any, step: int
+        self, sampler: BatchSampler, tokens: Any, first: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        indices = sampler.rank_indices(step, self.grid.dp_rank, self.grid.layout.dp)
+        g = self.config.train.global_batch
+        indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
         device = self.rt.device
         return [
             (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
@@ -98,7 +105,7 @@ class Trainer:
         self.optimizer.zero_grad()
         timer = self.timer
         with timer.phase("data"):
-            batches = self._batches(self.sampler, self.train_tokens, step)
+            batches = self._batches(self.sampler, self.train_tokens, self.samples_before(step))
         every = self.plan.allreduce_every
 
         def reduce_early(done: int) -> None:
@@ -141,8 +148,8 @@ class Trainer:
             return None
         self.model.eval()
         losses = []
-        for step in range(self.config.train.eval_steps):
-            batches = self._batches(self.val_sampler, self.val_tokens, step)
+        for index in range(self.config.train.eval_steps):  # the same batches at every evaluation
+            batches = self._batches(self.val_sampler, self.val_tokens, index * self.config.train.global_batch)
             if self.pipeline is not None:
                 losses += [self.pipeline.eval_step(batches)] * len(batches)
                 continue
@@ -152,7 +159,13 @@ class Trainer:
         return self.dp.mean(sum(losses) / len(losses))
 
     def save(self, step: int) -> Path:
-        extra = {"config": self.config.to_dict(), "sampler": {"step": step, "seed": self.config.train.seed}}
+        sampler = {
+            "step": step,
+            "seed": self.config.train.seed,
+            "consumed_samples": self.samples_before(step),
+            "data_sha256": self.data.manifest["splits"]["train"]["sha256"],
+        }
+        extra = {"config": self.config.to_dict(), "sampler": sampler}
         return checkpoint.save(
             self.run_dir,
             step,
