@@ -1,1 +1,1 @@
-"""Benchmarks behind `hpcllm bench train|allreduce|pipeline`."""
+"""Benchmarks behind `hpcllm bench train|allreduce|pipeline|startup`."""

@@ -64,6 +64,14 @@ def add_parser(commands: Any) -> None:
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=pipeline)
 
+    st = kinds.add_parser("startup", help="time from launch to the first step, by token-file size")
+    st.add_argument("--sizes", default="0.1,4", help="train-split sizes in GB, synthetic tokens (0.1,4)")
+    st.add_argument("--ranks", type=int, default=2, help="ranks per training run (2)")
+    st.add_argument("--repeat", type=int, default=3, help="runs per size, interleaved (3)")
+    st.add_argument("--workdir", help="where the synthetic data goes (default: the system temp directory)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=startup)
+
 
 def allreduce(args: argparse.Namespace) -> int:
     from hpcllm.bench import allreduce as bench
@@ -151,4 +159,18 @@ def train(args: argparse.Namespace) -> int:
         check_timeline(str(timeline))
     result = bench_train.run(data, steps, sets, args.repeat, keys, sweeps, timeline)
     print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
+    return 0
+
+
+def startup(args: argparse.Namespace) -> int:
+    from hpcllm.bench import startup as bench
+
+    try:
+        sizes = [float(v) for v in args.sizes.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--sizes takes comma-separated gigabytes, not {args.sizes!r}") from exc
+    if not sizes or min(sizes) <= 0 or args.ranks < 1 or args.repeat < 1:
+        raise UsageError("bench startup needs positive --sizes, --ranks >= 1 and --repeat >= 1")
+    result = bench.run(sizes, args.ranks, args.repeat, args.workdir)
+    print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0

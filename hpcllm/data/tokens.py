@@ -111,10 +111,19 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
     return Prepared(root, manifest)
 
 
+def _counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """Token counts, a chunk at a time (bincount widens to int64: a whole file at once would take
+    four times its size in memory)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[start : start + chunk]), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) on val of the train unigram distribution (add-one smoothed): the
     loss of a model that ignores context. A language model must land well below it."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    counts = _counts(train_tokens, vocab_size).astype(np.float64) + 1.0
     log_probs = np.log(counts / counts.sum())
-    val_counts = np.bincount(np.asarray(val_tokens), minlength=vocab_size)
+    val_counts = _counts(val_tokens, vocab_size)
     return float(-(val_counts * log_probs).sum() / max(1, val_counts.sum()))
