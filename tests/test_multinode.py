@@ -38,7 +38,8 @@ def test_tp_groups_that_span_nodes_are_found():
 
 def test_layouts_across_two_nodes_match_one_process(slurm_cluster, data_dir, tmp_path):
     """dp4, dp2 x tp2 and pp2 x dp2 on 2 virtual nodes x 2 ranks (srun, PMIx, TCP between the
-    nodes) give the single-process losses; `hpcllm info` shows the node map."""
+    nodes) give the single-process losses; `hpcllm info` shows the node map; dp4 reads data staged
+    once per node into per-node directories."""
     cluster = slurm_cluster(nodes=2)
     env = launch_env(cluster.env)
     srun = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks=4"]
@@ -56,7 +57,8 @@ def test_layouts_across_two_nodes_match_one_process(slurm_cluster, data_dir, tmp
     steps = ["--steps", "20", "--set", "train.eval_every=0"]
     reference = tmp_path / "one"
     assert run_hpcllm(["train", "--data", data_dir, "--out", reference, *TINY, *steps]).returncode == 0
-    for name, flags in (("dp4", []), ("dp2xtp2", ["--tp", "2"]), ("pp2xdp2", ["--pp", "2"])):
+    staged = ["--set", f"data.stage_dir={tmp_path}/stage-{{node}}"]
+    for name, flags in (("dp4", staged), ("dp2xtp2", ["--tp", "2"]), ("pp2xdp2", ["--pp", "2"])):
         out = tmp_path / name
         command = [*srun, sys.executable, "-m", "hpcllm.cli", "train", "--data", str(data_dir)]
         command += ["--out", str(out), *map(str, TINY), *steps, *flags]
@@ -65,3 +67,20 @@ def test_layouts_across_two_nodes_match_one_process(slurm_cluster, data_dir, tmp
         assert_same_losses(losses(reference), losses(out), name)
         assert "(node 1, local rank 0/2)" in (out / "logs" / "rank-2.log").read_text()
         assert "span nodes" not in (out / "logs" / "rank-0.log").read_text()  # TP pairs inside a node
+    source = (data_dir / "train.bin").read_bytes()
+    for node in (0, 1):  # one copy per node, made by the node's first rank
+        assert (tmp_path / f"stage-{node}" / "train.bin").read_bytes() == source
+    assert not list(tmp_path.glob("stage-*/.*.partial"))
+
+
+def test_a_stage_dir_that_cannot_be_written_is_one_line(data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run_hpcllm(
+        ["train", "--data", data_dir, "--out", tmp_path / "r", *TINY, "--steps", 1]
+        + ["--set", f"data.stage_dir={blocker}/stage"],
+        ranks=2,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"data.stage_dir: cannot copy the data to {blocker}/stage" in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before the run directory was made

@@ -81,6 +81,7 @@ class HorovodConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # a prepared directory; empty = the default corpus, prepared on first use
+    stage_dir: str = ""  # copy the data here once per node first ({node} = node index; $VARS expanded)
 
 
 @dataclass(frozen=True)

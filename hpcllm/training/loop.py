@@ -208,7 +208,7 @@ def run_training(args: TrainArgs) -> Trainer:
         horovod_tp=plan.tp_backend == "horovod",
         horovod_env=plan.horovod_env,
     )
-    data = ensure_data(plan, rt)
+    data = ensure_data(plan, rt, grid.node_comm)
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)

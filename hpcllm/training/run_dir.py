@@ -13,6 +13,7 @@ import yaml
 
 from hpcllm.cluster import runtime
 from hpcllm.data import prepare
+from hpcllm.data.stage import stage
 from hpcllm.data.tokens import Prepared, open_prepared
 from hpcllm.errors import UsageError
 from hpcllm.training import checkpoint
@@ -51,7 +52,7 @@ def open_run_dir(out_arg: str | None, resume: bool) -> tuple[Path, dict[str, Any
     return out, None
 
 
-def ensure_data(plan: Plan, rt: runtime.Runtime) -> Prepared:
+def ensure_data(plan: Plan, rt: runtime.Runtime, node_comm: Any) -> Prepared:
     """The prepared data of data.path; the default corpus is prepared there on first use. Start-up
     reads the manifest and checks the files' sizes: O(1) in the data's size (the checksums are
     computed by `hpcllm prepare`, and re-checked by `open_prepared(verify=True)`)."""
@@ -64,7 +65,13 @@ def ensure_data(plan: Plan, rt: runtime.Runtime) -> Prepared:
         for line in summary.lines():
             log.info("  %s", line)
     root_verified = runtime.root_decides(rt.comm, lambda: open_prepared(path, verify=False).manifest)
-    return Prepared(path, root_verified)
+    data = Prepared(path, root_verified)
+    if not plan.config.data.stage_dir:
+        return data
+    staged, copied = stage(data, plan.config.data.stage_dir, node_comm, rt.comm, rt.node_index)
+    if copied:
+        log.info("staged the data for node %d into %s", rt.node_index, staged.path)
+    return staged
 
 
 def resume_point(out: Path, data: Prepared) -> tuple[int, int]:
