@@ -301,7 +301,9 @@ def test_resume_of_something_that_is_not_a_resumable_run(data_dir, tmp_path):
     assert_usage_error(run_hpcllm(["train", "--out", run, "--resume"]), "has no complete checkpoint yet")
 
 
-@pytest.mark.parametrize("spec", ["explode:rank=1:step=3", "kill:rank=one:step=3", "kill:step=3"])
+@pytest.mark.parametrize(
+    "spec", ["explode:rank=1:step=3", "kill:rank=one:step=3", "kill:step=3", "kill:rank=1:node=1:step=3"]
+)
 def test_a_malformed_fault_specification_is_refused(data_dir, tmp_path, spec):
     proc = run_hpcllm(
         ["train", "--data", data_dir, "--out", tmp_path / "r", *TINY],

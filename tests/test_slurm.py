@@ -51,6 +51,9 @@ def test_malformed_hostlists_are_refused(bad):
         ("--time", "2h"),
         ("--time", "1:2:3:4"),
         ("--out", "runs dir"),
+        ("--nodes", "2-1"),
+        ("--nodes", "0"),
+        ("--nodes", "$(id)"),
     ],
 )
 def test_hostile_or_malformed_input_exits_2(flag, value):

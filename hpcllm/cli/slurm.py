@@ -24,7 +24,11 @@ def add_parser(commands: Any) -> None:
     sl.add_argument(
         "--template", default="gpu", help="gpu (srun+PMIx), gpu-mpirun, cpu, array, or a .j2 file"
     )
-    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument(
+        "--nodes",
+        default="1",
+        help="node count, or a range MIN-MAX: after a node failure the requeued job runs on what is left",
+    )
     sl.add_argument("--ntasks-per-node", type=int, default=4, help="ranks per node (= GPUs per node)")
     sl.add_argument("--gpus-per-node", type=int, help="default 4; none with --template cpu")
     sl.add_argument("--cpus-per-task", type=int, help="default 8; Slurm's default with --template cpu")

@@ -2,6 +2,7 @@
 who want to see what their cluster's launcher does when a rank dies).
 
     HPCLLM_FAULT=KIND:rank=R:step=S     e.g. HPCLLM_FAULT=kill:rank=1:step=3
+    HPCLLM_FAULT=KIND:node=N:step=S     every rank on node N (a node that dies: kill:node=1:step=5)
 
 KIND is one of
     raise       raise an exception on rank R before training step S
@@ -34,20 +35,32 @@ class InjectedFault(RuntimeError):
 @dataclass(frozen=True)
 class Fault:
     kind: str
-    rank: int
+    rank: int | None  # this rank, or
     step: int
+    node: int | None = None  # every rank on this node
+
+    def hits(self, rank: int, node: int, step: int) -> bool:
+        where = self.rank == rank if self.node is None else self.node == node
+        return where and self.step == step
 
 
 def parse(text: str) -> Fault:
     kind, *fields = text.split(":")
     try:
         values = dict(field.split("=", 1) for field in fields)
-        fault = Fault(kind, int(values.pop("rank")), int(values.pop("step")))
+        step = int(values.pop("step"))
+        if ("rank" in values) == ("node" in values):
+            raise KeyError("rank or node")
+        rank, node = (int(values.pop(k)) if k in values else None for k in ("rank", "node"))
     except (ValueError, KeyError) as exc:
-        raise UsageError(f"{ENV}={text!r}: expected KIND:rank=R:step=S, e.g. kill:rank=1:step=3") from exc
+        raise UsageError(
+            f"{ENV}={text!r}: expected KIND:rank=R:step=S or KIND:node=N:step=S, e.g. kill:rank=1:step=3"
+        ) from exc
     if kind not in KINDS or values:
-        raise UsageError(f"{ENV}={text!r}: KIND is one of {', '.join(KINDS)}, with only rank= and step=")
-    return fault
+        raise UsageError(
+            f"{ENV}={text!r}: KIND is one of {', '.join(KINDS)}, with only rank= or node=, and step="
+        )
+    return Fault(kind, rank, step, node)
 
 
 def configured() -> Fault | None:
@@ -55,26 +68,26 @@ def configured() -> Fault | None:
     return parse(text) if text else None
 
 
-def _fire(fault: Fault) -> None:
+def _fire(fault: Fault, rank: int) -> None:
     sys.stderr.write(
-        f"[rank {fault.rank}] {ENV}: injecting '{fault.kind}' at step {fault.step} (t={time.time():.3f})\n"
+        f"[rank {rank}] {ENV}: injecting '{fault.kind}' at step {fault.step} (t={time.time():.3f})\n"
     )
     sys.stderr.flush()
     if fault.kind == "raise":
-        raise InjectedFault(f"fault injected by {ENV} on rank {fault.rank} before step {fault.step}")
+        raise InjectedFault(f"fault injected by {ENV} on rank {rank} before step {fault.step}")
     if fault.kind in ("kill", "checkpoint"):
         os.kill(os.getpid(), signal.SIGKILL)
     while True:  # hang: alive, holding no lock, never arriving at the next collective
         time.sleep(3600)
 
 
-def before_step(fault: Fault | None, rank: int, step: int) -> None:
+def before_step(fault: Fault | None, rank: int, node: int, step: int) -> None:
     """Hook at the start of training step `step` (1-based, as logged)."""
-    if fault is not None and fault.kind != "checkpoint" and (fault.rank, fault.step) == (rank, step):
-        _fire(fault)
+    if fault is not None and fault.kind != "checkpoint" and fault.hits(rank, node, step):
+        _fire(fault, rank)
 
 
-def during_checkpoint(fault: Fault | None, rank: int, step: int) -> None:
+def during_checkpoint(fault: Fault | None, rank: int, node: int, step: int) -> None:
     """Hook inside a checkpoint write, between this rank's shard and the checkpoint's completion."""
-    if fault is not None and fault.kind == "checkpoint" and (fault.rank, fault.step) == (rank, step):
-        _fire(fault)
+    if fault is not None and fault.kind == "checkpoint" and fault.hits(rank, node, step):
+        _fire(fault, rank)

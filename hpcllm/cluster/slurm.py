@@ -100,6 +100,14 @@ def check_time(value: str) -> str:
     return value
 
 
+def check_node_count(text: str) -> None:
+    """--nodes N or MIN-MAX (Slurm starts the job on as many nodes of the range as it can get; a
+    requeued job after a node failure then runs on fewer, and training recomputes dp)."""
+    low, _, high = text.partition("-")
+    if not low.isdigit() or (high and not high.isdigit()) or int(low) < 1 or (high and int(high) < int(low)):
+        raise UsageError(f"--nodes {text!r}: give a count (4) or a range MIN-MAX (2-4) of at least 1")
+
+
 def check_positive(flag: str, value: int) -> int:
     if value < 1:
         raise UsageError(f"{flag} must be at least 1, not {value}")
@@ -109,7 +117,7 @@ def check_positive(flag: str, value: int) -> int:
 @dataclass
 class JobSpec:
     template: str = "gpu"
-    nodes: int = 1
+    nodes: int | str = 1  # a count, or MIN-MAX: the job starts on what is free in the range
     ntasks_per_node: int = 4
     gpus_per_node: int | None = None  # None: 4 on GPU templates, none on the CPU template
     cpus_per_task: int | None = None  # None: 8 on GPU templates, Slurm's default on the CPU template
@@ -134,8 +142,8 @@ class JobSpec:
             self.gpus_per_node = 0 if cpu_only else 4
         if self.cpus_per_task is None and not cpu_only:
             self.cpus_per_task = 8
+        check_node_count(str(self.nodes))
         for flag, value in (
-            ("--nodes", self.nodes),
             ("--ntasks-per-node", self.ntasks_per_node),
             ("--cpus-per-task", 1 if self.cpus_per_task is None else self.cpus_per_task),
         ):

@@ -195,10 +195,24 @@ PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubs
             time.sleep(0.5)
         return state
 
+    def _cancel_jobs(self, timeout: float = 20.0) -> None:
+        """Cancel every job (steps and batch scripts too) while slurmctld still runs: a daemon
+        stopped under a running job leaves its slurmstepd and ranks behind."""
+        if not self.processes or self.processes[0].poll() is not None:
+            return
+        subprocess.run(["scancel", "--quiet", "--full", "--user", "root"], env=self.env, timeout=30)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
+            if queue.returncode != 0 or not queue.stdout.strip():
+                return
+            time.sleep(0.5)
+
     def stop(self) -> None:
         for other in self._others.values():
             other.stop()
         self._others.clear()
+        self._cancel_jobs()
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.terminate()

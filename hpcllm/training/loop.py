@@ -318,7 +318,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     for step in range(start_step, t.steps):
         done = step + 1
         watchdog.set_step(done)
-        faults.before_step(trainer.fault, rt.rank, done)
+        faults.before_step(trainer.fault, rt.rank, rt.node_index, done)
         loss = trainer.train_step(step)
         row: dict[str, Any] | None = None
         if done % t.log_every == 0 or done == t.steps or done == start_step + 1:

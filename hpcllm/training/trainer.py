@@ -174,5 +174,5 @@ class Trainer:
             self.grid,
             extra,
             self.config.train.keep,
-            after_shard=lambda: faults.during_checkpoint(self.fault, self.rt.rank, step),
+            after_shard=lambda: faults.during_checkpoint(self.fault, self.rt.rank, self.rt.node_index, step),
         )
