@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,24 @@ class MetricsLog:
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         plots.save(fig, self.plot_path)
+
+
+@dataclass
+class Throughput:
+    """Tokens per second and MFU over the interval since the last logged step."""
+
+    tokens_per_step: int
+    flops_per_token: float
+    peak_total: float  # FLOP/s of all ranks together
+    last_step: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.last_time = self.started
+
+    def interval(self, done: int) -> dict[str, float]:
+        now = time.perf_counter()
+        tokens_per_s = (done - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, done
+        mfu = tokens_per_s * self.flops_per_token / self.peak_total
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": now - self.started}

@@ -11,7 +11,7 @@ import logging
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
 from hpcllm.data.tokens import TOKENIZER, Prepared, unigram_loss
 from hpcllm.model.gpt import GPT, flops_per_token
 from hpcllm.model.partition import partition_tensor_parallel
-from hpcllm.observe.metrics import MetricsLog, measure_matmul_peak
+from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
@@ -114,6 +114,17 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
     return runtime.root_decides(rt.comm, decide)
 
 
+def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> PipelineStage:
+    """This stage's schedule; the first and last stage share the tied embedding's weight."""
+    config = plan.config
+    hidden_shape = (config.train.micro_batch, config.model.block_size, config.model.n_embd)
+    autocast = autocast_for(config.train.dtype, device)
+    tied = model.wte.weight if model.wte is not None else None
+    return PipelineStage(
+        model, grid, config.parallel.schedule, hidden_shape, autocast, device, tied_weight=tied
+    )
+
+
 def _trainer(
     plan: Plan,
     rt: runtime.Runtime,
@@ -151,15 +162,7 @@ def _trainer(
         runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
         log.info("resumed from %s at step %d (%d samples consumed)", ckpt, *resumed_at)
     dp.broadcast_initial_state(model, optimizer)
-    pipeline = None
-    if grid.layout.pp > 1:
-        m = config.model
-        hidden_shape = (config.train.micro_batch, m.block_size, m.n_embd)
-        autocast = autocast_for(config.train.dtype, rt.device)
-        tied = model.wte.weight if model.wte is not None else None
-        pipeline = PipelineStage(
-            model, grid, config.parallel.schedule, hidden_shape, autocast, rt.device, tied_weight=tied
-        )
+    pipeline = _pipeline(plan, grid, model, rt.device) if grid.layout.pp > 1 else None
     trainer = Trainer(
         plan,
         rt,
@@ -235,32 +238,11 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="step", desc="train", disable=None if enabled else True)
 
 
-@dataclass
-class _Speed:
-    """Tokens per second and MFU over the interval since the last logged step."""
-
-    tokens_per_step: int
-    flops_per_token: float
-    peak_total: float  # FLOP/s of all ranks together
-    last_step: int
-    started: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        self.last_time = self.started
-
-    def interval(self, done: int) -> dict[str, float]:
-        now = time.perf_counter()
-        tokens_per_s = (done - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, done
-        mfu = tokens_per_s * self.flops_per_token / self.peak_total
-        return {"tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": now - self.started}
-
-
-def _speed(trainer: Trainer, start_step: int) -> _Speed:
+def _speed(trainer: Trainer, start_step: int) -> Throughput:
     t, rt = trainer.config.train, trainer.rt
     compute_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
     peak = t.peak_flops or measure_matmul_peak(rt.device, dtype=compute_dtype)
-    return _Speed(
+    return Throughput(
         tokens_per_step=t.global_batch * trainer.config.model.block_size,
         flops_per_token=flops_per_token(trainer.model.shape, trainer.full_parameters),
         peak_total=rt.comm.allreduce(peak),
