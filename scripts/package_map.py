@@ -23,10 +23,10 @@ ROLES = {
     "parallel/pipeline": "stage partition, point-to-point, GPipe / 1F1B schedules",
     "model": "the GPT, written once; its TP partition",
     "training": "config, the validated plan, trainer, loop, optimizer, checkpoints",
-    "data": "corpus -> tokenizer -> token files + manifest; the per-rank sampler",
+    "data": "corpus -> tokenizer -> token files + manifest; the O(1) sampler; node-local staging",
     "observe": "metrics.jsonl, loss.png, MFU, phase timer",
     "cli": "one module per command",
-    "bench": "train, allreduce, pipeline benchmarks",
+    "bench": "train, allreduce, pipeline, startup benchmarks",
     "testing": "the pytest plugin shipped to users",
     "errors": "exit codes 2 and 1",
 }
