@@ -27,7 +27,7 @@ def add_parser(commands: Any) -> None:
     sl.add_argument(
         "--nodes",
         default="1",
-        help="node count, or a range MIN-MAX: after a node failure the requeued job runs on what is left",
+        help="node count, or a range MIN-MAX (Slurm starts the job on what it can get within it)",
     )
     sl.add_argument("--ntasks-per-node", type=int, default=4, help="ranks per node (= GPUs per node)")
     sl.add_argument("--gpus-per-node", type=int, help="default 4; none with --template cpu")

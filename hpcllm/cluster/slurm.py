@@ -101,8 +101,8 @@ def check_time(value: str) -> str:
 
 
 def check_node_count(text: str) -> None:
-    """--nodes N or MIN-MAX (Slurm starts the job on as many nodes of the range as it can get; a
-    requeued job after a node failure then runs on fewer, and training recomputes dp)."""
+    """--nodes N or MIN-MAX (Slurm starts the job on what it can get within the range; training
+    derives dp from the world it is started with)."""
     low, _, high = text.partition("-")
     if not low.isdigit() or (high and not high.isdigit()) or int(low) < 1 or (high and int(high) < int(low)):
         raise UsageError(f"--nodes {text!r}: give a count (4) or a range MIN-MAX (2-4) of at least 1")
