@@ -171,6 +171,12 @@ def startup(args: argparse.Namespace) -> int:
         raise UsageError(f"--sizes takes comma-separated gigabytes, not {args.sizes!r}") from exc
     if not sizes or min(sizes) <= 0 or args.ranks < 1 or args.repeat < 1:
         raise UsageError("bench startup needs positive --sizes, --ranks >= 1 and --repeat >= 1")
-    result = bench.run(sizes, args.ranks, args.repeat, args.workdir)
+    try:
+        result = bench.run(sizes, args.ranks, args.repeat, args.workdir)
+    except OSError as exc:  # a full disk or a directory that cannot be written: say so, in one line
+        where = args.workdir or "the system temp directory"
+        raise UsageError(
+            f"bench startup: cannot write the synthetic data in {where} ({exc}); use --workdir"
+        ) from exc
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0

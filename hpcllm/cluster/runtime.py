@@ -93,13 +93,13 @@ def _local_placement(comm: Any, MPI: Any) -> tuple[Any, list[int], list[str]]:
 
 def _ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
-    parts: list[str] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive ranks
     for rank in ranks:
-        if parts and rank == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{rank}"
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
         else:
-            parts.append(str(rank))
-    return ",".join(parts)
+            runs.append([rank, rank])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _check_launch(launch: LaunchInfo, size: int) -> None:

@@ -80,6 +80,7 @@ class Throughput:
     peak_total: float  # FLOP/s of all ranks together
     last_step: int
     started: float = field(default_factory=time.perf_counter)
+    last_time: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.last_time = self.started

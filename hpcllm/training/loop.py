@@ -74,12 +74,11 @@ def _build_model(
     torch.manual_seed(plan.config.train.seed)
     model = GPT(plan.model_shape(vocab_size)).to(rt.device)
     full_parameters = model.num_parameters()
-    horovod_tp = plan.tp_backend == "horovod" and grid.layout.tp > 1
     tp_group = TensorCollectives(
         grid.tp_comm,
         plan.tp_backend,
-        grid.hvd if horovod_tp else None,
-        grid.tp_process_set if horovod_tp else None,
+        grid.hvd if plan.horovod_tp else None,
+        grid.tp_process_set if plan.horovod_tp else None,
     )
     partition_tensor_parallel(model, tp_group)
     if grid.layout.pp > 1:
@@ -208,7 +207,7 @@ def run_training(args: TrainArgs) -> Trainer:
         tp=plan.layout.tp,
         pp=plan.layout.pp,
         horovod=plan.uses_horovod,
-        horovod_tp=plan.tp_backend == "horovod",
+        horovod_tp=plan.horovod_tp,
         horovod_env=plan.horovod_env,
     )
     data = ensure_data(plan, rt, grid.node_comm)

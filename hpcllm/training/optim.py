@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hpcllm.cluster import watchdog
-from hpcllm.parallel.sharding import model_sharding
+from hpcllm.parallel.sharding import Sharding, model_sharding
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training.config import TrainConfig
 
@@ -35,12 +35,17 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
 
 
 def clip_grad_norm_(
-    model: nn.Module, max_norm: float, group: TensorCollectives, pipeline_comm: Any = None
+    model: nn.Module,
+    max_norm: float,
+    group: TensorCollectives,
+    pipeline_comm: Any = None,
+    sharding: dict[str, Sharding] | None = None,
 ) -> float:
     """Clip by the norm of the *full* model's gradient: partitioned slices are summed over the TP
     group, replicated parameters counted once (they are identical on every TP rank), and with a
-    pipeline the stages' sums are added (a pipeline copy of a tied weight left out)."""
-    sharding = model_sharding(model)
+    pipeline the stages' sums are added (a pipeline copy of a tied weight left out). `sharding`:
+    `model_sharding(model)`, computed once by a caller that clips every step."""
+    sharding = sharding if sharding is not None else model_sharding(model)
     partitioned = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
     grads = []

@@ -35,8 +35,13 @@ class Plan:
     default_data: bool  # data.path was empty: prepare the default corpus there on first use
 
     @property
+    def horovod_tp(self) -> bool:
+        """Tensor-parallel collectives go through Horovod (and need its TP process sets)."""
+        return self.tp_backend == "horovod" and self.layout.tp > 1
+
+    @property
     def uses_horovod(self) -> bool:
-        return self.layout.dp > 1 or (self.tp_backend == "horovod" and self.layout.tp > 1)
+        return self.layout.dp > 1 or self.horovod_tp
 
     @property
     def bubble(self) -> float:

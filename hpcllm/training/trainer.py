@@ -27,6 +27,7 @@ from hpcllm.observe.timing import PhaseTimer, device_sync
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
+from hpcllm.parallel.sharding import Sharding, model_sharding
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
@@ -61,10 +62,12 @@ class Trainer:
     timer: PhaseTimer = field(init=False)
     config: Config = field(init=False)  # the plan's, for short
     micro_per_step: int = field(init=False)
+    sharding: dict[str, Sharding] = field(init=False)  # the model's, read once (clipping is per step)
 
     def __post_init__(self) -> None:
         self.config = self.plan.config
         self.micro_per_step = self.plan.micro_batches
+        self.sharding = model_sharding(self.model)
         t, m = self.config.train, self.config.model
         self.train_tokens = self.data.tokens("train")
         self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.seed)
@@ -136,7 +139,9 @@ class Trainer:
         with timer.phase("optimizer"):
             if self.config.train.grad_clip > 0:
                 pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
-                clip_grad_norm_(self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm)
+                clip_grad_norm_(
+                    self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm, self.sharding
+                )
             with self.dp.step_without_sync(self.optimizer):
                 self.optimizer.step()
         timer.step_done()
