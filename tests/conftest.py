@@ -1,9 +1,11 @@
 """hpcllm's own tests use the plugin it ships (registered by its entry point) and pytester."""
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +123,39 @@ def assert_same_losses(reference, got, label):
     assert abs(got[1] - reference[1]) <= 1e-5 * reference[1], label
     for step, value in reference.items():
         assert abs(got[step] - value) <= 1e-3 * value, (label, step)
+
+
+# ---- jobs on the local Slurm cluster ---------------------------------------------------
+
+
+def submit_env(cluster):
+    venv_bin = str(Path(sys.executable).parent)
+    # Submissions are recorded under XDG_STATE_HOME: keep this cluster's job ids apart from others'.
+    state = str(cluster.root / "state")
+    return launch_env(cluster.env) | {"PATH": f"{venv_bin}:{os.environ['PATH']}", "XDG_STATE_HOME": state}
+
+
+def submit_job(
+    cluster, out, *train_args, job_name="tiny", nodes=1, ntasks=2, slurm_flags=("--template", "cpu")
+):
+    """`hpcllm slurm submit` of a small CPU job on the local cluster; returns (job id, what it said)."""
+    flags = [
+        "--nodes",
+        nodes,
+        "--ntasks-per-node",
+        ntasks,
+        "--gpus-per-node",
+        0,
+        "--cpus-per-task",
+        1,
+        "--time",
+        "30",
+    ]
+    proc = run_hpcllm(
+        ["slurm", "submit", *slurm_flags, *flags, "--out", out, "--job-name", job_name, "--", *train_args],
+        env=submit_env(cluster),
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[2]
+    assert job.isdigit(), proc.stdout
+    return job, proc.stdout

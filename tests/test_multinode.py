@@ -2,11 +2,14 @@
 ranks that learn their node from MPI, and layouts across nodes that give the single-process losses."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import TINY, assert_same_losses, losses, run_hpcllm
+from conftest import TINY, assert_same_losses, losses, run_hpcllm, sets, submit_job
 
 from hpcllm.cluster.launcher import launch_env
 from hpcllm.parallel.layout import Layout
@@ -84,3 +87,70 @@ def test_a_stage_dir_that_cannot_be_written_is_one_line(data_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"data.stage_dir: cannot copy the data to {blocker}/stage" in proc.stderr
     assert not (tmp_path / "r").exists()  # refused before the run directory was made
+
+
+def _job_processes(job):
+    """Processes still running for Slurm job `job`, on any virtual node."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get("SLURM_JOB_ID") == job:
+                alive.append(proc)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def test_a_job_that_loses_a_node_continues_on_the_nodes_left(slurm_cluster, data_dir, tmp_path):
+    """Submitted with --nodes 1-2 it starts as dp4 on 2 nodes; node n2 then dies (every process on
+    it SIGKILLed, the node DOWN). The job ends within 30 s leaving no process behind, continues in
+    a new job on the one node left as dp2 (tp, pp kept), from the last complete checkpoint, and
+    finishes with the losses of an uninterrupted dp2 run resumed from that checkpoint."""
+    cluster = slurm_cluster(nodes=2)
+    train_args = ["--data", data_dir, *TINY, "--steps", 60]
+    train_args += sets("train.ckpt_every=10", "train.keep=10", "train.eval_every=0")
+    job, _ = submit_job(cluster, tmp_path, *train_args, job_name="lose", nodes="1-2")
+    run = tmp_path / f"job-{job}"
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "step-00000020").exists():  # the second checkpoint
+            assert cluster.job_state(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert "pp=1 x dp=4 x tp=1" in (run / "logs" / "rank-0.log").read_text()
+
+        lost_at = time.monotonic()
+        cluster.lose_node("n2")
+        cluster.wait_job(job, timeout=30)
+        print(f"job {job} ended {time.monotonic() - lost_at:.1f} s after its node was lost")
+        assert not _job_processes(job)
+        last_complete = (run / "checkpoints" / "latest").read_text().strip()
+
+        log = (tmp_path / f"slurm-lose-{job}.out").read_text()
+        assert "Node failure on n2" in log or "NODE FAILURE" in log, log
+        continuation = re.search(r"hpcllm: continuing in job (\d+) \(restart 1 of 3\)", log)
+        assert continuation, log
+        next_job = continuation.group(1)
+        assert cluster.wait_job(next_job, timeout=300) == "COMPLETED", (
+            tmp_path / f"slurm-lose-{next_job}.out"
+        ).read_text()
+    finally:
+        cluster.restore_node("n2")
+
+    rank0 = (run / "logs" / "rank-0.log").read_text()
+    assert f"resumed from {run}/checkpoints/{last_complete}" in rank0
+    assert "pp=1 x dp=2 x tp=1" in rank0  # the continuation's layout, in the same log
+    # The reference: the same checkpoint resumed by an uninterrupted dp2 run under mpirun.
+    reference = tmp_path / "reference"
+    (reference / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", reference / "config.yaml")
+    shutil.copytree(run / "checkpoints" / last_complete, reference / "checkpoints" / last_complete)
+    (reference / "checkpoints" / "latest").write_text(last_complete)
+    proc = run_hpcllm(["train", "--out", reference, "--resume"], ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = losses(reference), losses(run)
+    restart_step = int(last_complete.split("-")[1])
+    assert min(expected) == restart_step + 1 and max(expected) == max(got) == 60
+    for step, value in expected.items():
+        assert abs(got[step] - value) <= 1e-5 * value, step

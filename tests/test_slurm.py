@@ -8,11 +8,10 @@ preemption path is driven with the same signal the templates forward (SIGUSR2) u
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import TINY, run_hpcllm, sets, signal_training_after
+from conftest import TINY, run_hpcllm, sets, signal_training_after, submit_env, submit_job
 
 from hpcllm.cluster.launcher import launch_env
 from hpcllm.cluster.preemption import EXIT_PREEMPTED
@@ -108,6 +107,8 @@ def test_templates_render_the_requested_resources(template):
         "#SBATCH --job-name=run.1",
         "#SBATCH --signal=B:USR2@180",
         "scontrol requeue",
+        "#SBATCH --no-kill",
+        'sbatch --parsable --dependency=afterany:"$job"',
     ):
         assert line in script, line
     assert "hpcllm train --out" in script and "--tp 2" in script
@@ -133,6 +134,44 @@ def test_array_template_gives_each_task_its_override():
     assert "OVERRIDES=(train.lr=1e-3 train.lr=3e-3)" in script
     with pytest.raises(UsageError, match="needs --array"):
         render(JobSpec(template="array"))
+
+
+@pytest.mark.parametrize("status,continued", [(137, True), (2, False), (0, False)])
+def test_a_failed_array_task_continues_as_the_same_task_in_the_same_run_directory(
+    tmp_path, status, continued
+):
+    """The script's own logic, run by bash with `srun` and `sbatch` stand-ins on PATH (the real
+    path, on a Slurm cluster that loses a node, is tests/test_multinode.py): a step that fails after
+    a checkpoint (137: a node died) starts a continuation job for the same array task and run
+    directory; bad input (2) and success (0) do not."""
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(render(JobSpec(template="array", out="runs", array=["train.lr=1e-3", "train.lr=3e-3"])))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {status}\n")
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$@" > sbatch.args; env > sbatch.env; echo 8\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    (tmp_path / "runs" / "job-5-1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "job-5-1" / "checkpoints" / "latest").write_text("step-00000010")
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SLURM_JOB_ID": "6",
+        "SLURM_ARRAY_JOB_ID": "5",
+        "SLURM_ARRAY_TASK_ID": "1",
+        "SLURM_NTASKS": "4",
+    }
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == (0 if continued else status), done.stderr
+    if not continued:
+        assert not (tmp_path / "sbatch.args").exists()
+        return
+    assert "hpcllm: continuing in job 8 (restart 1 of 3)" in done.stderr
+    args = (tmp_path / "sbatch.args").read_text().split()
+    assert args[:4] == ["--parsable", "--dependency=afterany:6", "--array=1", args[3]]
+    assert args[3] == "--export=ALL,HPCLLM_RUN_DIR=runs/job-5-1,HPCLLM_RESTARTS=1"
+    assert args[4].endswith("sweep.sbatch")
+    assert "SLURM_NTASKS" not in (tmp_path / "sbatch.env").read_text()  # not this job's request
 
 
 def test_submit_without_sbatch_says_how_to_fix(tmp_path):
@@ -175,42 +214,8 @@ def test_signalled_job_checkpoints_resumes_and_ends_like_an_uninterrupted_one(da
 # ---- on a real (one-node, loopback) Slurm cluster -----------------------------------------
 
 
-def _submit_env(cluster):
-    import os
-    from pathlib import Path
-
-    venv_bin = str(Path(sys.executable).parent)
-    # Submissions are recorded under XDG_STATE_HOME: keep this cluster's job ids apart from others'.
-    state = str(cluster.root / "state")
-    return launch_env(cluster.env) | {"PATH": f"{venv_bin}:{os.environ['PATH']}", "XDG_STATE_HOME": state}
-
-
-def _submit(cluster, out, *train_args, job_name="tiny", ntasks=2, slurm_flags=("--template", "cpu")):
-    """`hpcllm slurm submit` of a small CPU job on the local cluster; returns (job id, what it said)."""
-    flags = [
-        "--nodes",
-        1,
-        "--ntasks-per-node",
-        ntasks,
-        "--gpus-per-node",
-        0,
-        "--cpus-per-task",
-        1,
-        "--time",
-        "30",
-    ]
-    proc = run_hpcllm(
-        ["slurm", "submit", *slurm_flags, *flags, "--out", out, "--job-name", job_name, "--", *train_args],
-        env=_submit_env(cluster),
-    )
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.split()[2]
-    assert job.isdigit(), proc.stdout
-    return job, proc.stdout
-
-
 def test_submitted_training_runs_to_completion_where_submit_said(slurm_cluster, data_dir, tmp_path):
-    job, said = _submit(slurm_cluster, tmp_path, "--data", data_dir, *TINY, "--steps", 10)
+    job, said = submit_job(slurm_cluster, tmp_path, "--data", data_dir, *TINY, "--steps", 10)
     state = slurm_cluster.wait_job(job)
     slurm_log = tmp_path / f"slurm-tiny-{job}.out"
     assert state == "COMPLETED", slurm_log.read_text() if slurm_log.exists() else state
@@ -220,7 +225,7 @@ def test_submitted_training_runs_to_completion_where_submit_said(slurm_cluster, 
     assert (run / "logs" / "rank-0.log").exists() and (run / "logs" / "rank-1.log").exists()
     assert "launcher srun (Slurm)" in (run / "logs" / "rank-1.log").read_text()
     # No --out: submit recorded where the job writes, so status finds the finished job's metrics.
-    status = run_hpcllm(["slurm", "status", job], env=_submit_env(slurm_cluster))
+    status = run_hpcllm(["slurm", "status", job], env=submit_env(slurm_cluster))
     assert status.returncode == 0, status.stderr
     assert f"job {job}:" in status.stdout and "latest metrics: step 10" in status.stdout
 
@@ -232,7 +237,9 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(slurm_
     )
     assert plain.returncode == 0, plain.stderr
 
-    job, _ = _submit(slurm_cluster, tmp_path, "--data", data_dir, *LONG, "--steps", steps, job_name="preempt")
+    job, _ = submit_job(
+        slurm_cluster, tmp_path, "--data", data_dir, *LONG, "--steps", steps, job_name="preempt"
+    )
     run = tmp_path / f"job-{job}"
     deadline = time.monotonic() + 180
     while not (
@@ -257,7 +264,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(slurm_
 
 def test_job_array_runs_one_task_per_override(slurm_cluster, data_dir, tmp_path):
     array = ("--template", "array", "--array", "train.lr=0.001", "--array", "train.lr=0.002")
-    job, _ = _submit(
+    job, _ = submit_job(
         slurm_cluster,
         tmp_path,
         "--data",

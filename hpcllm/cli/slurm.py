@@ -27,7 +27,8 @@ def add_parser(commands: Any) -> None:
     sl.add_argument(
         "--nodes",
         default="1",
-        help="node count, or a range MIN-MAX (Slurm starts the job on what it can get within it)",
+        help="node count, or a range MIN-MAX: the job starts on what it can get within it and, "
+        "after losing a node, continues on what is left",
     )
     sl.add_argument("--ntasks-per-node", type=int, default=4, help="ranks per node (= GPUs per node)")
     sl.add_argument("--gpus-per-node", type=int, help="default 4; none with --template cpu")

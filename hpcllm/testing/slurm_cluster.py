@@ -173,6 +173,51 @@ PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubs
                 raise RuntimeError(f"local Slurm cluster: waiting for {what} failed (exited: {dead})\n{logs}")
             time.sleep(0.2)
 
+    def _slurmd(self, name: str) -> subprocess.Popen | None:
+        return next((p for p in self.processes if p.args[-2:] == ["-N", name] and p.poll() is None), None)
+
+    def lose_node(self, name: str) -> None:
+        """What a node that loses power looks like to the rest of the cluster: its slurmd, its
+        slurmstepd daemons and every job process under them are SIGKILLed at once, and the node is
+        set DOWN (as slurmctld would after `SlurmdTimeout`). `restore_node` brings it back."""
+        import psutil
+
+        slurmd = self._slurmd(name)
+        if slurmd is None:
+            raise ValueError(f"no running slurmd for node {name!r} (nodes: {', '.join(self.node_names)})")
+        slurmd.kill()
+        slurmd.wait()
+        self.processes.remove(slurmd)
+        # A node's slurmstepd daemons are reparented to init; they keep the node's log file open.
+        log = str(self.root / f"slurmd-{name}.log")
+        doomed = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.name().startswith("slurmstepd") and any(f.path == log for f in proc.open_files()):
+                    doomed += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+        for proc in doomed:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(doomed, timeout=10)
+        self.scontrol("update", f"nodename={name}", "state=down", "reason=lost by test")
+
+    def restore_node(self, name: str, timeout: float = 60.0) -> None:
+        """Start the slurmd of a node taken by `lose_node` again and return it to service."""
+        if self._slurmd(name) is None:
+            self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", name], log_name=f"slurmd-{name}")
+        self.scontrol("update", f"nodename={name}", "state=resume")
+        self._wait_for(self._nodes_idle, timeout, f"node {name} to return to service")
+
+    def scontrol(self, *args: str) -> str:
+        done = subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"scontrol {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
     def job_state(self, job: str) -> str:
         out = subprocess.run(
             ["scontrol", "show", "job", job], env=self.env, capture_output=True, text=True
