@@ -97,6 +97,27 @@ def test_watchdog_dumps_stacks_and_names_the_rank_that_did_not_arrive(data_dir, 
     assert not processes_of(run)
 
 
+def test_a_non_finite_gradient_skips_the_step_on_every_rank(data_dir, tmp_path):
+    """Rank 1's loss of step 3 is NaN, so after the reduction every replica's gradient is: the step
+    is skipped everywhere (logged, counted, norm in metrics) and training goes on from unchanged
+    parameters, with finite losses after it."""
+    run = tmp_path / "nan"
+    proc = run_hpcllm(
+        ["train", "--data", data_dir, "--out", run, *QUIET, "--steps", 6],
+        ranks=2,
+        timeout=120,
+        env=launch_env() | {"HPCLLM_FAULT": "nan:rank=1:step=3"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        assert proc.stderr.count(f"[rank {rank}] step 3: the gradient norm is nan; step skipped") == 1
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert rows[3]["skipped_steps"] == 1 and rows[3]["grad_norm"] != rows[3]["grad_norm"]  # NaN
+    assert rows[2]["skipped_steps"] == 0 and 0 < rows[2]["grad_norm"] < 100
+    for step in (4, 5, 6):
+        assert rows[step]["loss"] == rows[step]["loss"] and rows[step]["skipped_steps"] == 1, step
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_sigterm_and_sigint_checkpoint_and_exit_75(data_dir, tmp_path, sig):
     run = tmp_path / "run"

@@ -10,6 +10,8 @@ KIND is one of
     hang        rank R stops before step S without entering the next collective (a stall)
     checkpoint  SIGKILL rank R in the middle of writing the checkpoint of step S, after its
                 shard's tensors are on disk and before the checkpoint is complete
+    nan         rank R's loss of step S is multiplied by NaN: its gradients, and after the
+                reduction everyone's, are not finite (what an overflow looks like)
 
 Unset (the normal case) every hook is a dictionary lookup.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from hpcllm.errors import UsageError
 
 ENV = "HPCLLM_FAULT"
-KINDS = ("raise", "kill", "hang", "checkpoint")
+KINDS = ("raise", "kill", "hang", "checkpoint", "nan")
 
 
 class InjectedFault(RuntimeError):
@@ -83,8 +85,16 @@ def _fire(fault: Fault, rank: int) -> None:
 
 def before_step(fault: Fault | None, rank: int, node: int, step: int) -> None:
     """Hook at the start of training step `step` (1-based, as logged)."""
-    if fault is not None and fault.kind != "checkpoint" and fault.hits(rank, node, step):
+    if fault is not None and fault.kind in ("raise", "kill", "hang") and fault.hits(rank, node, step):
         _fire(fault, rank)
+
+
+def poisons_loss(fault: Fault | None, rank: int, node: int, step: int) -> bool:
+    """Whether this rank's loss of training step `step` is to be made NaN."""
+    if fault is not None and fault.kind == "nan" and fault.hits(rank, node, step):
+        sys.stderr.write(f"[rank {rank}] {ENV}: a NaN loss at step {step}\n")
+        return True
+    return False
 
 
 def during_checkpoint(fault: Fault | None, rank: int, node: int, step: int) -> None:

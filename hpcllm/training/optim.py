@@ -34,26 +34,21 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def clip_grad_norm_(
+def global_grad_norm(
     model: nn.Module,
-    max_norm: float,
     group: TensorCollectives,
     pipeline_comm: Any = None,
     sharding: dict[str, Sharding] | None = None,
 ) -> float:
-    """Clip by the norm of the *full* model's gradient: partitioned slices are summed over the TP
-    group, replicated parameters counted once (they are identical on every TP rank), and with a
-    pipeline the stages' sums are added (a pipeline copy of a tied weight left out). `sharding`:
-    `model_sharding(model)`, computed once by a caller that clips every step."""
+    """The norm of the *full* model's gradient: partitioned slices are summed over the TP group,
+    replicated parameters counted once (they are identical on every TP rank), and with a pipeline
+    the stages' sums are added (a pipeline copy of a tied weight left out). Equal on every rank.
+    `sharding`: `model_sharding(model)`, computed once by a caller that asks every step."""
     sharding = sharding if sharding is not None else model_sharding(model)
     partitioned = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
-    grads = []
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        grads.append(param.grad)
-        if sharding[name].pipeline_copy:
+        if param.grad is None or sharding[name].pipeline_copy:
             continue
         square = param.grad.detach().double().pow(2).sum().cpu()
         if sharding[name].partitioned:
@@ -65,9 +60,13 @@ def clip_grad_norm_(
     if pipeline_comm is not None:
         with watchdog.waiting("gradient-norm allreduce over stages"):
             total_square = pipeline_comm.allreduce(total_square)
-    total = total_square**0.5
-    scale = max_norm / (total + 1e-6)
+    return total_square**0.5
+
+
+def clip_gradients_(model: nn.Module, norm: float, max_norm: float) -> None:
+    """Scale every gradient so that a full-model gradient of norm `norm` has at most `max_norm`."""
+    scale = max_norm / (norm + 1e-6)
     if scale < 1:
-        for grad in grads:
-            grad.detach().mul_(scale)
-    return total
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.detach().mul_(scale)

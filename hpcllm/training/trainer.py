@@ -9,6 +9,7 @@ reduced over DP, so it does not depend on the layout.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from hpcllm.parallel.sharding import Sharding, model_sharding
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
-from hpcllm.training.optim import clip_grad_norm_, learning_rate
+from hpcllm.training.optim import clip_gradients_, global_grad_norm, learning_rate
 from hpcllm.training.plan import Plan
 
 log = logging.getLogger("hpcllm.training")
@@ -41,6 +42,13 @@ def autocast_for(dtype: str, device: torch.device) -> Callable[[], Any]:
     if dtype == "bfloat16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean over the global batch
+    grad_norm: float  # of the full model's gradient, before clipping
+    skipped: bool  # the gradient was not finite: the optimizer did not step
 
 
 @dataclass
@@ -62,7 +70,8 @@ class Trainer:
     timer: PhaseTimer = field(init=False)
     config: Config = field(init=False)  # the plan's, for short
     micro_per_step: int = field(init=False)
-    sharding: dict[str, Sharding] = field(init=False)  # the model's, read once (clipping is per step)
+    sharding: dict[str, Sharding] = field(init=False)  # the model's, read once (the norm is per step)
+    skipped_steps: int = 0  # steps whose gradient was not finite
 
     def __post_init__(self) -> None:
         self.config = self.plan.config
@@ -100,7 +109,7 @@ class Trainer:
             )
         ]
 
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> StepResult:
         lr = learning_rate(step, self.config.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -127,6 +136,10 @@ class Trainer:
                 with timer.phase("forward"):
                     with self.autocast():
                         micro_loss = self.model.loss(self.model(x), y)
+                    if index == 1 and faults.poisons_loss(
+                        self.fault, self.rt.rank, self.rt.node_index, step + 1
+                    ):
+                        micro_loss = micro_loss * float("nan")
                     loss += micro_loss.item() / self.micro_per_step
                 with timer.phase("backward"):
                     (micro_loss / self.micro_per_step).backward()
@@ -137,15 +150,26 @@ class Trainer:
                 self.pipeline.sum_tied_gradients()
             loss = self.dp.mean(loss)
         with timer.phase("optimizer"):
-            if self.config.train.grad_clip > 0:
-                pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
-                clip_grad_norm_(
-                    self.model, self.config.train.grad_clip, self.tp_group, pipeline_comm, self.sharding
+            pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
+            norm = global_grad_norm(self.model, self.tp_group, pipeline_comm, self.sharding)
+            # The norm is equal on every rank, so every rank skips the same steps.
+            skipped = not math.isfinite(norm)
+            if skipped:
+                self.skipped_steps += 1
+                log.warning(
+                    "step %d: the gradient norm is %s; step skipped, parameters unchanged (%d so far)",
+                    step + 1,
+                    norm,
+                    self.skipped_steps,
                 )
-            with self.dp.step_without_sync(self.optimizer):
-                self.optimizer.step()
+                self.optimizer.zero_grad()
+            else:
+                if self.config.train.grad_clip > 0:
+                    clip_gradients_(self.model, norm, self.config.train.grad_clip)
+                with self.dp.step_without_sync(self.optimizer):
+                    self.optimizer.step()
         timer.step_done()
-        return loss
+        return StepResult(loss, norm, skipped)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
