@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hpcllm.parallel.sharding import Sharding
 
@@ -42,14 +43,23 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
         self.proj = nn.Linear(shape.n_embd, shape.n_embd)
         self.resid_dropout = nn.Dropout(shape.dropout)
+        self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Scores, causal softmax, dropout and the weighted sum: the part whose activations grow with
+        the square of the sequence, and the cheapest to recompute."""
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, _ = x.shape
         # Heads are read off the qkv output, so splitting qkv's columns by head splits attention.
         q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.recompute_core and torch.is_grad_enabled():
+            attended = checkpoint(self.core, q, k, v, use_reentrant=False)
+        else:
+            attended = self.core(q, k, v)
         return self.resid_dropout(self.proj(attended.transpose(1, 2).reshape(batch, time, -1)))
 
 
@@ -101,11 +111,20 @@ class GPT(nn.Module):
         self.lm_head: nn.Module = TiedHead()
         self.stage_layers = range(shape.n_layer)  # the blocks this model runs
         self.holds_tied_copy = False  # the last stage's copy of the embedding the first stage owns
+        self.recompute = "none"  # see set_recompute
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down with depth so the residual stream stays O(1).
         for block in self.blocks:
             for projection in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * shape.n_layer))
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation: "full" keeps only each block's input for backward and runs the
+        block's forward again there; "selective" does that for the attention core only; "none"."""
+        self.recompute = mode
+        for block in self.blocks:
+            if isinstance(block, Block):
+                block.attn.recompute_core = mode == "selective"
 
     def parameter_sharding(self) -> dict[str, Sharding]:
         return {"wte.weight": Sharding(pipeline_copy=True)} if self.holds_tied_copy else {}
@@ -155,8 +174,10 @@ class GPT(nn.Module):
     def forward_stage(self, inputs: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
         """This stage's part of the forward: ids -> hidden (first), hidden -> hidden, -> logits (last)."""
         hidden = self.embed(inputs) if first else inputs
+        recompute = self.recompute == "full" and torch.is_grad_enabled()
         for index in self.stage_layers:
-            hidden = self.blocks[index](hidden)
+            block = self.blocks[index]
+            hidden = checkpoint(block, hidden, use_reentrant=False) if recompute else block(hidden)
         return self.head(hidden) if last else hidden
 
     def num_parameters(self) -> int:

@@ -26,6 +26,9 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"
@@ -55,6 +58,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     peak_flops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start
     watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
+    recompute: str = "none"  # none | selective (the attention core) | full (each block): in backward
 
 
 @dataclass(frozen=True)
@@ -231,11 +235,12 @@ def validate(config: Config) -> None:
         raise UsageError(f"train.lr must be positive, not {t.lr}")
     if not 0 <= m.dropout < 1:
         raise UsageError(f"model.dropout must be in [0, 1), not {m.dropout}")
-    if t.dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"train.dtype must be float32 or bfloat16, not {t.dtype}")
-    if config.parallel.tp_backend not in ("auto", "mpi4py", "horovod"):
-        raise UsageError(
-            f"parallel.tp_backend must be auto, mpi4py or horovod, not {config.parallel.tp_backend}"
-        )
-    if config.parallel.schedule not in ("1f1b", "gpipe"):
-        raise UsageError(f"parallel.schedule must be 1f1b or gpipe, not {config.parallel.schedule}")
+    for key, value, choices in (
+        ("train.dtype", t.dtype, ("float32", "bfloat16")),
+        ("train.recompute", t.recompute, RECOMPUTE),
+        ("parallel.tp_backend", config.parallel.tp_backend, ("auto", "mpi4py", "horovod")),
+        ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),
+    ):
+        if value not in choices:
+            listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            raise UsageError(f"{key} must be {listed}, not {value}")

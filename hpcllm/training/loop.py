@@ -81,6 +81,7 @@ def _build_model(
         grid.tp_process_set if plan.horovod_tp else None,
     )
     partition_tensor_parallel(model, tp_group)
+    model.set_recompute(plan.config.train.recompute)
     if grid.layout.pp > 1:
         stages = plan.stages(vocab_size)
         model.keep_stage(stages.layer_range(grid.pp_rank), grid.is_first_stage, grid.is_last_stage)
