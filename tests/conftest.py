@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -159,3 +160,13 @@ def submit_job(
     job = proc.stdout.split()[2]
     assert job.isdigit(), proc.stdout
     return job, proc.stdout
+
+
+def copy_run_at(run, checkpoint_name, dest):
+    """A copy of run directory `run` as it was when `checkpoint_name` was its latest checkpoint
+    (config and that checkpoint only), for resuming it another way."""
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", dest / "config.yaml")
+    shutil.copytree(run / "checkpoints" / checkpoint_name, dest / "checkpoints" / checkpoint_name)
+    (dest / "checkpoints" / "latest").write_text(checkpoint_name)
+    return dest

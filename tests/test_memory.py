@@ -56,3 +56,26 @@ def test_recomputation_at_tp2_and_pp2_matches_one_process(data_dir, tmp_path):
             )
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert_same_losses(losses(reference), losses(out), out.name)
+
+
+def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values():
+    shape = GPTShape(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=16)
+    full = dict(GPT(shape, seed=7).named_parameters())
+    assert sum(p.numel() for p in full.values()) == shape.parameter_count
+    stages = {
+        "first": GPT(shape, 7, range(0, 1), first=True, last=False),
+        "middle": GPT(shape, 7, range(1, 3), first=False, last=False),
+        "last": GPT(shape, 7, range(3, 4), first=False, last=True),
+    }
+    held = {name: dict(stage.named_parameters()) for name, stage in stages.items()}
+    assert not any(n.startswith(("wte", "wpe", "blocks.0", "blocks.3")) for n in held["middle"])
+    assert {n.split(".")[1] for n in held["middle"] if n.startswith("blocks.")} == {"1", "2"}
+    assert "wte.weight" in held["last"] and "wpe.weight" not in held["last"]  # the tied head's copy
+    for parameters in held.values():
+        for name, tensor in parameters.items():
+            assert torch.equal(tensor, full[name]), name
+    # Every tensor of the model is on some stage, once (the last stage's tied copy aside).
+    counted = sum(
+        t.numel() for s in held.values() for n, t in s.items() if (s, n) != (held["last"], "wte.weight")
+    )
+    assert counted == shape.parameter_count

@@ -3,13 +3,12 @@ ranks that learn their node from MPI, and layouts across nodes that give the sin
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import TINY, assert_same_losses, losses, run_hpcllm, sets, submit_job
+from conftest import TINY, assert_same_losses, copy_run_at, losses, run_hpcllm, sets, submit_job
 
 from hpcllm.cluster.launcher import launch_env
 from hpcllm.parallel.layout import Layout
@@ -142,11 +141,7 @@ def test_a_job_that_loses_a_node_continues_on_the_nodes_left(slurm_cluster, data
     assert f"resumed from {run}/checkpoints/{last_complete}" in rank0
     assert "pp=1 x dp=2 x tp=1" in rank0  # the continuation's layout, in the same log
     # The reference: the same checkpoint resumed by an uninterrupted dp2 run under mpirun.
-    reference = tmp_path / "reference"
-    (reference / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "config.yaml", reference / "config.yaml")
-    shutil.copytree(run / "checkpoints" / last_complete, reference / "checkpoints" / last_complete)
-    (reference / "checkpoints" / "latest").write_text(last_complete)
+    reference = copy_run_at(run, last_complete, tmp_path / "reference")
     proc = run_hpcllm(["train", "--out", reference, "--resume"], ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected, got = losses(reference), losses(run)

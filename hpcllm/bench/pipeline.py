@@ -74,9 +74,8 @@ def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
     rt = runtime.init(seed=0)
     grid = Grid(rt.comm, pp=pp)
     shape = GPTShape(VOCAB, BLOCK, LAYERS_PER_STAGE * pp, n_head=4, n_embd=EMBD)
-    model = GPT(shape)
-    stages = plan_stages(shape, pp)
-    model.keep_stage(stages.layer_range(grid.pp_rank), grid.is_first_stage, grid.is_last_stage)
+    layers = plan_stages(shape, pp).layer_range(grid.pp_rank)
+    model = GPT(shape, 0, layers, grid.is_first_stage, grid.is_last_stage)
     stage = PipelineStage(model, grid, schedule, (MICRO_BATCH, BLOCK, EMBD), nullcontext, rt.device)
     generator = torch.Generator().manual_seed(0)
     batches = [

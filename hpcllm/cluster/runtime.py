@@ -207,7 +207,7 @@ def choose_device(local: Any, node: int) -> tuple[torch.device, int]:
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed on every rank: the full model is initialised identically everywhere, then partitioned."""
+    """Same seed on every rank: the model's tensors get the same values everywhere, then are partitioned."""
     import numpy as np
     import torch
 

@@ -4,13 +4,15 @@ token + position embeddings → n_layer pre-LayerNorm blocks (causal self-attent
 `scaled_dot_product_attention`, GELU MLP) → final LayerNorm → output head tied to the token embedding.
 
 The forward pass is split into `embed`, the `blocks` list and `head` so that a pipeline stage can
-run any contiguous slice of it; every Linear and Embedding is a plain module that tensor
-parallelism can replace by its partitioned counterpart after the full model is initialised.
+run any contiguous slice of it, and a stage builds only that slice; every Linear and Embedding is
+a plain module that tensor parallelism replaces by its partitioned counterpart once the stage is
+initialised.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,17 @@ class GPTShape:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def block_parameters(self) -> int:
+        """qkv, attention projection, MLP in and out, two LayerNorms."""
+        return 12 * self.n_embd**2 + 13 * self.n_embd
+
+    @property
+    def parameter_count(self) -> int:
+        """Of the whole model (the head is tied to the token embedding)."""
+        embeddings = (self.vocab_size + self.block_size) * self.n_embd
+        return embeddings + self.n_layer * self.block_parameters + 2 * self.n_embd
 
 
 class CausalSelfAttention(nn.Module):
@@ -99,24 +112,54 @@ class TiedHead(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, shape: GPTShape):
+    """The model, or one pipeline stage of it: `layers` (the blocks it runs), `first` (it embeds the
+    tokens) and `last` (it has the head). A stage builds only its own parts, and every tensor is
+    initialised from its own generator keyed by `seed` and the tensor's name, so a stage holds
+    exactly the single-process values without the rest of the model ever being built. `seed=None`
+    draws it from torch's global generator (so `torch.manual_seed` before it decides)."""
+
+    def __init__(
+        self,
+        shape: GPTShape,
+        seed: int | None = None,
+        layers: range | None = None,
+        first: bool = True,
+        last: bool = True,
+    ):
         super().__init__()
         self.shape = shape
-        # Parts a pipeline stage does not run are None on that stage (see keep_stage).
-        self.wte: nn.Module | None = nn.Embedding(shape.vocab_size, shape.n_embd)
-        self.wpe: nn.Embedding | None = nn.Embedding(shape.block_size, shape.n_embd)
-        self.drop: nn.Dropout | None = nn.Dropout(shape.dropout)
-        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
-        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(shape.n_embd)
+        layers = range(shape.n_layer) if layers is None else layers
+        # Parts a pipeline stage does not run are None on that stage; the last stage of several
+        # holds a copy of the token embedding for the tied head.
+        self.wte: nn.Module | None = nn.Embedding(shape.vocab_size, shape.n_embd) if first or last else None
+        self.wpe: nn.Embedding | None = nn.Embedding(shape.block_size, shape.n_embd) if first else None
+        self.drop: nn.Dropout | None = nn.Dropout(shape.dropout) if first else None
+        # Blocks keep their global index in parameter names, so checkpoints of any pipeline size
+        # name a tensor alike.
+        self.blocks = nn.ModuleList(
+            Block(shape) if index in layers else nn.Identity() for index in range(shape.n_layer)
+        )
+        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(shape.n_embd) if last else None
         self.lm_head: nn.Module = TiedHead()
-        self.stage_layers = range(shape.n_layer)  # the blocks this model runs
-        self.holds_tied_copy = False  # the last stage's copy of the embedding the first stage owns
+        self.stage_layers = layers  # the blocks this model runs
+        self.holds_tied_copy = last and not first  # of the embedding the first stage owns
         self.recompute = "none"  # see set_recompute
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled down with depth so the residual stream stays O(1).
-        for block in self.blocks:
-            for projection in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * shape.n_layer))
+        self._init_weights(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int) -> None:
+        """GPT-2's initialisation: N(0, 0.02) for every Linear and Embedding weight, the residual
+        projections scaled down with depth (0.02 / sqrt(2 n_layer)) so the residual stream stays
+        O(1), zero biases, LayerNorms at identity."""
+        residual_std = 0.02 / math.sqrt(2 * self.shape.n_layer)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear | nn.Embedding):
+                continue
+            std = residual_std if name.endswith(("attn.proj", "mlp.proj")) else 0.02
+            generator = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
+            module.weight.copy_(torch.empty(module.weight.shape).normal_(0.0, std, generator=generator))
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: "full" keeps only each block's input for backward and runs the
@@ -128,29 +171,6 @@ class GPT(nn.Module):
 
     def parameter_sharding(self) -> dict[str, Sharding]:
         return {"wte.weight": Sharding(pipeline_copy=True)} if self.holds_tied_copy else {}
-
-    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
-        """Drop, in place, every part this pipeline stage does not run. Blocks keep their global
-        index in parameter names, so checkpoints of any pipeline size name a tensor alike."""
-        for index in range(len(self.blocks)):
-            if index not in layers:
-                self.blocks[index] = nn.Identity()
-        self.stage_layers = layers
-        if not first:
-            self.wpe = self.drop = None
-        if not last:
-            self.ln_f = None
-        if not (first or last):
-            self.wte = None
-        self.holds_tied_copy = last and not first
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)

@@ -12,7 +12,7 @@ import logging
 from torch import nn
 
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPT, GPTShape
+from hpcllm.model.gpt import GPT, Block, GPTShape
 from hpcllm.parallel.pipeline.partition import StagePlan, balanced_stages, parse_stage_layers
 from hpcllm.parallel.sharding import padded_size
 from hpcllm.parallel.tensor.collectives import TensorCollectives
@@ -46,15 +46,17 @@ def partition_tensor_parallel(model: GPT, group: TensorCollectives) -> GPT:
             "vocabulary padded from %d to %d so that it divides by tp = %d", shape.vocab_size, vocab_rows, tp
         )
     for block in model.blocks:
+        if not isinstance(block, Block):  # a layer of another pipeline stage
+            continue
         attn, mlp = block.attn, block.mlp
         attn.qkv = ColumnParallelLinear.from_full(attn.qkv, group, blocks=3)  # q, k, v each split by head
         attn.proj = RowParallelLinear.from_full(attn.proj, group)
         attn.n_head = shape.n_head // tp
         mlp.fc = ColumnParallelLinear.from_full(mlp.fc, group)
         mlp.proj = RowParallelLinear.from_full(mlp.proj, group)
-    assert isinstance(model.wte, nn.Embedding), "partition the full model, before keeping a stage"
-    model.wte = VocabParallelEmbedding.from_full(model.wte, group)
-    model.lm_head = VocabParallelHead(group, model.wte.start, shape.vocab_size)
+    if isinstance(model.wte, nn.Embedding):  # the first and the last stage
+        model.wte = VocabParallelEmbedding.from_full(model.wte, group)
+        model.lm_head = VocabParallelHead(group, model.wte.start, shape.vocab_size)
     return model
 
 
@@ -64,7 +66,6 @@ def plan_stages(shape: GPTShape, pp: int, stage_layers: str = "") -> StagePlan:
     if stage_layers:
         return StagePlan(parse_stage_layers(stage_layers, shape.n_layer, pp))
     d = shape.n_embd
-    block = 12 * d * d + 13 * d  # qkv, attention projection, MLP in and out, two LayerNorms
     embed = (shape.vocab_size + shape.block_size) * d
     head = shape.vocab_size * d + 2 * d
-    return StagePlan(balanced_stages([block] * shape.n_layer, embed, head, pp))
+    return StagePlan(balanced_stages([shape.block_parameters] * shape.n_layer, embed, head, pp))

@@ -69,11 +69,15 @@ def train(args: TrainArgs) -> int:
 def _build_model(
     plan: Plan, vocab_size: int, rt: runtime.Runtime, grid: Grid
 ) -> tuple[GPT, TensorCollectives, int]:
-    """The full model, initialised from the seed identically on every rank, then partitioned for
-    tensor parallelism and cut to this rank's pipeline stage; with the full model's parameter count."""
+    """This rank's part of the model: only its pipeline stage is built, initialised to the
+    single-process values from the seed, then partitioned for tensor parallelism; with the full
+    model's parameter count."""
     torch.manual_seed(plan.config.train.seed)
-    model = GPT(plan.model_shape(vocab_size)).to(rt.device)
-    full_parameters = model.num_parameters()
+    shape = plan.model_shape(vocab_size)
+    stages = plan.stages(vocab_size)
+    layers = stages.layer_range(grid.pp_rank) if grid.layout.pp > 1 else None
+    model = GPT(shape, plan.config.train.seed, layers, grid.is_first_stage, grid.is_last_stage)
+    model = model.to(rt.device)
     tp_group = TensorCollectives(
         grid.tp_comm,
         plan.tp_backend,
@@ -83,8 +87,6 @@ def _build_model(
     partition_tensor_parallel(model, tp_group)
     model.set_recompute(plan.config.train.recompute)
     if grid.layout.pp > 1:
-        stages = plan.stages(vocab_size)
-        model.keep_stage(stages.layer_range(grid.pp_rank), grid.is_first_stage, grid.is_last_stage)
         if plan.micro_batches < grid.layout.pp:
             log.warning(
                 "only %d micro-batches per step for %d pipeline stages: the stages idle %.0f%% of the time "
@@ -99,7 +101,7 @@ def _build_model(
             stages.layers_per_stage,
             plan.config.parallel.schedule,
         )
-    return model, tp_group, full_parameters
+    return model, tp_group, shape.parameter_count
 
 
 def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
