@@ -2,7 +2,7 @@
 sequence parallelism), each against the single-process run on the same seed and data."""
 
 import torch
-from conftest import TINY, assert_same_losses, losses, run_hpcllm, sets
+from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
 
 from hpcllm.model.gpt import GPT, GPTShape
 
@@ -79,3 +79,72 @@ def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values()
         t.numel() for s in held.values() for n, t in s.items() if (s, n) != (held["last"], "wte.weight")
     )
     assert counted == shape.parameter_count
+
+
+# ---- the distributed optimizer (parallel.zero) -----------------------------------------------
+
+
+def train_run(data_dir, out, ranks, *flags, steps=20):
+    proc = run_hpcllm(
+        ["train", "--data", data_dir, "--out", out, *TINY, "--steps", steps, *sets("train.eval_every=0")]
+        + [str(f) for f in flags],
+        ranks=ranks,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses(out)
+
+
+def test_zero1_at_dp2_dp4_and_with_tp2_matches_one_process(data_dir, tmp_path):
+    reference = train_run(data_dir, tmp_path / "one", None)
+    zero = sets("parallel.zero=1")
+    for name, ranks, flags in (("dp2", 2, zero), ("dp4", 4, zero), ("tp2xdp2", 4, [*zero, "--tp", 2])):
+        assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *flags), name)
+        log = (tmp_path / name / "logs" / "rank-0.log").read_text()
+        dp = 2 if name != "dp4" else 4
+        assert f"distributed optimizer: Adam state sharded over dp = {dp}" in log
+
+
+def test_sharded_optimizer_checkpoints_resume_at_another_dp_and_without_sharding(data_dir, tmp_path):
+    """Saved at zero=1 dp=4: resumed bitwise at the same layout, and at dp=2 and zero=0 within the
+    oracle; saved at zero=0 dp=2, resumed at zero=1 dp=4."""
+    every = sets("train.ckpt_every=10")
+    for saved_as, ranks, flags in (("zero1-dp4", 4, ["parallel.zero=1"]), ("zero0-dp2", 2, [])):
+        run = tmp_path / saved_as
+        full = train_run(data_dir, run, ranks, *every, *sets(*flags))
+        resumes = {
+            "zero1-dp4": [
+                ("same", 4, sets("parallel.zero=1")),
+                ("dp2", 2, []),
+                ("zero0", 2, sets("parallel.zero=0")),
+            ],
+            "zero0-dp2": [("zero1-dp4", 4, sets("parallel.zero=1"))],
+        }[saved_as]
+        for name, resume_ranks, resume_flags in resumes:
+            copy = copy_run_at(run, "step-00000010", tmp_path / f"{saved_as}-as-{name}")
+            proc = run_hpcllm(["train", "--out", copy, "--resume", *resume_flags], ranks=resume_ranks)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            got = losses(copy)
+            assert sorted(got) == list(range(11, 21)), (saved_as, name)
+            for step in got:
+                if name == "same":
+                    assert got[step] == full[step], (saved_as, name, step)  # bitwise
+                else:
+                    assert abs(got[step] - full[step]) <= 1e-3 * full[step], (saved_as, name, step)
+
+
+def test_bad_sharding_settings_are_one_line(data_dir, tmp_path):
+    for flags, ranks, needle in (
+        (
+            ["parallel.zero=1"],
+            None,
+            "parallel.zero=1 shards the optimizer state over data-parallel replicas, but dp = 1",
+        ),
+        (["parallel.zero=3"], None, "parallel.zero must be 0 or 1, not 3"),
+        (["parallel.zero=1", "horovod.fp16_compression=true"], 2, "horovod.fp16_compression applies to"),
+    ):
+        proc = run_hpcllm(
+            ["train", "--data", data_dir, "--out", tmp_path / "r", *TINY, "--steps", 1, *sets(*flags)],
+            ranks=ranks,
+        )
+        assert_usage_error(proc, needle)
+        assert not (tmp_path / "r").exists()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 
 from hpcllm.cluster import watchdog
+from hpcllm.parallel.distributed_optimizer import ShardedAdamW
 from hpcllm.parallel.grid import Grid
 
 
@@ -43,6 +45,15 @@ class DataParallel:
             backward_passes_per_step=allreduce_every,
             op=hvd.Average,
             process_set=self.grid.dp_process_set,
+        )
+
+    def sharded_optimizer(
+        self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
+    ) -> ShardedAdamW:
+        """AdamW with its state sharded over the DP group (parallel.zero = 1)."""
+        assert self.hvd is not None, "the plan refuses parallel.zero with dp = 1"
+        return ShardedAdamW(
+            groups, self.hvd, self.grid.dp_process_set, self.size, self.grid.dp_rank, lr, betas, eps
         )
 
     def broadcast_initial_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -67,6 +67,11 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.steps = 0
 
+    @property
+    def state_bytes(self) -> int:
+        """The Adam moments this rank holds."""
+        return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * self.exp_avg.element_size()
+
     # ---- what the trainer calls, as on Horovod's DistributedOptimizer ----------------------
 
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -102,7 +107,9 @@ class ShardedAdamW(torch.optim.Optimizer):
 
     def _gather_into(self, full: torch.Tensor, shard: torch.Tensor, what: str) -> None:
         with watchdog.waiting(f"allgather of the updated {what} (distributed optimizer)"):
-            gathered = self.hvd.allgather(shard.clone(), name=f"hpcllm.zero.{what}", process_set=self.process_set)
+            gathered = self.hvd.allgather(
+                shard.clone(), name=f"hpcllm.zero.{what}", process_set=self.process_set
+            )
         full.copy_(gathered)
 
     # ---- checkpoints: AdamW's per-parameter state, gathered for a save ---------------------

@@ -23,6 +23,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,24 @@ def _tensors_to_optimizer(
 # ---- save ---------------------------------------------------------------------------------
 
 
+def _write_shard(
+    staging: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid
+) -> dict[str, str]:
+    """This model partition's tensors and side file, written durably; their SHA-256 by file name."""
+    written: dict[str, str] = {}
+    names = {p: n for n, p in model.named_parameters()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optim_tensors, groups = _optimizer_to_tensors(optimizer, names)
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    base = shard_name(grid.pp_rank, grid.tp_rank)
+    written[f"{base}.safetensors"] = _write_durably(staging / f"{base}.safetensors", save_tensors(tensors))
+    split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
+    meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
+    written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
+    return written
+
+
 def save(
     run_dir: Path,
     step: int,
@@ -130,19 +149,10 @@ def save(
 
     staging = Path(root_decides(grid.world, make_staging))
     written: dict[str, str] = {}
-    if grid.dp_rank == 0:
-        names = {p: n for n, p in model.named_parameters()}
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        optim_tensors, groups = _optimizer_to_tensors(optimizer, names)
-        tensors.update(optim_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        base = shard_name(grid.pp_rank, grid.tp_rank)
-        written[f"{base}.safetensors"] = _write_durably(
-            staging / f"{base}.safetensors", save_tensors(tensors)
-        )
-        split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
-        meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
-        written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
+    # A sharded optimizer gathers its state (a collective over DP) for the first replica to write.
+    with getattr(optimizer, "full_state", nullcontext)():
+        if grid.dp_rank == 0:
+            written = _write_shard(staging, model, optimizer, grid)
     if after_shard is not None:
         after_shard()
     gathered = grid.world.gather(written, root=0)

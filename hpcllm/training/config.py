@@ -27,6 +27,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 RECOMPUTE = ("none", "selective", "full")
+ZERO = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     tp_backend: str = "auto"  # auto | mpi4py | horovod: auto = mpi4py on CPU, Horovod (NCCL) on CUDA
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
+    zero: int = 0  # 1: shard the Adam state over the data-parallel group (distributed optimizer)
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,8 @@ def validate(config: Config) -> None:
         ("train.recompute", t.recompute, RECOMPUTE),
         ("parallel.tp_backend", config.parallel.tp_backend, ("auto", "mpi4py", "horovod")),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),
+        ("parallel.zero", config.parallel.zero, ZERO),
     ):
         if value not in choices:
-            listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            listed = f"{', '.join(map(str, choices[:-1]))} or {choices[-1]}"
             raise UsageError(f"{key} must be {listed}, not {value}")

@@ -29,7 +29,7 @@ from hpcllm.parallel.pipeline.schedules import PipelineStage
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training import config as config_mod
-from hpcllm.training.optim import learning_rate, make_optimizer
+from hpcllm.training.optim import BETAS, EPS, learning_rate, make_optimizer, parameter_groups
 from hpcllm.training.plan import Plan, make_plan
 from hpcllm.training.run_dir import ensure_data, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer, autocast_for
@@ -152,9 +152,19 @@ def _trainer(
         grid.layout.pp,
     )
     dp = DataParallel(grid)
-    optimizer = dp.wrap_optimizer(
-        make_optimizer(model, config.train), model, plan.allreduce_every, config.horovod.fp16_compression
-    )
+    if config.parallel.zero:
+        groups = parameter_groups(model, config.train)
+        optimizer = dp.sharded_optimizer(groups, config.train.lr, BETAS, EPS)
+        log.info(
+            "distributed optimizer: Adam state sharded over dp = %d, %.1f MB on this rank instead of %.1f MB",
+            grid.layout.dp,
+            optimizer.state_bytes / 1e6,
+            2 * rank_bytes / 1e6,
+        )
+    else:
+        optimizer = dp.wrap_optimizer(
+            make_optimizer(model, config.train), model, plan.allreduce_every, config.horovod.fp16_compression
+        )
     start_step = resumed_at[0]
     if resume:
         ckpt = checkpoint.latest(out)

@@ -23,15 +23,22 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (train.lr - train.min_lr)
 
 
-def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases, LayerNorm gains or position tables' rows)."""
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+
+
+def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on biases, LayerNorm gains or position tables' rows)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
+    return [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, betas=BETAS, eps=EPS)
 
 
 def global_grad_norm(

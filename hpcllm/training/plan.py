@@ -120,6 +120,21 @@ def _tp_backend(config: Config, device_type: str) -> str:
     return choice
 
 
+def _check_zero(config: Config, dp: int) -> None:
+    if not config.parallel.zero:
+        return
+    if dp == 1:
+        raise UsageError(
+            "parallel.zero=1 shards the optimizer state over data-parallel replicas, but dp = 1: "
+            "run more ranks than tp × pp, or set parallel.zero=0"
+        )
+    if config.horovod.fp16_compression:
+        raise UsageError(
+            "horovod.fp16_compression applies to Horovod's optimizer; the distributed optimizer "
+            "(parallel.zero=1) reduces fp32 gradients: drop one of them"
+        )
+
+
 def check_timeline(path: str) -> None:
     """Horovod only logs an error and goes on without a timeline it cannot open: refuse it up front."""
     if path and not Path(path).resolve().parent.is_dir():
@@ -138,6 +153,7 @@ def make_plan(
     _check_stages(config, p.pp)
     micro = _batch_layout(config, layout.dp)
     every = _allreduce_every(config, micro)
+    _check_zero(config, layout.dp)
     check_timeline(config.horovod.timeline)
     h = config.horovod
     default_data = not config.data.path
