@@ -64,3 +64,31 @@ def test_bench_pipeline_table(tmp_path):
     assert {r["schedule"] for r in results} == {"gpipe", "1f1b"}
     for r in results:
         assert 0 <= r["idle_mean"] < 1 and r["peak_activation_mb_max"] > 0, r
+
+
+MEMORY_ROW = {
+    "layout",
+    "zero",
+    "recompute",
+    "sequence_parallel",
+    "params_bytes",
+    "grads_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+    "peak_bytes",
+    "predicted_activation_bytes",
+    "step_ms",
+}
+
+
+def test_bench_memory_rows():
+    proc = run_hpcllm(["bench", "memory", "--dp", 4, "--vocab", 64, "--steps", 1, "--json", *TINY])
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["recompute"], r["zero"]): r for r in json.loads(proc.stdout)}
+    assert set(rows) == {(mode, zero) for mode in ("none", "selective", "full") for zero in (0, 1)}
+    assert all(set(r) == MEMORY_ROW for r in rows.values())
+    none, full = rows["none", 0], rows["full", 0]
+    assert full["activation_bytes"] < none["activation_bytes"]
+    assert rows["none", 1]["optimizer_bytes"] * 4 == none["optimizer_bytes"] == 2 * none["params_bytes"]
+    bad = run_hpcllm(["bench", "memory", "--dp", 0])
+    assert bad.returncode == 2 and "--dp >= 1" in bad.stderr

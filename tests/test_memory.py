@@ -5,24 +5,9 @@ import torch
 from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
 
 from hpcllm.model.gpt import GPT, GPTShape
+from hpcllm.observe.memory import saved_activation_bytes
 
 STEPS = ["--steps", 20, *sets("train.eval_every=0")]
-
-
-def saved_activation_bytes(model: GPT, idx: torch.Tensor) -> int:
-    """Bytes that autograd keeps for backward during one forward (parameters excluded)."""
-    parameters = {p.data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if tensor.data_ptr() not in parameters:
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.loss(model(idx), idx).backward()
-    return total
 
 
 def test_recomputation_keeps_fewer_activations_and_gives_the_same_gradients():
@@ -34,7 +19,7 @@ def test_recomputation_keeps_fewer_activations_and_gives_the_same_gradients():
         torch.manual_seed(1)
         model = GPT(shape)
         model.set_recompute(mode)
-        kept[mode] = saved_activation_bytes(model, idx)
+        kept[mode] = saved_activation_bytes(model, idx, idx)
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert kept["full"] < kept["selective"] < kept["none"], kept
     for mode in ("selective", "full"):

@@ -64,6 +64,14 @@ def add_parser(commands: Any) -> None:
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=pipeline)
 
+    me = kinds.add_parser("memory", help="bytes per rank by kind, per recomputation and ZeRO mode")
+    me.add_argument("--dp", type=int, default=4, help="data-parallel size the optimizer is sharded over (4)")
+    me.add_argument("--vocab", type=int, default=4096, help="vocabulary size (4096: the default corpus)")
+    me.add_argument("--steps", type=int, default=5, help="timed steps per mode (5)")
+    add_set_option(me, "config override (repeat), e.g. model.preset=small")
+    me.add_argument("--json", action="store_true", help="machine-readable output")
+    me.set_defaults(func=memory)
+
     st = kinds.add_parser("startup", help="time from launch to the first step, by token-file size")
     st.add_argument("--sizes", default="0.1,4", help="train-split sizes in GB, synthetic tokens (0.1,4)")
     st.add_argument("--ranks", type=int, default=2, help="ranks per training run (2)")
@@ -179,4 +187,15 @@ def startup(args: argparse.Namespace) -> int:
             f"bench startup: cannot write the synthetic data in {where} ({exc}); use --workdir"
         ) from exc
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
+    return 0
+
+
+def memory(args: argparse.Namespace) -> int:
+    from hpcllm.bench import memory as bench
+    from hpcllm.training import config as config_mod
+
+    if args.dp < 1 or args.vocab < 2 or args.steps < 1:
+        raise UsageError("bench memory needs --dp >= 1, --vocab >= 2 and --steps >= 1")
+    rows = bench.run(config_mod.load(None, args.set), args.vocab, args.dp, args.steps)
+    print(json.dumps(rows, indent=1) if args.json else bench.render(rows))
     return 0

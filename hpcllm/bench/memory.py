@@ -1,0 +1,88 @@
+"""`hpcllm bench memory`: bytes per rank by kind (parameters, gradients, optimizer state,
+activations) and step time, for each activation-recomputation mode and distributed-optimizer
+setting, on one process.
+
+Activations are measured: the bytes autograd keeps for backward during one micro-batch's forward
+(observe.memory). Parameters and gradients are those of the model built here; the optimizer's are
+AdamW's two fp32 moments per parameter, divided over `dp` with parallel.zero=1 (what the
+distributed optimizer allocates; its tests check the layout). Step time is the median of
+forward + backward + AdamW over `steps` steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from hpcllm.model.gpt import GPT, GPTShape
+from hpcllm.observe.memory import saved_activation_bytes, tensor_bytes
+from hpcllm.training.config import RECOMPUTE, Config
+from hpcllm.training.optim import make_optimizer
+
+MB = 1e6
+
+
+def _step_ms(model: GPT, idx: torch.Tensor, steps: int, train: Any) -> float:
+    optimizer = make_optimizer(model, train)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        model.loss(model(idx), idx).backward()
+        optimizer.step()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times[1:])
+
+
+def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, Any]]:
+    m, t = config.model, config.train
+    shape = GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
+    idx = torch.randint(
+        0, vocab_size, (t.micro_batch, m.block_size), generator=torch.Generator().manual_seed(0)
+    )
+    rows = []
+    for recompute in RECOMPUTE:
+        model = GPT(shape, seed=t.seed)
+        model.set_recompute(recompute)
+        activations = saved_activation_bytes(model, idx, idx)
+        step_ms = _step_ms(model, idx, steps, t)
+        params = tensor_bytes(list(model.parameters()))
+        for zero in (0, 1) if dp > 1 else (0,):
+            optimizer = 2 * params // (dp if zero else 1)
+            rows.append(
+                {
+                    "layout": f"dp={dp}",
+                    "zero": zero,
+                    "recompute": recompute,
+                    "sequence_parallel": False,
+                    "params_bytes": params,
+                    "grads_bytes": params,
+                    "optimizer_bytes": optimizer,
+                    "activation_bytes": activations,
+                    "peak_bytes": 2 * params + optimizer + activations,
+                    "predicted_activation_bytes": None,
+                    "step_ms": step_ms,
+                }
+            )
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    base = next(r for r in rows if r["recompute"] == "none" and r["zero"] == 0)
+    lines = [
+        f"{'recompute':<10} {'zero':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} "
+        f"{'activ. MB':>10} {'sum MB':>8} {'step ms':>8} {'activ. x':>9} {'optim x':>8} {'time x':>7}"
+    ]
+    for r in rows:
+        mb = {key: r[f"{key}_bytes"] / MB for key in ("params", "grads", "optimizer", "activation", "peak")}
+        lines.append(
+            f"{r['recompute']:<10} {r['zero']:>4} {mb['params']:>10.2f} {mb['grads']:>9.2f} "
+            f"{mb['optimizer']:>9.2f} {mb['activation']:>10.2f} {mb['peak']:>8.2f} "
+            f"{r['step_ms']:>8.1f} {r['activation_bytes'] / base['activation_bytes']:>9.2f} "
+            f"{r['optimizer_bytes'] / base['optimizer_bytes']:>8.2f} {r['step_ms'] / base['step_ms']:>7.2f}"
+        )
+    lines.append("activ. x, optim x, time x: against recompute=none, zero=0; activations of one micro-batch")
+    return "\n".join(lines)
