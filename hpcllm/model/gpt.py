@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hpcllm.parallel.sharding import Sharding
+from hpcllm.parallel.tensor.collectives import TensorCollectives
+from hpcllm.parallel.tensor.mappings import scatter_to_sequence
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,10 @@ class CausalSelfAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time, _ = x.shape
+        qkv = self.qkv(x)
+        batch, time, _ = qkv.shape  # the whole sequence, also when x holds part of it (sequence parallel)
         # Heads are read off the qkv output, so splitting qkv's columns by head splits attention.
-        q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         if self.recompute_core and torch.is_grad_enabled():
             attended = checkpoint(self.core, q, k, v, use_reentrant=False)
         else:
@@ -144,6 +147,8 @@ class GPT(nn.Module):
         self.stage_layers = layers  # the blocks this model runs
         self.holds_tied_copy = last and not first  # of the embedding the first stage owns
         self.recompute = "none"  # see set_recompute
+        # Sequence parallelism: the residual stream holds this TP rank's part of the sequence.
+        self.sequence_group: TensorCollectives | None = None
         self._init_weights(int(torch.randint(2**62, ()).item()) if seed is None else seed)
 
     @torch.no_grad()
@@ -169,12 +174,28 @@ class GPT(nn.Module):
             if isinstance(block, Block):
                 block.attn.recompute_core = mode == "selective"
 
+    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
+        """With sequence parallelism, the replicated parameters applied to this rank's part of the
+        sequence only (LayerNorms, the biases added after a reduce-scatter): their gradients are
+        partial and must be summed over the TP group."""
+        if self.sequence_group is None:
+            return []
+        parameters: list[nn.Parameter] = []
+        for block in self.blocks:
+            if isinstance(block, Block):
+                parameters += [*block.ln_1.parameters(), *block.ln_2.parameters()]
+                parameters += [block.attn.proj.bias, block.mlp.proj.bias]
+        if self.ln_f is not None:
+            parameters += list(self.ln_f.parameters())
+        return parameters
+
     def parameter_sharding(self) -> dict[str, Sharding]:
         return {"wte.weight": Sharding(pipeline_copy=True)} if self.holds_tied_copy else {}
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(positions))
+        hidden = self.drop(self.wte(idx) + self.wpe(positions))
+        return hidden if self.sequence_group is None else scatter_to_sequence(hidden, self.sequence_group)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden state; the output weight is the token embedding (tied)."""

@@ -33,8 +33,10 @@ def check_tp(n_head: int, n_embd: int, tp: int) -> None:
         raise UsageError(f"the MLP width 4 × n_embd = {4 * n_embd} is not divisible by tp {tp}")
 
 
-def partition_tensor_parallel(model: GPT, group: TensorCollectives) -> GPT:
-    """Replace the full model's layers by this TP rank's partitions, in place."""
+def partition_tensor_parallel(model: GPT, group: TensorCollectives, sequence_parallel: bool = False) -> GPT:
+    """Replace the model's layers by this TP rank's partitions, in place; with `sequence_parallel`
+    the residual stream between them holds this rank's part of the sequence (Megatron-SP): the
+    column-parallel layers gather the sequence, the row-parallel ones reduce-scatter it."""
     tp = group.size
     if tp == 1:
         return model
@@ -57,6 +59,11 @@ def partition_tensor_parallel(model: GPT, group: TensorCollectives) -> GPT:
     if isinstance(model.wte, nn.Embedding):  # the first and the last stage
         model.wte = VocabParallelEmbedding.from_full(model.wte, group)
         model.lm_head = VocabParallelHead(group, model.wte.start, shape.vocab_size)
+    if sequence_parallel:
+        model.sequence_group = group
+        for module in model.modules():
+            if isinstance(module, ColumnParallelLinear | RowParallelLinear | VocabParallelHead):
+                module.sequence_parallel = True
     return model
 
 

@@ -70,6 +70,7 @@ class ParallelConfig:
     tp_backend: str = "auto"  # auto | mpi4py | horovod: auto = mpi4py on CPU, Horovod (NCCL) on CUDA
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
     zero: int = 0  # 1: shard the Adam state over the data-parallel group (distributed optimizer)
+    sequence_parallel: bool = False  # with tp > 1: split the sequence between the TP layers
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def _build_model(
         grid.hvd if plan.horovod_tp else None,
         grid.tp_process_set if plan.horovod_tp else None,
     )
-    partition_tensor_parallel(model, tp_group)
+    partition_tensor_parallel(model, tp_group, plan.config.parallel.sequence_parallel)
     model.set_recompute(plan.config.train.recompute)
     if grid.layout.pp > 1:
         if plan.micro_batches < grid.layout.pp:
@@ -119,7 +119,8 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
 def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> PipelineStage:
     """This stage's schedule; the first and last stage share the tied embedding's weight."""
     config = plan.config
-    hidden_shape = (config.train.micro_batch, config.model.block_size, config.model.n_embd)
+    sequence = config.model.block_size // (grid.layout.tp if config.parallel.sequence_parallel else 1)
+    hidden_shape = (config.train.micro_batch, sequence, config.model.n_embd)
     autocast = autocast_for(config.train.dtype, device)
     tied = model.wte.weight if model.wte is not None else None
     return PipelineStage(

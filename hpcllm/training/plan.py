@@ -135,6 +135,21 @@ def _check_zero(config: Config, dp: int) -> None:
         )
 
 
+def _check_sequence_parallel(config: Config, tp: int) -> None:
+    if not config.parallel.sequence_parallel:
+        return
+    if tp == 1:
+        raise UsageError(
+            "parallel.sequence_parallel splits the sequence over the tensor-parallel group, but tp = 1: "
+            "use --tp 2 or more, or drop it"
+        )
+    if config.model.block_size % tp:
+        raise UsageError(
+            f"parallel.sequence_parallel: model.block_size {config.model.block_size} is not divisible "
+            f"by tp = {tp}"
+        )
+
+
 def check_timeline(path: str) -> None:
     """Horovod only logs an error and goes on without a timeline it cannot open: refuse it up front."""
     if path and not Path(path).resolve().parent.is_dir():
@@ -154,6 +169,7 @@ def make_plan(
     micro = _batch_layout(config, layout.dp)
     every = _allreduce_every(config, micro)
     _check_zero(config, layout.dp)
+    _check_sequence_parallel(config, p.tp)
     check_timeline(config.horovod.timeline)
     h = config.horovod
     default_data = not config.data.path

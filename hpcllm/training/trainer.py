@@ -77,6 +77,7 @@ class Trainer:
         self.config = self.plan.config
         self.micro_per_step = self.plan.micro_batches
         self.sharding = model_sharding(self.model)
+        self.sequence_parallel_parameters = self.model.sequence_parallel_parameters()
         t, m = self.config.train, self.config.model
         self.train_tokens = self.data.tokens("train")
         self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.seed)
@@ -148,6 +149,7 @@ class Trainer:
             self.dp.synchronize(self.optimizer)
             if self.pipeline is not None:
                 self.pipeline.sum_tied_gradients()
+            self._sum_sequence_parallel_gradients()
             loss = self.dp.mean(loss)
         with timer.phase("optimizer"):
             pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
@@ -170,6 +172,15 @@ class Trainer:
                     self.optimizer.step()
         timer.step_done()
         return StepResult(loss, norm, skipped)
+
+    def _sum_sequence_parallel_gradients(self) -> None:
+        """One TP allreduce for all of them (the sum commutes with the DP average before it)."""
+        parameters = self.sequence_parallel_parameters
+        if not parameters:
+            return
+        flat = self.tp_group.allreduce_(torch.cat([p.grad.reshape(-1) for p in parameters]))
+        for param, summed in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
+            param.grad.copy_(summed.view_as(param.grad))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

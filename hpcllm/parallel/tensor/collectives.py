@@ -3,8 +3,8 @@
 `parallel.tp_backend` (resolved by the plan) picks the engine:
     mpi4py    the TP sub-communicator, in place on the tensor's own memory (numpy views share it:
               no copies); CPU tensors only. Measured fastest on CPU (docs/benchmarks.md).
-    horovod   Horovod's allreduce/allgather on the group's static process set (NCCL on GPUs; MPI on
-              CPU, so this path runs in the CPU test suite too).
+    horovod   Horovod's allreduce/allgather/reducescatter on the group's static process set (NCCL
+              on GPUs; MPI on CPU, so this path runs in the CPU test suite too).
 bfloat16 has neither an MPI type nor a Horovod op, so it is reduced in float32.
 """
 
@@ -18,7 +18,7 @@ from hpcllm.cluster import watchdog
 
 
 class TensorCollectives:
-    """Sum/max allreduce and last-dimension allgather over one group of ranks."""
+    """Sum/max allreduce, allgather and reduce-scatter over one group of ranks."""
 
     def __init__(self, comm: Any, backend: str = "mpi4py", horovod: Any = None, process_set: Any = None):
         """`horovod` (the started `horovod.torch`) and `process_set` are needed for backend horovod."""
@@ -50,8 +50,8 @@ class TensorCollectives:
             tensor.copy_(work)
         return tensor
 
-    def allgather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's `tensor` along the last dimension, in rank order."""
+    def allgather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along `dim`, in rank order."""
         if self.size == 1:
             return tensor
         send = tensor.detach().contiguous()
@@ -64,8 +64,26 @@ class TensorCollectives:
             else:
                 gathered = torch.empty((self.size, *send.shape), dtype=send.dtype)
                 self.comm.Allgather(send.numpy(), gathered.numpy())
-        return torch.cat(list(gathered.unbind(0)), dim=-1)
+        return torch.cat(list(gathered.unbind(0)), dim=dim)
 
-    def my_slice_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
-        width = tensor.shape[-1] // self.size
-        return tensor[..., self.rank * width : (self.rank + 1) * width].contiguous()
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sum `tensor` over the group and keep this rank's equal part of the sum along `dim`."""
+        if self.size == 1:
+            return tensor
+        # Rank r's part first along a new leading axis: both engines split that axis.
+        parts = torch.stack(tensor.detach().chunk(self.size, dim=dim))
+        work = parts.float() if parts.dtype == torch.bfloat16 else parts
+        with watchdog.waiting("tensor-parallel reduce-scatter"):
+            if self.backend == "horovod":
+                hvd = self._hvd
+                mine = hvd.reducescatter(work, op=hvd.Sum, process_set=self._process_set)[0]
+            else:
+                from mpi4py import MPI
+
+                mine = torch.empty(work.shape[1:], dtype=work.dtype)
+                self.comm.Reduce_scatter_block(work.numpy(), mine.numpy(), op=MPI.SUM)
+        return mine.to(tensor.dtype)
+
+    def my_slice(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """This rank's equal part of `tensor` along `dim`."""
+        return tensor.chunk(self.size, dim=dim)[self.rank].contiguous()

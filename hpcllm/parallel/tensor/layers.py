@@ -6,10 +6,13 @@ declares how they are split (`parameter_sharding`), which is what clipping and c
     VocabParallelEmbedding   vocabulary rows split, padded to a multiple of tp
     VocabParallelHead        logits for this rank's vocabulary slice and the vocabulary-parallel loss
 
-Communication goes through the mappings; these layers only compute.
+Communication goes through the mappings; these layers only compute, except the sequence-parallel
+column layer, which gathers its input again in backward (memory is the point of it).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,38 @@ from torch import nn
 from hpcllm.parallel.sharding import Sharding, padded_size, shard
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
-from hpcllm.parallel.tensor.mappings import copy_to_region, reduce_from_region
+from hpcllm.parallel.tensor.mappings import (
+    SEQUENCE,
+    copy_to_region,
+    reduce_from_region,
+    reduce_scatter_to_sequence,
+)
+
+
+class _SequenceGatheredLinear(torch.autograd.Function):
+    """y = allgather_sequence(x) @ W^T + b, keeping only x, this rank's part of the sequence, for
+    backward and gathering it again there (Megatron-SP): the whole sequence is never held between
+    forward and backward. Backward reduce-scatters the input gradient, which is partial on every
+    rank (each holds a slice of W)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: TensorCollectives
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(group.allgather(x, SEQUENCE), weight, bias)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        whole = ctx.group.allgather(x, SEQUENCE)
+        grad_input = ctx.group.reduce_scatter(grad @ weight, SEQUENCE)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = rows.t() @ whole.reshape(-1, whole.shape[-1])
+        return grad_input, grad_weight, rows.sum(0) if ctx.has_bias else None, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -31,6 +65,7 @@ class ColumnParallelLinear(nn.Module):
         self.blocks = blocks
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
+        self.sequence_parallel = False  # the input is this rank's part of the sequence: gather it
 
     @classmethod
     def from_full(cls, full: nn.Linear, group: TensorCollectives, blocks: int = 1) -> ColumnParallelLinear:
@@ -43,6 +78,8 @@ class ColumnParallelLinear(nn.Module):
         return {"weight": split, "bias": split}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _SequenceGatheredLinear.apply(x, self.weight, self.bias, self.group)
         return F.linear(copy_to_region(x, self.group), self.weight, self.bias)
 
 
@@ -54,6 +91,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)  # replicated: added once, after the sum
+        self.sequence_parallel = False  # leave only this rank's part of the sequence of the sum
 
     @classmethod
     def from_full(cls, full: nn.Linear, group: TensorCollectives) -> RowParallelLinear:
@@ -64,7 +102,8 @@ class RowParallelLinear(nn.Module):
         return {"weight": Sharding(dim=1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_region(F.linear(x, self.weight), self.group) + self.bias
+        leave = reduce_scatter_to_sequence if self.sequence_parallel else reduce_from_region
+        return leave(F.linear(x, self.weight), self.group) + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -103,8 +142,11 @@ class VocabParallelHead(nn.Module):
         self.group = group
         self.start = start
         self.vocab_size = vocab_size
+        self.sequence_parallel = False  # the hidden state is this rank's part of the sequence
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _SequenceGatheredLinear.apply(hidden, embedding_weight, None, self.group)
         return F.linear(copy_to_region(hidden, self.group), embedding_weight)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,13 @@
     scatter_to_region    forward keep my last-dim slice    backward allgather(last dim)
     gather_from_region   forward allgather(last dim)       backward keep my slice
 
+and for sequence parallelism (Korthikanti et al. 2022), along the sequence dimension (1):
+
+    scatter_to_sequence         forward keep my part of the sequence    backward allgather
+    reduce_scatter_to_sequence  forward reduce-scatter                  backward allgather
+
+(the gather into a column-parallel layer is fused with it: layers._SequenceGatheredLinear).
+
 What is communicated lives here; the layers that compute (layers.py) only call these.
 """
 
@@ -46,22 +53,55 @@ class _ScatterToRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
         ctx.group = group
-        return group.my_slice_last_dim(x)
+        return group.my_slice(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.group.allgather_last_dim(grad), None
+        return ctx.group.allgather(grad), None
 
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
         ctx.group = group
-        return group.allgather_last_dim(x)
+        return group.allgather(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.group.my_slice_last_dim(grad), None
+        return ctx.group.my_slice(grad), None
+
+
+SEQUENCE = 1  # activations are (batch, sequence, features)
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
+        ctx.group = group
+        return group.my_slice(x, SEQUENCE)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.group.allgather(grad, SEQUENCE), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
+        ctx.group = group
+        return group.reduce_scatter(x, SEQUENCE)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.group.allgather(grad.contiguous(), SEQUENCE), None
+
+
+def scatter_to_sequence(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
+    return _ScatterToSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
+    return _ReduceScatterToSequence.apply(x, group)
 
 
 def copy_to_region(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
