@@ -1,5 +1,5 @@
-"""Memory per rank: activation recomputation (and, as they land, the distributed optimizer and
-sequence parallelism), each against the single-process run on the same seed and data."""
+"""Memory per rank: activation recomputation, the distributed optimizer, sequence parallelism and
+the stage-only build, each against the single-process run on the same seed and data."""
 
 import pytest
 import torch
@@ -9,6 +9,22 @@ from hpcllm.model.gpt import GPT, GPTShape
 from hpcllm.observe.memory import saved_activation_bytes
 
 STEPS = ["--steps", 20, *sets("train.eval_every=0")]
+
+
+def train_run(data_dir, out, ranks, *flags, steps=20):
+    proc = run_hpcllm(
+        ["train", "--data", data_dir, "--out", out, *TINY, "--steps", steps, *sets("train.eval_every=0")]
+        + [str(f) for f in flags],
+        ranks=ranks,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses(out)
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """The oracle every layout here is held to: 20 steps on one process."""
+    return train_run(data_dir, tmp_path_factory.mktemp("one") / "run", None)
 
 
 def test_recomputation_keeps_fewer_activations_and_gives_the_same_gradients():
@@ -28,10 +44,7 @@ def test_recomputation_keeps_fewer_activations_and_gives_the_same_gradients():
             assert torch.allclose(grads[mode][name], grad, rtol=1e-5, atol=1e-7), (mode, name)
 
 
-def test_recomputation_at_tp2_and_pp2_matches_one_process(data_dir, tmp_path):
-    reference = tmp_path / "one"
-    proc = run_hpcllm(["train", "--data", data_dir, "--out", reference, *TINY, *STEPS])
-    assert proc.returncode == 0, proc.stderr
+def test_recomputation_at_tp2_and_pp2_matches_one_process(data_dir, tmp_path, one_process):
     for mode in ("full", "selective"):
         for layout in (["--tp", 2], ["--pp", 2]):
             out = tmp_path / f"{mode}-{layout[0][2:]}2"
@@ -41,7 +54,7 @@ def test_recomputation_at_tp2_and_pp2_matches_one_process(data_dir, tmp_path):
                 ranks=2,
             )
             assert proc.returncode == 0, proc.stderr[-3000:]
-            assert_same_losses(losses(reference), losses(out), out.name)
+            assert_same_losses(one_process, losses(out), out.name)
 
 
 def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values():
@@ -70,18 +83,8 @@ def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values()
 # ---- the distributed optimizer (parallel.zero) -----------------------------------------------
 
 
-def train_run(data_dir, out, ranks, *flags, steps=20):
-    proc = run_hpcllm(
-        ["train", "--data", data_dir, "--out", out, *TINY, "--steps", steps, *sets("train.eval_every=0")]
-        + [str(f) for f in flags],
-        ranks=ranks,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return losses(out)
-
-
-def test_zero1_at_dp2_dp4_and_with_tp2_matches_one_process(data_dir, tmp_path):
-    reference = train_run(data_dir, tmp_path / "one", None)
+def test_zero1_at_dp2_dp4_and_with_tp2_matches_one_process(data_dir, tmp_path, one_process):
+    reference = one_process
     zero = sets("parallel.zero=1")
     for name, ranks, flags in (("dp2", 2, zero), ("dp4", 4, zero), ("tp2xdp2", 4, [*zero, "--tp", 2])):
         assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *flags), name)
@@ -174,8 +177,8 @@ def test_sequence_parallel_gives_the_full_model_gradients_with_fewer_activations
         assert torch.allclose(rebuilt, p.grad, atol=1e-5), name
 
 
-def test_sequence_parallel_at_tp2_and_pp2_dp2_tp2_matches_one_process(data_dir, tmp_path):
-    reference = train_run(data_dir, tmp_path / "one", None)
+def test_sequence_parallel_at_tp2_and_pp2_dp2_tp2_matches_one_process(data_dir, tmp_path, one_process):
+    reference = one_process
     sp = sets("parallel.sequence_parallel=true")
     for name, ranks, flags in (("tp2", 2, ["--tp", 2]), ("pp2xdp2xtp2", 8, ["--tp", 2, "--pp", 2])):
         assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *sp, *flags), name)
