@@ -30,13 +30,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from hpcllm.cluster.runtime import root_decides
 from hpcllm.errors import UsageError
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import REPLICATED, Sharding, model_sharding, shard, unshard
+from hpcllm.training import shard_io
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -119,7 +118,7 @@ def _write_shard(
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     base = shard_name(grid.pp_rank, grid.tp_rank)
-    written[f"{base}.safetensors"] = _write_durably(staging / f"{base}.safetensors", save_tensors(tensors))
+    written[f"{base}.safetensors"] = shard_io.write(staging / f"{base}.safetensors", tensors)
     split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
     meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
     written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
@@ -220,29 +219,33 @@ def read_manifest(checkpoint: Path) -> dict[str, Any]:
         ) from exc
 
 
-def _read_verified(checkpoint: Path, name: str, manifest: dict[str, Any]) -> bytes:
+def _verified(checkpoint: Path, name: str, manifest: dict[str, Any]) -> Path:
+    """The path of file `name` of the checkpoint, once its SHA-256 matches the manifest's (read in
+    chunks: a shard is never held whole for the check)."""
     path = checkpoint / name
     if name not in manifest["shards"]:
         raise UsageError(f"{checkpoint} has no shard {name} (saved with layout {manifest['layout']})")
     if not path.exists():
         raise UsageError(f"checkpoint shard {path} is missing")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["shards"][name]:
+    if shard_io.sha256_of(path) != manifest["shards"][name]:
         raise UsageError(f"checkpoint shard {path} does not match its checksum: the file is damaged")
-    return data
+    return path
+
+
+def _side_file(checkpoint: Path, base: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(_verified(checkpoint, f"{base}.json", manifest).read_bytes())
 
 
 def _read_shard(
     checkpoint: Path, manifest: dict[str, Any], pp_rank: int, tp_rank: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     base = shard_name(pp_rank, tp_rank)
-    path = checkpoint / f"{base}.safetensors"
+    path = _verified(checkpoint, f"{base}.safetensors", manifest)
     try:  # a manifest can be rewritten along with the shard: the format is checked too
-        tensors = load_tensors(_read_verified(checkpoint, path.name, manifest))
+        tensors = shard_io.read(path)
     except SafetensorError as exc:
         raise UsageError(f"checkpoint shard {path} is not a safetensors file ({exc}); refusing it") from exc
-    meta = json.loads(_read_verified(checkpoint, f"{base}.json", manifest))
-    return tensors, meta
+    return tensors, _side_file(checkpoint, base, manifest)
 
 
 def refuse_pickles(checkpoint: Path) -> None:
@@ -278,7 +281,7 @@ def _resharded(
     loaded: set[str] = set()
     first_meta: dict[str, Any] = {}
     for stage in range(saved["pp"]):
-        stage_meta = json.loads(_read_verified(checkpoint, f"{shard_name(stage, 0)}.json", manifest))
+        stage_meta = _side_file(checkpoint, shard_name(stage, 0), manifest)
         first_meta = first_meta or stage_meta  # optimizer hyperparameters: the same on every stage
         names = {name for group in stage_meta["optimizer_groups"] for name in group["params"]}
         if not (names & current.keys()) - loaded:
