@@ -92,3 +92,8 @@ def test_bench_memory_rows():
     assert rows["none", 1]["optimizer_bytes"] * 4 == none["optimizer_bytes"] == 2 * none["params_bytes"]
     bad = run_hpcllm(["bench", "memory", "--dp", 0])
     assert bad.returncode == 2 and "--dp >= 1" in bad.stderr
+    budget = ["bench", "memory", "--dp", 4, "--vocab", 64, "--steps", 1, "--json", *TINY, "--budget-gb", 0.01]
+    largest = {(r["recompute"], r["zero"]): r for r in json.loads(run_hpcllm(budget).stdout)["largest"]}
+    # Sharding the optimizer state and recomputing activations each leave room for more layers.
+    assert largest["none", 0]["n_layer"] < largest["none", 1]["n_layer"] < largest["full", 1]["n_layer"]
+    assert largest["none", 0]["n_layer"] <= largest["full", 0]["n_layer"]

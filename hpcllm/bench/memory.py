@@ -86,3 +86,45 @@ def render(rows: list[dict[str, Any]]) -> str:
         )
     lines.append("activ. x, optim x, time x: against recompute=none, zero=0; activations of one micro-batch")
     return "\n".join(lines)
+
+
+# ---- the largest model for a budget, from measured per-layer bytes -----------------------------
+
+
+def largest_models(config: Config, vocab_size: int, dp: int, budget_bytes: float) -> list[dict[str, Any]]:
+    """For each mode, the most layers (at the configured width, sequence and micro-batch) whose
+    parameters, gradients, optimizer state and one micro-batch's activations fit in `budget_bytes`
+    per rank. Activations per layer and those outside the layers are measured, from models of one
+    and two layers; parameters are counted exactly."""
+    m, t = config.model, config.train
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, vocab_size, (t.micro_batch, m.block_size), generator=generator)
+    rows = []
+    for recompute in RECOMPUTE:
+        kept = []
+        for layers in (1, 2):
+            model = GPT(GPTShape(vocab_size, m.block_size, layers, m.n_head, m.n_embd, m.dropout), seed=0)
+            model.set_recompute(recompute)
+            kept.append(saved_activation_bytes(model, idx, idx))
+        per_layer_activations, outside_activations = kept[1] - kept[0], 2 * kept[0] - kept[1]
+        shape = GPTShape(vocab_size, m.block_size, 0, m.n_head, m.n_embd)
+        for zero in (0, 1) if dp > 1 else (0,):
+            per_parameter = 4 + 4 + 8 / (dp if zero else 1)  # fp32 weights, gradients, Adam moments
+            fixed = shape.parameter_count * per_parameter + outside_activations
+            per_layer = shape.block_parameters * per_parameter + per_layer_activations
+            layers = max(0, int((budget_bytes - fixed) // per_layer))
+            parameters = shape.parameter_count + layers * shape.block_parameters
+            rows.append({"recompute": recompute, "zero": zero, "n_layer": layers, "parameters": parameters})
+    return rows
+
+
+def render_largest(rows: list[dict[str, Any]], budget_gb: float, config: Config, dp: int) -> str:
+    m, t = config.model, config.train
+    lines = [
+        f"largest model in {budget_gb:g} GB per rank: width {m.n_embd}, sequence {m.block_size}, "
+        f"micro-batch {t.micro_batch}, dp {dp} (zero=1 shards the Adam state over it)",
+        f"{'recompute':<10} {'zero':>4} {'n_layer':>8} {'parameters':>12}",
+    ]
+    for r in rows:
+        lines.append(f"{r['recompute']:<10} {r['zero']:>4} {r['n_layer']:>8} {r['parameters'] / 1e6:>11.1f}M")
+    return "\n".join(lines)

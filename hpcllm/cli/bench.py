@@ -68,6 +68,7 @@ def add_parser(commands: Any) -> None:
     me.add_argument("--dp", type=int, default=4, help="data-parallel size the optimizer is sharded over (4)")
     me.add_argument("--vocab", type=int, default=4096, help="vocabulary size (4096: the default corpus)")
     me.add_argument("--steps", type=int, default=5, help="timed steps per mode (5)")
+    me.add_argument("--budget-gb", type=float, help="also: the most layers that fit in this many GB per rank")
     add_set_option(me, "config override (repeat), e.g. model.preset=small")
     me.add_argument("--json", action="store_true", help="machine-readable output")
     me.set_defaults(func=memory)
@@ -196,6 +197,17 @@ def memory(args: argparse.Namespace) -> int:
 
     if args.dp < 1 or args.vocab < 2 or args.steps < 1:
         raise UsageError("bench memory needs --dp >= 1, --vocab >= 2 and --steps >= 1")
-    rows = bench.run(config_mod.load(None, args.set), args.vocab, args.dp, args.steps)
-    print(json.dumps(rows, indent=1) if args.json else bench.render(rows))
+    if args.budget_gb is not None and args.budget_gb <= 0:
+        raise UsageError(f"--budget-gb must be positive, not {args.budget_gb}")
+    config = config_mod.load(None, args.set)
+    rows = bench.run(config, args.vocab, args.dp, args.steps)
+    largest = None
+    if args.budget_gb:
+        largest = bench.largest_models(config, args.vocab, args.dp, args.budget_gb * 1e9)
+    if args.json:
+        print(json.dumps({"rows": rows, "largest": largest} if largest else rows, indent=1))
+        return 0
+    print(bench.render(rows))
+    if largest:
+        print(bench.render_largest(largest, args.budget_gb, config, args.dp))
     return 0
