@@ -37,12 +37,16 @@ def _step_ms(model: GPT, idx: torch.Tensor, steps: int, train: Any) -> float:
     return statistics.median(times[1:])
 
 
+def _micro_batch(config: Config, vocab_size: int) -> torch.Tensor:
+    """One micro-batch of random token ids (the same in every measurement)."""
+    shape = (config.train.micro_batch, config.model.block_size)
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(0))
+
+
 def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, Any]]:
     m, t = config.model, config.train
     shape = GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
-    idx = torch.randint(
-        0, vocab_size, (t.micro_batch, m.block_size), generator=torch.Generator().manual_seed(0)
-    )
+    idx = _micro_batch(config, vocab_size)
     rows = []
     for recompute in RECOMPUTE:
         model = GPT(shape, seed=t.seed)
@@ -96,9 +100,8 @@ def largest_models(config: Config, vocab_size: int, dp: int, budget_bytes: float
     parameters, gradients, optimizer state and one micro-batch's activations fit in `budget_bytes`
     per rank. Activations per layer and those outside the layers are measured, from models of one
     and two layers; parameters are counted exactly."""
-    m, t = config.model, config.train
-    generator = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, vocab_size, (t.micro_batch, m.block_size), generator=generator)
+    m = config.model
+    idx = _micro_batch(config, vocab_size)
     rows = []
     for recompute in RECOMPUTE:
         kept = []

@@ -11,7 +11,8 @@ KIND is one of
     checkpoint  SIGKILL rank R in the middle of writing the checkpoint of step S, after its
                 shard's tensors are on disk and before the checkpoint is complete
     nan         rank R's loss of step S is multiplied by NaN: its gradients, and after the
-                reduction everyone's, are not finite (what an overflow looks like)
+                reduction everyone's, are not finite (what an overflow looks like); without a
+                pipeline only (pp = 1)
 
 Unset (the normal case) every hook is a dictionary lookup.
 """

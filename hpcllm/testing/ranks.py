@@ -112,14 +112,18 @@ def _request_stacks(processes: list[psutil.Process]) -> None:
             pass
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    processes = _tree(proc.pid)
+def kill_all(processes: list[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGKILL every process (those already gone are skipped) and wait for them."""
     for p in processes:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(processes, timeout=5)
+    psutil.wait_procs(processes, timeout=timeout)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    kill_all(_tree(proc.pid))
     proc.wait()
 
 

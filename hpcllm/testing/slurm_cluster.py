@@ -182,6 +182,8 @@ PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubs
         set DOWN (as slurmctld would after `SlurmdTimeout`). `restore_node` brings it back."""
         import psutil
 
+        from hpcllm.testing.ranks import kill_all
+
         slurmd = self._slurmd(name)
         if slurmd is None:
             raise ValueError(f"no running slurmd for node {name!r} (nodes: {', '.join(self.node_names)})")
@@ -197,12 +199,7 @@ PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubs
                     doomed += [proc, *proc.children(recursive=True)]
             except psutil.Error:
                 continue
-        for proc in doomed:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(doomed, timeout=10)
+        kill_all(doomed, timeout=10)
         self.scontrol("update", f"nodename={name}", "state=down", "reason=lost by test")
 
     def restore_node(self, name: str, timeout: float = 60.0) -> None:

@@ -22,6 +22,7 @@ from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
 from hpcllm.data.tokens import TOKENIZER, Prepared, unigram_loss
 from hpcllm.model.gpt import GPT, flops_per_token
 from hpcllm.model.partition import partition_tensor_parallel
+from hpcllm.observe.memory import tensor_bytes
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.grid import Grid
@@ -143,7 +144,7 @@ def _trainer(
     returns the trainer and the step it starts from."""
     config = plan.config
     model, tp_group, full_parameters = built
-    rank_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rank_bytes = tensor_bytes(list(model.parameters()))
     log.info(
         "parameters: %.2fM in the full model (%.1f MB fp32), %.1f MB on this rank (tp = %d, pp = %d)",
         full_parameters / 1e6,

@@ -51,13 +51,13 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 class _ScatterToRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
-        ctx.group = group
-        return group.my_slice(x)
+    def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return group.my_slice(x, dim)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.group.allgather(grad), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.group.allgather(grad, ctx.dim), None, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
@@ -74,17 +74,6 @@ class _GatherFromRegion(torch.autograd.Function):
 SEQUENCE = 1  # activations are (batch, sequence, features)
 
 
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
-        ctx.group = group
-        return group.my_slice(x, SEQUENCE)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.group.allgather(grad, SEQUENCE), None
-
-
 class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
@@ -97,7 +86,7 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
 
 def scatter_to_sequence(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
-    return _ScatterToSequence.apply(x, group)
+    return _ScatterToRegion.apply(x, group, SEQUENCE)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
@@ -113,7 +102,7 @@ def reduce_from_region(x: torch.Tensor, group: TensorCollectives) -> torch.Tenso
 
 
 def scatter_to_region(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
-    return _ScatterToRegion.apply(x, group)
+    return _ScatterToRegion.apply(x, group, -1)
 
 
 def gather_from_region(x: torch.Tensor, group: TensorCollectives) -> torch.Tensor:
