@@ -6,7 +6,7 @@ import torch
 from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
 
 from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.observe.memory import saved_activation_bytes
+from hpcllm.observe.memory import predicted_activation_bytes, saved_activation_bytes
 
 STEPS = ["--steps", 20, *sets("train.eval_every=0")]
 
@@ -39,6 +39,8 @@ def test_recomputation_keeps_fewer_activations_and_gives_the_same_gradients():
         kept[mode] = saved_activation_bytes(model, idx, idx)
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert kept["full"] < kept["selective"] < kept["none"], kept
+    for mode, measured in kept.items():
+        assert abs(measured / predicted_activation_bytes(shape, 2, mode) - 1) < 0.1, (mode, kept)
     for mode in ("selective", "full"):
         for name, grad in grads["none"].items():
             assert torch.allclose(grads[mode][name], grad, rtol=1e-5, atol=1e-7), (mode, name)
@@ -83,14 +85,26 @@ def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values()
 # ---- the distributed optimizer (parallel.zero) -----------------------------------------------
 
 
-def test_zero1_at_dp2_dp4_and_with_tp2_matches_one_process(data_dir, tmp_path, one_process):
-    reference = one_process
-    zero = sets("parallel.zero=1")
-    for name, ranks, flags in (("dp2", 2, zero), ("dp4", 4, zero), ("tp2xdp2", 4, [*zero, "--tp", 2])):
-        assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *flags), name)
+def test_zero1_and_zero2_at_dp2_dp4_with_tp2_and_pp2_match_one_process(data_dir, tmp_path, one_process):
+    """Small buckets (bucket_mb=0.01: about ten per rank, shares that cut parameters) in some cases,
+    one bucket in the others; pp2 x dp2 puts the tied embedding in the late bucket."""
+    small = "parallel.bucket_mb=0.01"
+    cases = (
+        ("zero1-dp2", 2, ["parallel.zero=1"], 2),
+        ("zero1-dp4", 4, ["parallel.zero=1", small], 4),
+        ("zero2-dp2", 2, ["parallel.zero=2", small], 2),
+        ("zero2-dp4", 4, ["parallel.zero=2"], 4),
+        ("zero1-tp2xdp2", 4, ["parallel.zero=1", "--tp", 2], 2),
+        ("zero2-pp2xdp2", 4, ["parallel.zero=2", small, "--pp", 2], 2),
+    )
+    for name, ranks, flags, dp in cases:
+        flags = [f for flag in flags for f in (["--set", flag] if "=" in str(flag) else [flag])]
+        assert_same_losses(one_process, train_run(data_dir, tmp_path / name, ranks, *flags), name)
         log = (tmp_path / name / "logs" / "rank-0.log").read_text()
-        dp = 2 if name != "dp4" else 4
-        assert f"distributed optimizer: Adam state sharded over dp = {dp}" in log
+        assert f"distributed optimizer: Adam state sharded over dp = {dp}" in log, name
+        assert ("by reduce-scatter" in log) == name.startswith("zero2"), name
+        if small in flags:
+            assert "gradients: 1 buckets" not in log, name
 
 
 def test_sharded_optimizer_checkpoints_resume_at_another_dp_and_without_sharding(data_dir, tmp_path):
@@ -128,7 +142,7 @@ def test_bad_sharding_settings_are_one_line(data_dir, tmp_path):
             None,
             "parallel.zero=1 shards the optimizer state over data-parallel replicas, but dp = 1",
         ),
-        (["parallel.zero=3"], None, "parallel.zero must be 0 or 1, not 3"),
+        (["parallel.zero=3"], None, "parallel.zero must be 0, 1 or 2, not 3"),
         (["parallel.zero=1", "horovod.fp16_compression=true"], 2, "horovod.fp16_compression applies to"),
     ):
         proc = run_hpcllm(
@@ -164,6 +178,9 @@ def test_sequence_parallel_gives_the_full_model_gradients_with_fewer_activations
         kept[sequence_parallel] = saved_activation_bytes(part, idx, idx)
     # Korthikanti et al.: sbh(10 + 24/t) -> sbh(34/t) per layer, 0.77x at t = 2 (measured 0.77x).
     assert kept[True] <= 0.8 * kept[False], kept
+    for sequence_parallel, measured in kept.items():
+        predicted = predicted_activation_bytes(shape, 2, "none", tp=2, sequence_parallel=sequence_parallel)
+        assert abs(measured / predicted - 1) < 0.1, (sequence_parallel, kept)
 
     part = partition_tensor_parallel(GPT(shape, seed=3), group, sequence_parallel=True)
     loss = part.loss(part(idx), idx)

@@ -88,7 +88,7 @@ def test_watchdog_dumps_stacks_and_names_the_rank_that_did_not_arrive(data_dir, 
     run = tmp_path / "run"
     proc, seconds = faulty_train(data_dir, run, "hang:rank=1:step=3", *sets("train.watchdog_s=2"))
     assert proc.returncode == EXIT_STALLED, proc.stderr
-    assert "watchdog: rank 0 waited more than 2 s in 'gradient allreduce (Horovod)' at step 3" in proc.stderr
+    assert "watchdog: rank 0 waited more than 2 s in 'gradient reduction (Horovod)' at step 3" in proc.stderr
     assert "did not arrive: rank 1 at step 3, not in a collective" in proc.stderr
     assert seconds < 30, f"{seconds:.1f} s from the stall to the end of the job"
     # Both ranks' stacks are in their logs: rank 1's shows where it hangs, rank 0's where it waits.

@@ -4,9 +4,11 @@ setting, on one process.
 
 Activations are measured: the bytes autograd keeps for backward during one micro-batch's forward
 (observe.memory). Parameters and gradients are those of the model built here; the optimizer's are
-AdamW's two fp32 moments per parameter, divided over `dp` with parallel.zero=1 (what the
-distributed optimizer allocates; its tests check the layout). Step time is the median of
-forward + backward + AdamW over `steps` steps.
+AdamW's two fp32 moments per parameter, divided over `dp` with parallel.zero=1 and 2 (what the
+distributed optimizer allocates; its tests check the layout); zero=2 adds the rank's shard of the
+reduced gradients (4/dp bytes per parameter) next to the local accumulation buffer. Step time is
+the median of forward + backward + AdamW over `steps` steps. Each row carries the activation bytes
+predicted by the formula of `observe.memory.predicted_activation_bytes` next to the measured ones.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 
 from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.observe.memory import saved_activation_bytes, tensor_bytes
-from hpcllm.training.config import RECOMPUTE, Config
+from hpcllm.observe.memory import predicted_activation_bytes, saved_activation_bytes, tensor_bytes
+from hpcllm.training.config import RECOMPUTE, ZERO, Config
 from hpcllm.training.optim import make_optimizer
 
 MB = 1e6
@@ -54,8 +56,10 @@ def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, 
         activations = saved_activation_bytes(model, idx, idx)
         step_ms = _step_ms(model, idx, steps, t)
         params = tensor_bytes(list(model.parameters()))
-        for zero in (0, 1) if dp > 1 else (0,):
+        predicted = predicted_activation_bytes(shape, t.micro_batch, recompute)
+        for zero in ZERO if dp > 1 else (0,):
             optimizer = 2 * params // (dp if zero else 1)
+            grads = params + (params // dp if zero == 2 else 0)
             rows.append(
                 {
                     "layout": f"dp={dp}",
@@ -63,11 +67,11 @@ def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, 
                     "recompute": recompute,
                     "sequence_parallel": False,
                     "params_bytes": params,
-                    "grads_bytes": params,
+                    "grads_bytes": grads,
                     "optimizer_bytes": optimizer,
                     "activation_bytes": activations,
-                    "peak_bytes": 2 * params + optimizer + activations,
-                    "predicted_activation_bytes": None,
+                    "peak_bytes": params + grads + optimizer + activations,
+                    "predicted_activation_bytes": predicted,
                     "step_ms": step_ms,
                 }
             )
@@ -78,17 +82,23 @@ def render(rows: list[dict[str, Any]]) -> str:
     base = next(r for r in rows if r["recompute"] == "none" and r["zero"] == 0)
     lines = [
         f"{'recompute':<10} {'zero':>4} {'params MB':>10} {'grads MB':>9} {'optim MB':>9} "
-        f"{'activ. MB':>10} {'sum MB':>8} {'step ms':>8} {'activ. x':>9} {'optim x':>8} {'time x':>7}"
+        f"{'activ. MB':>10} {'formula MB':>10} {'sum MB':>8} {'step ms':>8} {'activ. x':>9} "
+        f"{'optim x':>8} {'time x':>7}"
     ]
     for r in rows:
         mb = {key: r[f"{key}_bytes"] / MB for key in ("params", "grads", "optimizer", "activation", "peak")}
+        predicted = r["predicted_activation_bytes"]
+        formula = f"{predicted / MB:>10.2f}" if predicted is not None else f"{'-':>10}"
         lines.append(
             f"{r['recompute']:<10} {r['zero']:>4} {mb['params']:>10.2f} {mb['grads']:>9.2f} "
-            f"{mb['optimizer']:>9.2f} {mb['activation']:>10.2f} {mb['peak']:>8.2f} "
+            f"{mb['optimizer']:>9.2f} {mb['activation']:>10.2f} {formula} {mb['peak']:>8.2f} "
             f"{r['step_ms']:>8.1f} {r['activation_bytes'] / base['activation_bytes']:>9.2f} "
             f"{r['optimizer_bytes'] / base['optimizer_bytes']:>8.2f} {r['step_ms'] / base['step_ms']:>7.2f}"
         )
     lines.append("activ. x, optim x, time x: against recompute=none, zero=0; activations of one micro-batch")
+    lines.append(
+        "formula: observe.memory.predicted_activation_bytes (Korthikanti et al. 2022, fp32, fused attention)"
+    )
     return "\n".join(lines)
 
 

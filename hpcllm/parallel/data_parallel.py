@@ -1,23 +1,26 @@
 """Data-parallel communication: Horovod keeps the replicas of one model partition identical.
 
-Gradients are averaged by Horovod's ring-allreduce (tensor fusion, optional fp16 compression) over
-the DP process set of the grid (Horovod is started by the grid), after every `allreduce_every`
-micro-batches; initial parameters and optimizer state are broadcast from the group's first rank.
-Scalars (losses for the log) are averaged over the DP communicator with mpi4py. With dp = 1
-nothing is communicated.
+Gradients are averaged over the DP process set of the grid (Horovod is started by the grid) in
+buckets whose reductions start from backward hooks (`GradientBuckets`), after every
+`allreduce_every` micro-batches; with parallel.zero = 2 they are reduce-scattered for the
+distributed optimizer instead. Initial parameters and optimizer state are broadcast from the
+group's first rank. Scalars (losses for the log) are averaged over the DP communicator with mpi4py.
+With dp = 1 nothing is communicated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from hpcllm.cluster import watchdog
 from hpcllm.parallel.distributed_optimizer import ShardedAdamW
+from hpcllm.parallel.grad_buckets import GradientBuckets
 from hpcllm.parallel.grid import Grid
+
+MB = 1024 * 1024
 
 
 class DataParallel:
@@ -25,36 +28,39 @@ class DataParallel:
         self.grid = grid
         self.size = grid.layout.dp
         self.hvd = grid.hvd if self.size > 1 else None
+        self.gradients: GradientBuckets | None = None
 
-    def wrap_optimizer(
+    def bucket_gradients(
         self,
-        optimizer: torch.optim.Optimizer,
         model: torch.nn.Module,
+        late: Sequence[torch.nn.Parameter],
+        bucket_mb: float,
         allreduce_every: int,
+        zero: int = 0,
         fp16_compression: bool = False,
-    ) -> torch.optim.Optimizer:
-        """Horovod's optimizer: gradients are allreduced after every `allreduce_every` micro-batches
-        (all of a step by default); the trainer waits for each such allreduce."""
-        if self.hvd is None:
-            return optimizer
-        hvd = self.hvd
-        return hvd.DistributedOptimizer(
-            optimizer,
-            named_parameters=model.named_parameters(),
-            compression=hvd.Compression.fp16 if fp16_compression else hvd.Compression.none,
-            backward_passes_per_step=allreduce_every,
-            op=hvd.Average,
-            process_set=self.grid.dp_process_set,
+    ) -> GradientBuckets:
+        """Lay the model's gradients out in buckets reduced from backward hooks (see GradientBuckets);
+        `late`: parameters summed over another group first, reduced at the end of the step."""
+        self.gradients = GradientBuckets(
+            list(model.parameters()),
+            late,
+            int(bucket_mb * MB),
+            self.size,
+            self.grid.dp_rank,
+            self.hvd,
+            self.grid.dp_process_set if self.hvd is not None else None,
+            reduce="reducescatter" if zero == 2 else "allreduce",
+            every=allreduce_every,
+            fp16=fp16_compression,
         )
+        return self.gradients
 
     def sharded_optimizer(
         self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
     ) -> ShardedAdamW:
-        """AdamW with its state sharded over the DP group (parallel.zero = 1)."""
-        assert self.hvd is not None, "the plan refuses parallel.zero with dp = 1"
-        return ShardedAdamW(
-            groups, self.hvd, self.grid.dp_process_set, self.size, self.grid.dp_rank, lr, betas, eps
-        )
+        """AdamW with its state sharded over the DP group (parallel.zero = 1 or 2)."""
+        assert self.hvd is not None and self.gradients is not None, "the plan refuses zero with dp = 1"
+        return ShardedAdamW(groups, self.gradients, lr, betas, eps)
 
     def broadcast_initial_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Every replica starts from its group's first rank (they agree already when seeded alike;
@@ -71,16 +77,20 @@ class DataParallel:
         for index, tensor in enumerate(tensors):
             self.hvd.broadcast_(tensor, root_rank=root, name=f"hpcllm.init.{index}", process_set=process_set)
 
-    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
-        """Wait for the gradient allreduce, so gradients can be clipped before the step."""
-        if self.hvd is not None:
-            with watchdog.waiting("gradient allreduce (Horovod)"):
-                optimizer.synchronize()
+    def zero_grad(self) -> None:
+        assert self.gradients is not None
+        self.gradients.zero_()
 
-    @contextmanager
-    def step_without_sync(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        with optimizer.skip_synchronize() if self.hvd is not None else nullcontext():
-            yield
+    def wait(self) -> None:
+        """Between micro-batches, at the end of a reduction group: the reductions started by the
+        backward hooks complete before the next backward writes into their buckets."""
+        assert self.gradients is not None
+        self.gradients.wait()
+
+    def synchronize(self, sum_late: Callable[[], None]) -> None:
+        """After the step's last backward: every gradient reduced (the late ones after `sum_late`)."""
+        assert self.gradients is not None
+        self.gradients.finish(sum_late)
 
     def mean(self, value: float) -> float:
         """Mean of a scalar over the DP group (every DP rank must call it)."""

@@ -1,20 +1,25 @@
-"""The distributed optimizer (ZeRO stage 1): AdamW whose state is sharded over the data-parallel group.
+"""The distributed optimizer (ZeRO stages 1 and 2): AdamW whose state is sharded over the data-parallel
+group.
 
-The rank's parameters live in one flat fp32 buffer and their gradients in another (each `.data`
-and `.grad` is a view into them, so a reduction is one contiguous tensor and nothing is copied
-to assemble it). The flat buffers are cut into `dp` equal shards; rank `r` of the DP group keeps
-the Adam moments of shard `r` only and updates only those parameters, then the updated shards are
+The rank's gradients live in the flat buffer of `GradientBuckets` and its parameters in a second
+flat buffer laid out alike (each `.data` is a view into it, as each `.grad` is into the other).
+Every bucket is cut into `dp` equal shares; rank `r` of the DP group keeps the Adam moments of its
+share of each bucket only and updates only those parameters, then the updated shares are
 all-gathered back into every replica's parameter buffer. Per rank that is 4 bytes of parameters
 + 4 of gradients + 8/dp of Adam state per parameter, instead of 16.
 
-Communication goes through Horovod on the DP process set (allreduce of the gradient buffer,
-allgather of the updated shards), the same library and groups as the dp = 1 optimizer's path.
-The update is torch's AdamW, element by element, so a step gives the same parameters as
-`torch.optim.AdamW` up to the order of the reduction.
+- zero = 1: the buckets are allreduced (every rank holds the whole averaged gradient);
+- zero = 2: they are reduce-scattered, so the reduced gradients exist only as this rank's shares
+  (`GradientBuckets.shard`): half the gradient traffic of zero = 1, and the norm and clipping of
+  the step read the shard. The local accumulation buffer stays whole, as in Megatron-Core's
+  distributed optimizer.
+
+Communication goes through Horovod on the DP process set. The update is torch's AdamW, element by
+element, so a step gives the same parameters as `torch.optim.AdamW` up to the order of the reduction.
 
 Checkpoints stay layout-free: `full_state()` gathers the moments and presents them per parameter,
 as AdamW's state, for the duration of a save; a state loaded that way is cut into this rank's
-shard at the next step.
+shares at the next step.
 """
 
 from __future__ import annotations
@@ -26,44 +31,35 @@ from typing import Any
 import torch
 
 from hpcllm.cluster import watchdog
+from hpcllm.parallel.grad_buckets import GradientBuckets
 
 
 class ShardedAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         groups: list[dict[str, Any]],
-        hvd: Any,
-        process_set: Any,
-        dp_size: int,
-        dp_rank: int,
+        gradients: GradientBuckets,
         lr: float,
         betas: tuple[float, float],
         eps: float,
     ):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
-        self.hvd, self.process_set = hvd, process_set
-        params = [p for group in self.param_groups for p in group["params"]]
-        total = sum(p.numel() for p in params)
-        self.shard_size = -(-total // dp_size)  # padded so that every shard is equally long
-        padded = self.shard_size * dp_size
-        device = params[0].device
-        self.param_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
-        self.grad_buffer = torch.zeros(padded, dtype=torch.float32, device=device)
-        decay = torch.zeros(padded, dtype=torch.float64, device=device)
+        self.gradients = gradients
+        self.hvd, self.process_set = gradients.hvd, gradients.process_set
+        grads = gradients.buffer
+        self.param_buffer = torch.zeros_like(grads)
+        decay = torch.zeros(grads.numel(), dtype=torch.float64, device=grads.device)
         self.views: list[tuple[torch.nn.Parameter, int, int]] = []
-        offset = 0
         for group in self.param_groups:
             for param in group["params"]:
-                end = offset + param.numel()
-                self.param_buffer[offset:end].copy_(param.detach().reshape(-1))
-                param.data = self.param_buffer[offset:end].view_as(param)
-                param.grad = self.grad_buffer[offset:end].view_as(param)
-                decay[offset:end] = group["weight_decay"]
-                self.views.append((param, offset, end))
-                offset = end
-        self.lo, self.hi = dp_rank * self.shard_size, (dp_rank + 1) * self.shard_size
-        self.decay = decay[self.lo : self.hi]
-        self.exp_avg = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
+                start, end = gradients.offsets[id(param)]
+                self.param_buffer[start:end].copy_(param.detach().reshape(-1))
+                param.data = self.param_buffer[start:end].view_as(param)
+                decay[start:end] = group["weight_decay"]
+                self.views.append((param, start, end))
+        self.shares = gradients.shares()
+        self.decay = torch.cat([decay[lo:hi] for lo, hi in self.shares])
+        self.exp_avg = torch.zeros(self.decay.numel(), dtype=torch.float32, device=grads.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.steps = 0
 
@@ -72,21 +68,12 @@ class ShardedAdamW(torch.optim.Optimizer):
         """The Adam moments this rank holds."""
         return (self.exp_avg.numel() + self.exp_avg_sq.numel()) * self.exp_avg.element_size()
 
-    # ---- what the trainer calls, as on Horovod's DistributedOptimizer ----------------------
-
     def zero_grad(self, set_to_none: bool = False) -> None:
-        self.grad_buffer.zero_()  # the gradients are views into it: they must stay allocated
+        self.gradients.zero_()  # the gradients are views into its buffer: they must stay allocated
 
-    def synchronize(self) -> None:
-        """Average the gradient buffer over the DP group (one allreduce of one tensor)."""
-        with watchdog.waiting("gradient allreduce (distributed optimizer)"):
-            self.hvd.allreduce_(
-                self.grad_buffer, op=self.hvd.Average, name="hpcllm.zero.grads", process_set=self.process_set
-            )
-
-    @contextmanager
-    def skip_synchronize(self) -> Iterator[None]:
-        yield  # the trainer synchronizes before clipping; step() never reduces
+    def _shard_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shares of a buffer laid out like the gradients, concatenated (a copy)."""
+        return torch.cat([full[lo:hi] for lo, hi in self.shares])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -94,8 +81,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.steps += 1
         group = self.param_groups[0]  # lr, betas and eps are the same in every group
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        param = self.param_buffer[self.lo : self.hi]
-        grad = self.grad_buffer[self.lo : self.hi]
+        shard = self.gradients.shard
+        grad = shard if shard is not None else self._shard_of(self.gradients.buffer)
+        param = self._shard_of(self.param_buffer)
         # torch.optim.AdamW's update (single-tensor form), with the weight decay per element.
         param.mul_((1 - lr * self.decay).to(param.dtype))
         self.exp_avg.lerp_(grad, 1 - beta1)
@@ -106,11 +94,19 @@ class ShardedAdamW(torch.optim.Optimizer):
         self._gather_into(self.param_buffer, param, "params")
 
     def _gather_into(self, full: torch.Tensor, shard: torch.Tensor, what: str) -> None:
-        with watchdog.waiting(f"allgather of the updated {what} (distributed optimizer)"):
-            gathered = self.hvd.allgather(
-                shard.clone(), name=f"hpcllm.zero.{what}", process_set=self.process_set
+        """Collective: every rank's shares of each bucket, into `full` (laid out like the buffers)."""
+        handles, offset = [], 0
+        for index, (lo, hi) in enumerate(self.shares):
+            piece = shard[offset : offset + hi - lo].clone()
+            offset += hi - lo
+            handles.append(
+                self.hvd.allgather_async(
+                    piece, name=f"hpcllm.zero.{what}.{index}", process_set=self.process_set
+                )
             )
-        full.copy_(gathered)
+        with watchdog.waiting(f"allgather of the updated {what} (distributed optimizer)"):
+            for bucket, handle in zip(self.gradients.buckets, handles, strict=True):
+                full[bucket.start : bucket.start + bucket.length].copy_(self.hvd.synchronize(handle))
 
     # ---- checkpoints: AdamW's per-parameter state, gathered for a save ---------------------
 
@@ -143,6 +139,6 @@ class ShardedAdamW(torch.optim.Optimizer):
             full = torch.zeros_like(self.param_buffer)
             for param, start, end in self.views:
                 full[start:end] = self.state[param][key].reshape(-1)
-            shard.copy_(full[self.lo : self.hi])
+            shard.copy_(self._shard_of(full))
         self.steps = int(next(iter(self.state.values()))["step"])
         self.state.clear()

@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 RECOMPUTE = ("none", "selective", "full")
-ZERO = (0, 1)
+ZERO = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class ParallelConfig:
     schedule: str = "1f1b"
     tp_backend: str = "auto"  # auto | mpi4py | horovod: auto = mpi4py on CPU, Horovod (NCCL) on CUDA
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
-    zero: int = 0  # 1: shard the Adam state over the data-parallel group (distributed optimizer)
+    zero: int = 0  # 1: shard the Adam state over the data-parallel group; 2: and reduce-scatter gradients
+    bucket_mb: float = 25.0  # gradient bucket size: each bucket's reduction starts when it is complete
     sequence_parallel: bool = False  # with tp > 1: split the sequence between the TP layers
 
 
@@ -232,6 +233,8 @@ def validate(config: Config) -> None:
     ):
         if value < 0:
             raise UsageError(f"{key} must be 0 or more, not {value} (0 turns it off)")
+    if config.parallel.bucket_mb <= 0:
+        raise UsageError(f"parallel.bucket_mb must be positive, not {config.parallel.bucket_mb}")
     if config.horovod.cycle_time_ms <= 0:
         raise UsageError(f"horovod.cycle_time_ms must be positive, not {config.horovod.cycle_time_ms}")
     if t.lr <= 0:

@@ -140,7 +140,7 @@ def _trainer(
     resume: bool,
     resumed_at: tuple[int, int],
 ) -> tuple[Trainer, int]:
-    """Optimizer, Horovod's wrapper, resumed state and the pipeline schedule around the model;
+    """Gradient buckets, optimizer, resumed state and the pipeline schedule around the model;
     returns the trainer and the step it starts from."""
     config = plan.config
     model, tp_group, full_parameters = built
@@ -154,6 +154,23 @@ def _trainer(
         grid.layout.pp,
     )
     dp = DataParallel(grid)
+    # Summed over another group before their DP reduction: the tied embedding over the first and
+    # last stage, the sequence-parallel parameters over TP.
+    tied = [model.wte.weight] if grid.layout.pp > 1 and model.wte is not None else []
+    gradients = dp.bucket_gradients(
+        model,
+        tied + model.sequence_parallel_parameters(),
+        config.parallel.bucket_mb,
+        plan.allreduce_every,
+        config.parallel.zero,
+        config.horovod.fp16_compression,
+    )
+    log.info(
+        "gradients: %d buckets of up to %g MB, reduced %s from backward hooks",
+        len(gradients.buckets),
+        config.parallel.bucket_mb,
+        "by reduce-scatter" if config.parallel.zero == 2 else "by allreduce",
+    )
     if config.parallel.zero:
         groups = parameter_groups(model, config.train)
         optimizer = dp.sharded_optimizer(groups, config.train.lr, BETAS, EPS)
@@ -164,9 +181,7 @@ def _trainer(
             2 * rank_bytes / 1e6,
         )
     else:
-        optimizer = dp.wrap_optimizer(
-            make_optimizer(model, config.train), model, plan.allreduce_every, config.horovod.fp16_compression
-        )
+        optimizer = make_optimizer(model, config.train)
     start_step = resumed_at[0]
     if resume:
         ckpt = checkpoint.latest(out)

@@ -41,39 +41,45 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, betas=BETAS, eps=EPS)
 
 
+def gradient_pieces(model: nn.Module) -> list[tuple[Sharding, torch.Tensor]]:
+    """Every parameter's gradient with its sharding, for the norm and clipping of a step."""
+    sharding = model_sharding(model)
+    return [
+        (sharding[name], param.grad) for name, param in model.named_parameters() if param.grad is not None
+    ]
+
+
 def global_grad_norm(
-    model: nn.Module,
+    pieces: list[tuple[Sharding, torch.Tensor]],
     group: TensorCollectives,
     pipeline_comm: Any = None,
-    sharding: dict[str, Sharding] | None = None,
+    dp_comm: Any = None,
 ) -> float:
-    """The norm of the *full* model's gradient: partitioned slices are summed over the TP group,
-    replicated parameters counted once (they are identical on every TP rank), and with a pipeline
-    the stages' sums are added (a pipeline copy of a tied weight left out). Equal on every rank.
-    `sharding`: `model_sharding(model)`, computed once by a caller that asks every step."""
-    sharding = sharding if sharding is not None else model_sharding(model)
-    partitioned = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for name, param in model.named_parameters():
-        if param.grad is None or sharding[name].pipeline_copy:
-            continue
-        square = param.grad.detach().double().pow(2).sum().cpu()
-        if sharding[name].partitioned:
-            partitioned += square
-        else:
-            replicated += square
-    partitioned = group.allreduce_(partitioned.reshape(1)).reshape(())
-    total_square = float(partitioned + replicated)
+    """The norm of the *full* model's gradient, from this rank's `pieces`: partitioned slices are
+    summed over the TP group, replicated parameters counted once (they are identical on every TP
+    rank), and with a pipeline the stages' sums are added (a pipeline copy of a tied weight left
+    out). `dp_comm`: the pieces are this rank's shares of the reduced gradients (zero = 2), summed
+    over the DP group too. Equal on every rank."""
+    squares = torch.zeros(2, dtype=torch.float64)  # partitioned, replicated
+    for sharding, grad in pieces:
+        if not sharding.pipeline_copy:
+            squares[0 if sharding.partitioned else 1] += grad.detach().double().pow(2).sum().cpu()
+    if dp_comm is not None:
+        from mpi4py import MPI
+
+        with watchdog.waiting("gradient-norm allreduce over data-parallel shares"):
+            dp_comm.Allreduce(MPI.IN_PLACE, squares.numpy(), op=MPI.SUM)
+    partitioned = group.allreduce_(squares[:1].clone())[0]
+    total_square = float(partitioned + squares[1])
     if pipeline_comm is not None:
         with watchdog.waiting("gradient-norm allreduce over stages"):
             total_square = pipeline_comm.allreduce(total_square)
     return total_square**0.5
 
 
-def clip_gradients_(model: nn.Module, norm: float, max_norm: float) -> None:
+def clip_gradients_(gradients: list[torch.Tensor], norm: float, max_norm: float) -> None:
     """Scale every gradient so that a full-model gradient of norm `norm` has at most `max_norm`."""
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.detach().mul_(scale)
+        for grad in gradients:
+            grad.detach().mul_(scale)

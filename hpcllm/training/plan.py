@@ -125,13 +125,14 @@ def _check_zero(config: Config, dp: int) -> None:
         return
     if dp == 1:
         raise UsageError(
-            "parallel.zero=1 shards the optimizer state over data-parallel replicas, but dp = 1: "
+            f"parallel.zero={config.parallel.zero} shards the optimizer state over data-parallel replicas, "
+            "but dp = 1: "
             "run more ranks than tp × pp, or set parallel.zero=0"
         )
     if config.horovod.fp16_compression:
         raise UsageError(
-            "horovod.fp16_compression applies to Horovod's optimizer; the distributed optimizer "
-            "(parallel.zero=1) reduces fp32 gradients: drop one of them"
+            "horovod.fp16_compression applies to allreduced gradients; the distributed optimizer "
+            f"(parallel.zero={config.parallel.zero}) reduces fp32 gradients: drop one of them"
         )
 
 

@@ -32,7 +32,7 @@ from hpcllm.parallel.sharding import Sharding, model_sharding
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
-from hpcllm.training.optim import clip_gradients_, global_grad_norm, learning_rate
+from hpcllm.training.optim import clip_gradients_, global_grad_norm, gradient_pieces, learning_rate
 from hpcllm.training.plan import Plan
 
 log = logging.getLogger("hpcllm.training")
@@ -70,13 +70,13 @@ class Trainer:
     timer: PhaseTimer = field(init=False)
     config: Config = field(init=False)  # the plan's, for short
     micro_per_step: int = field(init=False)
-    sharding: dict[str, Sharding] = field(init=False)  # the model's, read once (the norm is per step)
+    gradients: list[tuple[Sharding, torch.Tensor]] = field(init=False)  # what the norm and clipping read
     skipped_steps: int = 0  # steps whose gradient was not finite
 
     def __post_init__(self) -> None:
         self.config = self.plan.config
         self.micro_per_step = self.plan.micro_batches
-        self.sharding = model_sharding(self.model)
+        self.gradients = self._gradient_pieces()
         self.sequence_parallel_parameters = self.model.sequence_parallel_parameters()
         t, m = self.config.train, self.config.model
         self.train_tokens = self.data.tokens("train")
@@ -115,7 +115,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        self.optimizer.zero_grad()
+        self.dp.zero_grad()
         timer = self.timer
         with timer.phase("data"):
             batches = self._batches(self.sampler, self.train_tokens, self.samples_before(step))
@@ -126,7 +126,7 @@ class Trainer:
             # replica, so mean(averaged + local) = averaged + mean(local).
             if done % every == 0 and done < len(batches):
                 with timer.phase("allreduce"):
-                    self.dp.synchronize(self.optimizer)
+                    self.dp.wait()
 
         if self.pipeline is not None:
             with timer.phase("pipeline"):
@@ -146,14 +146,12 @@ class Trainer:
                     (micro_loss / self.micro_per_step).backward()
                 reduce_early(index)
         with timer.phase("allreduce"):
-            self.dp.synchronize(self.optimizer)
-            if self.pipeline is not None:
-                self.pipeline.sum_tied_gradients()
-            self._sum_sequence_parallel_gradients()
+            self.dp.synchronize(self._sum_late_gradients)
             loss = self.dp.mean(loss)
         with timer.phase("optimizer"):
             pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
-            norm = global_grad_norm(self.model, self.tp_group, pipeline_comm, self.sharding)
+            dp_shares = self.grid.dp_comm if self.config.parallel.zero == 2 else None
+            norm = global_grad_norm(self.gradients, self.tp_group, pipeline_comm, dp_shares)
             # The norm is equal on every rank, so every rank skips the same steps.
             skipped = not math.isfinite(norm)
             if skipped:
@@ -164,17 +162,33 @@ class Trainer:
                     norm,
                     self.skipped_steps,
                 )
-                self.optimizer.zero_grad()
             else:
                 if self.config.train.grad_clip > 0:
-                    clip_gradients_(self.model, norm, self.config.train.grad_clip)
-                with self.dp.step_without_sync(self.optimizer):
-                    self.optimizer.step()
+                    clip_gradients_([grad for _, grad in self.gradients], norm, self.config.train.grad_clip)
+                self.optimizer.step()
         timer.step_done()
         return StepResult(loss, norm, skipped)
 
+    def _gradient_pieces(self) -> list[tuple[Sharding, torch.Tensor]]:
+        """The gradients the step's norm and clipping read: the model's, or with zero = 2 this rank's
+        shares of the reduced gradients (views, valid at every step)."""
+        pieces = gradient_pieces(self.model)
+        buckets = self.dp.gradients
+        if self.config.parallel.zero != 2 or buckets is None:
+            return pieces
+        sharding = model_sharding(self.model)
+        sharding_of = {id(param): sharding[name] for name, param in self.model.named_parameters()}
+        return [(sharding_of[id(param)], part) for param, part in buckets.shard_pieces()]
+
+    def _sum_late_gradients(self) -> None:
+        """Before the DP reduction of the late bucket: the tied embedding's copies over the first
+        and last stage, the sequence-parallel parameters over TP (both commute with the average)."""
+        if self.pipeline is not None:
+            self.pipeline.sum_tied_gradients()
+        self._sum_sequence_parallel_gradients()
+
     def _sum_sequence_parallel_gradients(self) -> None:
-        """One TP allreduce for all of them (the sum commutes with the DP average before it)."""
+        """One TP allreduce for all of them."""
         parameters = self.sequence_parallel_parameters
         if not parameters:
             return
