@@ -108,8 +108,8 @@ def test_zero1_and_zero2_at_dp2_dp4_with_tp2_and_pp2_match_one_process(data_dir,
 
 
 def test_sharded_optimizer_checkpoints_resume_at_another_dp_and_without_sharding(data_dir, tmp_path):
-    """Saved at zero=1 dp=4: resumed bitwise at the same layout, and at dp=2 and zero=0 within the
-    oracle; saved at zero=0 dp=2, resumed at zero=1 dp=4."""
+    """Saved at zero=1 dp=4: resumed bitwise at the same layout, and at zero=2 dp=2 and zero=0 dp=2
+    within the oracle; saved at zero=0 dp=2, resumed at zero=1 dp=4."""
     every = sets("train.ckpt_every=10")
     for saved_as, ranks, flags in (("zero1-dp4", 4, ["parallel.zero=1"]), ("zero0-dp2", 2, [])):
         run = tmp_path / saved_as
@@ -117,7 +117,7 @@ def test_sharded_optimizer_checkpoints_resume_at_another_dp_and_without_sharding
         resumes = {
             "zero1-dp4": [
                 ("same", 4, sets("parallel.zero=1")),
-                ("dp2", 2, []),
+                ("zero2-dp2", 2, sets("parallel.zero=2")),
                 ("zero0", 2, sets("parallel.zero=0")),
             ],
             "zero0-dp2": [("zero1-dp4", 4, sets("parallel.zero=1"))],

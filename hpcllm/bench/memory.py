@@ -1,14 +1,15 @@
 """`hpcllm bench memory`: bytes per rank by kind (parameters, gradients, optimizer state,
 activations) and step time, for each activation-recomputation mode and distributed-optimizer
-setting, on one process.
+setting, on one process (on the GPU when there is one).
 
 Activations are measured: the bytes autograd keeps for backward during one micro-batch's forward
 (observe.memory). Parameters and gradients are those of the model built here; the optimizer's are
 AdamW's two fp32 moments per parameter, divided over `dp` with parallel.zero=1 and 2 (what the
 distributed optimizer allocates; its tests check the layout); zero=2 adds the rank's shard of the
 reduced gradients (4/dp bytes per parameter) next to the local accumulation buffer. Step time is
-the median of forward + backward + AdamW over `steps` steps. Each row carries the activation bytes
-predicted by the formula of `observe.memory.predicted_activation_bytes` next to the measured ones.
+the median of forward + backward + AdamW over `steps` steps. `peak_bytes` is the sum of the kinds
+on CPU, and on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) over those steps.
+Each row carries the activation bytes predicted by `observe.memory.predicted_activation_bytes`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ from hpcllm.training.optim import make_optimizer
 MB = 1e6
 
 
-def _step_ms(model: GPT, idx: torch.Tensor, steps: int, train: Any) -> float:
+def _step(model: GPT, idx: torch.Tensor, steps: int, train: Any) -> tuple[float, int | None]:
+    """Median step milliseconds, and on CUDA the allocator's peak bytes over the steps (None on
+    CPU, which keeps no allocator statistics)."""
     optimizer = make_optimizer(model, train)
+    cuda = idx.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(idx.device)
     times = []
     for _ in range(steps + 1):  # the first step warms up
         started = time.perf_counter()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
         model.loss(model(idx), idx).backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize(idx.device)
         times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times[1:])
+    peak = torch.cuda.max_memory_allocated(idx.device) if cuda else None
+    return statistics.median(times[1:]), peak
 
 
 def _micro_batch(config: Config, vocab_size: int) -> torch.Tensor:
@@ -48,18 +57,22 @@ def _micro_batch(config: Config, vocab_size: int) -> torch.Tensor:
 def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, Any]]:
     m, t = config.model, config.train
     shape = GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
-    idx = _micro_batch(config, vocab_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    idx = _micro_batch(config, vocab_size).to(device)
     rows = []
     for recompute in RECOMPUTE:
-        model = GPT(shape, seed=t.seed)
+        model = GPT(shape, seed=t.seed).to(device)
         model.set_recompute(recompute)
         activations = saved_activation_bytes(model, idx, idx)
-        step_ms = _step_ms(model, idx, steps, t)
+        step_ms, allocator_peak = _step(model, idx, steps, t)
         params = tensor_bytes(list(model.parameters()))
         predicted = predicted_activation_bytes(shape, t.micro_batch, recompute)
         for zero in ZERO if dp > 1 else (0,):
             optimizer = 2 * params // (dp if zero else 1)
             grads = params + (params // dp if zero == 2 else 0)
+            total = params + grads + optimizer + activations
+            if allocator_peak is not None:  # measured at zero=0; sharding changes the states only
+                total = allocator_peak - (2 * params - optimizer) + (grads - params)
             rows.append(
                 {
                     "layout": f"dp={dp}",
@@ -70,7 +83,7 @@ def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, 
                     "grads_bytes": grads,
                     "optimizer_bytes": optimizer,
                     "activation_bytes": activations,
-                    "peak_bytes": params + grads + optimizer + activations,
+                    "peak_bytes": total,
                     "predicted_activation_bytes": predicted,
                     "step_ms": step_ms,
                 }
@@ -97,7 +110,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         )
     lines.append("activ. x, optim x, time x: against recompute=none, zero=0; activations of one micro-batch")
     lines.append(
-        "formula: observe.memory.predicted_activation_bytes (Korthikanti et al. 2022, fp32, fused attention)"
+        "formula MB: observe.memory.predicted_activation_bytes (Korthikanti et al., fp32, fused attention)"
     )
     return "\n".join(lines)
 
