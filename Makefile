@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 HPCLLM := $(VENV)/bin/hpcllm
 NP ?= 2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,12 @@ demo: setup
 
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# On a GPU node: the CUDA build, the GPU tests, gpt2-124m MFU in bf16 and NCCL allreduce, in one
+# JSON report (gpu-check.json). Uses .venv when there is one, else the python3 on PATH with torch.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@$(GPU_PY) scripts/gpu_check.py --out gpu-check.json
 
 lint: setup
 	@$(VENV)/bin/ruff check hpcllm tests && $(VENV)/bin/ruff format --check hpcllm tests

@@ -12,7 +12,8 @@
 #                        or "skip" to keep the torch already in the venv)
 #   HPCLLM_CACHE         wheel cache outside the repository  (default: ~/.cache/hpcllm)
 #   HPCLLM_SKIP_APT=1    never call apt-get (clusters: load your MPI module instead)
-#   HOROVOD_GPU_OPERATIONS=NCCL and friends are passed through to the Horovod build.
+#   HOROVOD_GPU_OPERATIONS=NCCL and friends are passed through to the Horovod build; on a GPU node
+#                        with a CUDA torch, NCCL is chosen by itself (see gpu_build_env).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -123,9 +124,36 @@ horovod_wheel_dir() {
 
 horovod_ok() {
     "$PY" - <<'EOF' >/dev/null 2>&1
+import os
 import horovod.torch as hvd
 assert hvd.mpi_built() and hvd.gloo_built()
+assert os.environ.get("HOROVOD_GPU_OPERATIONS") != "NCCL" or hvd.nccl_built()
 EOF
+}
+
+# On a GPU node (nvidia-smi and a CUDA build of torch), Horovod's GPU operations use NCCL. Without a
+# system CUDA toolkit, pip's nvidia-cuda-nvcc / nvidia-cuda-runtime packages (matching torch's CUDA
+# major version) provide nvcc and the headers, and torch's own nvidia-nccl wheel provides NCCL.
+gpu_build_env() {
+    if [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] && command -v nvidia-smi >/dev/null \
+        && "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+        export HOROVOD_GPU_OPERATIONS=NCCL
+    fi
+    [ "${HOROVOD_GPU_OPERATIONS:-}" = NCCL ] || return 0
+    if ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}" ]; then
+        local major runtime
+        major="$("$PY" -c 'import torch; print(torch.version.cuda.split(".")[0])')"
+        run cuda-toolkit "check that PyPI is reachable, or load your site's CUDA module and rerun" \
+            "$PY" -m pip install -q "nvidia-cuda-nvcc-cu$major" "nvidia-cuda-runtime-cu$major"
+        CUDA_HOME="$("$PY" -c 'import os, nvidia.cuda_nvcc as m; print(os.path.dirname(m.__file__))')"
+        runtime="$("$PY" -c 'import os, nvidia.cuda_runtime as m; print(os.path.dirname(m.__file__))')"
+        export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH" CPATH="$runtime/include${CPATH:+:$CPATH}"
+    fi
+    local nccl
+    if nccl="$("$PY" -c 'import os, nvidia.nccl as m; print(os.path.dirname(m.__file__))' 2>/dev/null)"; then
+        export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$nccl/lib" HOROVOD_NCCL_LINK=SHARED
+    fi
+    say "GPU node: building Horovod with NCCL (CUDA_HOME=${CUDA_HOME:-system})"
 }
 
 build_horovod() {
@@ -151,6 +179,7 @@ build_horovod() {
 }
 
 horovod() {
+    gpu_build_env
     if horovod_ok; then return; fi
     local dir
     dir="$(horovod_wheel_dir)"

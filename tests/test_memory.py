@@ -143,6 +143,7 @@ def test_bad_sharding_settings_are_one_line(data_dir, tmp_path):
             "parallel.zero=1 shards the optimizer state over data-parallel replicas, but dp = 1",
         ),
         (["parallel.zero=3"], None, "parallel.zero must be 0, 1 or 2, not 3"),
+        (["parallel.bucket_mb=0"], None, "parallel.bucket_mb must be positive, not 0"),
         (["parallel.zero=1", "horovod.fp16_compression=true"], 2, "horovod.fp16_compression applies to"),
     ):
         proc = run_hpcllm(

@@ -71,6 +71,21 @@ def test_3d_layouts_and_horovod_paths_through_the_pipeline_match_one_process(dat
     assert_same_losses(reference, got, "pp2 x dp2, gradients reduced every micro-batch")
 
 
+def test_torch_distributed_backends_match_one_process(data_dir, tmp_path):
+    """parallel.tp_backend=torch and pp_backend=torch, the GPU paths (NCCL there), run here on
+    gloo: tp 2, pp 2 and pp 2 x tp 2 give the single-process losses."""
+    reference = run_layout(data_dir, tmp_path / "one", 5)
+    torch_backends = sets("parallel.tp_backend=torch", "parallel.pp_backend=torch")
+    for name, ranks, layout, engines in (
+        ("tp2", 2, ["--tp", 2], "tensor parallel torch (gloo), pipeline -"),
+        ("pp2", 2, ["--pp", 2], "tensor parallel -, pipeline torch (gloo)"),
+        ("pp2xtp2", 4, ["--pp", 2, "--tp", 2], "tensor parallel torch (gloo), pipeline torch (gloo)"),
+    ):
+        got = run_layout(data_dir, tmp_path / name, 5, ranks, *layout, *torch_backends)
+        assert_same_losses(reference, got, name)
+        assert engines in (tmp_path / name / "logs" / "rank-0.log").read_text(), name
+
+
 def test_checkpoint_saved_at_pp2_resumes_at_pp1(data_dir, tmp_path):
     full = tmp_path / "pp2"
     reference = run_layout(data_dir, full, 12, 2, "--pp", 2, *sets("train.ckpt_every=6", "train.keep=5"))

@@ -97,7 +97,16 @@ def test_templates_render_the_requested_resources(template):
     if template == "cpu":  # a CPU partition rejects any GPU request, and its nodes are not GPU-shaped
         assert "--gpus-per-node" not in script and "--cpus-per-task" not in script
     else:
-        assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --cpus-per-task=8" in script
+        assert "#SBATCH --cpus-per-task=8" in script
+        # Each rank sees its own GPU: Slurm binds one per task (srun), or hpcllm maps local rank i
+        # to GPU i among the node's (mpirun inside the allocation).
+        gpus = {"gpu": "#SBATCH --gpus-per-task=1", "gpu-mpirun": "#SBATCH --gpus-per-node=4"}
+        assert gpus.get(template, "#SBATCH --gpus-per-node=4") in script
+        if template == "gpu":
+            assert (
+                "--gpus-per-node" not in script
+                and "srun --mpi=pmix --kill-on-bad-exit=1 --gpus-per-task=1" in script
+            )
     for line in (
         "#SBATCH --nodes=3",
         "#SBATCH --ntasks-per-node=4",
@@ -119,6 +128,13 @@ def test_templates_render_the_requested_resources(template):
     }
     assert launcher[template] in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+def test_gpu_templates_run_one_rank_per_gpu():
+    with pytest.raises(
+        UsageError, match="--ntasks-per-node 8 with --gpus-per-node 4: hpcllm runs one rank per GPU"
+    ):
+        render(JobSpec(template="gpu", ntasks_per_node=8, gpus_per_node=4))
 
 
 def test_cpu_template_follows_what_the_user_passed():

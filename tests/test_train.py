@@ -2,13 +2,22 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import TINY, assert_usage_error, losses, run_hpcllm, train, write_corpus
+from torch.overrides import TorchFunctionMode
+
+WITHOUT_HOROVOD = (
+    "import sys; sys.modules['horovod'] = None; from hpcllm.cli.__main__ import main; sys.exit(main())"
+)
 
 
 def test_dp2_matches_dp1_step_by_step(data_dir, tmp_path):
-    one = train(data_dir, tmp_path / "dp1", "--steps", 20)
+    """The dp = 1 run has no Horovod to import (a single GPU on a machine where it is not built)."""
+    command = [sys.executable, "-c", WITHOUT_HOROVOD, "train", "--data", data_dir, "--out", tmp_path / "dp1"]
+    one = subprocess.run([str(a) for a in command + [*TINY, "--steps", 20]], capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = train(data_dir, tmp_path / "dp2", "--steps", 20, ranks=2)
     assert two.returncode == 0, two.stderr
@@ -45,6 +54,29 @@ def test_replicas_stay_identical(mpi_tmp_path, comm):
     digests = comm.allgather(digest.hexdigest())
     assert digests[0] == digests[1], "DP replicas drifted apart"
     assert trainer.grid.layout.dp == 2
+    # A step reads the device from the host once (loss and gradient norm together): on a GPU every
+    # such read waits for the stream. Counted through torch's function hooks, on CPU.
+    # torch's (unfused, CPU) AdamW reads its step counters, which PyTorch keeps on the CPU: exempt.
+    steps = {id(state["step"]) for state in trainer.optimizer.state.values()}
+    with HostReads(exempt=steps) as reads:
+        trainer.train_step(6)
+    assert reads.calls == ["tolist"], reads.calls
+
+
+class HostReads(TorchFunctionMode):
+    """Records the tensor methods that copy a value to the host (a device synchronisation on CUDA)."""
+
+    READS = {"item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"}
+
+    def __init__(self, exempt=frozenset()):
+        super().__init__()
+        self.calls, self.exempt = [], exempt
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS and not (args and id(args[0]) in self.exempt):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
@@ -230,7 +262,8 @@ def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_pa
         ("train.dtype=float16", "train.dtype must be float32 or bfloat16"),
         ("model.preset=gpt5", "unknown model.preset 'gpt5'"),
         ("train.steps=ten", "train.steps must be an int, not 'ten'"),
-        ("parallel.tp_backend=nccl", "parallel.tp_backend must be auto, mpi4py or horovod"),
+        ("parallel.tp_backend=nccl", "parallel.tp_backend must be auto, mpi4py, horovod or torch"),
+        ("parallel.pp_backend=horovod", "parallel.pp_backend must be auto, mpi4py or torch"),
         ("train.recompute=some", "train.recompute must be none, selective or full, not some"),
     ],
 )
@@ -306,5 +339,15 @@ def test_flags_keep_their_types_and_the_plan_is_checked_once_and_frozen(tmp_path
         plan.config.train.steps = 1
     with pytest.raises(UsageError, match="world size 6 is not divisible by tp\\*pp"):
         make_plan(config_mod.load(None, ["parallel.tp=2", "parallel.pp=2"]), world=6)
-    with pytest.raises(UsageError, match="parallel.tp_backend=mpi4py passes host buffers"):
-        make_plan(config_mod.load(None, ["parallel.tp_backend=mpi4py"]), world=1, device_type="cuda")
+    # mpi4py hands device buffers to MPI only when it is CUDA-aware (this Open MPI is not).
+    for key in ("tp_backend", "pp_backend"):
+        with pytest.raises(UsageError, match=f"parallel.{key}=mpi4py on CUDA needs a CUDA-aware MPI"):
+            make_plan(config_mod.load(None, [f"parallel.{key}=mpi4py"]), world=1, device_type="cuda")
+    on_gpu = make_plan(config_mod.load(None, []), world=4, device_type="cuda")
+    on_cpu = make_plan(config_mod.load(None, []), world=4, device_type="cpu")
+    assert (on_gpu.tp_backend, on_gpu.pp_backend, on_cpu.tp_backend, on_cpu.pp_backend) == (
+        "torch",
+        "torch",
+        "mpi4py",
+        "mpi4py",
+    )

@@ -57,11 +57,9 @@ def _engine(name: str, rt: runtime.Runtime, device: torch.device) -> Callable[[t
         return mpi_allreduce
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        port = rt.comm.bcast(_free_port() if rt.rank == 0 else None, root=0)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        host = "127.0.0.1" if rt.node_count == 1 else rt.hostnames[0]
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rt.rank, world_size=rt.size)
+    from hpcllm.parallel import torch_dist
+
+    torch_dist.init(rt.comm, device.type)
 
     def torch_allreduce(t: torch.Tensor) -> torch.Tensor:
         out = t.clone()
@@ -69,14 +67,6 @@ def _engine(name: str, rt: runtime.Runtime, device: torch.device) -> Callable[[t
         return out
 
     return torch_allreduce
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def measure(rt: runtime.Runtime, engine: str, nbytes: int, device: torch.device) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Exits 1 with the fix when something hpcllm needs is missing (Horovod without PyT
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -50,9 +51,16 @@ def horovod_build() -> tuple[list[str], list[Check]]:
         import horovod
         import horovod.torch as hvd
     except ImportError as exc:
-        return [f"Horovod: not importable with PyTorch ({exc})"], [
+        # A Horovod that is installed but broken is an install to fix; one that is absent only rules
+        # out data parallelism (a run with dp = 1, one GPU say, needs no Horovod).
+        installed = importlib.util.find_spec("horovod") is not None
+        return [f"Horovod: not importable with PyTorch ({exc}); data parallelism unavailable"], [
             Check(
-                "horovod.torch", False, str(exc), "run `make setup` (builds Horovod with PyTorch, MPI, Gloo)"
+                "horovod.torch",
+                False,
+                str(exc),
+                "run `make setup` (builds Horovod with PyTorch, MPI, Gloo)",
+                required=installed,
             )
         ]
 
@@ -95,6 +103,42 @@ def horovod_build() -> tuple[list[str], list[Check]]:
         Check("Horovod Gloo", flags["gloo"], "controller", rebuild, required=False),
     ]
     return lines, checks
+
+
+def engine_lines() -> list[str]:
+    """Which engine can carry which traffic on which device (`parallel.*_backend`)."""
+    import torch
+    import torch.distributed as dist
+
+    from hpcllm.training.plan import mpi_takes_cuda_buffers
+
+    try:
+        import horovod.torch as hvd
+
+        horovod_cpu, horovod_cuda = True, bool(hvd.nccl_built())
+    except ImportError:
+        horovod_cpu = horovod_cuda = False
+    gloo = dist.is_available() and dist.is_gloo_available()
+    nccl = dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available()
+    cuda_mpi = mpi_takes_cuda_buffers()
+    rows = [  # traffic, engine, on CPU, on CUDA, auto picks it on (cpu, cuda)
+        ("data parallel", "horovod", horovod_cpu, horovod_cuda, (True, True)),
+        ("tensor parallel", "mpi4py", True, cuda_mpi, (True, False)),
+        ("tensor parallel", "horovod", horovod_cpu, horovod_cuda, (False, False)),
+        ("tensor parallel", "torch", gloo, nccl, (False, True)),
+        ("pipeline", "mpi4py", True, cuda_mpi, (True, False)),
+        ("pipeline", "torch", gloo, nccl, (False, True)),
+    ]
+    lines = ["Engines ([X] usable on that device; * = what auto picks there):"]
+    for traffic, engine, cpu, cuda, auto in rows:
+        marks = [
+            f"[{_mark(ok)}]{'*' if picked else ' '} {device}"
+            for ok, picked, device in zip((cpu, cuda), auto, ("cpu", "cuda"), strict=True)
+        ]
+        lines.append(f"    {traffic:<16} {engine:<8} {'  '.join(marks)}")
+    if not horovod_cpu:
+        lines.append("    (no Horovod: one rank per model replica only, dp = 1; `make setup` builds it)")
+    return lines
 
 
 def torch_lines() -> tuple[list[str], list[Check]]:
@@ -182,6 +226,7 @@ def build_report(layout: Layout) -> Report:
     mpi, checks, comm = mpi_lines()
     report.lines += mpi
     report.checks += checks
+    report.lines += engine_lines()
     report.lines += slurm_lines()
     if comm is not None:
         report.lines += rank_table(comm, layout)

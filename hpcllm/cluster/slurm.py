@@ -150,6 +150,11 @@ class JobSpec:
             check_positive(flag, value)
         if self.gpus_per_node < 0:
             raise UsageError(f"--gpus-per-node must be 0 or more, not {self.gpus_per_node}")
+        if self.template in ("gpu", "gpu-mpirun") and self.gpus_per_node != self.ntasks_per_node:
+            raise UsageError(
+                f"--ntasks-per-node {self.ntasks_per_node} with --gpus-per-node {self.gpus_per_node}: hpcllm "
+                "runs one rank per GPU; make them equal"
+            )
         check_time(self.time)
         check_name("--job-name", self.job_name)
         for flag, value in (("--partition", self.partition), ("--account", self.account)):

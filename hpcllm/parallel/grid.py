@@ -2,7 +2,8 @@
 
 Like Megatron's `initialize_model_parallel`, every group is created eagerly, in one order, when the
 grid is built, and on every rank alike: the mpi4py sub-communicators (tp, dp, pp and the two-rank
-tied-embedding group of each pipeline) and, when Horovod is used, Horovod with all its process sets.
+tied-embedding group of each pipeline), when Horovod is used, Horovod with all its process sets, and
+when a `torch` backend is chosen, torch.distributed with a process group per TP and PP group.
 Nothing is created later, so no collective setup can happen inside a forward pass (where a pipeline's
 stages would wait on each other in different calls and deadlock).
 """
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hpcllm.parallel import horovod as horovod_start
+from hpcllm.parallel import torch_dist
 from hpcllm.parallel.layout import Coords, Layout
 
 __all__ = ["Coords", "Grid", "Layout"]
@@ -31,7 +33,10 @@ class Grid:
         horovod: bool = False,
         horovod_tp: bool = False,
         horovod_env: Mapping[str, str] | None = None,
+        torch_device: str | None = None,
+        timeout_s: float = 300.0,
     ):
+        """`torch_device`: start torch.distributed for this device type ("cuda": NCCL, "cpu": gloo)."""
         from mpi4py import MPI
 
         self.world = comm
@@ -54,6 +59,14 @@ class Grid:
         self._sets: dict[str, Any] = {}
         if horovod:
             self._start_horovod(horovod_tp, dict(horovod_env or {}))
+        # torch.distributed addresses point-to-point peers by world rank.
+        self.pp_world_ranks: list[int] = self.pp_comm.allgather(self.rank)
+        self.torch_groups: dict[str, Any] = {}
+        if torch_device is not None:
+            axes = {"tp": layout.all_tp_groups(), "pp": layout.all_pp_groups()}
+            if layout.pp > 1:  # the first and last stage of each pipeline (the tied embedding)
+                axes["embedding"] = [[group[0], group[-1]] for group in layout.all_pp_groups()]
+            self.torch_groups = torch_dist.start(comm, torch_device, axes, timeout_s)
 
     def _start_horovod(self, with_tp: bool, env: dict[str, str]) -> None:
         axes = {"dp": self.layout.all_dp_groups()}
@@ -111,6 +124,7 @@ class Grid:
         if self.hvd is not None:
             self.hvd.shutdown()
             self.hvd, self._sets = None, {}
+        self.torch_groups = {}  # torch.distributed itself stays up: it starts once per process
         for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.node_comm, self.embedding_comm):
             if sub is not None:
                 sub.Free()

@@ -70,6 +70,9 @@ class Layout:
     def all_tp_groups(self) -> list[list[int]]:
         return [[self.rank(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
 
+    def all_pp_groups(self) -> list[list[int]]:
+        return [[self.rank(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
     def tp_groups_across_nodes(self, node_of_rank: list[int]) -> list[list[int]]:
         """The TP groups whose ranks are not all on one node (`node_of_rank`: every rank's node)."""
         return [g for g in self.all_tp_groups() if len({node_of_rank[r] for r in g}) > 1]

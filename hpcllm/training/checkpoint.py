@@ -96,10 +96,26 @@ def _tensors_to_optimizer(
     params_by_name: dict[str, torch.nn.Parameter],
 ) -> None:
     for group, saved in zip(optimizer.param_groups, groups, strict=True):
-        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "params"})
+        kept = {"fused", "capturable", "foreach"}  # how this run's optimizer executes, not the saved one's
+        group.update(
+            {
+                k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in saved.items()
+                if k != "params" and k not in kept
+            }
+        )
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for name, param in params_by_name.items():
         prefix = f"optim.{name}."
-        state = {k[len(prefix) :]: v.to(param.device) for k, v in tensors.items() if k.startswith(prefix)}
+        group = group_of.get(id(param), {})
+        # Where PyTorch keeps it: the step counter stays on the CPU unless the fused or capturable
+        # kernels want it next to the parameter; everything else goes to the parameter's device.
+        step_on_device = bool(group.get("fused") or group.get("capturable"))
+        state = {
+            key[len(prefix) :]: value.to(param.device) if key != f"{prefix}step" or step_on_device else value
+            for key, value in tensors.items()
+            if key.startswith(prefix)
+        }
         if state:
             optimizer.state[param] = state
 

@@ -28,6 +28,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO = (0, 1, 2)
+TP_BACKENDS = ("auto", "mpi4py", "horovod", "torch")
+PP_BACKENDS = ("auto", "mpi4py", "torch")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class TrainConfig:
     peak_flops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start
     watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
     recompute: str = "none"  # none | selective (the attention core) | full (each block): in backward
+    tf32: bool = True  # on CUDA, fp32 matmuls and convolutions on TF32 tensor cores
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     schedule: str = "1f1b"
-    tp_backend: str = "auto"  # auto | mpi4py | horovod: auto = mpi4py on CPU, Horovod (NCCL) on CUDA
+    tp_backend: str = "auto"  # auto | mpi4py | horovod | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
+    pp_backend: str = "auto"  # auto | mpi4py | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
     zero: int = 0  # 1: shard the Adam state over the data-parallel group; 2: and reduce-scatter gradients
     bucket_mb: float = 25.0  # gradient bucket size: each bucket's reduction starts when it is complete
@@ -244,7 +248,8 @@ def validate(config: Config) -> None:
     for key, value, choices in (
         ("train.dtype", t.dtype, ("float32", "bfloat16")),
         ("train.recompute", t.recompute, RECOMPUTE),
-        ("parallel.tp_backend", config.parallel.tp_backend, ("auto", "mpi4py", "horovod")),
+        ("parallel.tp_backend", config.parallel.tp_backend, TP_BACKENDS),
+        ("parallel.pp_backend", config.parallel.pp_backend, PP_BACKENDS),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),
         ("parallel.zero", config.parallel.zero, ZERO),
     ):

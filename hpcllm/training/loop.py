@@ -24,6 +24,7 @@ from hpcllm.model.gpt import GPT, flops_per_token
 from hpcllm.model.partition import partition_tensor_parallel
 from hpcllm.observe.memory import tensor_bytes
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
+from hpcllm.parallel import torch_dist
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
@@ -84,6 +85,7 @@ def _build_model(
         plan.tp_backend,
         grid.hvd if plan.horovod_tp else None,
         grid.tp_process_set if plan.horovod_tp else None,
+        grid.torch_groups.get("tp"),
     )
     partition_tensor_parallel(model, tp_group, plan.config.parallel.sequence_parallel)
     model.set_recompute(plan.config.train.recompute)
@@ -125,7 +127,7 @@ def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> Pipel
     autocast = autocast_for(config.train.dtype, device)
     tied = model.wte.weight if model.wte is not None else None
     return PipelineStage(
-        model, grid, config.parallel.schedule, hidden_shape, autocast, device, tied_weight=tied
+        model, grid, config.parallel.schedule, hidden_shape, autocast, device, tied, plan.pp_backend
     )
 
 
@@ -210,6 +212,31 @@ def _trainer(
     return trainer, start_step
 
 
+def _log_engines(plan: Plan, device: torch.device) -> None:
+    """Which engine carries which traffic."""
+    layout = plan.layout
+
+    def engine(backend: str, size: int) -> str:
+        if size == 1:
+            return "-"
+        return f"torch ({torch_dist.backend_for(device.type)})" if backend == "torch" else backend
+
+    log.info(
+        "communication: data parallel %s, tensor parallel %s, pipeline %s",
+        "horovod" if layout.dp > 1 else "-",
+        engine(plan.tp_backend, layout.tp),
+        engine(plan.pp_backend, layout.pp),
+    )
+
+
+def _set_tf32(plan: Plan, device: torch.device) -> None:
+    """On CUDA, fp32 matmuls on TF32 tensor cores unless train.tf32 = false."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = plan.config.train.tf32
+        torch.backends.cudnn.allow_tf32 = plan.config.train.tf32
+        log.info("TF32 for fp32 matmuls: %s (train.tf32)", "on" if plan.config.train.tf32 else "off")
+
+
 def _warn_about_placement(plan: Plan, rt: runtime.Runtime) -> None:
     """TP groups belong inside a node: their allreduces run in every layer's forward and backward."""
     across = plan.layout.tp_groups_across_nodes(rt.node_of_rank)
@@ -239,12 +266,16 @@ def run_training(args: TrainArgs) -> Trainer:
         horovod=plan.uses_horovod,
         horovod_tp=plan.horovod_tp,
         horovod_env=plan.horovod_env,
+        torch_device=rt.device.type if plan.torch_groups else None,
+        timeout_s=plan.config.train.watchdog_s or 300.0,
     )
     data = ensure_data(plan, rt, grid.node_comm)
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
     log.info("%s", rt.describe())
+    _log_engines(plan, rt.device)
+    _set_tf32(plan, rt.device)
     _warn_about_placement(plan, rt)
     if rt.rank == 0:
         plan.config.dump(out / "config.yaml")

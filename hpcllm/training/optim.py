@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from hpcllm.cluster import watchdog
 from hpcllm.parallel.sharding import Sharding, model_sharding
-from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training.config import TrainConfig
 
 
@@ -38,7 +38,9 @@ def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict[str, Any
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, betas=BETAS, eps=EPS)
+    """torch's AdamW; on CUDA its fused kernel (one launch for all parameters, no host syncs)."""
+    fused = True if next(model.parameters()).device.type == "cuda" else None  # None: torch's default
+    return torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, betas=BETAS, eps=EPS, fused=fused)
 
 
 def gradient_pieces(model: nn.Module) -> list[tuple[Sharding, torch.Tensor]]:
@@ -49,37 +51,47 @@ def gradient_pieces(model: nn.Module) -> list[tuple[Sharding, torch.Tensor]]:
     ]
 
 
-def global_grad_norm(
-    pieces: list[tuple[Sharding, torch.Tensor]],
-    group: TensorCollectives,
-    pipeline_comm: Any = None,
-    dp_comm: Any = None,
-) -> float:
-    """The norm of the *full* model's gradient, from this rank's `pieces`: partitioned slices are
-    summed over the TP group, replicated parameters counted once (they are identical on every TP
-    rank), and with a pipeline the stages' sums are added (a pipeline copy of a tied weight left
-    out). `dp_comm`: the pieces are this rank's shares of the reduced gradients (zero = 2), summed
-    over the DP group too. Equal on every rank."""
-    squares = torch.zeros(2, dtype=torch.float64)  # partitioned, replicated
+def gradient_square_sums(pieces: list[tuple[Sharding, torch.Tensor]]) -> torch.Tensor:
+    """This rank's sums of squares of its gradient pieces, (partitioned, replicated), as a float64
+    tensor on their device: one fused norm per kind (`torch._foreach_norm`), no host read. A
+    pipeline copy of a tied weight is left out (the other stage counts it)."""
+    kinds: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for sharding, grad in pieces:
         if not sharding.pipeline_copy:
-            squares[0 if sharding.partitioned else 1] += grad.detach().double().pow(2).sum().cpu()
-    if dp_comm is not None:
-        from mpi4py import MPI
+            kinds[0 if sharding.partitioned else 1].append(grad.detach())
+    device = pieces[0][1].device if pieces else torch.device("cpu")
+    sums = [
+        torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        if grads
+        else torch.zeros((), dtype=torch.float64, device=device)
+        for grads in kinds
+    ]
+    return torch.stack(sums)
 
+
+def full_gradient_norm(
+    partitioned: float, replicated: float, tp_comm: Any, pipeline_comm: Any = None, dp_comm: Any = None
+) -> float:
+    """The norm of the *full* model's gradient from this rank's sums of squares: partitioned slices
+    summed over the TP group, replicated parameters counted once (they are identical on every TP
+    rank), the stages' sums added with a pipeline; `dp_comm`: the pieces were this rank's shares
+    of the reduced gradients (zero = 2), summed over the DP group first. Equal on every rank."""
+    squares = np.array([partitioned, replicated])
+    if dp_comm is not None:
         with watchdog.waiting("gradient-norm allreduce over data-parallel shares"):
-            dp_comm.Allreduce(MPI.IN_PLACE, squares.numpy(), op=MPI.SUM)
-    partitioned = group.allreduce_(squares[:1].clone())[0]
-    total_square = float(partitioned + squares[1])
+            squares = dp_comm.allreduce(squares)
+    total = float(squares[1])
+    with watchdog.waiting("gradient-norm allreduce over tensor-parallel ranks"):
+        total += float(tp_comm.allreduce(float(squares[0])))
     if pipeline_comm is not None:
         with watchdog.waiting("gradient-norm allreduce over stages"):
-            total_square = pipeline_comm.allreduce(total_square)
-    return total_square**0.5
+            total = pipeline_comm.allreduce(total)
+    return total**0.5
 
 
 def clip_gradients_(gradients: list[torch.Tensor], norm: float, max_norm: float) -> None:
-    """Scale every gradient so that a full-model gradient of norm `norm` has at most `max_norm`."""
+    """Scale every gradient so that a full-model gradient of norm `norm` has at most `max_norm`
+    (one fused multiply over all of them)."""
     scale = max_norm / (norm + 1e-6)
-    if scale < 1:
-        for grad in gradients:
-            grad.detach().mul_(scale)
+    if scale < 1 and gradients:
+        torch._foreach_mul_([grad.detach() for grad in gradients], scale)

@@ -9,6 +9,8 @@ frozen `Plan`; nothing changes it afterwards.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +32,8 @@ class Plan:
     layout: Layout
     micro_batches: int  # micro-batches per rank per step
     allreduce_every: int  # micro-batches between data-parallel gradient reductions
-    tp_backend: str  # mpi4py | horovod (auto resolved by device)
+    tp_backend: str  # mpi4py | horovod | torch (auto resolved by device)
+    pp_backend: str  # mpi4py | torch (auto resolved by device)
     horovod_env: dict[str, str]  # Horovod's knobs, set once when it starts
     default_data: bool  # data.path was empty: prepare the default corpus there on first use
 
@@ -38,6 +41,13 @@ class Plan:
     def horovod_tp(self) -> bool:
         """Tensor-parallel collectives go through Horovod (and need its TP process sets)."""
         return self.tp_backend == "horovod" and self.layout.tp > 1
+
+    @property
+    def torch_groups(self) -> bool:
+        """Some traffic goes through torch.distributed (and needs its process groups)."""
+        return (self.tp_backend == "torch" and self.layout.tp > 1) or (
+            self.pp_backend == "torch" and self.layout.pp > 1
+        )
 
     @property
     def uses_horovod(self) -> bool:
@@ -111,13 +121,32 @@ def _check_stages(config: Config, pp: int) -> None:
         parse_stage_layers(config.parallel.stage_layers, n_layer, pp)
 
 
-def _tp_backend(config: Config, device_type: str) -> str:
-    choice = config.parallel.tp_backend
+def _backend(key: str, choice: str, device_type: str) -> str:
+    """auto: torch.distributed (NCCL) on CUDA; on CPU mpi4py, measured fastest there
+    (docs/benchmarks.md). mpi4py on CUDA needs an MPI that takes device buffers."""
     if choice == "auto":
-        return "horovod" if device_type == "cuda" else "mpi4py"
-    if choice == "mpi4py" and device_type == "cuda":
-        raise UsageError("parallel.tp_backend=mpi4py passes host buffers; on CUDA use horovod (or auto)")
+        return "torch" if device_type == "cuda" else "mpi4py"
+    if choice == "mpi4py" and device_type == "cuda" and not mpi_takes_cuda_buffers():
+        raise UsageError(
+            f"{key}=mpi4py on CUDA needs a CUDA-aware MPI, and this one is not; use torch (NCCL) or auto"
+        )
     return choice
+
+
+def mpi_takes_cuda_buffers() -> bool:
+    """Whether the MPI under mpi4py is CUDA-aware: MPI 4.1's query where mpi4py has it, else
+    Open MPI's own answer (`ompi_info`, as Open MPI documents)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return False
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is not None:
+        return bool(query())
+    if "Open MPI" not in MPI.Get_library_version() or shutil.which("ompi_info") is None:
+        return False
+    info = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True)
+    return "mpi_built_with_cuda_support:value:true" in info.stdout
 
 
 def _check_zero(config: Config, dp: int) -> None:
@@ -181,7 +210,8 @@ def make_plan(
         layout=layout,
         micro_batches=micro,
         allreduce_every=every,
-        tp_backend=_tp_backend(config, device_type),
+        tp_backend=_backend("parallel.tp_backend", config.parallel.tp_backend, device_type),
+        pp_backend=_backend("parallel.pp_backend", config.parallel.pp_backend, device_type),
         horovod_env=horovod.environment(
             h.fusion_threshold_mb, h.cycle_time_ms, h.timeline, h.hierarchical_allreduce
         ),

@@ -24,7 +24,7 @@ from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import Prepared
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPT
-from hpcllm.observe.timing import PhaseTimer, device_sync
+from hpcllm.observe.timing import PhaseTimer
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
@@ -32,7 +32,13 @@ from hpcllm.parallel.sharding import Sharding, model_sharding
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
-from hpcllm.training.optim import clip_gradients_, global_grad_norm, gradient_pieces, learning_rate
+from hpcllm.training.optim import (
+    clip_gradients_,
+    full_gradient_norm,
+    gradient_pieces,
+    gradient_square_sums,
+    learning_rate,
+)
 from hpcllm.training.plan import Plan
 
 log = logging.getLogger("hpcllm.training")
@@ -90,7 +96,7 @@ class Trainer:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
         self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
-        self.timer = PhaseTimer(device_sync(self.rt.device))
+        self.timer = PhaseTimer(self.rt.device)
 
     def samples_before(self, step: int) -> int:
         """Samples the run consumed before `step` (the global batch may differ before a resume)."""
@@ -103,8 +109,15 @@ class Trainer:
         g = self.config.train.global_batch
         indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
         device = self.rt.device
+
+        def to_device(tokens: Any) -> torch.Tensor:
+            # To a GPU from pinned memory, asynchronously: the copy does not stall the host.
+            if device.type == "cuda":
+                return torch.from_numpy(tokens).pin_memory().to(device, non_blocking=True)
+            return torch.from_numpy(tokens)
+
         return [
-            (torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            (to_device(x), to_device(y))
             for x, y in micro_batches(
                 tokens, indices, self.config.model.block_size, self.config.train.micro_batch
             )
@@ -130,9 +143,10 @@ class Trainer:
 
         if self.pipeline is not None:
             with timer.phase("pipeline"):
-                loss = self.pipeline.train_step(batches, after_backward=reduce_early).loss
+                loss_sum = self.pipeline.train_step(batches, after_backward=reduce_early).loss
         else:
-            loss = 0.0
+            # Losses are added on the device and read once, with the gradient norm, per step.
+            loss_sum = torch.zeros((), device=self.rt.device)
             for index, (x, y) in enumerate(batches, start=1):
                 with timer.phase("forward"):
                     with self.autocast():
@@ -141,17 +155,22 @@ class Trainer:
                         self.fault, self.rt.rank, self.rt.node_index, step + 1
                     ):
                         micro_loss = micro_loss * float("nan")
-                    loss += micro_loss.item() / self.micro_per_step
+                    loss_sum += micro_loss.detach().float() / self.micro_per_step
                 with timer.phase("backward"):
                     (micro_loss / self.micro_per_step).backward()
                 reduce_early(index)
         with timer.phase("allreduce"):
             self.dp.synchronize(self._sum_late_gradients)
-            loss = self.dp.mean(loss)
         with timer.phase("optimizer"):
+            # The step's one host read: the loss and the gradient's sums of squares together.
+            squares = gradient_square_sums(self.gradients)
+            local_loss, partitioned, replicated = torch.cat([loss_sum.double().reshape(1), squares]).tolist()
             pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
+            if self.pipeline is not None:
+                local_loss = self.pipeline.loss_from_last(local_loss)
+            loss = self.dp.mean(local_loss)
             dp_shares = self.grid.dp_comm if self.config.parallel.zero == 2 else None
-            norm = global_grad_norm(self.gradients, self.tp_group, pipeline_comm, dp_shares)
+            norm = full_gradient_norm(partitioned, replicated, self.grid.tp_comm, pipeline_comm, dp_shares)
             # The norm is equal on every rank, so every rank skips the same steps.
             skipped = not math.isfinite(norm)
             if skipped:
@@ -201,16 +220,17 @@ class Trainer:
         if self.val_sampler is None:
             return None
         self.model.eval()
-        losses = []
+        total, count = torch.zeros((), device=self.rt.device), 0  # added on the device, read once
         for index in range(self.config.train.eval_steps):  # the same batches at every evaluation
             batches = self._batches(self.val_sampler, self.val_tokens, index * self.config.train.global_batch)
+            count += len(batches)
             if self.pipeline is not None:
-                losses += [self.pipeline.eval_step(batches)] * len(batches)
+                total += self.pipeline.eval_step(batches) * len(batches)
                 continue
             for x, y in batches:
                 with self.autocast():
-                    losses.append(self.model.loss(self.model(x), y).item())
-        return self.dp.mean(sum(losses) / len(losses))
+                    total += self.model.loss(self.model(x), y).float()
+        return self.dp.mean(total.item() / count)
 
     def save(self, step: int) -> Path:
         sampler = {

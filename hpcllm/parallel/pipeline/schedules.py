@@ -19,12 +19,15 @@ import torch
 
 from hpcllm.cluster import watchdog
 from hpcllm.parallel.grid import Grid
-from hpcllm.parallel.pipeline.p2p import PointToPoint, tag
+from hpcllm.parallel.mpi_buffers import mpi_buffer
+from hpcllm.parallel.pipeline import p2p
+from hpcllm.parallel.pipeline.p2p import tag
 
 
 @dataclass
 class StepStats:
-    loss: float
+    loss: torch.Tensor  # on the last stage the step's mean loss, on the device (0 elsewhere): read it
+    # with `loss_from_last`, once
     max_live_activations: int  # micro-batches whose activations this stage held at once
     idle_s: float  # time spent waiting for a neighbour
 
@@ -49,8 +52,10 @@ class PipelineStage:
         autocast: Callable[[], Any],
         device: torch.device,
         tied_weight: torch.nn.Parameter | None = None,
+        backend: str = "mpi4py",
     ):
-        """`tied_weight`: on the first and last stage, the weight both hold (the token embedding)."""
+        """`tied_weight`: on the first and last stage, the weight both hold (the token embedding);
+        `backend`: parallel.pp_backend, resolved (mpi4py | torch)."""
         self.model = model
         self.tied_weight = tied_weight
         self.grid = grid
@@ -60,7 +65,8 @@ class PipelineStage:
         self.hidden_shape = hidden_shape
         self.autocast = autocast
         self.device = device
-        self.link = PointToPoint(grid.pp_comm)
+        self.backend = backend
+        self.link = p2p.link(backend, grid.pp_comm, grid.pp_world_ranks)
 
     # one micro-batch each way
     def _forward(self, micro: int, batch: tuple[torch.Tensor, torch.Tensor], scale: float) -> Any:
@@ -76,10 +82,10 @@ class PipelineStage:
                 output = self.model.loss(output, y)
         if not self.last:
             self.link.send(output, self.stage + 1, tag(micro, False))
-        return inputs, output, (output.item() if self.last else 0.0), scale
+        return inputs, output, scale
 
     def _backward(self, micro: int, saved: Any) -> None:
-        inputs, output, _, scale = saved
+        inputs, output, scale = saved
         if self.last:
             (output * scale).backward()
         else:
@@ -99,12 +105,14 @@ class PipelineStage:
         scale = 1.0 / m
         self.link.waited_s = 0.0
         live: deque[tuple[int, Any]] = deque()
-        most_live, total, backwards = 0, 0.0, 0
+        most_live, backwards = 0, 0
+        total = torch.zeros((), device=self.device)  # the losses stay on the device: no host read
 
         def forward(micro: int) -> None:
-            nonlocal most_live, total
+            nonlocal most_live
             saved = self._forward(micro, batches[micro], scale)
-            total += saved[2]
+            if self.last:
+                total.add_(saved[1].detach().float())
             live.append((micro, saved))
             most_live = max(most_live, len(live))
 
@@ -131,31 +139,36 @@ class PipelineStage:
             while live:
                 backward()
         self.link.finish()
-        waited = self.link.waited_s  # before the loss broadcast, which is not part of the schedule
-        return StepStats(self._loss_from_last(total / m), most_live, waited)
+        return StepStats(total / m, most_live, self.link.waited_s)
 
     @torch.no_grad()
     def eval_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         total = 0.0
         for micro, batch in enumerate(batches):
-            total += self._forward(micro, batch, 1.0)[2]
+            _, output, _ = self._forward(micro, batch, 1.0)
+            total += output.item() if self.last else 0.0
         self.link.finish()
-        return self._loss_from_last(total / len(batches))
+        return self.loss_from_last(total / len(batches))
 
-    def _loss_from_last(self, value: float) -> float:
-        """The loss lives on the last stage; every stage of the pipeline gets it (rank 0 logs it)."""
-        return float(self.grid.pp_comm.bcast(value, root=self.pp - 1))
+    def loss_from_last(self, value: float) -> float:
+        """The loss lives on the last stage; every stage of the pipeline gets it (rank 0 logs it).
+        Collective over the pipeline; `value` is read on the last stage only."""
+        return float(self.grid.pp_comm.bcast(value if self.last else None, root=self.pp - 1))
 
     def sum_tied_gradients(self) -> None:
         """Sum the tied embedding's gradient over its first- and last-stage copies."""
         comm, weight = self.grid.embedding_comm, self.tied_weight
         if self.pp == 1 or comm is None or weight is None:
             return
-        from mpi4py import MPI
-
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        buffer = weight.grad.detach().cpu().contiguous()
+        grad = weight.grad.detach()  # contiguous: a view of the gradient buffer
         with watchdog.waiting("tied-embedding gradient allreduce"):
-            comm.Allreduce(MPI.IN_PLACE, buffer.numpy(), op=MPI.SUM)
-        weight.grad.copy_(buffer)
+            if self.backend == "torch":
+                import torch.distributed as dist
+
+                dist.all_reduce(grad, group=self.grid.torch_groups["embedding"])
+            else:
+                from mpi4py import MPI
+
+                comm.Allreduce(MPI.IN_PLACE, mpi_buffer(grad), op=MPI.SUM)
