@@ -1,0 +1,155 @@
+"""`hpcllm plan`: predict step time and memory of every layout of a model on a cluster, and rank them.
+
+    hpcllm plan --model gpt2-350m --cluster a100 --nodes 2
+    hpcllm plan --model n_layer=48,n_embd=8192,n_head=64,block_size=2048,vocab=51200 \\
+        --cluster h100 --nodes 64 --global-batch 1536 --layout tp=8,pp=2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from hpcllm.errors import UsageError
+
+DEFAULT_VOCAB = 50304  # GPT-2's 50257, padded to a multiple of 64 as Megatron and nanoGPT do
+
+
+def add_parser(commands: Any) -> None:
+    me = commands.add_parser(
+        "plan",
+        help="predict step time and memory of every layout and pick the best",
+        description="Predict, per rank, the step time (compute, TP traffic, pipeline bubble, DP reduction, "
+        "ZeRO's gather) and the memory (states by ZeRO level, activations by Korthikanti et al. 2022) of "
+        "every pp x dp x tp, micro-batch, ZeRO level, recomputation and sequence-parallel setting of a "
+        "model on a cluster; print those that fit, fastest first, with the breakdown. See docs/plan.md.",
+    )
+    me.add_argument(
+        "--model",
+        required=True,
+        help="a preset (tiny, small, gpt2-124m, ...) or n_layer=..,n_embd=..,n_head=..,block_size=..,vocab=",
+    )
+    me.add_argument("--cluster", default="a100", help="a shipped profile (a100, h100) or a YAML file (a100)")
+    me.add_argument("--nodes", type=int, default=1, help="nodes (1)")
+    me.add_argument("--gpus-per-node", type=int, help="GPUs per node (the profile's)")
+    me.add_argument("--global-batch", type=int, default=512, help="sequences per step (512)")
+    me.add_argument("--layout", help="evaluate one layout only, e.g. tp=8,pp=2[,micro_batch=1,zero=1,...]")
+    me.add_argument("--top", type=int, default=10, help="layouts to print (10)")
+    me.add_argument("--json", action="store_true", help="machine-readable rows")
+    me.set_defaults(func=run)
+
+
+def parse_model(text: str) -> Any:
+    from hpcllm.planner.step_model import ModelSpec
+    from hpcllm.training.config import PRESETS
+
+    if text in PRESETS:
+        return ModelSpec(vocab=DEFAULT_VOCAB, **PRESETS[text])
+    fields = _key_values("--model", text)
+    needed = ("n_layer", "n_embd", "n_head", "block_size", "vocab")
+    unknown = sorted(set(fields) - set(needed))
+    if unknown or set(fields) != set(needed):
+        what = f"unknown {unknown[0]!r}" if unknown else f"missing {sorted(set(needed) - set(fields))[0]!r}"
+        raise UsageError(
+            f"--model {text!r}: {what}; give a preset ({', '.join(PRESETS)}) or all of {','.join(needed)}"
+        )
+    spec = ModelSpec(**{key: int(value) for key, value in fields.items()})
+    if spec.n_embd % spec.n_head:
+        raise UsageError(f"--model: n_embd {spec.n_embd} is not divisible by n_head {spec.n_head}")
+    return spec
+
+
+def _key_values(flag: str, text: str) -> dict[str, str]:
+    pairs = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise UsageError(f"{flag} {text!r}: expected key=integer pairs separated by commas")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def parse_layout(text: str, gpus: int, global_batch: int) -> Any:
+    from hpcllm.planner.step_model import Layout
+
+    fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
+    for key, value in (item.partition("=")[::2] for item in text.split(",")):
+        key = key.strip()
+        if key in ("tp", "pp", "micro_batch", "zero"):
+            if not value.strip().isdigit():
+                raise UsageError(f"--layout: {key} must be an integer, not {value!r}")
+            fields[key] = int(value)
+        elif key == "recompute" and value in ("none", "selective", "full"):
+            fields[key] = value
+        elif key == "sequence_parallel" and value in ("true", "false"):
+            fields[key] = value == "true"
+        else:
+            raise UsageError(
+                f"--layout: unknown {key}={value}; "
+                "use tp, pp, micro_batch, zero, recompute, sequence_parallel"
+            )
+    tp, pp = fields.pop("tp"), fields.pop("pp")
+    if gpus % (tp * pp):
+        raise UsageError(f"--layout tp={tp}, pp={pp}: tp x pp = {tp * pp} does not divide the {gpus} GPUs")
+    dp = gpus // (tp * pp)
+    if global_batch % (dp * fields["micro_batch"]):
+        raise UsageError(
+            f"--layout: the global batch {global_batch} is not a multiple of dp {dp} x micro_batch "
+            f"{fields['micro_batch']}"
+        )
+    return Layout(tp=tp, pp=pp, dp=dp, **fields)
+
+
+def render(predictions: list[Any]) -> str:
+    lines = [
+        f"{'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'zero':>4} {'recompute':>9} {'sp':>3} "
+        f"{'GiB/rank':>9} {'step s':>8} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}   "
+        "compute / tp / bubble / dp / zero (s)"
+    ]
+    for p in predictions:
+        layout, b = p.layout, p.breakdown
+        lines.append(
+            f"{layout.tp:>3} {layout.pp:>3} {layout.dp:>4} {layout.micro_batch:>3} {layout.zero:>4} "
+            f"{layout.recompute:>9} {'yes' if layout.sequence_parallel else 'no':>3} "
+            f"{p.memory_gib_per_rank:>9.1f} {p.step_s:>8.3f} {p.tokens_per_s:>11,.0f} "
+            f"{p.tflops_per_gpu / 1e12:>8.1f} {p.mfu:>6.1%}   "
+            f"{b['compute_s']:.3f} / {b['tp_s']:.3f} / {b['bubble_s']:.3f} / {b['dp_exposed_s']:.3f} / "
+            f"{b['zero_gather_s']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hpcllm.planner import profiles, search
+    from hpcllm.planner.step_model import predict
+
+    cluster = profiles.load(args.cluster)
+    model = parse_model(args.model)
+    gpus_per_node = args.gpus_per_node or cluster.gpus_per_node
+    for flag, value in (
+        ("--nodes", args.nodes),
+        ("--gpus-per-node", gpus_per_node),
+        ("--global-batch", args.global_batch),
+        ("--top", args.top),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, not {value}")
+    if args.layout:
+        layout = parse_layout(args.layout, args.nodes * gpus_per_node, args.global_batch)
+        predictions = [predict(model, layout, cluster, args.global_batch)]
+    else:
+        predictions = search.ranked(model, cluster, args.nodes, gpus_per_node, args.global_batch)[: args.top]
+    if args.json:
+        print(json.dumps([p.row() for p in predictions], indent=1))
+        return 0
+    print(
+        f"{model.parameters / 1e9:.2f}B parameters on {args.nodes} x {gpus_per_node} GPUs ({cluster.name}), "
+        f"global batch {args.global_batch} x {model.block_size} tokens"
+    )
+    print(render(predictions))
+    if args.layout and not predictions[0].fits:
+        print(
+            f"does not fit: {predictions[0].memory_gib_per_rank:.1f} GiB per rank of {cluster.memory_gib:g}"
+        )
+    return 0
