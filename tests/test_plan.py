@@ -78,6 +78,20 @@ def test_plan_ranks_layouts_that_fit_and_prints_json_rows():
     assert one.returncode == 0 and "compute / tp / bubble" in one.stdout
 
 
+def test_plan_draws_the_breakdown_and_writes_the_batch_script_of_the_best(tmp_path):
+    plan = ["plan", "--model", "gpt2-350m", "--nodes", 2, "--top", 4, "--json"]
+    proc = run_hpcllm([*plan, "--plot", tmp_path / "plan.png", "--emit-slurm", tmp_path / "job"])
+    assert proc.returncode == 0, proc.stderr
+    best = json.loads(proc.stdout)[0]
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    script = (tmp_path / "job" / "hpcllm-plan.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-task=1" in script
+    assert f"--tp {best['tp']} --pp {best['pp']}" in script
+    assert f"train.micro_batch={best['micro_batch']}" in script and "model.n_layer=24" in script
+    again = run_hpcllm([*plan, "--emit-slurm", tmp_path / "job"])  # never overwritten
+    assert_usage_error(again, "hpcllm-plan.sbatch exists")
+
+
 def test_bad_plans_are_one_line(tmp_path):
     profile = tmp_path / "mine.yaml"
     profile.write_text((profiles.SHIPPED / "a100.yaml").read_text() + "nvlink_magic: 3\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from hpcllm.errors import UsageError
@@ -37,6 +38,14 @@ def add_parser(commands: Any) -> None:
     me.add_argument("--layout", help="evaluate one layout only, e.g. tp=8,pp=2[,micro_batch=1,zero=1,...]")
     me.add_argument("--top", type=int, default=10, help="layouts to print (10)")
     me.add_argument("--json", action="store_true", help="machine-readable rows")
+    me.add_argument(
+        "--plot", metavar="FILE", help="draw the step-time breakdown of the printed layouts (PNG)"
+    )
+    me.add_argument(
+        "--emit-slurm",
+        metavar="DIR",
+        help="write the batch script of the best layout to DIR/hpcllm-plan.sbatch (the gpu template)",
+    )
     me.set_defaults(func=run)
 
 
@@ -140,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         predictions = [predict(model, layout, cluster, args.global_batch)]
     else:
         predictions = search.ranked(model, cluster, args.nodes, gpus_per_node, args.global_batch)[: args.top]
+    if args.emit_slurm:
+        script = emit_slurm(Path(args.emit_slurm), model, predictions[0], args.nodes, gpus_per_node, args)
+    if args.plot:
+        plot(Path(args.plot), predictions)
     if args.json:
         print(json.dumps([p.row() for p in predictions], indent=1))
         return 0
@@ -148,8 +161,73 @@ def run(args: argparse.Namespace) -> int:
         f"global batch {args.global_batch} x {model.block_size} tokens"
     )
     print(render(predictions))
+    if args.emit_slurm:
+        print(f"batch script for the first layout: {script}  (sbatch it, or edit its site block first)")
     if args.layout and not predictions[0].fits:
         print(
             f"does not fit: {predictions[0].memory_gib_per_rank:.1f} GiB per rank of {cluster.memory_gib:g}"
         )
     return 0
+
+
+def train_arguments(model: Any, prediction: Any, global_batch: int) -> list[str]:
+    """`hpcllm train` flags that run `prediction`'s layout of `model` (the vocabulary comes from the data)."""
+    layout = prediction.layout
+    settings = [
+        f"model.n_layer={model.n_layer}",
+        f"model.n_embd={model.n_embd}",
+        f"model.n_head={model.n_head}",
+        f"model.block_size={model.block_size}",
+        f"train.global_batch={global_batch}",
+        f"train.micro_batch={layout.micro_batch}",
+        f"train.recompute={layout.recompute}",
+        f"parallel.zero={layout.zero}",
+        f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+        "train.dtype=bfloat16",
+    ]
+    return ["--tp", str(layout.tp), "--pp", str(layout.pp)] + [a for s in settings for a in ("--set", s)]
+
+
+def emit_slurm(
+    directory: Path, model: Any, prediction: Any, nodes: int, gpus_per_node: int, args: Any
+) -> Path:
+    """Render the gpu template for the layout; an existing script is never overwritten."""
+    from hpcllm.cluster.slurm import JobSpec, render
+
+    script = directory / "hpcllm-plan.sbatch"
+    if script.exists():
+        raise UsageError(f"--emit-slurm: {script} exists; choose another directory or remove it")
+    spec = JobSpec(
+        template="gpu",
+        nodes=nodes,
+        ntasks_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node,
+        job_name="hpcllm-plan",
+        train_args=train_arguments(model, prediction, args.global_batch),
+    )
+    text = render(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    return script
+
+
+def plot(path: Path, predictions: list[Any]) -> None:
+    """Stacked bars: where each layout's predicted step goes."""
+    from hpcllm.observe import plots
+
+    terms = [("compute_s", "compute"), ("tp_s", "tensor parallel"), ("pp_p2p_s", "pipeline p2p")]
+    terms += [("bubble_s", "bubble"), ("dp_exposed_s", "data parallel"), ("zero_gather_s", "ZeRO gather")]
+    fig, ax = plots.figure(width=8, height=1.2 + 0.35 * len(predictions))
+    labels = [
+        f"tp{p.layout.tp} pp{p.layout.pp} dp{p.layout.dp} mb{p.layout.micro_batch} z{p.layout.zero} "
+        f"{p.layout.recompute}{' sp' if p.layout.sequence_parallel else ''}"
+        for p in predictions
+    ]
+    left = [0.0] * len(predictions)
+    for key, name in terms:
+        widths = [p.breakdown[key] for p in predictions]
+        ax.barh(labels, widths, left=left, label=name)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel("predicted seconds per step")
+    plots.save(fig, path, legend_size=7)
