@@ -120,7 +120,7 @@ def engine_lines() -> list[str]:
         horovod_cpu = horovod_cuda = False
     gloo = dist.is_available() and dist.is_gloo_available()
     nccl = dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available()
-    cuda_mpi = mpi_takes_cuda_buffers()
+    cuda_mpi = torch.cuda.is_available() and mpi_takes_cuda_buffers()  # asks ompi_info: only where it matters
     rows = [  # traffic, engine, on CPU, on CUDA, auto picks it on (cpu, cuda)
         ("data parallel", "horovod", horovod_cpu, horovod_cuda, (True, True)),
         ("tensor parallel", "mpi4py", True, cuda_mpi, (True, False)),
