@@ -1,0 +1,158 @@
+"""Putting one rank's training together: its part of the model (only its pipeline stage, then its
+tensor-parallel slice), the gradient buckets, the optimizer (sharded with parallel.zero), the
+resumed state and the pipeline schedule, handed to the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from hpcllm.cluster import faults, runtime
+from hpcllm.data.tokens import Prepared
+from hpcllm.model.gpt import GPT
+from hpcllm.model.partition import partition_tensor_parallel
+from hpcllm.observe.memory import tensor_bytes
+from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.grid import Grid
+from hpcllm.parallel.pipeline.schedules import PipelineStage
+from hpcllm.parallel.tensor.collectives import TensorCollectives
+from hpcllm.training import checkpoint
+from hpcllm.training.optim import BETAS, EPS, make_optimizer, parameter_groups
+from hpcllm.training.plan import Plan
+from hpcllm.training.trainer import Trainer, autocast_for
+
+log = logging.getLogger("hpcllm.training")
+
+
+def build_model(
+    plan: Plan, vocab_size: int, rt: runtime.Runtime, grid: Grid
+) -> tuple[GPT, TensorCollectives, int]:
+    """This rank's part of the model: only its pipeline stage is built, initialised to the
+    single-process values from the seed, then partitioned for tensor parallelism; with the full
+    model's parameter count."""
+    torch.manual_seed(plan.config.train.seed)
+    shape = plan.model_shape(vocab_size)
+    stages = plan.stages(vocab_size)
+    layers = stages.layer_range(grid.pp_rank) if grid.layout.pp > 1 else None
+    model = GPT(shape, plan.config.train.seed, layers, grid.is_first_stage, grid.is_last_stage)
+    model = model.to(rt.device)
+    tp_group = TensorCollectives(
+        grid.tp_comm,
+        plan.tp_backend,
+        grid.hvd if plan.horovod_tp else None,
+        grid.tp_process_set if plan.horovod_tp else None,
+        grid.torch_groups.get("tp"),
+    )
+    partition_tensor_parallel(model, tp_group, plan.config.parallel.sequence_parallel)
+    model.set_recompute(plan.config.train.recompute)
+    if grid.layout.pp > 1:
+        if plan.micro_batches < grid.layout.pp:
+            log.warning(
+                "only %d micro-batches per step for %d pipeline stages: the stages idle %.0f%% of the time "
+                "(bubble (p-1)/(m+p-1)); raise train.global_batch or lower train.micro_batch",
+                plan.micro_batches,
+                grid.layout.pp,
+                100 * plan.bubble,
+            )
+        log.info(
+            "pipeline: %d stages with %s layers (%s schedule)",
+            grid.layout.pp,
+            stages.layers_per_stage,
+            plan.config.parallel.schedule,
+        )
+    return model, tp_group, shape.parameter_count
+
+
+def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> PipelineStage:
+    """This stage's schedule; the first and last stage share the tied embedding's weight."""
+    config = plan.config
+    sequence = config.model.block_size // (grid.layout.tp if config.parallel.sequence_parallel else 1)
+    hidden_shape = (config.train.micro_batch, sequence, config.model.n_embd)
+    autocast = autocast_for(config.train.dtype, device)
+    tied = model.wte.weight if model.wte is not None else None
+    return PipelineStage(
+        model, grid, config.parallel.schedule, hidden_shape, autocast, device, tied, plan.pp_backend
+    )
+
+
+def assemble_trainer(
+    plan: Plan,
+    rt: runtime.Runtime,
+    grid: Grid,
+    data: Prepared,
+    out: Path,
+    built: tuple[GPT, TensorCollectives, int],
+    fault: faults.Fault | None,
+    resume: bool,
+    resumed_at: tuple[int, int],
+) -> tuple[Trainer, int]:
+    """Gradient buckets, optimizer, resumed state and the pipeline schedule around the model;
+    returns the trainer and the step it starts from."""
+    config = plan.config
+    model, tp_group, full_parameters = built
+    rank_bytes = tensor_bytes(list(model.parameters()))
+    log.info(
+        "parameters: %.2fM in the full model (%.1f MB fp32), %.1f MB on this rank (tp = %d, pp = %d)",
+        full_parameters / 1e6,
+        full_parameters * 4 / 1e6,
+        rank_bytes / 1e6,
+        grid.layout.tp,
+        grid.layout.pp,
+    )
+    dp = DataParallel(grid)
+    # Summed over another group before their DP reduction: the tied embedding over the first and
+    # last stage, the sequence-parallel parameters over TP.
+    tied = [model.wte.weight] if grid.layout.pp > 1 and model.wte is not None else []
+    gradients = dp.bucket_gradients(
+        model,
+        tied + model.sequence_parallel_parameters(),
+        config.parallel.bucket_mb,
+        plan.allreduce_every,
+        config.parallel.zero,
+        config.horovod.fp16_compression,
+    )
+    log.info(
+        "gradients: %d buckets of up to %g MB, reduced %s from backward hooks",
+        len(gradients.buckets),
+        config.parallel.bucket_mb,
+        "by reduce-scatter" if config.parallel.zero == 2 else "by allreduce",
+    )
+    if config.parallel.zero:
+        groups = parameter_groups(model, config.train)
+        optimizer = dp.sharded_optimizer(groups, config.train.lr, BETAS, EPS)
+        log.info(
+            "distributed optimizer: Adam state sharded over dp = %d, %.1f MB on this rank instead of %.1f MB",
+            grid.layout.dp,
+            optimizer.state_bytes / 1e6,
+            2 * rank_bytes / 1e6,
+        )
+    else:
+        optimizer = make_optimizer(model, config.train)
+    start_step = resumed_at[0]
+    if resume:
+        ckpt = checkpoint.latest(out)
+        assert ckpt is not None  # checked when the run directory was opened
+        for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
+            log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
+        runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
+        log.info("resumed from %s at step %d (%d samples consumed)", ckpt, *resumed_at)
+    dp.broadcast_initial_state(model, optimizer)
+    pipeline = _pipeline(plan, grid, model, rt.device) if grid.layout.pp > 1 else None
+    trainer = Trainer(
+        plan,
+        rt,
+        grid,
+        data,
+        out,
+        model,
+        optimizer,
+        dp,
+        tp_group,
+        full_parameters,
+        pipeline,
+        fault=fault,
+        resumed_at=resumed_at,
+    )
+    return trainer, start_step
