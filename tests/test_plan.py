@@ -102,5 +102,7 @@ def test_bad_plans_are_one_line(tmp_path):
         (["--model", "gpt2-124m", "--cluster", profile], "unknown field 'nvlink_magic'"),
         (["--model", "gpt2-124m", "--cluster", "tpu"], "no such file or shipped profile"),
         (["--model", "n_layer=2"], "missing 'block_size'"),
+        (["--model", "gpt2-124m", "--layout", "tp=0"], "tp must be at least 1, not 0"),
+        (["--model", "n_layer=0,n_embd=0,n_head=0,block_size=1,vocab=1"], "n_layer must be at least 1"),
     ):
         assert_usage_error(run_hpcllm(["plan", *args]), needle)

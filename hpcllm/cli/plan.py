@@ -64,6 +64,9 @@ def parse_model(text: str) -> Any:
             f"--model {text!r}: {what}; give a preset ({', '.join(PRESETS)}) or all of {','.join(needed)}"
         )
     spec = ModelSpec(**{key: int(value) for key, value in fields.items()})
+    zero = next((key for key in needed if getattr(spec, key) < 1), None)
+    if zero:
+        raise UsageError(f"--model: {zero} must be at least 1")
     if spec.n_embd % spec.n_head:
         raise UsageError(f"--model: n_embd {spec.n_embd} is not divisible by n_head {spec.n_head}")
     return spec
@@ -98,6 +101,9 @@ def parse_layout(text: str, gpus: int, global_batch: int) -> Any:
                 f"--layout: unknown {key}={value}; "
                 "use tp, pp, micro_batch, zero, recompute, sequence_parallel"
             )
+    for key in ("tp", "pp", "micro_batch"):
+        if fields[key] < 1:
+            raise UsageError(f"--layout: {key} must be at least 1, not {fields[key]}")
     tp, pp = fields.pop("tp"), fields.pop("pp")
     if gpus % (tp * pp):
         raise UsageError(f"--layout tp={tp}, pp={pp}: tp x pp = {tp * pp} does not divide the {gpus} GPUs")
