@@ -7,6 +7,8 @@ Same model, data, global batch and micro-batching for every variant:
     b   a plain single-process PyTorch loop
     c   hpcllm, dp = 2 under mpirun           (Horovod allreduce)
     d   torch DistributedDataParallel (gloo), 2 ranks under mpirun
+    L   hpcllm in a given layout (--layout tp=..,pp=..,dp=..,...), tp * pp * dp ranks under mpirun
+        (what `hpcllm plan validate` measures)
 
 Throughput is taken per logging interval (10 steps) after the first, reported as median and
 min–max; MFU is against the machine's measured fp32 matmul peak (all cores). Each variant also
@@ -139,7 +141,9 @@ def _baseline(
     return result["tokens_per_s"][1:], result["phase_ms"][1:]
 
 
-def _variants(keys: list[str], sweeps: list[tuple[str, list[str]]]) -> list[Variant]:
+def _variants(
+    keys: list[str], sweeps: list[tuple[str, list[str]]], layouts: list[tuple[str, int, list[str]]]
+) -> list[Variant]:
     known = {
         "a": Variant("a", "hpcllm, world size 1", 1),
         "a1": Variant("a1", "hpcllm, world size 1, 1 thread", 1),
@@ -151,6 +155,7 @@ def _variants(keys: list[str], sweeps: list[tuple[str, list[str]]]) -> list[Vari
     for key, values in sweeps:
         for value in values:
             variants.append(Variant("c", f"hpcllm, dp=2, {key}={value}", 2, ["--set", f"{key}={value}"]))
+    variants += [Variant("L", name, ranks, flags) for name, ranks, flags in layouts]
     return variants
 
 
@@ -162,6 +167,7 @@ def run(
     keys: tuple[str, ...] = VARIANTS,
     sweeps: list[tuple[str, list[str]]] | None = None,
     timeline: Path | None = None,
+    layouts: list[tuple[str, int, list[str]]] | None = None,
 ) -> dict[str, Any]:
     """Run every variant `repeat` times, interleaved (a, a1, b, c, d, a, ...), so slow drifts of a
     shared machine fall on all variants alike; intervals of all repeats are pooled. A sweep adds
@@ -169,7 +175,7 @@ def run(
     Horovod's timeline (apart, so that tracing does not slow the measured runs)."""
     env = launch_env()
     one_thread = env | {"OMP_NUM_THREADS": "1"}
-    variants = _variants(list(keys), sweeps or [])
+    variants = _variants(list(keys), sweeps or [], layouts or [])
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-") as tmp:
         work = Path(tmp)
 
@@ -181,8 +187,8 @@ def run(
                 return _hpcllm(data, steps, extra, 1, one_thread, work)
             if variant.key == "b":
                 return _baseline("plain", data, steps, extra, 1, env)
-            if variant.key == "c":
-                return _hpcllm(data, steps, extra, 2, env, work)
+            if variant.key in ("c", "L"):
+                return _hpcllm(data, steps, extra, variant.ranks, env, work)
             return _baseline("ddp", data, steps, extra, 2, env)
 
         for _ in range(repeat):

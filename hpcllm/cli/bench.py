@@ -35,7 +35,15 @@ def add_parser(commands: Any) -> None:
     tr.add_argument("--repeat", type=int, default=1, help="interleaved repetitions of all variants (1)")
     tr.add_argument("--data", help="prepared data (default: the default corpus)")
     add_set_option(tr, "config override (repeat)")
-    tr.add_argument("--variants", default="a,a1,b,c,d", help="which of a,a1,b,c,d to run (all)")
+    tr.add_argument("--variants", help="which of a,a1,b,c,d to run (all; none when --layout is given)")
+    tr.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        metavar="tp=..,pp=..,dp=..[,micro_batch=..]",
+        help="add hpcllm in this layout, tp*pp*dp ranks under mpirun (repeat; also zero, recompute, "
+        "sequence_parallel)",
+    )
     tr.add_argument(
         "--sweep",
         action="append",
@@ -137,7 +145,7 @@ def _parse_sweep(text: str, sets: list[str]) -> tuple[str, list[str]]:
 
 def train(args: argparse.Namespace) -> int:
     from hpcllm.bench import train as bench_train
-    from hpcllm.training.plan import check_timeline, default_data_dir
+    from hpcllm.training.plan import check_timeline
 
     steps = 60 if args.steps is None else args.steps
     if steps < 30 or args.repeat < 1:
@@ -145,16 +153,43 @@ def train(args: argparse.Namespace) -> int:
             "bench train needs --steps >= 30 (throughput is read per 10 steps after warm-up), --repeat >= 1"
         )
 
-    keys = tuple(k for k in args.variants.split(",") if k)
+    variants = args.variants if args.variants is not None else ("" if args.layout else "a,a1,b,c,d")
+    keys = tuple(k for k in variants.split(",") if k)
     unknown = [k for k in keys if k not in bench_train.VARIANTS]
     if unknown:
         raise UsageError(
             f"--variants: unknown {','.join(unknown)}; choose among {','.join(bench_train.VARIANTS)}"
         )
     sweeps = [_parse_sweep(text, args.set) for text in args.sweep]
-    data = Path(args.data) if args.data else default_data_dir()
+    layouts = [layout_variant(text, args.set) for text in args.layout]
+    if not keys and not sweeps and not layouts:
+        raise UsageError("nothing to run: give --variants, --sweep or --layout")
+    data = prepared_data(args.data)
+    sets = [item for value in args.set for item in ("--set", value)]
+    timeline = Path(args.timeline) if args.timeline else None
+    if timeline is not None:
+        check_timeline(str(timeline))
+    result = bench_train.run(data, steps, sets, args.repeat, keys, sweeps, timeline, layouts)
+    print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
+    return 0
+
+
+def layout_variant(text: str, sets: list[str]) -> tuple[str, int, list[str]]:
+    """(name, ranks, `hpcllm train` flags) of `--layout` text, checked against the global batch now."""
+    from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
+    from hpcllm.training import config
+
+    layout = parse_layout(text, config.load(assignments=sets).train.global_batch)
+    return layout_text(layout), layout.gpus, layout_arguments(layout)
+
+
+def prepared_data(path: str | None) -> Path:
+    """The prepared data a benchmark trains on: `path`, or the default corpus (prepared once)."""
+    from hpcllm.training.plan import default_data_dir
+
+    data = Path(path) if path else default_data_dir()
     if not (data / "manifest.json").exists():
-        if args.data:
+        if path:
             raise UsageError(f"--data {data} holds no prepared data; run `hpcllm prepare --out {data}`")
         print(f"preparing the default corpus into {data} (once)", file=sys.stderr)
         from hpcllm.cluster import runtime
@@ -162,13 +197,7 @@ def train(args: argparse.Namespace) -> int:
 
         rt = runtime.init()
         prepare.prepare(prepare.PrepareOptions(sources=[], out=data, force=True), rt.comm)
-    sets = [item for value in args.set for item in ("--set", value)]
-    timeline = Path(args.timeline) if args.timeline else None
-    if timeline is not None:
-        check_timeline(str(timeline))
-    result = bench_train.run(data, steps, sets, args.repeat, keys, sweeps, timeline)
-    print(json.dumps(result, indent=2) if args.json else bench_train.render(result))
-    return 0
+    return data
 
 
 def startup(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
     hpcllm plan --model gpt2-350m --cluster a100 --nodes 2
     hpcllm plan --model n_layer=48,n_embd=8192,n_head=64,block_size=2048,vocab=51200 \\
         --cluster h100 --nodes 64 --global-batch 1536 --layout tp=8,pp=2 --json
+    hpcllm plan calibrate                  # measure this machine: the `local` profile
+    hpcllm plan validate --plot v.png      # predicted vs measured tokens/s of 12+ layouts here
 """
 
 from __future__ import annotations
@@ -27,14 +29,27 @@ def add_parser(commands: Any) -> None:
         "model on a cluster; print those that fit, fastest first, with the breakdown. See docs/plan.md.",
     )
     me.add_argument(
+        "action",
+        nargs="?",
+        choices=("calibrate", "validate"),
+        help="calibrate: measure this machine and write the `local` profile; validate: run layouts "
+        "here with `bench train` and compare them with the prediction",
+    )
+    me.add_argument(
         "--model",
-        required=True,
         help="a preset (tiny, small, gpt2-124m, ...) or n_layer=..,n_embd=..,n_head=..,block_size=..,vocab=",
     )
-    me.add_argument("--cluster", default="a100", help="a shipped profile (a100, h100) or a YAML file (a100)")
+    me.add_argument(
+        "--cluster",
+        help="a shipped profile (a100, h100), local (after `plan calibrate`) or a YAML file "
+        "(a100; validate: local)",
+    )
+    me.add_argument("--out", metavar="FILE", help="calibrate: where the profile goes (the user's local.yaml)")
+    me.add_argument("--steps", type=int, default=30, help="validate: training steps per layout (30)")
+    me.add_argument("--repeat", type=int, default=1, help="validate: interleaved repetitions (1)")
     me.add_argument("--nodes", type=int, default=1, help="nodes (1)")
     me.add_argument("--gpus-per-node", type=int, help="GPUs per node (the profile's)")
-    me.add_argument("--global-batch", type=int, default=512, help="sequences per step (512)")
+    me.add_argument("--global-batch", type=int, help="sequences per step (512; validate: 32)")
     me.add_argument("--layout", help="evaluate one layout only, e.g. tp=8,pp=2[,micro_batch=1,zero=1,...]")
     me.add_argument("--top", type=int, default=10, help="layouts to print (10)")
     me.add_argument("--json", action="store_true", help="machine-readable rows")
@@ -82,40 +97,6 @@ def _key_values(flag: str, text: str) -> dict[str, str]:
     return pairs
 
 
-def parse_layout(text: str, gpus: int, global_batch: int) -> Any:
-    from hpcllm.planner.step_model import Layout
-
-    fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
-    for key, value in (item.partition("=")[::2] for item in text.split(",")):
-        key = key.strip()
-        if key in ("tp", "pp", "micro_batch", "zero"):
-            if not value.strip().isdigit():
-                raise UsageError(f"--layout: {key} must be an integer, not {value!r}")
-            fields[key] = int(value)
-        elif key == "recompute" and value in ("none", "selective", "full"):
-            fields[key] = value
-        elif key == "sequence_parallel" and value in ("true", "false"):
-            fields[key] = value == "true"
-        else:
-            raise UsageError(
-                f"--layout: unknown {key}={value}; "
-                "use tp, pp, micro_batch, zero, recompute, sequence_parallel"
-            )
-    for key in ("tp", "pp", "micro_batch"):
-        if fields[key] < 1:
-            raise UsageError(f"--layout: {key} must be at least 1, not {fields[key]}")
-    tp, pp = fields.pop("tp"), fields.pop("pp")
-    if gpus % (tp * pp):
-        raise UsageError(f"--layout tp={tp}, pp={pp}: tp x pp = {tp * pp} does not divide the {gpus} GPUs")
-    dp = gpus // (tp * pp)
-    if global_batch % (dp * fields["micro_batch"]):
-        raise UsageError(
-            f"--layout: the global batch {global_batch} is not a multiple of dp {dp} x micro_batch "
-            f"{fields['micro_batch']}"
-        )
-    return Layout(tp=tp, pp=pp, dp=dp, **fields)
-
-
 def render(predictions: list[Any]) -> str:
     lines = [
         f"{'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'zero':>4} {'recompute':>9} {'sp':>3} "
@@ -136,10 +117,76 @@ def render(predictions: list[Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "calibrate":
+        return calibrate(args)
+    if args.action == "validate":
+        return validate(args)
+    if not args.model:
+        raise UsageError(
+            "--model is required: a preset or n_layer=..,n_embd=..,n_head=..,block_size=..,vocab=.."
+        )
+    return predict_layouts(args)
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from hpcllm.planner import calibrate as bench
+    from hpcllm.planner import profiles
+
+    out = Path(args.out) if args.out else profiles.user_dir() / f"{profiles.LOCAL}.yaml"
+    if out.exists() and not out.is_file():
+        raise UsageError(f"--out {out} is not a file")
+    values = bench.calibrate()
+    path = bench.write(values, out)
+    print(
+        f"wrote {path}: {values['peak_flops'] / 1e9:,.0f} GFLOP/s matmul peak, GPT block at "
+        f"{values['gemm_efficiency']:.0%} of it (half at hidden {values['gemm_half_size']:.0f}, "
+        f"{values['layer_overhead_us']:.0f} µs fixed per block), {values['memory_gbps']:.1f} GB/s memory, "
+        f"allreduce {values['intra_node_gbps']:.2f} GB/s + {values['intra_node_latency_us']:.1f} µs per step"
+    )
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Run layouts here with `bench train` and set them against the prediction."""
+    from hpcllm.cli.bench import prepared_data
+    from hpcllm.data.tokens import open_prepared
+    from hpcllm.planner import profiles
+    from hpcllm.planner import validate as check
+    from hpcllm.planner.step_model import ModelSpec
+    from hpcllm.training.config import PRESETS
+
+    preset = args.model or "tiny"
+    if preset not in PRESETS:
+        raise UsageError(f"plan validate --model takes a preset ({', '.join(PRESETS)}), not {preset!r}")
+    if args.steps < 30 or args.repeat < 1:
+        raise UsageError(
+            "plan validate needs --steps >= 30 (tokens/s is read per 10 steps) and --repeat >= 1"
+        )
+    cluster = profiles.load(args.cluster or profiles.LOCAL)
+    texts = [t for t in args.layout.split(";") if t.strip()] if args.layout else list(check.LAYOUTS)
+    sets = ["--set", f"model.preset={preset}"]
+    global_batch = args.global_batch or 32
+    sets += ["--set", f"train.global_batch={global_batch}"]
+    from hpcllm.planner.search import parse_layout
+
+    for text in texts:  # every layout is checked before the first minute of measuring
+        parse_layout(text, global_batch)
+    data = prepared_data(None)
+    vocab = open_prepared(data, verify=False).vocab_size
+    model = ModelSpec(vocab=vocab, **PRESETS[preset])
+    result = check.run(data, model, cluster, texts, args.steps, args.repeat, sets)
+    if args.plot:
+        check.plot(result, Path(args.plot))
+    print(json.dumps(result, indent=1) if args.json else check.render(result))
+    return 0
+
+
+def predict_layouts(args: argparse.Namespace) -> int:
     from hpcllm.planner import profiles, search
     from hpcllm.planner.step_model import predict
 
-    cluster = profiles.load(args.cluster)
+    args.global_batch = args.global_batch or 512
+    cluster = profiles.load(args.cluster or "a100")
     model = parse_model(args.model)
     gpus_per_node = args.gpus_per_node or cluster.gpus_per_node
     for flag, value in (
@@ -151,8 +198,8 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
     if args.layout:
-        layout = parse_layout(args.layout, args.nodes * gpus_per_node, args.global_batch)
-        predictions = [predict(model, layout, cluster, args.global_batch)]
+        layout = search.parse_layout(args.layout, args.global_batch, args.nodes * gpus_per_node)
+        predictions = [predict(model, layout, cluster, args.global_batch, gpus_per_node)]
     else:
         predictions = search.ranked(model, cluster, args.nodes, gpus_per_node, args.global_batch)[: args.top]
     if args.emit_slurm:
@@ -178,20 +225,17 @@ def run(args: argparse.Namespace) -> int:
 
 def train_arguments(model: Any, prediction: Any, global_batch: int) -> list[str]:
     """`hpcllm train` flags that run `prediction`'s layout of `model` (the vocabulary comes from the data)."""
-    layout = prediction.layout
+    from hpcllm.planner.search import layout_arguments
+
     settings = [
         f"model.n_layer={model.n_layer}",
         f"model.n_embd={model.n_embd}",
         f"model.n_head={model.n_head}",
         f"model.block_size={model.block_size}",
         f"train.global_batch={global_batch}",
-        f"train.micro_batch={layout.micro_batch}",
-        f"train.recompute={layout.recompute}",
-        f"parallel.zero={layout.zero}",
-        f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
         "train.dtype=bfloat16",
     ]
-    return ["--tp", str(layout.tp), "--pp", str(layout.pp)] + [a for s in settings for a in ("--set", s)]
+    return layout_arguments(prediction.layout) + [a for s in settings for a in ("--set", s)]
 
 
 def emit_slurm(

@@ -35,6 +35,19 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def fp32_layer_activation_bytes(
+    s: int, b: int, h: int, a: int, tp: int, recompute: str, sequence_parallel: bool
+) -> float:
+    """One layer's share of `predicted_activation_bytes` (its docstring gives the terms)."""
+    sbh, split = s * b * h, tp if sequence_parallel else 1
+    if recompute == "full":
+        return 4 * sbh / split
+    per_layer = 16 * sbh / split + 48 * sbh / tp + 16 * s * b / split
+    if recompute == "none":
+        per_layer += 4 * a * s * b / tp
+    return per_layer
+
+
 def predicted_activation_bytes(
     shape: Any, micro_batch: int, recompute: str, tp: int = 1, sequence_parallel: bool = False
 ) -> int | None:
@@ -58,13 +71,7 @@ def predicted_activation_bytes(
     if shape.dropout:
         return None
     s, b, h, a, v = shape.block_size, micro_batch, shape.n_embd, shape.n_head, shape.vocab_size
-    sbh, t = s * b * h, tp
-    split = t if sequence_parallel else 1  # the regions outside the TP layers
-    if recompute == "full":
-        per_layer = 4 * sbh / split
-    else:
-        per_layer = 16 * sbh / split + 48 * sbh / t + 16 * s * b / split
-        if recompute == "none":
-            per_layer += 4 * a * s * b / t
-    outside = 4 * s * b * v / t + 8 * sbh / split + 24 * s * b
+    per_layer = fp32_layer_activation_bytes(s, b, h, a, tp, recompute, sequence_parallel)
+    split = tp if sequence_parallel else 1  # the regions outside the TP layers
+    outside = 4 * s * b * v / tp + 8 * s * b * h / split + 24 * s * b
     return int(shape.n_layer * per_layer + outside)

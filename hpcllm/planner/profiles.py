@@ -1,12 +1,15 @@
 """Cluster profiles: what the step model needs to know about a machine, as YAML files.
 
 Shipped: `a100` (DGX A100 80GB, as in NVIDIA's Selene runs) and `h100` (H100 SXM nodes), each figure
-with its source in a comment. `--cluster FILE` takes a user's own file with the same fields.
+with its source in a comment. `local` is this machine, written by `hpcllm plan calibrate` into the
+user's profile directory (`$XDG_CONFIG_HOME/hpcllm/profiles`, else ~/.config/hpcllm/profiles), which
+is also searched for any other name. `--cluster FILE` takes a user's own file with the same fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,12 @@ import yaml
 from hpcllm.errors import UsageError
 
 SHIPPED = Path(__file__).parent / "profiles"
+LOCAL = "local"
+
+
+def user_dir() -> Path:
+    """Where calibrated profiles go: per user and machine-independent of the checkout."""
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "hpcllm" / "profiles"
 
 
 @dataclass(frozen=True)
@@ -31,10 +40,18 @@ class ClusterProfile:
     inter_node_latency_us: float
     collective_efficiency: float  # achieved / link bandwidth for large collectives
     dp_overlap: float  # share of the data-parallel reduction hidden behind backward
+    # Optional; the defaults describe GPUs, whose profiles need not name them.
+    cores_per_node: int = 0  # 0: a rank owns its GPU; n: the node's ranks share n CPU cores
+    layer_overhead_us: float = 0.0  # fixed time per layer and micro-batch, forward + backward (op dispatch)
+    head_efficiency: float = 1.0  # the vocabulary projection and loss, as a share of the layers' rate
+    micro_batch_overhead_us: float = 0.0  # fixed time per micro-batch outside the layers (embedding, loss)
+    thread_efficiency: float = 1.0  # CPU: one rank's rate on all cores / the cores' rate as one rank each
+    memory_gbps: float = 0.0  # device memory bandwidth for the optimizer step (0: not modelled)
+    activation_bytes: int = 2  # bytes per activation element: 2 (bf16 on GPUs), 4 (fp32 on CPU)
 
     def sustained_flops(self, hidden: int) -> float:
         """FLOP/s a transformer layer's kernels sustain at this hidden size (larger GEMMs get closer
-        to the peak)."""
+        to the peak): one GPU's, or a CPU node's with one single-threaded rank per core."""
         return self.peak_flops * self.gemm_efficiency * hidden / (hidden + self.gemm_half_size)
 
 
@@ -42,16 +59,28 @@ def shipped() -> list[str]:
     return sorted(path.stem for path in SHIPPED.glob("*.yaml"))
 
 
-def load(name_or_file: str) -> ClusterProfile:
-    """A shipped profile by name, or a YAML file; an unknown or missing field is one UsageError."""
+def _find(name_or_file: str) -> Path:
     path = Path(name_or_file)
-    if not path.is_file():
-        path = SHIPPED / f"{name_or_file}.yaml"
-        if not path.is_file():
-            raise UsageError(
-                f"--cluster {name_or_file}: no such file or shipped profile; choose {', '.join(shipped())} "
-                "or give a YAML file"
-            )
+    if path.is_file():
+        return path
+    for directory in (user_dir(), SHIPPED):
+        if (directory / f"{name_or_file}.yaml").is_file():
+            return directory / f"{name_or_file}.yaml"
+    if name_or_file == LOCAL:
+        raise UsageError(
+            f"--cluster local: this machine is not calibrated yet; run `hpcllm plan calibrate` "
+            f"(it writes {user_dir() / 'local.yaml'})"
+        )
+    raise UsageError(
+        f"--cluster {name_or_file}: no such file or profile; choose {', '.join(shipped())}, local "
+        "(after `hpcllm plan calibrate`) or give a YAML file"
+    )
+
+
+def load(name_or_file: str) -> ClusterProfile:
+    """A profile by name (the user's calibrated ones, then the shipped ones) or a YAML file; an
+    unknown or missing field is one UsageError."""
+    path = _find(name_or_file)
     try:
         data: Any = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -64,12 +93,12 @@ def load(name_or_file: str) -> ClusterProfile:
         raise UsageError(
             f"cluster profile {path}: unknown field {unknown[0]!r}; fields are {', '.join(names)}"
         )
-    missing = [name for name in names if name not in data]
+    missing = [f.name for f in fields(ClusterProfile) if f.default is MISSING and f.name not in data]
     if missing:
         raise UsageError(f"cluster profile {path}: missing field {missing[0]!r}")
+    kinds = {f.name: {"str": str, "int": int}.get(str(f.type), float) for f in fields(ClusterProfile)}
     try:
-        values = {f.name: (str if f.name == "name" else float)(data[f.name]) for f in fields(ClusterProfile)}
+        values = {name: kinds[name](value) for name, value in data.items()}
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cluster profile {path}: {exc}") from exc
-    values["gpus_per_node"] = int(values["gpus_per_node"])
     return ClusterProfile(**values)

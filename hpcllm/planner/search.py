@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from itertools import product
+from typing import Any
 
 from hpcllm.errors import UsageError
 from hpcllm.planner.profiles import ClusterProfile
@@ -39,7 +40,7 @@ def ranked(
     UsageError that says how far the smallest one is."""
     gpus = nodes * gpus_per_node
     predictions = [
-        predict(model, layout, cluster, global_batch)
+        predict(model, layout, cluster, global_batch, gpus_per_node)
         for layout in candidates(model, gpus, gpus_per_node, global_batch)
     ]
     if not predictions:
@@ -57,3 +58,69 @@ def ranked(
         )
     # Fastest first; among equals (the micro-batch often changes nothing but memory) the smallest.
     return sorted(fitting, key=lambda p: (-round(p.tokens_per_s, 6), p.memory_gib_per_rank))
+
+
+LAYOUT_KEYS = ("tp", "pp", "dp", "micro_batch", "zero", "recompute", "sequence_parallel")
+
+
+def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Layout:
+    """`tp=8,pp=2[,dp=..,micro_batch=..,zero=..,recompute=..,sequence_parallel=..]`: dp is what
+    is left of `gpus`, or given (then `gpus` is tp * pp * dp). Bad text is one UsageError."""
+    fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
+    for key, value in (item.partition("=")[::2] for item in text.split(",")):
+        key, value = key.strip(), value.strip()
+        if key in ("tp", "pp", "dp", "micro_batch", "zero"):
+            if not value.isdigit():
+                raise UsageError(f"--layout: {key} must be an integer, not {value!r}")
+            fields[key] = int(value)
+        elif key == "recompute" and value in RECOMPUTE:
+            fields[key] = value
+        elif key == "sequence_parallel" and value in ("true", "false"):
+            fields[key] = value == "true"
+        else:
+            raise UsageError(f"--layout: unknown {key}={value}; use {', '.join(LAYOUT_KEYS)}")
+    for key in ("tp", "pp", "dp", "micro_batch"):
+        if fields.get(key, 1) < 1:
+            raise UsageError(f"--layout: {key} must be at least 1, not {fields[key]}")
+    tp, pp = fields.pop("tp"), fields.pop("pp")
+    if "dp" in fields:
+        dp = fields.pop("dp")
+        if gpus is not None and tp * pp * dp != gpus:
+            raise UsageError(f"--layout: tp x pp x dp = {tp * pp * dp}, but there are {gpus} GPUs")
+    else:
+        if gpus is None:
+            raise UsageError("--layout: give dp as well (tp=..,pp=..,dp=..)")
+        if gpus % (tp * pp):
+            raise UsageError(
+                f"--layout tp={tp}, pp={pp}: tp x pp = {tp * pp} does not divide the {gpus} GPUs"
+            )
+        dp = gpus // (tp * pp)
+    if global_batch % (dp * fields["micro_batch"]):
+        raise UsageError(
+            f"--layout: the global batch {global_batch} is not a multiple of dp {dp} x micro_batch "
+            f"{fields['micro_batch']}"
+        )
+    return Layout(tp=tp, pp=pp, dp=dp, **fields)
+
+
+def layout_text(layout: Layout) -> str:
+    """The short name of a layout, as `parse_layout` reads it (defaults left out)."""
+    parts = [f"tp={layout.tp}", f"pp={layout.pp}", f"dp={layout.dp}", f"micro_batch={layout.micro_batch}"]
+    if layout.zero:
+        parts.append(f"zero={layout.zero}")
+    if layout.recompute != "none":
+        parts.append(f"recompute={layout.recompute}")
+    if layout.sequence_parallel:
+        parts.append("sequence_parallel=true")
+    return ",".join(parts)
+
+
+def layout_arguments(layout: Layout) -> list[str]:
+    """`hpcllm train` flags that run `layout` (dp is what the world leaves)."""
+    settings = [
+        f"train.micro_batch={layout.micro_batch}",
+        f"train.recompute={layout.recompute}",
+        f"parallel.zero={layout.zero}",
+        f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+    ]
+    return ["--tp", str(layout.tp), "--pp", str(layout.pp)] + [a for s in settings for a in ("--set", s)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from hpcllm.observe.memory import fp32_layer_activation_bytes
 from hpcllm.planner.profiles import ClusterProfile
 
 GIB = 1024**3
@@ -106,9 +107,13 @@ def iteration_flops(model: ModelSpec, global_batch: int, recompute: bool) -> flo
     return coefficient * b * s * layers * h * h * (1 + s / (6 * h)) + 6 * b * s * h * v
 
 
-def activation_bytes_per_layer(model: ModelSpec, layout: Layout) -> float:
-    """Korthikanti et al. 2022 (Table 2), 16-bit activations, per layer and micro-batch."""
+def activation_bytes_per_layer(model: ModelSpec, layout: Layout, element_bytes: int = 2) -> float:
+    """Bytes one layer keeps for backward per micro-batch and rank: Korthikanti et al. 2022 (Table 2)
+    for 16-bit activations; for fp32 (CPU training) the same method applied to hpcllm's layer
+    (observe.memory, which `hpcllm bench memory` measures against)."""
     s, b, h, a, t = model.block_size, layout.micro_batch, model.n_embd, model.n_head, layout.tp
+    if element_bytes == 4:
+        return fp32_layer_activation_bytes(s, b, h, a, t, layout.recompute, layout.sequence_parallel)
     sbh = s * b * h
     if layout.recompute == "full":
         return 2 * sbh / (t if layout.sequence_parallel else 1)
@@ -118,60 +123,99 @@ def activation_bytes_per_layer(model: ModelSpec, layout: Layout) -> float:
     return sbh * (10 + 24 / t + attention_core)
 
 
-def predict(model: ModelSpec, layout: Layout, cluster: ClusterProfile, global_batch: int) -> Prediction:
+def _cpu_share(cluster: ClusterProfile, ranks_per_node: int) -> tuple[float, float]:
+    """(share of the node's rate a rank computes at, slowdown from time-sharing) on a CPU node.
+
+    Each rank runs cores // ranks threads (one at least); a rank with several threads gets less
+    than that many cores' worth (`thread_efficiency`). With more ranks than cores they take turns,
+    and a rank waiting in MPI spins on its turn rather than handing it over, so every rank runs at
+    cores / ranks of its speed all step long, its pipeline bubble included. GPUs: (1, 1).
+    """
+    if not cluster.cores_per_node:
+        return 1.0, 1.0
+    cores = cluster.cores_per_node
+    threads = max(1, cores // ranks_per_node)
+    share = threads / cores * (cluster.thread_efficiency if threads > 1 else 1.0)
+    return share, max(1.0, ranks_per_node * threads / cores)
+
+
+def _link(cluster: ClusterProfile, inside_node: bool) -> tuple[float, float]:
+    """GB/s and latency of the links a group uses: NVLink (or shared memory) inside a node."""
+    if inside_node:
+        return cluster.intra_node_gbps, cluster.intra_node_latency_us
+    return cluster.inter_node_gbps, cluster.inter_node_latency_us
+
+
+def predict(
+    model: ModelSpec,
+    layout: Layout,
+    cluster: ClusterProfile,
+    global_batch: int,
+    ranks_per_node: int | None = None,
+) -> Prediction:
+    """The step time and memory per rank of `layout`; `ranks_per_node` defaults to the profile's
+    GPUs per node (on a CPU node: how many ranks share its cores)."""
     t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
     s, h, v, layers = model.block_size, model.n_embd, model.vocab, model.n_layer
+    ranks_per_node = min(ranks_per_node or cluster.gpus_per_node, layout.gpus)
     m = global_batch // (d * b)  # micro-batches per pipeline per step
     layers_per_stage = layers / p
-    rate = cluster.sustained_flops(h)
+    share, slowdown = _cpu_share(cluster, ranks_per_node)
+    rate = cluster.sustained_flops(h) * share
 
     # ---- compute: one micro-batch on one rank, forward + backward (+ recomputation) ----------
     layer = layer_forward_flops(model, b)
     recomputed = {"full": layer, "selective": 4 * b * s * s * h, "none": 0.0}[layout.recompute]
-    per_micro = (layers_per_stage * (3 * layer + recomputed) + 3 * 2 * b * s * h * v / p) / t
-    compute = m * per_micro / rate
+    layer_flops = layers_per_stage * (3 * layer + recomputed) / t
+    head_flops = 3 * 2 * b * s * h * v / (p * t)  # the vocabulary projection, over the stages' average
+    compute_micro = layer_flops / rate + head_flops / (rate * cluster.head_efficiency)
+    compute_micro += (
+        layers_per_stage * cluster.layer_overhead_us + cluster.micro_batch_overhead_us / p
+    ) * 1e-6
 
     # ---- tensor parallelism: inside a node when it fits -----------------------------------
-    tp_gbps, tp_latency = (
-        (cluster.intra_node_gbps, cluster.intra_node_latency_us)
-        if t <= cluster.gpus_per_node
-        else (cluster.inter_node_gbps, cluster.inter_node_latency_us)
-    )
+    tp_gbps, tp_latency = _link(cluster, t <= ranks_per_node)
     collectives = 4 + (2 if layout.recompute == "full" else 0)
-    one = _ring_seconds(b * s * h * BF16, t, tp_gbps, tp_latency, cluster.collective_efficiency)
-    tp = m * layers_per_stage * collectives * one
+    one = _ring_seconds(
+        b * s * h * cluster.activation_bytes, t, tp_gbps, tp_latency, cluster.collective_efficiency
+    )
+    tp_micro = layers_per_stage * collectives * one
 
     # ---- pipeline: activations between stages, and the bubble ------------------------------
-    p2p = 0.0
+    p2p_micro = 0.0
     if p > 1:
-        p2p = 2 * m * (b * s * h * BF16 / t) / (cluster.inter_node_gbps * 1e9 * cluster.collective_efficiency)
+        p2p_gbps, p2p_latency = _link(cluster, t * p <= ranks_per_node)
+        nbytes = b * s * h * cluster.activation_bytes / t
+        p2p_micro = 2 * (nbytes / (p2p_gbps * 1e9 * cluster.collective_efficiency) + p2p_latency * 1e-6)
+    compute, tp, p2p = (m * slowdown * x for x in (compute_micro, tp_micro, p2p_micro))
     busy = compute + tp + p2p
-    bubble = busy * (p - 1) / m if p > 1 else 0.0
+    bubble = busy * (p - 1) / m  # (p - 1)/(m + p - 1) of the step
 
-    # ---- data parallelism (and ZeRO's gather) ----------------------------------------------
+    # ---- data parallelism (and ZeRO's gather), then the optimizer -------------------------
     rank_parameters = model.parameters / (t * p)
-    ranks_per_node = cluster.gpus_per_node
-    dp_inside_node = t * p * d <= ranks_per_node
-    dp_gbps, dp_latency = (
-        (cluster.intra_node_gbps, cluster.intra_node_latency_us)
-        if dp_inside_node
-        else (cluster.inter_node_gbps, cluster.inter_node_latency_us)
-    )
+    dp_gbps, dp_latency = _link(cluster, t * p * d <= ranks_per_node)
     gradient_bytes = rank_parameters * 4  # fp32 gradients
     reduction = _ring_seconds(gradient_bytes, d, dp_gbps, dp_latency, cluster.collective_efficiency)
     if layout.zero == 2:
         reduction /= 2  # a reduce-scatter is half an allreduce
     dp = reduction * (1 - cluster.dp_overlap)
     zero = reduction / 2 if layout.zero else 0.0  # the all-gather of the updated parameters
+    # AdamW reads weight, gradient and two moments and writes three of them: 28 bytes per parameter
+    # it updates, through memory bandwidth the node's ranks share on a CPU.
+    optimizer = 0.0
+    if cluster.memory_gbps:
+        updated = rank_parameters / (d if layout.zero else 1)
+        optimizer = updated * 28 * slowdown / (cluster.memory_gbps * 1e9)
 
-    step = busy + bubble + dp + zero
+    step = busy + bubble + dp + zero + optimizer
     tokens = global_batch * s
 
     # ---- memory per rank ---------------------------------------------------------------------
     states_per_parameter = {0: 16.0, 1: 8 + 8 / d, 2: 8 + 12 / d}[layout.zero]
     states = rank_parameters * states_per_parameter
     in_flight = min(p, m) if layout.schedule == "1f1b" else m
-    activations = activation_bytes_per_layer(model, layout) * layers_per_stage * in_flight
+    activations = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
+    activations *= layers_per_stage * in_flight
     logits = 4 * b * s * v / t  # fp32 logits and their softmax on the last stage
     total = states + activations + logits
     fits = total <= cluster.memory_gib * GIB * MEMORY_HEADROOM
@@ -194,6 +238,7 @@ def predict(model: ModelSpec, layout: Layout, cluster: ClusterProfile, global_ba
             "bubble_s": bubble,
             "dp_exposed_s": dp,
             "zero_gather_s": zero,
+            "optimizer_s": optimizer,
             "states_gib": states / GIB,
             "activations_gib": activations / GIB,
             "logits_gib": logits / GIB,

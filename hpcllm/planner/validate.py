@@ -1,0 +1,162 @@
+"""`hpcllm plan validate`: the step model against this machine.
+
+Every layout is run by `hpcllm bench train` (its layout variants: real `hpcllm train` runs under
+mpirun, tokens/s per 10-step interval after warm-up, layouts interleaved and repeated) and
+predicted from a cluster profile (the calibrated `local` one by default). Reported: the error of
+every prediction, their median absolute error, the Spearman rank correlation of predicted and
+measured tokens/s, and whether the layout predicted fastest is among the two measured fastest.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from hpcllm.planner.profiles import ClusterProfile
+from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
+from hpcllm.planner.step_model import ModelSpec, predict
+
+# Runnable on a 2-core machine in a few minutes each round: dp, tp and pp up to 8 ranks, their
+# combinations, micro-batch sizes, recomputation, ZeRO and sequence parallelism.
+LAYOUTS = (
+    "tp=1,pp=1,dp=1,micro_batch=8",
+    "tp=1,pp=1,dp=1,micro_batch=2",
+    "tp=1,pp=1,dp=2,micro_batch=8",
+    "tp=1,pp=1,dp=2,micro_batch=2",
+    "tp=1,pp=1,dp=2,micro_batch=8,recompute=full",
+    "tp=1,pp=1,dp=2,micro_batch=8,zero=1",
+    "tp=2,pp=1,dp=1,micro_batch=8",
+    "tp=2,pp=1,dp=1,micro_batch=8,sequence_parallel=true",
+    "tp=1,pp=2,dp=1,micro_batch=8",
+    "tp=1,pp=2,dp=1,micro_batch=2",
+    "tp=1,pp=1,dp=4,micro_batch=8",
+    "tp=4,pp=1,dp=1,micro_batch=8",
+    "tp=1,pp=4,dp=1,micro_batch=8",
+    "tp=2,pp=1,dp=2,micro_batch=4",
+    "tp=1,pp=2,dp=2,micro_batch=8",
+    "tp=2,pp=2,dp=1,micro_batch=8",
+    "tp=1,pp=1,dp=8,micro_batch=4",
+    "tp=2,pp=2,dp=2,micro_batch=4",
+)
+MEDIAN_ERROR_TARGET = 0.15
+SPEARMAN_TARGET = 0.8
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank)."""
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else 0.0
+
+
+def compare(model: ModelSpec, cluster: ClusterProfile, global_batch: int, measured: dict[str, float]) -> dict:
+    """Predictions for {layout text: measured tokens/s} on one node, and the statistics."""
+    rows = []
+    for text, tokens_per_s in measured.items():
+        layout = parse_layout(text, global_batch)
+        prediction = predict(model, layout, cluster, global_batch, ranks_per_node=layout.gpus)
+        rows.append(
+            {
+                "layout": text,
+                "ranks": layout.gpus,
+                "measured_tokens_per_s": tokens_per_s,
+                "predicted_tokens_per_s": prediction.tokens_per_s,
+                "error": prediction.tokens_per_s / tokens_per_s - 1,
+                "breakdown": prediction.breakdown,
+            }
+        )
+    predicted = [r["predicted_tokens_per_s"] for r in rows]
+    actual = [r["measured_tokens_per_s"] for r in rows]
+    best_predicted = max(rows, key=lambda r: r["predicted_tokens_per_s"])
+    measured_top2 = sorted(rows, key=lambda r: -r["measured_tokens_per_s"])[:2]
+    return {
+        "rows": rows,
+        "median_abs_error": statistics.median(abs(r["error"]) for r in rows),
+        "spearman": spearman(predicted, actual),
+        "predicted_best": best_predicted["layout"],
+        "measured_top2": [r["layout"] for r in measured_top2],
+        "best_in_top2": best_predicted in measured_top2,
+    }
+
+
+def run(
+    data: Path,
+    model: ModelSpec,
+    cluster: ClusterProfile,
+    texts: list[str],
+    steps: int,
+    repeat: int,
+    sets: list[str],
+) -> dict[str, Any]:
+    """Measure every layout with `hpcllm bench train` and compare it with its prediction."""
+    from hpcllm.bench import train as bench_train
+    from hpcllm.training import config as config_mod
+
+    global_batch = config_mod.load(assignments=sets[1::2]).train.global_batch
+    layouts = [parse_layout(text, global_batch) for text in texts]
+    variants = [(layout_text(layout), layout.gpus, layout_arguments(layout)) for layout in layouts]
+    bench = bench_train.run(data, steps, sets, repeat, keys=(), layouts=variants)
+    measured = {row["name"]: row["tokens_per_s"] for row in bench["rows"]}
+    result = compare(model, cluster, global_batch, measured)
+    for row, bench_row in zip(result["rows"], bench["rows"], strict=True):
+        row["min"], row["max"] = bench_row["min"], bench_row["max"]
+    return result | {"cluster": cluster.name, "steps": steps, "repeat": repeat, "global_batch": global_batch}
+
+
+def render(result: dict[str, Any]) -> str:
+    width = max(len(r["layout"]) for r in result["rows"])
+    header = f"{'ranks':>5} {'measured tok/s':>14} {'min-max':>13} {'predicted':>10} {'error':>7}"
+    lines = [f"{'layout':<{width}} {header}"]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['layout']:<{width}} {r['ranks']:>5} {r['measured_tokens_per_s']:>14,.0f} "
+            f"{r.get('min', 0):>6,.0f}-{r.get('max', 0):<6,.0f} {r['predicted_tokens_per_s']:>10,.0f} "
+            f"{r['error']:>+7.1%}"
+        )
+    lines += [
+        f"median absolute error {result['median_abs_error']:.1%} (target <= {MEDIAN_ERROR_TARGET:.0%}), "
+        f"Spearman {result['spearman']:.2f} (target >= {SPEARMAN_TARGET}), predicted best "
+        f"{result['predicted_best']} {'is' if result['best_in_top2'] else 'is NOT'} among the measured "
+        f"two best ({'; '.join(result['measured_top2'])})"
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Predicted against measured tokens/s, with the line of perfect prediction and the ±15% band."""
+    from hpcllm.observe import plots
+
+    fig, ax = plots.figure(width=7, height=6)
+    measured = [r["measured_tokens_per_s"] for r in result["rows"]]
+    predicted = [r["predicted_tokens_per_s"] for r in result["rows"]]
+    top = 1.1 * max(measured + predicted)
+    ax.plot([0, top], [0, top], color="black", linewidth=1, label="predicted = measured")
+    band = MEDIAN_ERROR_TARGET
+    ax.fill_between([0, top], [0, top * (1 - band)], [0, top * (1 + band)], alpha=0.15, label=f"±{band:.0%}")
+    ax.scatter(measured, predicted, zorder=3)
+    for r in result["rows"]:
+        short = r["layout"].replace("micro_batch", "mb").replace("sequence_parallel=true", "sp")
+        ax.annotate(short, (r["measured_tokens_per_s"], r["predicted_tokens_per_s"]), fontsize=6)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="measured tokens/s", ylabel="predicted tokens/s")
+    ax.set_title(
+        f"{result['cluster']} profile: median |error| {result['median_abs_error']:.1%}, "
+        f"Spearman {result['spearman']:.2f}"
+    )
+    plots.save(fig, path)
