@@ -3,10 +3,20 @@
 import json
 
 import pytest
-from conftest import assert_usage_error, run_hpcllm
+from conftest import TINY, assert_usage_error, run_hpcllm
 
-from hpcllm.planner import profiles
-from hpcllm.planner.step_model import Layout, ModelSpec, activation_bytes_per_layer, iteration_flops, predict
+from hpcllm.cluster.launcher import launch_env
+from hpcllm.planner import calibrate, profiles, validate
+from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
+from hpcllm.planner.step_model import (
+    GIB,
+    Layout,
+    ModelSpec,
+    activation_bytes_per_layer,
+    iteration_flops,
+    layer_forward_flops,
+    predict,
+)
 
 # Narayanan et al. 2021 (arXiv 2104.04473), Table 1: GPT on DGX A100 (Selene), sequence 2048,
 # vocabulary 51,200, full activation recomputation. Billions of parameters, heads, hidden size,
@@ -100,9 +110,149 @@ def test_bad_plans_are_one_line(tmp_path):
         (["--model", huge, "--nodes", 1], "the model fits no layout on 8 GPUs of 80 GiB"),
         (["--model", "gpt2-124m", "--layout", "tp=3"], "tp x pp = 3 does not divide the 8 GPUs"),
         (["--model", "gpt2-124m", "--cluster", profile], "unknown field 'nvlink_magic'"),
-        (["--model", "gpt2-124m", "--cluster", "tpu"], "no such file or shipped profile"),
+        (["--model", "gpt2-124m", "--cluster", "tpu"], "no such file or profile"),
+        (["--model", "gpt2-124m", "--layout", "tp=2,pp=2,dp=3"], "tp x pp x dp = 12, but there are 8 GPUs"),
+        (["--model", "gpt2-124m", "--layout", "tp=2,warp=9"], "unknown warp=9"),
         (["--model", "n_layer=2"], "missing 'block_size'"),
         (["--model", "gpt2-124m", "--layout", "tp=0"], "tp must be at least 1, not 0"),
         (["--model", "n_layer=0,n_embd=0,n_head=0,block_size=1,vocab=1"], "n_layer must be at least 1"),
     ):
         assert_usage_error(run_hpcllm(["plan", *args]), needle)
+
+
+def test_bad_plans_exit_2_with_one_line_for_the_local_profile_too(tmp_path):
+    env = {**launch_env(), "XDG_CONFIG_HOME": str(tmp_path)}
+    for args, needle in (
+        (
+            ["--model", "tiny", "--cluster", "local"],
+            "this machine is not calibrated yet; run `hpcllm plan calibrate`",
+        ),
+        (["validate", "--model", "tiny", "--layout", "tp=2,pp=2"], "not calibrated yet"),
+        (["--nodes", "2"], "--model is required"),
+    ):
+        assert_usage_error(run_hpcllm(["plan", *args], env=env), needle)
+
+
+# A CPU node as `plan calibrate` writes it (the figures are this VM's order of magnitude).
+CPU_NODE = profiles.ClusterProfile(
+    name="cpu",
+    gpus_per_node=2,
+    memory_gib=16,
+    peak_flops=150e9,
+    gemm_efficiency=0.8,
+    gemm_half_size=20,
+    intra_node_gbps=3,
+    inter_node_gbps=3,
+    intra_node_latency_us=18,
+    inter_node_latency_us=18,
+    collective_efficiency=1,
+    dp_overlap=0,
+    cores_per_node=2,
+    layer_overhead_us=1000,
+    head_efficiency=0.7,
+    micro_batch_overhead_us=1500,
+    thread_efficiency=0.9,
+    memory_gbps=40,
+    activation_bytes=4,
+)
+TINY_SPEC = ModelSpec(n_layer=4, n_embd=128, n_head=4, block_size=128, vocab=4096)
+
+
+def test_cpu_ranks_share_the_cores_and_keep_their_bubble():
+    """Two ranks on two cores run as fast as the node allows; four take turns (twice the time per
+    micro-batch); a pipeline's bubble stays (p - 1)/m of the busy time even when oversubscribed."""
+    two = predict(TINY_SPEC, Layout(1, 1, 2, 8), CPU_NODE, 32, ranks_per_node=2)
+    four = predict(TINY_SPEC, Layout(1, 1, 4, 8), CPU_NODE, 32, ranks_per_node=4)
+    assert four.breakdown["compute_s"] == pytest.approx(two.breakdown["compute_s"], rel=1e-9)
+    one = predict(TINY_SPEC, Layout(1, 1, 1, 8), CPU_NODE, 32, ranks_per_node=1)
+    assert one.breakdown["compute_s"] > two.breakdown["compute_s"]  # threads scale worse than ranks
+    pipeline = predict(TINY_SPEC, Layout(1, 4, 1, 8), CPU_NODE, 32, ranks_per_node=4)
+    busy = sum(pipeline.breakdown[k] for k in ("compute_s", "tp_s", "pp_p2p_s"))
+    assert pipeline.breakdown["bubble_s"] == pytest.approx(busy * 3 / 4)
+    assert predict(TINY_SPEC, Layout(1, 1, 1, 8), profiles.load("a100"), 32).breakdown["optimizer_s"] == 0
+
+
+def test_calibration_fits_recover_the_constants_they_were_made_from():
+    sustained, half, per_layer, head_eff, per_micro = 40e9, 30.0, 1e-3, 0.6, 2e-3
+
+    def rate(h):
+        return sustained * h / (h + half)
+
+    times = {}
+    for h in calibrate.HIDDEN_SIZES:
+        for t in calibrate.TOKEN_COUNTS:
+            block = per_layer + 3 * layer_forward_flops(calibrate._spec(h), t // calibrate.SEQUENCE) / rate(h)
+            outside = per_micro + 3 * 2 * t * h * calibrate.VOCAB / (rate(h) * head_eff)
+            for n in calibrate.LAYERS:
+                times[h, t, n] = n * block + outside
+    got = calibrate.fit(times)
+    assert got["sustained_flops"] == pytest.approx(sustained, rel=1e-6)
+    assert got["half_size"] == pytest.approx(half, rel=1e-6)
+    assert got["layer_overhead_s"] == pytest.approx(per_layer, rel=1e-6)
+    assert got["head_efficiency"] == pytest.approx(head_eff, rel=1e-6)
+    assert got["micro_batch_overhead_s"] == pytest.approx(per_micro, rel=1e-6)
+    n, gbps, latency = 2, 3.0, 20.0
+    rows = [
+        {"ranks": n, "bytes": b, "time_us": 2 * (n - 1) * latency + 2 * (n - 1) / n * b / (gbps * 1e3)}
+        for b in (4096, 65536, 1 << 20)
+    ]
+    assert calibrate.fit_allreduce(rows) == pytest.approx((gbps, latency), rel=1e-6)
+
+
+def test_validation_statistics():
+    assert validate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert validate.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    assert validate.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # ties: average ranks
+    measured = {
+        layout_text(predict(TINY_SPEC, parse_layout(t, 32), CPU_NODE, 32, 4).layout): v
+        for t, v in (("tp=1,pp=1,dp=2,micro_batch=8", 9000.0), ("tp=1,pp=4,dp=1,micro_batch=8", 4000.0))
+    }
+    result = validate.compare(TINY_SPEC, CPU_NODE, 32, measured)
+    assert result["spearman"] == pytest.approx(1) and result["best_in_top2"]
+    assert result["predicted_best"] == "tp=1,pp=1,dp=2,micro_batch=8"
+    layout = parse_layout("tp=2,pp=1,dp=2,micro_batch=4,zero=1,recompute=full,sequence_parallel=true", 32)
+    assert parse_layout(layout_text(layout), 32) == layout
+    assert layout_arguments(layout)[:4] == ["--tp", "2", "--pp", "1"]
+
+
+def test_peak_memory_of_a_layout_is_what_bench_memory_measures():
+    """Every recomputation and ZeRO mode of the tiny model at dp = 4: the planner's bytes per rank
+    (fp32 activations on a CPU profile) within 15% of `hpcllm bench memory`'s measured sum."""
+    from hpcllm.bench import memory as bench_memory
+    from hpcllm.training import config as config_mod
+
+    config = config_mod.load(assignments=["model.preset=tiny", "train.micro_batch=8"])
+    for row in bench_memory.run(config, vocab_size=4096, dp=4, steps=1):
+        layout = Layout(1, 1, 4, 8, zero=row["zero"], recompute=row["recompute"])
+        predicted = predict(TINY_SPEC, layout, CPU_NODE, 32, ranks_per_node=4).memory_gib_per_rank * GIB
+        assert predicted == pytest.approx(row["peak_bytes"], rel=0.15), (layout, predicted, row["peak_bytes"])
+
+
+def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, data_dir):
+    """`plan calibrate` (short benchmark points) writes a profile that loads; `plan --cluster local`
+    ranks the layouts of 2 ranks with it; `train --layout auto` under mpirun takes the first of them
+    and logs why; an existing profile is replaced whole."""
+    from hpcllm.data.tokens import open_prepared
+
+    env = {**launch_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    calibrated = run_hpcllm(["plan", "calibrate", "--seconds", "0.02"], env=env, timeout=300)
+    assert calibrated.returncode == 0, calibrated.stderr
+    local = profiles.load(str(tmp_path / "config/hpcllm/profiles/local.yaml"))
+    assert local.cores_per_node >= 1 and local.activation_bytes == 4
+    assert local.peak_flops > 1e8 and 0 < local.gemm_efficiency and local.intra_node_gbps > 0
+    vocab = open_prepared(data_dir, verify=False).vocab_size
+    model = f"n_layer=2,n_embd=32,n_head=2,block_size=32,vocab={vocab}"
+    plan = ["plan", "--model", model, "--cluster", "local", "--gpus-per-node", 2, "--global-batch", 8]
+    ranked = run_hpcllm([*plan, "--json", "--top", 1], env=env)
+    assert ranked.returncode == 0, ranked.stderr
+    best = json.loads(ranked.stdout)[0]
+    run = tmp_path / "run"
+    flags = ["train", "--data", data_dir, "--out", run, *TINY, "--steps", 2, "--layout", "auto"]
+    trained = run_hpcllm(flags, ranks=2, env=env)
+    assert trained.returncode == 0, trained.stderr
+    expected = layout_text(Layout(**{k: best[k] for k in ("tp", "pp", "dp", "micro_batch", "zero")}))
+    chosen = next(line for line in trained.stderr.splitlines() if "layout auto:" in line)
+    assert expected in chosen and "predicted" in chosen, chosen
+    assert_usage_error(
+        run_hpcllm([*flags[:4], tmp_path / "other", "--layout", "auto", "--tp", 2]), "drop --tp"
+    )

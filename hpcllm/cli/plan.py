@@ -45,8 +45,14 @@ def add_parser(commands: Any) -> None:
         "(a100; validate: local)",
     )
     me.add_argument("--out", metavar="FILE", help="calibrate: where the profile goes (the user's local.yaml)")
-    me.add_argument("--steps", type=int, default=30, help="validate: training steps per layout (30)")
-    me.add_argument("--repeat", type=int, default=1, help="validate: interleaved repetitions (1)")
+    me.add_argument("--seconds", type=float, default=0.5, help="calibrate: seconds per benchmark point (0.5)")
+    me.add_argument("--data", help="calibrate, validate: prepared data to train on (the default corpus)")
+    me.add_argument(
+        "--steps", type=int, default=30, help="calibrate, validate: training steps per layout (30)"
+    )
+    me.add_argument(
+        "--repeat", type=int, default=2, help="calibrate, validate: interleaved repetitions of the runs (2)"
+    )
     me.add_argument("--nodes", type=int, default=1, help="nodes (1)")
     me.add_argument("--gpus-per-node", type=int, help="GPUs per node (the profile's)")
     me.add_argument("--global-batch", type=int, help="sequences per step (512; validate: 32)")
@@ -135,7 +141,15 @@ def calibrate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else profiles.user_dir() / f"{profiles.LOCAL}.yaml"
     if out.exists() and not out.is_file():
         raise UsageError(f"--out {out} is not a file")
-    values = bench.calibrate()
+    from hpcllm.cli.bench import prepared_data
+
+    if args.seconds <= 0 or args.steps < 20:
+        raise UsageError(
+            f"plan calibrate needs --seconds > 0 and --steps >= 20, not {args.seconds}, {args.steps}"
+        )
+    if args.repeat < 1:
+        raise UsageError(f"--repeat must be at least 1, not {args.repeat}")
+    values = bench.calibrate(prepared_data(args.data), args.seconds, args.steps, args.repeat)
     path = bench.write(values, out)
     print(
         f"wrote {path}: {values['peak_flops'] / 1e9:,.0f} GFLOP/s matmul peak, GPT block at "
@@ -171,7 +185,7 @@ def validate(args: argparse.Namespace) -> int:
 
     for text in texts:  # every layout is checked before the first minute of measuring
         parse_layout(text, global_batch)
-    data = prepared_data(None)
+    data = prepared_data(args.data)
     vocab = open_prepared(data, verify=False).vocab_size
     model = ModelSpec(vocab=vocab, **PRESETS[preset])
     result = check.run(data, model, cluster, texts, args.steps, args.repeat, sets)

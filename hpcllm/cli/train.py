@@ -23,6 +23,12 @@ def add_parser(commands: Any) -> None:
     tr.add_argument("--tp", type=int, help="tensor-parallel size (parallel.tp)")
     tr.add_argument("--pp", type=int, help="pipeline-parallel size (parallel.pp)")
     tr.add_argument(
+        "--layout",
+        choices=("auto",),
+        help="auto: tp, pp, micro-batch, ZeRO, recomputation and sequence parallelism as `hpcllm plan` "
+        "predicts fastest for the ranks found, from the calibrated local profile (`hpcllm plan calibrate`)",
+    )
+    tr.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     tr.add_argument(

@@ -15,6 +15,13 @@ Three benchmarks, each fitted to the step model's terms:
     memory      an elementwise add over 64 MB: the bandwidth the optimizer step streams through
     allreduce   `hpcllm bench allreduce` (mpi4py, the path tensor-parallel activations take on CPU)
                 under mpirun with one rank per core: time = 2(n-1) * latency + 2(n-1)/n * bytes / GB/s
+    parallel    short `hpcllm train` runs (`hpcllm bench train` layout variants) of a calibration
+                model unlike the presets, against what the constants above predict for them: dp on
+                every core (`step_scale`: measured over predicted, what the benchmarks miss of a
+                real step), tp = 2
+                (`tp_collective_us`: what each TP collective costs beyond the ring model), pp = 2
+                with many micro-batches (`pp_micro_batch_us`), dp on twice the cores
+                (`oversubscribed_efficiency`) and pp = 2 on twice the cores (`bubble_fill`)
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 
 from hpcllm.planner import profiles
-from hpcllm.planner.step_model import ModelSpec, layer_forward_flops
+from hpcllm.planner.step_model import Layout, ModelSpec, layer_forward_flops, predict
 
 HIDDEN_SIZES = (64, 128, 256)
 SEQUENCE = 128
@@ -43,6 +50,8 @@ LAYERS = (1, 3)
 VOCAB = 4096
 HEAD_DIM = 32
 Times = dict[tuple[int, int, int], float]  # (hidden, tokens, layers): seconds
+CALIBRATION_MODEL = {"n_layer": 4, "n_embd": 64, "n_head": 2, "block_size": 64}
+CALIBRATION_BATCH = 32
 
 
 def node_cores() -> int:
@@ -173,9 +182,11 @@ def _ranks_model_times(ranks: int, seconds: float) -> Times:
     return {(h, t, n): v for h, t, n, v in rows}
 
 
-def calibrate(seconds: float = 0.5, say: Callable[[str], None] = print) -> dict[str, Any]:
+def calibrate(
+    data: Path, seconds: float = 0.5, steps: int = 30, repeat: int = 2, say: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the benchmarks on this node's cores and return the profile's fields, with the
-    measurements behind them under `measured`."""
+    measurements behind them under `measured`; the parallel runs train on `data` for `steps`."""
     from hpcllm.observe.metrics import measure_matmul_peak
 
     cores = node_cores()
@@ -198,7 +209,7 @@ def calibrate(seconds: float = 0.5, say: Callable[[str], None] = print) -> dict[
     rows = allreduce_rows(ranks)
     gbps, latency = fit_allreduce(rows)
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return {
+    values = {
         "name": profiles.LOCAL,
         "gpus_per_node": cores,
         "cores_per_node": cores,
@@ -224,6 +235,70 @@ def calibrate(seconds: float = 0.5, say: Callable[[str], None] = print) -> dict[
             "allreduce_us": {r["bytes"]: r["time_us"] for r in rows},
         },
     }
+    say("parallel layouts: short `hpcllm train` runs of the calibration model ...")
+    terms, measured = parallel_terms(values, data, steps, repeat, cores)
+    values.update(terms)
+    values["measured"]["train_tokens_per_s"] = measured
+    return values
+
+
+def calibration_layouts(cores: int) -> dict[str, Layout]:
+    """The runs behind the parallel terms: on every core, then on twice as many ranks."""
+    half = max(1, cores // 2)
+    return {
+        "reference": Layout(1, 1, 2 * half, 8),
+        "tp": Layout(2, 1, half, 8),
+        "pp": Layout(1, 2, half, 2),  # many micro-batches: the per-micro-batch cost shows
+        "crowded": Layout(1, 1, 4 * half, 8),
+        "crowded_pp": Layout(1, 2, 2 * half, 8),  # few micro-batches: a large bubble
+    }
+
+
+def parallel_terms(
+    values: dict[str, Any], data: Path, steps: int, repeat: int, cores: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Fit the parallel terms one at a time, each from its run, the earlier ones in place."""
+    from hpcllm.bench import train as bench_train
+    from hpcllm.data.tokens import open_prepared
+    from hpcllm.planner.search import layout_arguments
+
+    layouts = calibration_layouts(cores)
+    sets = [f"model.{key}={value}" for key, value in CALIBRATION_MODEL.items()]
+    sets.append(f"train.global_batch={CALIBRATION_BATCH}")
+    flags = [item for assignment in sets for item in ("--set", assignment)]
+    variants = [(name, layout.gpus, layout_arguments(layout)) for name, layout in layouts.items()]
+    result = bench_train.run(data, steps, flags, repeat, keys=(), layouts=variants)
+    tokens_per_s = {row["name"]: row["tokens_per_s"] for row in result["rows"]}
+    model = ModelSpec(vocab=open_prepared(data, verify=False).vocab_size, **CALIBRATION_MODEL)
+    tokens = CALIBRATION_BATCH * model.block_size
+    fields = {k: v for k, v in values.items() if k != "measured"}
+    terms: dict[str, float] = {}
+
+    def predicted(name: str) -> Any:
+        profile = profiles.ClusterProfile(**(fields | terms))
+        layout = layouts[name]
+        return predict(model, layout, profile, CALIBRATION_BATCH, ranks_per_node=layout.gpus)
+
+    terms["step_scale"] = tokens / tokens_per_s["reference"] / predicted("reference").step_s
+
+    def excess(name: str) -> float:
+        """Measured seconds per step beyond the prediction, in the benchmarks' own units."""
+        return (tokens / tokens_per_s[name] - predicted(name).step_s) / terms["step_scale"]
+
+    tp, pp = layouts["tp"], layouts["pp"]
+    tp_collectives = CALIBRATION_BATCH // (tp.dp * tp.micro_batch) * model.n_layer * 4
+    terms["tp_collective_us"] = max(0.0, excess("tp") / tp_collectives * 1e6)
+    pp_micro_batches = CALIBRATION_BATCH // (pp.dp * pp.micro_batch) + pp.pp - 1
+    terms["pp_micro_batch_us"] = max(0.0, excess("pp") / pp_micro_batches * 1e6)
+    measured_crowded = tokens / tokens_per_s["crowded"]
+    terms["oversubscribed_efficiency"] = min(1.0, max(0.1, predicted("crowded").step_s / measured_crowded))
+    # The fill evens out the stages and shrinks the bubble: the prediction falls as it grows, so
+    # bisect for the fill that meets the measured step.
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        terms["bubble_fill"] = (low + high) / 2
+        low, high = (terms["bubble_fill"], high) if excess("crowded_pp") < 0 else (low, terms["bubble_fill"])
+    return terms, tokens_per_s
 
 
 COMMENTS = {
@@ -237,6 +312,11 @@ COMMENTS = {
     "gemm_half_size": "fitted: the hidden size at which a block reaches half that rate",
     "layer_overhead_us": "fitted: fixed time per block and micro-batch (operator dispatch)",
     "thread_efficiency": "one rank on all cores / the cores as one rank each, same blocks",
+    "step_scale": "hpcllm train, dp on every core: measured / predicted step (the loop, data, hooks)",
+    "tp_collective_us": "fitted: hpcllm train, tp=2: per TP collective beyond the ring model",
+    "pp_micro_batch_us": "fitted: hpcllm train, pp=2, many micro-batches: per micro-batch and stage",
+    "oversubscribed_efficiency": "fitted: hpcllm train, dp on twice the cores: rate kept per doubling",
+    "bubble_fill": "fitted: hpcllm train, pp=2 on twice the cores: share of the bubble others use",
     "memory_gbps": "elementwise add over 64 MB on all cores",
     "intra_node_gbps": "fitted to mpi4py allreduce, 4 KB .. 4 MB (ring model)",
     "inter_node_gbps": "one node: not measured, the same as inside it",

@@ -45,6 +45,11 @@ class ClusterProfile:
     layer_overhead_us: float = 0.0  # fixed time per layer and micro-batch, forward + backward (op dispatch)
     head_efficiency: float = 1.0  # the vocabulary projection and loss, as a share of the layers' rate
     micro_batch_overhead_us: float = 0.0  # fixed time per micro-batch outside the layers (embedding, loss)
+    tp_collective_us: float = 0.0  # extra cost of a tensor-parallel collective beyond the ring model
+    pp_micro_batch_us: float = 0.0  # extra cost of a micro-batch through a pipeline stage
+    oversubscribed_efficiency: float = 1.0  # CPU: rate kept per doubling of ranks over the cores
+    bubble_fill: float = 0.0  # CPU, ranks over cores: share of a pipeline bubble the other ranks use
+    step_scale: float = 1.0  # measured / predicted step of a real training run (the loop, data, hooks)
     thread_efficiency: float = 1.0  # CPU: one rank's rate on all cores / the cores' rate as one rank each
     memory_gbps: float = 0.0  # device memory bandwidth for the optimizer step (0: not modelled)
     activation_bytes: int = 2  # bytes per activation element: 2 (bf16 on GPUs), 4 (fp32 on CPU)
@@ -68,7 +73,7 @@ def _find(name_or_file: str) -> Path:
             return directory / f"{name_or_file}.yaml"
     if name_or_file == LOCAL:
         raise UsageError(
-            f"--cluster local: this machine is not calibrated yet; run `hpcllm plan calibrate` "
+            "the local cluster profile: this machine is not calibrated yet; run `hpcllm plan calibrate` "
             f"(it writes {user_dir() / 'local.yaml'})"
         )
     raise UsageError(

@@ -22,10 +22,14 @@ stage holds at once (1F1B: p on the first stage, so l layers' worth; GPipe: all 
 
 from __future__ import annotations
 
+import functools
+import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from hpcllm.observe.memory import fp32_layer_activation_bytes
+from hpcllm.parallel.pipeline.partition import balanced_stages
 from hpcllm.planner.profiles import ClusterProfile
 
 GIB = 1024**3
@@ -127,16 +131,41 @@ def _cpu_share(cluster: ClusterProfile, ranks_per_node: int) -> tuple[float, flo
     """(share of the node's rate a rank computes at, slowdown from time-sharing) on a CPU node.
 
     Each rank runs cores // ranks threads (one at least); a rank with several threads gets less
-    than that many cores' worth (`thread_efficiency`). With more ranks than cores they take turns,
-    and a rank waiting in MPI spins on its turn rather than handing it over, so every rank runs at
-    cores / ranks of its speed all step long, its pipeline bubble included. GPUs: (1, 1).
+    than that many cores' worth (`thread_efficiency`). With more ranks than cores they take turns:
+    every rank runs at cores / ranks of its speed, less what switching between them costs
+    (`oversubscribed_efficiency` per doubling of ranks over cores). GPUs: (1, 1).
     """
     if not cluster.cores_per_node:
         return 1.0, 1.0
     cores = cluster.cores_per_node
     threads = max(1, cores // ranks_per_node)
     share = threads / cores * (cluster.thread_efficiency if threads > 1 else 1.0)
-    return share, max(1.0, ranks_per_node * threads / cores)
+    crowding = ranks_per_node * threads / cores
+    if crowding <= 1:
+        return share, 1.0
+    return share, crowding / cluster.oversubscribed_efficiency ** math.log2(crowding)
+
+
+@functools.lru_cache(maxsize=256)
+def stage_layers(model: ModelSpec, pp: int) -> tuple[int, ...]:
+    """Layers per pipeline stage as hpcllm assigns them (balanced by parameters; model.partition)."""
+    if pp == 1:
+        return (model.n_layer,)
+    h = model.n_embd
+    embedding, head = (model.vocab + model.block_size) * h, model.vocab * h + 2 * h
+    return tuple(balanced_stages([12 * h * h + 13 * h] * model.n_layer, embedding, head, pp))
+
+
+def _stage_parameters(model: ModelSpec, stage: int, layers: int, pp: int) -> float:
+    """Parameters a stage holds: its layers, the embeddings on the first, the final norm and the
+    head on the last (tied to the token embedding: a copy of it when pp > 1)."""
+    h = model.n_embd
+    held = layers * (12 * h * h + 13 * h)
+    if stage == 0:
+        held += (model.vocab + model.block_size) * h
+    if stage == pp - 1:
+        held += 2 * h + (model.vocab * h if pp > 1 else 0)
+    return held
 
 
 def _link(cluster: ClusterProfile, inside_node: bool) -> tuple[float, float]:
@@ -156,22 +185,21 @@ def predict(
     """The step time and memory per rank of `layout`; `ranks_per_node` defaults to the profile's
     GPUs per node (on a CPU node: how many ranks share its cores)."""
     t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
-    s, h, v, layers = model.block_size, model.n_embd, model.vocab, model.n_layer
+    s, h, v = model.block_size, model.n_embd, model.vocab
     ranks_per_node = min(ranks_per_node or cluster.gpus_per_node, layout.gpus)
     m = global_batch // (d * b)  # micro-batches per pipeline per step
-    layers_per_stage = layers / p
+    stages = stage_layers(model, p)
     share, slowdown = _cpu_share(cluster, ranks_per_node)
     rate = cluster.sustained_flops(h) * share
 
     # ---- compute: one micro-batch on one rank, forward + backward (+ recomputation) ----------
     layer = layer_forward_flops(model, b)
     recomputed = {"full": layer, "selective": 4 * b * s * s * h, "none": 0.0}[layout.recompute]
-    layer_flops = layers_per_stage * (3 * layer + recomputed) / t
-    head_flops = 3 * 2 * b * s * h * v / (p * t)  # the vocabulary projection, over the stages' average
-    compute_micro = layer_flops / rate + head_flops / (rate * cluster.head_efficiency)
-    compute_micro += (
-        layers_per_stage * cluster.layer_overhead_us + cluster.micro_batch_overhead_us / p
-    ) * 1e-6
+    layer_s = (3 * layer + recomputed) / t / rate + cluster.layer_overhead_us * 1e-6
+    # The vocabulary projection and the loss, on the last stage, with the fixed cost of a micro-batch.
+    head_s = (
+        3 * 2 * b * s * h * v / t / (rate * cluster.head_efficiency) + cluster.micro_batch_overhead_us * 1e-6
+    )
 
     # ---- tensor parallelism: inside a node when it fits -----------------------------------
     tp_gbps, tp_latency = _link(cluster, t <= ranks_per_node)
@@ -179,7 +207,8 @@ def predict(
     one = _ring_seconds(
         b * s * h * cluster.activation_bytes, t, tp_gbps, tp_latency, cluster.collective_efficiency
     )
-    tp_micro = layers_per_stage * collectives * one
+    if t > 1:
+        one += cluster.tp_collective_us * 1e-6  # the ranks meet: what waiting for each other costs
 
     # ---- pipeline: activations between stages, and the bubble ------------------------------
     p2p_micro = 0.0
@@ -187,12 +216,25 @@ def predict(
         p2p_gbps, p2p_latency = _link(cluster, t * p <= ranks_per_node)
         nbytes = b * s * h * cluster.activation_bytes / t
         p2p_micro = 2 * (nbytes / (p2p_gbps * 1e9 * cluster.collective_efficiency) + p2p_latency * 1e-6)
+        p2p_micro += cluster.pp_micro_batch_us * 1e-6  # the schedule's own cost per micro-batch
+    # The pipeline moves at the pace of its slowest stage (hpcllm balances them by parameters).
+    per_stage = [
+        (n * layer_s + (head_s if i == p - 1 else 0.0), n * collectives * one) for i, n in enumerate(stages)
+    ]
+    compute_micro, tp_micro = max(per_stage, key=sum)
+    # CPU ranks outnumbering the cores: a waiting stage's turn on the cores partly goes to the
+    # others (`bubble_fill`), which evens out the stages and fills part of the bubble.
+    fill = cluster.bubble_fill if slowdown > 1 else 0.0
+    if fill:
+        compute_micro = fill * statistics.fmean(c for c, _ in per_stage) + (1 - fill) * compute_micro
+        tp_micro = fill * statistics.fmean(x for _, x in per_stage) + (1 - fill) * tp_micro
     compute, tp, p2p = (m * slowdown * x for x in (compute_micro, tp_micro, p2p_micro))
     busy = compute + tp + p2p
-    bubble = busy * (p - 1) / m  # (p - 1)/(m + p - 1) of the step
+    bubble = busy * (p - 1) / m * (1 - fill)  # (p - 1)/(m + p - 1) of the step on GPUs
 
     # ---- data parallelism (and ZeRO's gather), then the optimizer -------------------------
-    rank_parameters = model.parameters / (t * p)
+    stage_parameters = [_stage_parameters(model, i, n, p) for i, n in enumerate(stages)]
+    rank_parameters = max(stage_parameters) / t
     dp_gbps, dp_latency = _link(cluster, t * p * d <= ranks_per_node)
     gradient_bytes = rank_parameters * 4  # fp32 gradients
     reduction = _ring_seconds(gradient_bytes, d, dp_gbps, dp_latency, cluster.collective_efficiency)
@@ -207,16 +249,27 @@ def predict(
         updated = rank_parameters / (d if layout.zero else 1)
         optimizer = updated * 28 * slowdown / (cluster.memory_gbps * 1e9)
 
-    step = busy + bubble + dp + zero + optimizer
+    # What the benchmarks miss of a real training step (the loop, data, hooks), measured once.
+    compute, tp, p2p, bubble, dp, zero, optimizer = (
+        x * cluster.step_scale for x in (compute, tp, p2p, bubble, dp, zero, optimizer)
+    )
+    step = compute + tp + p2p + bubble + dp + zero + optimizer
     tokens = global_batch * s
 
-    # ---- memory per rank ---------------------------------------------------------------------
+    # ---- memory per rank: the fullest stage --------------------------------------------------
     states_per_parameter = {0: 16.0, 1: 8 + 8 / d, 2: 8 + 12 / d}[layout.zero]
-    states = rank_parameters * states_per_parameter
-    in_flight = min(p, m) if layout.schedule == "1f1b" else m
-    activations = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
-    activations *= layers_per_stage * in_flight
+    per_layer = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
     logits = 4 * b * s * v / t  # fp32 logits and their softmax on the last stage
+    memory = []
+    for i, n in enumerate(stages):
+        in_flight = min(p - i, m) if layout.schedule == "1f1b" else m  # 1F1B: stage i holds p - i
+        kinds = (
+            stage_parameters[i] / t * states_per_parameter,
+            per_layer * n * in_flight,
+            logits if i == p - 1 else 0.0,
+        )
+        memory.append(kinds)
+    states, activations, logits = max(memory, key=sum)
     total = states + activations + logits
     fits = total <= cluster.memory_gib * GIB * MEMORY_HEADROOM
 

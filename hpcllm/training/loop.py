@@ -20,6 +20,7 @@ import torch
 from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
 from hpcllm.data.tokens import TOKENIZER, unigram_loss
+from hpcllm.errors import UsageError
 from hpcllm.model.gpt import flops_per_token
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.parallel import torch_dist
@@ -28,7 +29,7 @@ from hpcllm.training import checkpoint
 from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
 from hpcllm.training.optim import learning_rate
-from hpcllm.training.plan import Plan, make_plan
+from hpcllm.training.plan import Plan, default_data_dir, make_plan
 from hpcllm.training.run_dir import ensure_data, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer
 
@@ -44,6 +45,7 @@ class TrainArgs:
     steps: int | None = None
     tp: int | None = None
     pp: int | None = None
+    layout: str | None = None  # "auto": the planner chooses (planner.auto)
     resume: bool = False
     timeline: str | None = None
 
@@ -69,11 +71,37 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
     the same plan, or the same one-line error."""
 
     def decide() -> tuple[Plan, Path]:
+        if args.layout == "auto":
+            _check_auto_layout(args)
         out, saved = open_run_dir(args.out, args.resume)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())
+        if args.layout == "auto":
+            config = _auto_layout(config, rt)
         return make_plan(config, rt.size, rt.device.type, saved), out
 
     return runtime.root_decides(rt.comm, decide)
+
+
+def _check_auto_layout(args: TrainArgs) -> None:
+    """--layout auto chooses the layout of a new run, from a calibrated profile."""
+    from hpcllm.planner import profiles
+
+    if args.tp is not None or args.pp is not None:
+        raise UsageError("--layout auto chooses tp and pp itself; drop --tp/--pp, or drop --layout auto")
+    if args.resume:
+        raise UsageError("--layout auto is for a new run; --resume continues in the run's own layout")
+    profiles.load(profiles.LOCAL)  # one line, exit 2, before anything is written, if not calibrated
+
+
+def _auto_layout(config: config_mod.Config, rt: runtime.Runtime) -> config_mod.Config:
+    """The planner's fastest layout for this world, logged with the reasons."""
+    from hpcllm.planner import auto
+
+    data = config.data.path or str(default_data_dir())
+    chosen, lines = auto.choose(config, rt.size, rt.local_size, auto.vocabulary(data))
+    for line in lines:
+        log.info("%s", line)
+    return chosen
 
 
 def _log_engines(plan: Plan, device: torch.device) -> None:
