@@ -231,15 +231,17 @@ def test_peak_memory_of_a_layout_is_what_bench_memory_measures():
 def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, data_dir):
     """`plan calibrate` (short benchmark points) writes a profile that loads; `plan --cluster local`
     ranks the layouts of 2 ranks with it; `train --layout auto` under mpirun takes the first of them
-    and logs why; an existing profile is replaced whole."""
+    and logs why."""
     from hpcllm.data.tokens import open_prepared
 
     env = {**launch_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    calibrated = run_hpcllm(["plan", "calibrate", "--seconds", "0.02"], env=env, timeout=300)
+    quick = ["--seconds", "0.02", "--steps", 20, "--repeat", 1, "--data", data_dir]
+    calibrated = run_hpcllm(["plan", "calibrate", *quick], env=env, timeout=600)
     assert calibrated.returncode == 0, calibrated.stderr
     local = profiles.load(str(tmp_path / "config/hpcllm/profiles/local.yaml"))
     assert local.cores_per_node >= 1 and local.activation_bytes == 4
     assert local.peak_flops > 1e8 and 0 < local.gemm_efficiency and local.intra_node_gbps > 0
+    assert 0 < local.step_scale and 0 < local.oversubscribed_efficiency <= 1 and 0 <= local.bubble_fill <= 1
     vocab = open_prepared(data_dir, verify=False).vocab_size
     model = f"n_layer=2,n_embd=32,n_head=2,block_size=32,vocab={vocab}"
     plan = ["plan", "--model", model, "--cluster", "local", "--gpus-per-node", 2, "--global-batch", 8]

@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def _median_seconds(work: Callable[[], Any], seconds: float) -> float:
     work()  # warm-up
     times: list[float] = []
     started = time.perf_counter()
-    while time.perf_counter() - started < seconds or len(times) < 3:
+    while time.perf_counter() - started < seconds or len(times) < 5:
         tick = time.perf_counter()
         work()
         times.append(time.perf_counter() - tick)
@@ -83,13 +84,17 @@ def model_seconds(hidden: int, tokens: int, layers: int, seconds: float) -> floa
     return _median_seconds(step, seconds)
 
 
-def model_times(seconds: float, layer_counts: tuple[int, ...] = LAYERS) -> Times:
-    return {
-        (h, t, n): model_seconds(h, t, n, seconds)
-        for h in HIDDEN_SIZES
-        for t in TOKEN_COUNTS
-        for n in layer_counts
-    }
+def model_times(
+    seconds: float, layer_counts: tuple[int, ...] = LAYERS, together: Callable[[], Any] | None = None
+) -> Times:
+    """`model_seconds` at every size; `together` (a barrier) before each, so that ranks sharing the
+    node time the same size at the same time."""
+    times = {}
+    for key in product(HIDDEN_SIZES, TOKEN_COUNTS, layer_counts):
+        if together is not None:
+            together()
+        times[key] = model_seconds(*key, seconds)
+    return times
 
 
 def fit(times: Times) -> dict[str, float]:
@@ -359,7 +364,7 @@ def _main() -> None:
     comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
     comm.Barrier()
-    times = model_times(float(sys.argv[1]))
+    times = model_times(float(sys.argv[1]), together=comm.Barrier)
     slowest = comm.reduce([[h, t, n, v] for (h, t, n), v in times.items()], op=_slowest)
     if comm.rank == 0:
         print(json.dumps(slowest))
