@@ -149,7 +149,8 @@ def calibrate(args: argparse.Namespace) -> int:
         )
     if args.repeat < 1:
         raise UsageError(f"--repeat must be at least 1, not {args.repeat}")
-    values = bench.calibrate(prepared_data(args.data), args.seconds, args.steps, args.repeat)
+    data = prepared_data(args.data)
+    values = bench.calibrate(data, _layout_runner(data), args.seconds, args.steps, args.repeat)
     path = bench.write(values, out)
     print(
         f"wrote {path}: {values['peak_flops'] / 1e9:,.0f} GFLOP/s matmul peak, GPT block at "
@@ -162,7 +163,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> int:
     """Run layouts here with `bench train` and set them against the prediction."""
-    from hpcllm.cli.bench import prepared_data
+    from hpcllm.cli.bench import layout_variant, prepared_data
     from hpcllm.data.tokens import open_prepared
     from hpcllm.planner import profiles
     from hpcllm.planner import validate as check
@@ -181,18 +182,40 @@ def validate(args: argparse.Namespace) -> int:
     sets = ["--set", f"model.preset={preset}"]
     global_batch = args.global_batch or 32
     sets += ["--set", f"train.global_batch={global_batch}"]
-    from hpcllm.planner.search import parse_layout
-
-    for text in texts:  # every layout is checked before the first minute of measuring
-        parse_layout(text, global_batch)
+    # Every layout is checked before the first minute of measuring.
+    variants = [layout_variant(text, sets[1::2]) for text in texts]
     data = prepared_data(args.data)
     vocab = open_prepared(data, verify=False).vocab_size
     model = ModelSpec(vocab=vocab, **PRESETS[preset])
-    result = check.run(data, model, cluster, texts, args.steps, args.repeat, sets)
+    spread: dict[str, tuple[float, float]] = {}
+    measured = _layout_runner(data, spread)(variants, sets, args.steps, args.repeat)
+    result = check.compare(model, cluster, global_batch, measured)
+    for row in result["rows"]:
+        row["min"], row["max"] = spread[row["layout"]]
+    result |= {
+        "cluster": cluster.name,
+        "steps": args.steps,
+        "repeat": args.repeat,
+        "global_batch": global_batch,
+    }
     if args.plot:
         check.plot(result, Path(args.plot))
     print(json.dumps(result, indent=1) if args.json else check.render(result))
     return 0
+
+
+def _layout_runner(data: Path, spread: dict[str, tuple[float, float]] | None = None) -> Any:
+    """Runs layouts through `hpcllm bench train` (interleaved, repeated): tokens/s by name, and
+    into `spread` the min and max over the intervals."""
+    from hpcllm.bench import train as bench_train
+
+    def measure(variants: list[Any], flags: list[str], steps: int, repeat: int) -> dict[str, float]:
+        result = bench_train.run(data, steps, flags, repeat, keys=(), layouts=variants)
+        if spread is not None:
+            spread.update({row["name"]: (row["min"], row["max"]) for row in result["rows"]})
+        return {row["name"]: row["tokens_per_s"] for row in result["rows"]}
+
+    return measure
 
 
 def predict_layouts(args: argparse.Namespace) -> int:

@@ -51,6 +51,9 @@ LAYERS = (1, 3)
 VOCAB = 4096
 HEAD_DIM = 32
 Times = dict[tuple[int, int, int], float]  # (hidden, tokens, layers): seconds
+# Runs hpcllm train in layouts: ([(name, ranks, train flags)], common flags, steps, repeat) -> tokens/s
+# by name. The command line passes `hpcllm bench train`'s, so that the planner does not import it.
+MeasureLayouts = Callable[[list[tuple[str, int, list[str]]], list[str], int, int], dict[str, float]]
 CALIBRATION_MODEL = {"n_layer": 4, "n_embd": 64, "n_head": 2, "block_size": 64}
 CALIBRATION_BATCH = 32
 
@@ -188,7 +191,12 @@ def _ranks_model_times(ranks: int, seconds: float) -> Times:
 
 
 def calibrate(
-    data: Path, seconds: float = 0.5, steps: int = 30, repeat: int = 2, say: Callable[[str], None] = print
+    data: Path,
+    measure: MeasureLayouts,
+    seconds: float = 0.5,
+    steps: int = 30,
+    repeat: int = 2,
+    say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the benchmarks on this node's cores and return the profile's fields, with the
     measurements behind them under `measured`; the parallel runs train on `data` for `steps`."""
@@ -241,7 +249,7 @@ def calibrate(
         },
     }
     say("parallel layouts: short `hpcllm train` runs of the calibration model ...")
-    terms, measured = parallel_terms(values, data, steps, repeat, cores)
+    terms, measured = parallel_terms(values, data, measure, steps, repeat, cores)
     values.update(terms)
     values["measured"]["train_tokens_per_s"] = measured
     return values
@@ -260,10 +268,9 @@ def calibration_layouts(cores: int) -> dict[str, Layout]:
 
 
 def parallel_terms(
-    values: dict[str, Any], data: Path, steps: int, repeat: int, cores: int
+    values: dict[str, Any], data: Path, measure: MeasureLayouts, steps: int, repeat: int, cores: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Fit the parallel terms one at a time, each from its run, the earlier ones in place."""
-    from hpcllm.bench import train as bench_train
     from hpcllm.data.tokens import open_prepared
     from hpcllm.planner.search import layout_arguments
 
@@ -272,8 +279,7 @@ def parallel_terms(
     sets.append(f"train.global_batch={CALIBRATION_BATCH}")
     flags = [item for assignment in sets for item in ("--set", assignment)]
     variants = [(name, layout.gpus, layout_arguments(layout)) for name, layout in layouts.items()]
-    result = bench_train.run(data, steps, flags, repeat, keys=(), layouts=variants)
-    tokens_per_s = {row["name"]: row["tokens_per_s"] for row in result["rows"]}
+    tokens_per_s = measure(variants, flags, steps, repeat)
     model = ModelSpec(vocab=open_prepared(data, verify=False).vocab_size, **CALIBRATION_MODEL)
     tokens = CALIBRATION_BATCH * model.block_size
     fields = {k: v for k, v in values.items() if k != "measured"}

@@ -1,10 +1,11 @@
 """`hpcllm plan validate`: the step model against this machine.
 
 Every layout is run by `hpcllm bench train` (its layout variants: real `hpcllm train` runs under
-mpirun, tokens/s per 10-step interval after warm-up, layouts interleaved and repeated) and
-predicted from a cluster profile (the calibrated `local` one by default). Reported: the error of
-every prediction, their median absolute error, the Spearman rank correlation of predicted and
-measured tokens/s, and whether the layout predicted fastest is among the two measured fastest.
+mpirun, tokens/s per 10-step interval after warm-up, layouts interleaved and repeated; the command
+line does the running) and predicted from a cluster profile (the calibrated `local` one by
+default). Reported: the error of every prediction, their median absolute error, the Spearman rank
+correlation of predicted and measured tokens/s, and whether the layout predicted fastest is among
+the two measured fastest.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.planner.profiles import ClusterProfile
-from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
+from hpcllm.planner.search import parse_layout
 from hpcllm.planner.step_model import ModelSpec, predict
 
 # Runnable on a 2-core machine in a few minutes each round: dp, tp and pp up to 8 ranks, their
@@ -94,30 +95,6 @@ def compare(model: ModelSpec, cluster: ClusterProfile, global_batch: int, measur
         "measured_top2": [r["layout"] for r in measured_top2],
         "best_in_top2": best_predicted in measured_top2,
     }
-
-
-def run(
-    data: Path,
-    model: ModelSpec,
-    cluster: ClusterProfile,
-    texts: list[str],
-    steps: int,
-    repeat: int,
-    sets: list[str],
-) -> dict[str, Any]:
-    """Measure every layout with `hpcllm bench train` and compare it with its prediction."""
-    from hpcllm.bench import train as bench_train
-    from hpcllm.training import config as config_mod
-
-    global_batch = config_mod.load(assignments=sets[1::2]).train.global_batch
-    layouts = [parse_layout(text, global_batch) for text in texts]
-    variants = [(layout_text(layout), layout.gpus, layout_arguments(layout)) for layout in layouts]
-    bench = bench_train.run(data, steps, sets, repeat, keys=(), layouts=variants)
-    measured = {row["name"]: row["tokens_per_s"] for row in bench["rows"]}
-    result = compare(model, cluster, global_batch, measured)
-    for row, bench_row in zip(result["rows"], bench["rows"], strict=True):
-        row["min"], row["max"] = bench_row["min"], bench_row["max"]
-    return result | {"cluster": cluster.name, "steps": steps, "repeat": repeat, "global_batch": global_batch}
 
 
 def render(result: dict[str, Any]) -> str:
