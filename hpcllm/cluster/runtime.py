@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,6 +276,9 @@ def install_abort_hook(comm: Any, rank: int) -> None:
         log.critical("uncaught exception; aborting the job:\n%s", text)
         for handler in logging.getLogger(LOGGER_NAME).handlers:
             handler.flush()
+        # mpirun forwards a rank's output asynchronously: give it a moment to print this report
+        # before its own account of the abort, so that the cause reads first.
+        time.sleep(0.5)
         comm.Abort(1)
 
     sys.excepthook = abort
