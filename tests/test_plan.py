@@ -131,6 +131,11 @@ def test_bad_plans_exit_2_with_one_line_for_the_local_profile_too(tmp_path):
         (["--nodes", "2"], "--model is required"),
     ):
         assert_usage_error(run_hpcllm(["plan", *args], env=env), needle)
+    # A layout hpcllm train would refuse is refused before the first run of a benchmark.
+    bad_layout = run_hpcllm(["bench", "train", "--layout", "tp=3,pp=1,dp=1,micro_batch=8"], env=env)
+    assert_usage_error(
+        bad_layout, "--layout tp=3,pp=1,dp=1,micro_batch=8: model.n_head 4 is not divisible by tp 3"
+    )
 
 
 # A CPU node as `plan calibrate` writes it (the figures are this VM's order of magnitude).
