@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from hpcllm.cluster.launcher import Launcher, detect, launch_command, launch_env
-from hpcllm.errors import UsageError
+from hpcllm.cluster.launcher import Launcher, detect, launch_command, launch_env, run_launched
+from hpcllm.errors import EnvironmentProblem, UsageError
 
 
 def test_no_launcher_is_a_single_process():
@@ -113,3 +113,14 @@ def test_launching_without_mpirun_on_path_says_how_to_fix(tmp_path):
         "hpcllm.launcher: mpirun is not on PATH: install OpenMPI (`make setup` does) "
         "or load your site's MPI module"
     )
+
+
+def test_a_failed_or_hung_sub_run_is_an_environment_problem_not_a_traceback():
+    """Benchmarks run their parts through run_launched: stdout back, or one EnvironmentProblem that
+    names the part and ends with its stderr (the command line prints it, exit 1)."""
+    assert run_launched([sys.executable, "-c", "print('fine')"], "the probe") == "fine\n"
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('out of luck'); sys.exit(3)"]
+    with pytest.raises(EnvironmentProblem, match=r"the probe failed \(exit 3\)(.|\n)*out of luck"):
+        run_launched(failing, "the probe")
+    with pytest.raises(EnvironmentProblem, match="the probe did not finish in 0.5 s"):
+        run_launched([sys.executable, "-c", "import time; time.sleep(5)"], "the probe", timeout=0.5)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hpcllm.cluster.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, run_launched
 from hpcllm.observe import plots
 
 MICRO_BATCH = 4
@@ -126,12 +125,8 @@ def run(pps: list[int], micros: list[int], steps: int) -> list[dict[str, Any]]:
                     "--steps",
                     str(steps),
                 ]
-                proc = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=900)
-                if proc.returncode != 0:
-                    raise RuntimeError(
-                        f"pipeline benchmark failed: {' '.join(command)}\n{proc.stderr[-2000:]}"
-                    )
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                out = run_launched(command, f"the pipeline benchmark (pp {pp}, m {micro})", timeout=900)
+                result = json.loads(out.strip().splitlines()[-1])
                 result["theory"] = (pp - 1) / (micro + pp - 1)
                 result["idle_mean"] = statistics.mean(s["idle"] for s in result["stages"])
                 result["peak_activation_mb_max"] = (

@@ -10,7 +10,6 @@ then `hpcllm train --steps 1` is launched in a fresh process and timed, `repeat`
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcllm.cluster.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, run_launched
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import FORMAT_VERSION, MANIFEST, TOKENIZER, sha256_of, unigram_loss
 
@@ -86,9 +85,7 @@ def _time_to_first_step(data: Path, ranks: int, work: Path, index: int) -> float
     if ranks > 1:
         command = launch_command(ranks) + command
     start = time.perf_counter()
-    done = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench startup: training on {data} failed:\n{done.stderr[-2000:]}")
+    run_launched(command, f"bench startup: training on {data}")
     return time.perf_counter() - start
 
 

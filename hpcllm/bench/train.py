@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from hpcllm.cluster.launcher import launch_command, launch_env
+from hpcllm.cluster.launcher import launch_command, launch_env, run_launched
 from hpcllm.data.tokens import open_prepared
 from hpcllm.model.gpt import GPT, GPTShape, flops_per_token
 from hpcllm.observe.metrics import measure_matmul_peak
@@ -83,17 +82,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(command: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step failed: {' '.join(command)}\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
 def _hpcllm(data: Path, steps: int, sets: list[str], ranks: int, env: dict[str, str], work: Path) -> Measured:
     out = work / f"hpcllm-{ranks}-{len(list(work.iterdir()))}"
     prefix = launch_command(ranks, "mpirun") if ranks > 1 else []
-    _run(
+    run_launched(
         prefix
         + [
             sys.executable,
@@ -109,6 +101,7 @@ def _hpcllm(data: Path, steps: int, sets: list[str], ranks: int, env: dict[str, 
             *QUIET,
             *sets,
         ],
+        f"hpcllm train ({ranks} ranks)",
         env,
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +115,7 @@ def _baseline(
 ) -> Measured:
     prefix = launch_command(ranks, "mpirun") if ranks > 1 else []
     env = env | {"HPCLLM_BENCH_INIT": f"tcp://127.0.0.1:{_free_port()}"}
-    out = _run(
+    out = run_launched(
         prefix
         + [
             sys.executable,
@@ -135,6 +128,7 @@ def _baseline(
             str(steps),
             *sets,
         ],
+        f"the {kind} baseline ({ranks} ranks)",
         env,
     )
     result = json.loads(out.strip().splitlines()[-1])

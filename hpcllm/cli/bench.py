@@ -176,18 +176,16 @@ def train(args: argparse.Namespace) -> int:
 
 def layout_variant(text: str, sets: list[str]) -> tuple[str, int, list[str]]:
     """(name, ranks, `hpcllm train` flags) of `--layout` text, checked against the global batch now."""
-    from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
+    from hpcllm.planner.search import layout_arguments, layout_settings, layout_text, parse_layout
     from hpcllm.training import config
     from hpcllm.training.plan import make_plan
 
     layout = parse_layout(text, config.load(assignments=sets).train.global_batch)
-    flags = layout_arguments(layout)  # --tp T --pp P, then --set pairs
-    settings = [f"parallel.tp={layout.tp}", f"parallel.pp={layout.pp}", *flags[5::2]]
     try:  # what `hpcllm train` would refuse, refused before any run starts
-        make_plan(config.load(assignments=[*sets, *settings]), layout.gpus)
+        make_plan(config.load(assignments=[*sets, *layout_settings(layout)]), layout.gpus)
     except UsageError as exc:
         raise UsageError(f"--layout {text}: {exc}") from exc
-    return layout_text(layout), layout.gpus, flags
+    return layout_text(layout), layout.gpus, layout_arguments(layout)
 
 
 def prepared_data(path: str | None) -> Path:

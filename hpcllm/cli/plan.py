@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +136,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
+    from hpcllm.cli.bench import prepared_data
     from hpcllm.planner import calibrate as bench
     from hpcllm.planner import profiles
 
     out = Path(args.out) if args.out else profiles.user_dir() / f"{profiles.LOCAL}.yaml"
     if out.exists() and not out.is_file():
         raise UsageError(f"--out {out} is not a file")
-    from hpcllm.cli.bench import prepared_data
-
+    try:  # found unwritable now, not after minutes of benchmarks
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create {out.parent} ({exc.strerror}); choose another") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {out}: {out.parent} is not writable; choose another")
     if args.seconds <= 0 or args.steps < 20:
         raise UsageError(
             f"plan calibrate needs --seconds > 0 and --steps >= 20, not {args.seconds}, {args.steps}"
@@ -163,6 +169,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def validate(args: argparse.Namespace) -> int:
     """Run layouts here with `bench train` and set them against the prediction."""
+    from hpcllm.bench import train as bench_train
     from hpcllm.cli.bench import layout_variant, prepared_data
     from hpcllm.data.tokens import open_prepared
     from hpcllm.planner import profiles
@@ -187,11 +194,12 @@ def validate(args: argparse.Namespace) -> int:
     data = prepared_data(args.data)
     vocab = open_prepared(data, verify=False).vocab_size
     model = ModelSpec(vocab=vocab, **PRESETS[preset])
-    spread: dict[str, tuple[float, float]] = {}
-    measured = _layout_runner(data, spread)(variants, sets, args.steps, args.repeat)
-    result = check.compare(model, cluster, global_batch, measured)
-    for row in result["rows"]:
-        row["min"], row["max"] = spread[row["layout"]]
+    bench = bench_train.run(data, args.steps, sets, args.repeat, keys=(), layouts=variants)
+    result = check.compare(
+        model, cluster, global_batch, {r["name"]: r["tokens_per_s"] for r in bench["rows"]}
+    )
+    for row, measured in zip(result["rows"], bench["rows"], strict=True):
+        row["min"], row["max"] = measured["min"], measured["max"]
     result |= {
         "cluster": cluster.name,
         "steps": args.steps,
@@ -204,15 +212,13 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layout_runner(data: Path, spread: dict[str, tuple[float, float]] | None = None) -> Any:
-    """Runs layouts through `hpcllm bench train` (interleaved, repeated): tokens/s by name, and
-    into `spread` the min and max over the intervals."""
+def _layout_runner(data: Path) -> Any:
+    """What `plan calibrate` runs its layouts with: `hpcllm bench train` (interleaved, repeated),
+    tokens/s by name."""
     from hpcllm.bench import train as bench_train
 
     def measure(variants: list[Any], flags: list[str], steps: int, repeat: int) -> dict[str, float]:
         result = bench_train.run(data, steps, flags, repeat, keys=(), layouts=variants)
-        if spread is not None:
-            spread.update({row["name"]: (row["min"], row["max"]) for row in result["rows"]})
         return {row["name"]: row["tokens_per_s"] for row in result["rows"]}
 
     return measure

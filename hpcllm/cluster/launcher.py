@@ -161,6 +161,26 @@ def launch_command(ranks: int, launcher: str | None = None, nodes: int | None = 
     return ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
 
 
+def run_launched(
+    command: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 1800
+) -> str:
+    """Run a benchmark's sub-run (one process, or ranks under `launch_command`) and return its
+    stdout; a failure or a timeout is an EnvironmentProblem naming `what`, with its stderr's end."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=launch_env() if env is None else env, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise EnvironmentProblem(f"{what} did not finish in {timeout:g} s: {' '.join(command)}") from exc
+    if proc.returncode != 0:
+        raise EnvironmentProblem(
+            f"{what} failed (exit {proc.returncode}): {' '.join(command)}\n{proc.stderr[-2000:]}"
+        )
+    return proc.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m hpcllm.launcher -np N CMD...`: run CMD in N ranks with the workstation defaults."""
     import sys

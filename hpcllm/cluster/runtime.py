@@ -145,6 +145,11 @@ def every_rank_checks(comm: Any, action: Callable[[], T]) -> T:
 # ---- device, threads, seeds ---------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads(local_size: int, env: dict[str, str] | None = None) -> int:
     """Threads per rank so that the ranks on a node do not oversubscribe its cores.
 
@@ -155,7 +160,7 @@ def cpu_threads(local_size: int, env: dict[str, str] | None = None) -> int:
     for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
         if env.get(name, "").isdigit() and int(env[name]) > 0:
             return int(env[name])
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    allowed = usable_cores()
     total = os.cpu_count() or allowed
     if allowed < total:
         return allowed

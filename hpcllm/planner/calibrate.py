@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,10 +55,6 @@ Times = dict[tuple[int, int, int], float]  # (hidden, tokens, layers): seconds
 MeasureLayouts = Callable[[list[tuple[str, int, list[str]]], list[str], int, int], dict[str, float]]
 CALIBRATION_MODEL = {"n_layer": 4, "n_embd": 64, "n_head": 2, "block_size": 64}
 CALIBRATION_BATCH = 32
-
-
-def node_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _median_seconds(work: Callable[[], Any], seconds: float) -> float:
@@ -158,14 +153,12 @@ def memory_gbps(seconds: float) -> float:
 
 def allreduce_rows(ranks: int) -> list[dict[str, Any]]:
     """`hpcllm bench allreduce` with mpi4py under mpirun, one rank per core."""
-    from hpcllm.cluster.launcher import launch_command, launch_env
+    from hpcllm.cluster.launcher import launch_command, run_launched
 
     command = launch_command(ranks, "mpirun") + [sys.executable, "-m", "hpcllm.cli", "bench", "allreduce"]
     command += ["--engines", "mpi4py", "--min-bytes", "4096", "--max-bytes", str(4 << 20), "--factor", "4"]
-    proc = subprocess.run(command + ["--json"], capture_output=True, text=True, env=launch_env(), timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the allreduce benchmark failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout[proc.stdout.index("[") :])
+    out = run_launched(command + ["--json"], "the allreduce benchmark", timeout=600)
+    return json.loads(out[out.index("[") :])
 
 
 def fit_allreduce(rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -179,14 +172,12 @@ def fit_allreduce(rows: list[dict[str, Any]]) -> tuple[float, float]:
 
 def _ranks_model_times(ranks: int, seconds: float) -> Times:
     """`model_times` of one single-threaded rank per core, all at once (the slowest rank's)."""
-    from hpcllm.cluster.launcher import launch_command, launch_env
+    from hpcllm.cluster.launcher import launch_command, launch_env, run_launched
 
     command = launch_command(ranks, "mpirun") + [sys.executable, "-m", __name__, str(seconds)]
     env = launch_env() | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the per-core GPT benchmark failed:\n{proc.stderr[-2000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_launched(command, "the per-core GPT benchmark", env, timeout=900)
+    rows = json.loads(out.strip().splitlines()[-1])
     return {(h, t, n): v for h, t, n, v in rows}
 
 
@@ -200,9 +191,10 @@ def calibrate(
 ) -> dict[str, Any]:
     """Run the benchmarks on this node's cores and return the profile's fields, with the
     measurements behind them under `measured`; the parallel runs train on `data` for `steps`."""
+    from hpcllm.cluster.runtime import usable_cores
     from hpcllm.observe.metrics import measure_matmul_peak
 
-    cores = node_cores()
+    cores = usable_cores()
     torch.set_num_threads(cores)
     say(f"matmul peak on {cores} cores ...")
     peak = measure_matmul_peak(torch.device("cpu"), seconds=2 * seconds)
@@ -314,7 +306,7 @@ def parallel_terms(
 
 COMMENTS = {
     "gpus_per_node": "ranks a node runs by default: one per core",
-    "cores_per_node": "the node's ranks share these cores (os.sched_getaffinity)",
+    "cores_per_node": "the node's ranks share these cores (the ones this process may use)",
     "memory_gib": "the node's RAM",
     "peak_flops": "fp32 matmul 1024^3 on all cores (the MFU denominator)",
     "gemm_efficiency": "fitted: GPT blocks' forward+backward rate, a rank per core, at large sizes / peak",
@@ -369,7 +361,6 @@ def _main() -> None:
 
     comm = MPI.COMM_WORLD
     torch.set_num_threads(1)
-    comm.Barrier()
     times = model_times(float(sys.argv[1]), together=comm.Barrier)
     slowest = comm.reduce([[h, t, n, v] for (h, t, n), v in times.items()], op=_slowest)
     if comm.rank == 0:

@@ -115,12 +115,19 @@ def layout_text(layout: Layout) -> str:
     return ",".join(parts)
 
 
-def layout_arguments(layout: Layout) -> list[str]:
-    """`hpcllm train` flags that run `layout` (dp is what the world leaves)."""
-    settings = [
+def layout_settings(layout: Layout) -> list[str]:
+    """The configuration assignments (key=value) that run `layout`; dp is what the world leaves."""
+    return [
+        f"parallel.tp={layout.tp}",
+        f"parallel.pp={layout.pp}",
         f"train.micro_batch={layout.micro_batch}",
         f"train.recompute={layout.recompute}",
         f"parallel.zero={layout.zero}",
         f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
     ]
-    return ["--tp", str(layout.tp), "--pp", str(layout.pp)] + [a for s in settings for a in ("--set", s)]
+
+
+def layout_arguments(layout: Layout) -> list[str]:
+    """`hpcllm train` flags that run `layout`: --tp and --pp as a user writes them, the rest --set."""
+    rest = layout_settings(layout)[2:]
+    return ["--tp", str(layout.tp), "--pp", str(layout.pp)] + [a for s in rest for a in ("--set", s)]

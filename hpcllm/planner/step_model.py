@@ -8,16 +8,20 @@ Time (seconds per step, on the slowest rank of the critical path):
     tp            per layer and micro-batch, 2 allreduces forward and 2 backward of b*s*h bf16
                   elements over the TP group (2 more with full recomputation); with sequence
                   parallelism an all-gather plus a reduce-scatter each, the same bytes
-    bubble        the pipeline's idle share: (p - 1)/(m + p - 1) of the step
+    bubble        the pipeline's idle share: (p - 1)/(m + p - 1) of the step, the pipeline moving
+                  at the pace of its slowest stage (layers split as hpcllm splits them)
     dp            ring allreduce of the rank's gradients over DP (2(n-1)/n of the bytes; reduce-
                   scatter alone at zero = 2), across nodes when the DP group spans them, of which
                   `dp_overlap` hides behind backward
     zero          zero >= 1: the all-gather of the updated parameters ((n-1)/n of the bytes)
+    optimizer     AdamW's 28 bytes per updated parameter through `memory_gbps`
+On a CPU node the ranks share the cores, and the profile's fixed costs and `step_scale` apply
+(profiles.ClusterProfile says what each is; `plan calibrate` measures them).
 Memory (bytes per rank): weights, gradients and optimizer state as hpcllm holds them (fp32
 weights and gradients, two fp32 Adam moments: 16 bytes per parameter, sharded by ZeRO), and
 activations after Korthikanti et al. 2022 for 16-bit activations: s*b*h*(34 + 5*a*s/h) per layer,
 split by tp, sequence parallelism and recomputation as the paper shows, for the micro-batches a
-stage holds at once (1F1B: p on the first stage, so l layers' worth; GPipe: all m).
+stage holds at once (1F1B: p - i on stage i; GPipe: all m), on the fullest stage.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from hpcllm.parallel.pipeline.partition import balanced_stages
 from hpcllm.planner.profiles import ClusterProfile
 
 GIB = 1024**3
-BF16 = 2  # bytes of an activation on the wire and in memory
 MEMORY_HEADROOM = 0.9  # the allocator's fragmentation and the CUDA context
 
 
@@ -46,9 +49,19 @@ class ModelSpec:
     vocab: int
 
     @property
+    def block_parameters(self) -> int:
+        """qkv, attention projection, MLP in and out, two LayerNorms (as GPTShape counts them)."""
+        return 12 * self.n_embd**2 + 13 * self.n_embd
+
+    @property
+    def embedding_parameters(self) -> int:
+        """Token and position embeddings, on the first stage."""
+        return (self.vocab + self.block_size) * self.n_embd
+
+    @property
     def parameters(self) -> int:
-        h, layer = self.n_embd, 12 * self.n_embd**2 + 13 * self.n_embd
-        return self.n_layer * layer + (self.vocab + self.block_size) * h + 2 * h
+        """Of the whole model (the head is tied to the token embedding)."""
+        return self.n_layer * self.block_parameters + self.embedding_parameters + 2 * self.n_embd
 
 
 @dataclass(frozen=True)
@@ -151,20 +164,20 @@ def stage_layers(model: ModelSpec, pp: int) -> tuple[int, ...]:
     """Layers per pipeline stage as hpcllm assigns them (balanced by parameters; model.partition)."""
     if pp == 1:
         return (model.n_layer,)
-    h = model.n_embd
-    embedding, head = (model.vocab + model.block_size) * h, model.vocab * h + 2 * h
-    return tuple(balanced_stages([12 * h * h + 13 * h] * model.n_layer, embedding, head, pp))
+    head = model.vocab * model.n_embd + 2 * model.n_embd
+    return tuple(
+        balanced_stages([model.block_parameters] * model.n_layer, model.embedding_parameters, head, pp)
+    )
 
 
 def _stage_parameters(model: ModelSpec, stage: int, layers: int, pp: int) -> float:
     """Parameters a stage holds: its layers, the embeddings on the first, the final norm and the
     head on the last (tied to the token embedding: a copy of it when pp > 1)."""
-    h = model.n_embd
-    held = layers * (12 * h * h + 13 * h)
+    held = layers * model.block_parameters
     if stage == 0:
-        held += (model.vocab + model.block_size) * h
+        held += model.embedding_parameters
     if stage == pp - 1:
-        held += 2 * h + (model.vocab * h if pp > 1 else 0)
+        held += 2 * model.n_embd + (model.vocab * model.n_embd if pp > 1 else 0)
     return held
 
 

@@ -71,37 +71,39 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
     the same plan, or the same one-line error."""
 
     def decide() -> tuple[Plan, Path]:
-        if args.layout == "auto":
-            _check_auto_layout(args)
+        cluster = _auto_layout_profile(args) if args.layout == "auto" else None
         out, saved = open_run_dir(args.out, args.resume)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())
-        if args.layout == "auto":
-            config = _auto_layout(config, rt)
+        if cluster is not None:  # the planner's choice, as if given with --set
+            chosen = _auto_layout(config, cluster, rt)
+            config = config_mod.load(args.config, [*args.set, *chosen], overrides=args.overrides())
         return make_plan(config, rt.size, rt.device.type, saved), out
 
     return runtime.root_decides(rt.comm, decide)
 
 
-def _check_auto_layout(args: TrainArgs) -> None:
-    """--layout auto chooses the layout of a new run, from a calibrated profile."""
+def _auto_layout_profile(args: TrainArgs) -> Any:
+    """--layout auto chooses the layout of a new run, from the calibrated profile it returns; any
+    refusal comes before anything is written."""
     from hpcllm.planner import profiles
 
     if args.tp is not None or args.pp is not None:
         raise UsageError("--layout auto chooses tp and pp itself; drop --tp/--pp, or drop --layout auto")
     if args.resume:
         raise UsageError("--layout auto is for a new run; --resume continues in the run's own layout")
-    profiles.load(profiles.LOCAL)  # one line, exit 2, before anything is written, if not calibrated
+    return profiles.load(profiles.LOCAL)
 
 
-def _auto_layout(config: config_mod.Config, rt: runtime.Runtime) -> config_mod.Config:
-    """The planner's fastest layout for this world, logged with the reasons."""
+def _auto_layout(config: config_mod.Config, cluster: Any, rt: runtime.Runtime) -> list[str]:
+    """The planner's fastest layout for this world as configuration assignments, logged with the
+    reasons."""
     from hpcllm.planner import auto
 
     data = config.data.path or str(default_data_dir())
-    chosen, lines = auto.choose(config, rt.size, rt.local_size, auto.vocabulary(data))
+    settings, lines = auto.choose(config, cluster, rt.size, rt.local_size, auto.vocabulary(data))
     for line in lines:
         log.info("%s", line)
-    return chosen
+    return settings
 
 
 def _log_engines(plan: Plan, device: torch.device) -> None:
