@@ -1,5 +1,6 @@
 """`hpcllm plan`: the step model against published runs, the search, and bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -212,6 +213,16 @@ def test_validation_statistics():
     result = validate.compare(TINY_SPEC, CPU_NODE, 32, measured)
     assert result["spearman"] == pytest.approx(1) and result["best_in_top2"]
     assert result["predicted_best"] == "tp=1,pp=1,dp=2,micro_batch=8"
+    # Re-anchoring: a profile calibrated at half this machine's speed is brought back by the
+    # reference run measured now, whatever the layout of that run.
+    now = dataclasses.replace(CPU_NODE, step_scale=2.0)
+    name, ranks, flags = validate.reference_run()
+    assert ranks >= 1 and flags[:2] == ["--tp", "1"] and "model.n_layer=4" in flags
+    reference = validate._reference_layout()
+    spec = ModelSpec(vocab=4096, **calibrate.CALIBRATION_MODEL)
+    at_now = predict(spec, reference, now, calibrate.CALIBRATION_BATCH, ranks_per_node=reference.gpus)
+    fast = validate.anchored(CPU_NODE, 4096, at_now.tokens_per_s)
+    assert fast.step_scale == pytest.approx(2.0 * CPU_NODE.step_scale, rel=1e-6)
     layout = parse_layout("tp=2,pp=1,dp=2,micro_batch=4,zero=1,recompute=full,sequence_parallel=true", 32)
     assert parse_layout(layout_text(layout), 32) == layout
     assert layout_arguments(layout)[:4] == ["--tp", "2", "--pp", "1"]

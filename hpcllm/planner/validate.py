@@ -6,16 +6,25 @@ line does the running) and predicted from a cluster profile (the calibrated `loc
 default). Reported: the error of every prediction, their median absolute error, the Spearman rank
 correlation of predicted and measured tokens/s, and whether the layout predicted fastest is among
 the two measured fastest.
+
+This machine's speed drifts (a shared VM: the same run differs by up to 2x an hour apart), so a
+profile calibrated in a slow hour predicts a fast one too slow, all layouts alike. Validation
+therefore runs the calibration's reference run (its model on every core, not one of the validated
+layouts) interleaved with the layouts, and re-fits `step_scale` to it: the one term that stands for
+"how fast is this machine now". Both the raw and the re-anchored errors are reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Any
 
+from hpcllm.cluster.runtime import usable_cores
+from hpcllm.planner.calibrate import CALIBRATION_BATCH, CALIBRATION_MODEL, calibration_layouts
 from hpcllm.planner.profiles import ClusterProfile
-from hpcllm.planner.search import parse_layout
+from hpcllm.planner.search import Layout, layout_arguments, parse_layout
 from hpcllm.planner.step_model import ModelSpec, predict
 
 # Runnable on a 2-core machine in a few minutes each round: dp, tp and pp up to 8 ranks, their
@@ -42,6 +51,30 @@ LAYOUTS = (
 )
 MEDIAN_ERROR_TARGET = 0.15
 SPEARMAN_TARGET = 0.8
+
+
+REFERENCE = "reference: the calibration model on every core"
+
+
+def reference_run() -> tuple[str, int, list[str]]:
+    """(name, ranks, `hpcllm train` flags) of the calibration's reference run, as bench train runs it."""
+    layout = _reference_layout()
+    model = [f"model.{key}={value}" for key, value in CALIBRATION_MODEL.items()]
+    sets = [*model, f"train.global_batch={CALIBRATION_BATCH}"]
+    return REFERENCE, layout.gpus, layout_arguments(layout) + [a for s in sets for a in ("--set", s)]
+
+
+def _reference_layout() -> Layout:
+    return calibration_layouts(usable_cores())["reference"]
+
+
+def anchored(cluster: ClusterProfile, vocab: int, reference_tokens_per_s: float) -> ClusterProfile:
+    """`cluster` with `step_scale` re-fitted to the reference run measured now."""
+    layout = _reference_layout()
+    model = ModelSpec(vocab=vocab, **CALIBRATION_MODEL)
+    predicted = predict(model, layout, cluster, CALIBRATION_BATCH, ranks_per_node=layout.gpus).step_s
+    measured = CALIBRATION_BATCH * model.block_size / reference_tokens_per_s
+    return dataclasses.replace(cluster, step_scale=cluster.step_scale * measured / predicted)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -106,6 +139,13 @@ def render(result: dict[str, Any]) -> str:
             f"{r['layout']:<{width}} {r['ranks']:>5} {r['measured_tokens_per_s']:>14,.0f} "
             f"{r.get('min', 0):>6,.0f}-{r.get('max', 0):<6,.0f} {r['predicted_tokens_per_s']:>10,.0f} "
             f"{r['error']:>+7.1%}"
+        )
+    if "raw" in result:
+        raw, scale = result["raw"], result["step_scale"]
+        lines.append(
+            f"step_scale re-anchored to the reference run now: {scale['calibrated']:.2f} -> "
+            f"{scale['now']:.2f} (without it: median absolute error {raw['median_abs_error']:.1%}, "
+            f"Spearman {raw['spearman']:.2f})"
         )
     lines += [
         f"median absolute error {result['median_abs_error']:.1%} (target <= {MEDIAN_ERROR_TARGET:.0%}), "
