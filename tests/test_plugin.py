@@ -88,3 +88,146 @@ def test_unknown_marker_argument_is_a_clear_error(pytester):
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(failed=1)
     assert "unknown mpi marker argument(s) ['procs']" in result.stdout.str()
+
+
+OUTCOMES = textwrap.dedent(
+    """
+    import pytest
+
+    @pytest.mark.mpi(ranks=2)
+    @pytest.mark.xfail(reason="known bug")
+    def test_xfail_that_fails_in_the_ranks(comm):
+        assert False
+
+    @pytest.mark.mpi(ranks=2)
+    @pytest.mark.xfail(reason="only rank 1 fails")
+    def test_xfail_that_fails_on_rank_one_only(comm):
+        comm.Barrier()
+        assert comm.Get_rank() == 0
+
+    @pytest.mark.mpi(ranks=2)
+    @pytest.mark.xfail(reason="fixed since")
+    def test_xpass(comm):
+        pass
+
+    @pytest.mark.mpi(ranks=2)
+    @pytest.mark.xfail(strict=True, reason="must fail")
+    def test_strict_xpass(comm):
+        pass
+
+    @pytest.mark.mpi(ranks=2)
+    @pytest.mark.skip(reason="marked skip")
+    def test_marked_skip(comm):
+        pass
+
+    @pytest.fixture
+    def broken():
+        raise RuntimeError("the fixture broke")
+
+    @pytest.mark.mpi(ranks=2)
+    def test_error_in_a_fixture(broken):
+        pass
+    """
+)
+
+
+def test_outcomes_are_pytests_own(pytester):
+    """xfail, xpass, strict xfail, skip and a fixture's error end as they would without the plugin."""
+    pytester.makepyfile(test_outcomes=OUTCOMES)
+    result = pytester.runpytest_subprocess("-p", "no:pytest_mpi", "-rxXs")
+    result.assert_outcomes(xfailed=2, xpassed=1, failed=1, skipped=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_error_in_a_fixture*",
+            "*XPASS(strict)*must fail*",
+            "XFAIL *test_xfail_that_fails_in_the_ranks - known bug",
+            "XPASS *test_xpass - fixed since",
+            "SKIPPED*marked skip",
+        ]
+    )
+
+
+# Written after the documented usage of pytest-isolate-mpi (ranks lists, timeout with unit,
+# mpi_ranks) and pytest-mpi (min_size, mpi_tmpdir / mpi_tmp_path).
+ISOLATE_MPI_STYLE = textwrap.dedent(
+    """
+    import time
+
+    import pytest
+    from mpi4py import MPI
+
+    @pytest.mark.mpi(ranks=[1, 2, 3])
+    def test_number_of_processes_matches_ranks(mpi_ranks):
+        assert MPI.COMM_WORLD.Get_size() == mpi_ranks
+
+    @pytest.mark.mpi(ranks=2, timeout=5, unit="s")
+    def test_timeout(mpi_ranks, comm):
+        for _ in range(60):
+            time.sleep(1)
+    """
+)
+PYTEST_MPI_STYLE = textwrap.dedent(
+    """
+    import pytest
+
+    @pytest.mark.mpi(min_size=2)
+    def test_size():
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        assert comm.size >= 2
+
+    @pytest.mark.mpi(min_size=2)
+    def test_shared_folders(mpi_tmpdir, mpi_tmp_path):
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        if comm.rank == 0:
+            mpi_tmpdir.join("from-0").write("hello")
+        comm.Barrier()
+        assert (mpi_tmp_path / "from-0").read_text() == "hello"
+        assert str(mpi_tmpdir) == str(mpi_tmp_path)
+    """
+)
+
+
+def test_pytest_isolate_mpi_tests_run_unchanged(pytester):
+    pytester.makepyfile(test_isolate_style=ISOLATE_MPI_STYLE)
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess("-p", "no:pytest_mpi", "-v")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*test_number_of_processes_matches_ranks?mpi_ranks=3? PASSED*"])
+    assert "timed out: killed all 2 ranks" in result.stdout.str()
+    assert time.monotonic() - start < 5 * 60, "timeout=5, unit='s' is seconds"
+
+
+def test_pytest_mpi_tests_run_with_and_without_pytest_mpi_installed(pytester):
+    """The rule when both are installed: a plain session is hpcllm's (it launches the ranks, with
+    pytest-mpi working inside them); `mpirun ... pytest --with-mpi` is pytest-mpi's."""
+    import subprocess
+    import sys
+
+    from hpcllm.cluster.launcher import launch_command, launch_env
+
+    pytester.makepyfile(test_pytest_mpi_style=PYTEST_MPI_STYLE)
+    pytester.runpytest_subprocess("-p", "no:pytest_mpi").assert_outcomes(passed=2)
+    both = pytester.runpytest_subprocess()  # pytest-mpi is installed next to hpcllm (make setup)
+    both.assert_outcomes(passed=2)
+    under_mpirun = subprocess.run(
+        [
+            *launch_command(2, "mpirun"),
+            sys.executable,
+            "-m",
+            "pytest",
+            "--with-mpi",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=pytester.path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=launch_env(),
+    )
+    assert under_mpirun.returncode == 0, under_mpirun.stdout + under_mpirun.stderr
+    assert under_mpirun.stdout.count("2 passed") == 2, under_mpirun.stdout  # each of the 2 ranks ran both
+    assert "MPI Information" in under_mpirun.stdout  # pytest-mpi's own summary: it ran the session

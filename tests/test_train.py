@@ -1,12 +1,13 @@
 """The main job: dp equivalence, replicas in step, resume, checkpoints, generate, bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import TINY, assert_usage_error, losses, run_hpcllm, train, write_corpus
+from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, train, write_corpus
 from torch.overrides import TorchFunctionMode
 
 WITHOUT_HOROVOD = (
@@ -81,7 +82,9 @@ class HostReads(TorchFunctionMode):
 
 def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     full = tmp_path / "full"
-    proc = train(data_dir, full, "--steps", 12, "--set", "train.ckpt_every=6", "--set", "train.keep=5")
+    proc = train(
+        data_dir, full, "--steps", 12, *sets("train.ckpt_every=6", "train.keep=5", "train.tensorboard=true")
+    )
     assert proc.returncode == 0, proc.stderr
     # A crash just after the step-6 checkpoint: later checkpoints and metrics never happened.
     crashed = tmp_path / "crashed"
@@ -93,6 +96,33 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     a, b = losses(full), losses(crashed)
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # bitwise on CPU, same layout
     assert (crashed / "checkpoints" / "step-00000012" / "manifest.json").exists()
+    # TensorBoard's own reader sees each step once, with the resumed run's values after step 6.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in (full, crashed):
+        events = EventAccumulator(str(run / "tensorboard")).Reload()
+        assert {"loss/train", "loss/val", "train/lr", "train/grad_norm", "speed/tokens_per_s"} <= set(
+            events.Tags()["scalars"]
+        )
+        assert any(tag.startswith("phase_ms/") for tag in events.Tags()["scalars"])
+        train_loss = {e.step: e.value for e in events.Scalars("loss/train")}
+        assert sorted(train_loss) == list(range(1, 13))
+        assert train_loss == pytest.approx(losses(run), rel=1e-6)
+    # Both runs in one picture and one table; an existing picture is kept unless --force.
+    picture = tmp_path / "both.png"
+    proc = run_hpcllm(["runs", "compare", full, crashed, "--out", picture])
+    assert proc.returncode == 0, proc.stderr
+    assert picture.stat().st_size > 0
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:3] == ["run", "tp", "pp"] and [line.split()[0] for line in table[1:3]] == [
+        "full",
+        "crashed",
+    ]
+    assert f"{losses(full)[12]:.4f}" in table[1]
+    assert_usage_error(run_hpcllm(["runs", "compare", full, "--out", picture]), "exists", "--force")
+    assert_usage_error(
+        run_hpcllm(["runs", "compare", tmp_path, "--out", tmp_path / "x.png"]), "metrics.jsonl"
+    )
 
 
 def test_resume_may_ramp_the_batch_but_not_change_seed_or_data(data_dir, tmp_path):
@@ -158,27 +188,31 @@ def test_generate_from_a_fresh_checkpoint_single_and_task_parallel(data_dir, tmp
     assert one.returncode == 0, one.stderr
     assert one.stdout.startswith("def ") and len(one.stdout) > len("def ")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("def f(\nreturn self\nx = 1\nrank\ngrad tensor\n")
-    for ranks, name in ((None, "g1.jsonl"), (2, "g2.jsonl")):
-        proc = run_hpcllm(
-            [
-                "generate",
-                "--run",
-                run,
-                "--prompts",
-                prompts,
-                "--max-new-tokens",
-                8,
-                "--output",
-                tmp_path / name,
-            ],
-            ranks=ranks,
-        )
+    prompts.write_text("def f(\nreturn self\nx = 1\nrank\ngrad tensor\n" + "def " * 40 + "\n")
+    greedy = ["--temperature", 0]
+    variants = {
+        "g1": (None, []),
+        "g2": (2, []),  # task-parallel over two replicas
+        "g3": (None, ["--batch-size", 1, "--no-cache"]),  # one prompt at a time, no KV cache
+        "t1": (None, greedy),
+        "t2": (2, [*greedy, "--tp", 2]),  # one replica of two tensor-parallel ranks
+    }
+    for name, (ranks, extra) in variants.items():
+        command = ["generate", "--run", run, "--prompts", prompts, "--max-new-tokens", 8]
+        proc = run_hpcllm([*command, "--output", tmp_path / f"{name}.jsonl", *extra], ranks=ranks)
         assert proc.returncode == 0, proc.stderr
+        if name == "t2":
+            mine, whole = re.search(
+                r"tp 2: ([\d.]+) MB of weights on each rank, of ([\d.]+) MB", proc.stdout
+            ).groups()
+            assert float(mine) < 0.6 * float(whole), proc.stdout  # about half: the norms are replicated
     rows = [json.loads(line) for line in (tmp_path / "g1.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == prompts.read_text().splitlines()
-    # Seeded per prompt: the same text whichever rank sampled it.
-    assert (tmp_path / "g1.jsonl").read_text() == (tmp_path / "g2.jsonl").read_text()
+    # Seeded per prompt: the same text whichever rank or batch sampled it, with or without the cache
+    # (the last prompt is longer than block_size: its context slides).
+    text = (tmp_path / "g1.jsonl").read_text()
+    assert text == (tmp_path / "g2.jsonl").read_text() == (tmp_path / "g3.jsonl").read_text()
+    assert (tmp_path / "t1.jsonl").read_text() == (tmp_path / "t2.jsonl").read_text()
 
 
 # ---- bad input: one line, exit 2, nothing overwritten --------------------------------------

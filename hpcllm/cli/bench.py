@@ -19,7 +19,7 @@ from hpcllm.errors import UsageError
 def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
-        help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline",
+        help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline, memory, generate",
         description="Benchmarks whose results docs/benchmarks.md records, as ratios measured side by side.",
     )
     kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
@@ -81,6 +81,17 @@ def add_parser(commands: Any) -> None:
     me.add_argument("--json", action="store_true", help="machine-readable output")
     me.set_defaults(func=memory)
 
+    ge = kinds.add_parser(
+        "generate", help="greedy generation tokens/s: KV cache vs none vs transformers' generate"
+    )
+    ge.add_argument("--model", default="tiny", help="preset whose shape is measured (tiny)")
+    ge.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt (256)")
+    ge.add_argument("--batches", default="1,8", help="batch sizes (1,8)")
+    ge.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant, best kept (2)")
+    ge.add_argument("--data", help="prepared data whose tokenizer to use (default: the default corpus)")
+    ge.add_argument("--json", action="store_true", help="machine-readable output")
+    ge.set_defaults(func=generate)
+
     st = kinds.add_parser("startup", help="time from launch to the first step, by token-file size")
     st.add_argument("--sizes", default="0.1,4", help="train-split sizes in GB, synthetic tokens (0.1,4)")
     st.add_argument("--ranks", type=int, default=2, help="ranks per training run (2)")
@@ -104,6 +115,20 @@ def allreduce(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1) if args.json else bench.render(rows))
         if args.plot:
             bench.plot(rows, Path(args.plot))
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from hpcllm.bench import generate as bench
+    from hpcllm.training.config import PRESETS
+
+    if args.model not in PRESETS:
+        raise UsageError(f"--model takes a preset ({', '.join(PRESETS)}), not {args.model!r}")
+    if args.new_tokens < 1 or args.repeat < 1:
+        raise UsageError("--new-tokens and --repeat must be at least 1")
+    batches = tuple(_int_list(args.batches, "--batches"))
+    result = bench.run(prepared_data(args.data), args.model, args.new_tokens, batches, args.repeat)
+    print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0
 
 

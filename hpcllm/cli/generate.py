@@ -12,8 +12,9 @@ def add_parser(commands: Any) -> None:
     gen = commands.add_parser(
         "generate",
         help="sample text from a trained run",
-        description="Sample from a run's latest (or a named) checkpoint. --prompts FILE (a prompt per line) "
-        "under mpirun spreads the prompts over the ranks and writes JSONL in the input order.",
+        description="Sample from a run's latest (or a named) checkpoint, with a KV cache, in batches. "
+        "--prompts FILE (a prompt per line) under mpirun spreads the batches over the world / tp "
+        "replicas and writes JSONL in the input order; --tp N splits the model over N ranks.",
     )
     gen.add_argument("--run", required=True, help="run directory (hpcllm train --out)")
     gen.add_argument("--prompt", help="one prompt; the completion goes to stdout")
@@ -24,6 +25,13 @@ def add_parser(commands: Any) -> None:
     gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (0.8)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (50)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gen.add_argument(
+        "--tp", type=int, default=1, help="split the model over this many ranks (tensor parallel)"
+    )
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (8)")
+    gen.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole context for every token (no KV cache)"
+    )
     gen.set_defaults(func=run)
 
 

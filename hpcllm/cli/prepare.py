@@ -20,7 +20,10 @@ def add_parser(commands: Any) -> None:
     prep.add_argument("sources", nargs="*", metavar="SOURCE", help="text file, directory or .jsonl file")
     prep.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
     prep.add_argument(
-        "--tokenizer", choices=["bpe", "byte"], default="bpe", help="byte-level BPE (default) or bytes"
+        "--tokenizer",
+        default="bpe",
+        help="bpe: a byte-level BPE trained on the corpus (default); byte: bytes; or a tokenizer.json "
+        "or a folder holding one (an exported Hugging Face model) to reuse",
     )
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     prep.add_argument(

@@ -29,6 +29,12 @@ def add_parser(commands: Any) -> None:
         "predicts fastest for the ranks found, from the calibrated local profile (`hpcllm plan calibrate`)",
     )
     tr.add_argument(
+        "--init-from",
+        metavar="hf:DIR",
+        help="start from a Hugging Face GPT-2 folder (train.init_from): its shape and weights, at any "
+        "tp/pp; the data must be prepared with its tokenizer (hpcllm prepare --tokenizer DIR)",
+    )
+    tr.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     tr.add_argument(

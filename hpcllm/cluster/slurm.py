@@ -22,58 +22,17 @@ TEMPLATES = ("gpu", "gpu-mpirun", "cpu", "array")
 # ---- hostlists ----------------------------------------------------------------------------
 
 
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise UsageError(f"hostlist {text!r} has an unmatched ']'")
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise UsageError(f"hostlist {text!r} has an unmatched '['")
-    parts.append("".join(current))
-    return [p for p in parts if p]
-
-
-def _expand_ranges(spec: str, text: str) -> list[str]:
-    values = []
-    for item in spec.split(","):
-        low, sep, high = item.partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
-            raise UsageError(f"hostlist {text!r}: {item!r} is not a number or a range like 01-04")
-        if not sep:
-            values.append(low)
-            continue
-        width = len(low) if low.startswith("0") else 0
-        start, end = int(low), int(high)
-        if end < start:
-            raise UsageError(f"hostlist {text!r}: range {item!r} runs backwards")
-        values += [str(n).zfill(width) for n in range(start, end + 1)]
-    return values
-
-
-def _expand_one(name: str, text: str) -> list[str]:
-    match = re.search(r"\[([^\[\]]*)\]", name)
-    if match is None:
-        return [name]
-    head, tail = name[: match.start()], name[match.end() :]
-    return [
-        host
-        for value in _expand_ranges(match.group(1), text)
-        for host in _expand_one(head + value + tail, text)
-    ]
-
-
 def expand_hostlist(text: str) -> list[str]:
-    """`gpu[01-03,07],login1` → gpu01 gpu02 gpu03 gpu07 login1 (Slurm's compressed hostlist form)."""
-    return [host for part in _split_top_level(text.strip()) for host in _expand_one(part, text)]
+    """`gpu[01-03,07],login1` → gpu01 gpu02 gpu03 gpu07 login1 (Slurm's compressed hostlist form),
+    by the well-kept python-hostlist package; a malformed list is one line saying so."""
+    import hostlist
+
+    try:
+        return hostlist.expand_hostlist(text.strip(), sort=False)
+    except hostlist.BadHostlist as exc:
+        raise UsageError(
+            f"hostlist {text!r} is malformed ({exc}); write it as Slurm does, e.g. gpu[01-04]"
+        ) from exc
 
 
 # ---- validating what users type -----------------------------------------------------------

@@ -76,8 +76,17 @@ class FileStats:
 
 
 def check_options(opts: PrepareOptions) -> None:
-    if opts.tokenizer not in tok.KINDS:
-        raise UsageError(f"--tokenizer must be one of {', '.join(tok.KINDS)}, not {opts.tokenizer}")
+    try:
+        given = tok.given_file(opts.tokenizer)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; {opts.tokenizer} is none of these") from exc
+    if given is not None:
+        try:
+            tok.eot_id(tok.load(given))
+        except Exception as exc:  # the tokenizers library raises its own untyped errors
+            raise UsageError(
+                f"--tokenizer {given}: not a usable tokenizer.json with {tok.EOT} ({exc})"
+            ) from exc
     if opts.tokenizer == "bpe" and not 257 <= opts.vocab_size <= 1 << 22:
         raise UsageError(
             f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304"
@@ -103,6 +112,9 @@ def _plan(opts: PrepareOptions) -> Plan:
 def _train_tokenizer(opts: PrepareOptions, files: list[str]) -> str:
     if opts.tokenizer == "byte":
         return tok.byte_tokenizer().to_str()
+    given = tok.given_file(opts.tokenizer)
+    if given is not None:
+        return tok.load(given).to_str()
 
     def sample() -> Any:
         taken = 0

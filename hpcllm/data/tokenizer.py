@@ -63,9 +63,22 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_OF = {ch: byte for byte, ch in _bytes_to_unicode().items()}
 
 
+def given_file(text: str) -> Path | None:
+    """A tokenizer named by path: a tokenizer.json, or a folder holding one (an exported Hugging Face
+    model); None when `text` is a kind (bpe, byte)."""
+    if text in KINDS:
+        return None
+    path = Path(text)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"--tokenizer takes {', '.join(KINDS)}, a tokenizer.json or a folder holding one")
+    return path
+
+
 def eot_id(tokenizer: Tokenizer) -> int:
     token_id = tokenizer.token_to_id(EOT)
-    assert token_id is not None, "tokenizer has no end-of-text token"
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {EOT} token")
     return token_id
 
 

@@ -233,28 +233,3 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def flops_per_token(shape: GPTShape, n_params: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·d·T."""
     return 6 * n_params + 12 * shape.n_layer * shape.n_embd * shape.block_size
-
-
-@torch.no_grad()
-def sample(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Append `max_new_tokens` sampled tokens to each row of `idx` (the context is cropped to block_size)."""
-    for _ in range(max_new_tokens):
-        context = idx[:, -model.shape.block_size :]
-        logits = model(context)[:, -1, :]
-        if temperature <= 0:
-            next_token = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None and top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, next_token], dim=1)
-    return idx

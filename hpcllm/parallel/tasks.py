@@ -59,16 +59,22 @@ def dynamic_map(
     order: Sequence[int],
     work: Callable[[int], T],
     on_done: Callable[[int, T], None] | None = None,
+    team: Any = None,
 ) -> Iterator[tuple[int, T]]:
     """Run `work(task)` for the tasks of `order`, each exactly once somewhere in the job.
 
     Collective: every rank of `comm` must iterate it to the end. Yields (task, result) for the
-    tasks this rank ran; `on_done` sees them too (progress bars).
+    tasks this rank ran; `on_done` sees them too (progress bars). With `team` (a communicator
+    splitting `comm` into teams, e.g. a tensor-parallel group), a team takes each task together:
+    its rank 0 fetches the next one and hands it to the others.
     """
     counter = SharedCounters(comm)
     try:
         while True:
-            position = counter.fetch_add()
+            fetches = team is None or team.Get_rank() == 0
+            position = counter.fetch_add() if fetches else None
+            if team is not None:
+                position = team.bcast(position, root=0)
             if position >= len(order):
                 break
             task = order[position]

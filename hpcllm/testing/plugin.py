@@ -15,6 +15,17 @@ it was stuck. Inside a rank the same plugin runs in *rank mode*: it provides the
 Markers: `mpi(ranks=2, timeout=<ini mpi_timeout>, tp=1, pp=1, nodes=1)`; tp and pp shape the `grid`
 fixture; `nodes=N > 1` runs the ranks with `srun` across N virtual nodes of the session's local
 Slurm cluster (skipped, saying why, where that cluster cannot start).
+
+Tests written for the other MPI plugins run unchanged (docs/testing.md):
+- pytest-isolate-mpi: `mpi(ranks=[1, 2, 4])` runs the test once per rank count (the `mpi_ranks`
+  fixture tells which), `timeout=10, unit="s"|"m"|"h"`, and its `mpi_timeout` marker.
+- pytest-mpi: `mpi(min_size=N)` runs in N ranks; `mpi_tmp_path` and `mpi_tmpdir` are shared by
+  every rank. When pytest-mpi is installed too, the rule is: a session started under mpirun with
+  `--with-mpi` or `--only-mpi` is pytest-mpi's (this plugin launches nothing and the tests run in
+  the ranks the session already has); any other session is this plugin's, which launches the
+  ranks and runs pytest-mpi inside them as if under `mpirun ... --with-mpi`.
+Outcomes are pytest's own: xfail, xpass, strict xfail, skip and errors in fixtures end as they
+would without the plugin.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +56,20 @@ from hpcllm.testing.ranks import (
 
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_STARTUP_S = 90.0
+DEFAULT_RANKS = 2
+TIME_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}  # pytest-isolate-mpi's `unit`
+MARKER_KEYS = ("ranks", "timeout", "tp", "pp", "nodes", "min_size", "unit")
+PYTEST_MPI = "pytest_mpi"  # pytest-mpi's plugin name (its entry point)
 
 
 def in_rank() -> bool:
     """True inside a rank launched by the plugin."""
     return ENV_RESULTS in os.environ
+
+
+def session_belongs_to_pytest_mpi(config: pytest.Config) -> bool:
+    """A session pytest-mpi runs: started under mpirun with its --with-mpi or --only-mpi."""
+    return bool(getattr(config.option, "with_mpi", False) or getattr(config.option, "only_mpi", False))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -70,20 +91,42 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _marker_args(item: pytest.Item) -> dict[str, Any]:
+    """ranks, timeout (s), tp, pp, nodes of an mpi-marked test, in any of the plugins' dialects."""
     marker = item.get_closest_marker("mpi")
     assert marker is not None
-    args: dict[str, Any] = {"ranks": 2, "timeout": None, "tp": 1, "pp": 1, "nodes": 1}
+    args: dict[str, Any] = {"ranks": None, "timeout": None, "tp": 1, "pp": 1, "nodes": 1}
+    args |= {"min_size": None, "unit": "s"}
     for key, value in zip(("ranks", "timeout"), marker.args, strict=False):
         args[key] = value
-    unknown = set(marker.kwargs) - set(args)
+    unknown = set(marker.kwargs) - set(MARKER_KEYS)
     if unknown:
-        raise ValueError(
-            f"unknown mpi marker argument(s) {sorted(unknown)}; known: ranks, timeout, tp, pp, nodes"
-        )
+        raise ValueError(f"unknown mpi marker argument(s) {sorted(unknown)}; known: {', '.join(MARKER_KEYS)}")
     args.update(marker.kwargs)
+    limit = item.get_closest_marker("mpi_timeout")  # pytest-isolate-mpi's separate marker
+    if limit is not None:
+        args.update(limit.kwargs)
+    if args["unit"] not in TIME_UNITS:
+        raise ValueError(f"mpi marker unit must be one of {', '.join(TIME_UNITS)}, not {args['unit']!r}")
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "mpi_ranks" in callspec.params:  # one of ranks=[...]
+        args["ranks"] = callspec.params["mpi_ranks"]
+    elif args["ranks"] is None:
+        args["ranks"] = args["min_size"] or DEFAULT_RANKS
     if args["timeout"] is None:
         args["timeout"] = float(item.config.getini("mpi_timeout"))
+    else:
+        args["timeout"] = float(args["timeout"]) * TIME_UNITS[args["unit"]]
     return args
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`mpi(ranks=[1, 2, 4])`: one test per rank count, each with its `mpi_ranks`."""
+    marker = metafunc.definition.get_closest_marker("mpi")
+    ranks = marker.kwargs.get("ranks") if marker is not None else None
+    if isinstance(ranks, list | tuple):
+        if "mpi_ranks" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("mpi_ranks")
+        metafunc.parametrize("mpi_ranks", list(ranks), indirect=True, ids=[f"mpi_ranks={n}" for n in ranks])
 
 
 # ---- outer side: launch the ranks and turn their files into one report --------------------
@@ -91,19 +134,19 @@ def _marker_args(item: pytest.Item) -> dict[str, Any]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if in_rank() or item.get_closest_marker("mpi") is None:
+    if in_rank() or item.get_closest_marker("mpi") is None or session_belongs_to_pytest_mpi(item.config):
         return None
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     job: JobResult | None = None
     try:
         args = _marker_args(item)
     except ValueError as exc:  # a bad marker fails this test, not the session
-        outcome, text = "failed", str(exc)
+        verdict = Verdict("failed", str(exc))
     else:
         nodes = int(args["nodes"])
         cluster, why_not = _cluster(item.config, nodes) if nodes > 1 else (None, "")
         if why_not:
-            outcome, text = "skipped", why_not
+            verdict = Verdict("skipped", why_not)
         else:
             results_dir = Path(tempfile.mkdtemp(prefix="hpcllm-mpi-"))
             job = run_in_ranks(
@@ -116,10 +159,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
                 nodes=nodes,
                 env=cluster.env if cluster is not None else None,
             )
-            outcome, text = _verdict(job, results_dir)
-            if outcome != "failed":
+            verdict = _verdict(job, results_dir)
+            if verdict.outcome != "failed":
                 shutil.rmtree(results_dir, ignore_errors=True)
-    for report in _reports(item, outcome, text, job, _teardown_outer(item, nextitem)):
+    for report in _reports(item, verdict, job, _teardown_outer(item, nextitem)):
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
@@ -140,10 +183,43 @@ def _rank_pytest_args(item: pytest.Item) -> list[str]:
     args += ["--rootdir", str(item.config.rootpath)]
     if item.config.inipath is not None:
         args += ["-c", str(item.config.inipath)]
+    if item.config.pluginmanager.has_plugin(PYTEST_MPI):
+        args.append("--with-mpi")  # inside the ranks pytest-mpi runs as under mpirun
+    else:  # left out of this session (-p no:pytest_mpi): out of the ranks' too
+        args += ["-p", f"no:{PYTEST_MPI}"]
     return args
 
 
-def _verdict(job: JobResult, ranks_dir: Path) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Verdict:
+    """The whole job's outcome in pytest's words, the phase it happened in, and the text."""
+
+    outcome: str  # passed | failed | skipped | xfailed | xpassed
+    text: str = ""
+    when: str = "call"
+    wasxfail: str | None = None
+
+
+def _verdict(job: JobResult, ranks_dir: Path) -> Verdict:
+    """The outcome of the whole job. A failure on any rank fails it (in the phase of the first
+    failing rank: a fixture's error stays an error); an xfail that happened on any rank is the
+    test's xfail, even when the failing rank ended the others; all ranks skipped is a skip; all
+    xpassed is an xpass."""
+    results = job.results.values()
+    xfailed = [res for res in results if res.outcome == "xfailed"]
+    if xfailed and not job.failed_ranks and not job.timed_out:
+        return Verdict("xfailed", xfailed[0].longrepr, "call", xfailed[0].wasxfail)
+    outcome, text = _failure_or_success(job, ranks_dir)
+    if outcome == "failed":
+        when = job.results[job.failed_ranks[0]].when if job.failed_ranks else "call"
+        return Verdict("failed", text, when)
+    outcomes = {res.outcome for res in results}
+    if outcomes == {"xpassed"}:
+        return Verdict("xpassed", "", "call", job.results[0].wasxfail)
+    return Verdict(outcome, text)
+
+
+def _failure_or_success(job: JobResult, ranks_dir: Path) -> tuple[str, str]:
     """(outcome, longrepr text) of the whole job."""
     tail = job.output[-6000:]
     if job.timed_out:
@@ -192,16 +268,18 @@ def _verdict(job: JobResult, ranks_dir: Path) -> tuple[str, str]:
 
 
 def _reports(
-    item: pytest.Item, outcome: str, text: str, job: JobResult | None, teardown_error: str
+    item: pytest.Item, verdict: Verdict, job: JobResult | None, teardown_error: str
 ) -> list[TestReport]:
-    """setup/call/teardown reports of the whole job; the call carries the captured output of the
-    failing ranks (or rank 0's)."""
+    """setup/call/teardown reports of the whole job, as pytest's runner would make them for the
+    verdict; the report of the phase carries the captured output of the failing ranks (or rank 0's)."""
     sections: list[tuple[str, str]] = []
     if job is not None:
         for rank in job.failed_ranks or ([0] if 0 in job.results else []):
             sections += [(f"{title} (rank {rank})", body) for title, body in job.results[rank].sections]
 
-    def report(when: str, outcome: str, longrepr: Any = None, duration: float = 0.0) -> TestReport:
+    duration = job.duration if job is not None else 0.0
+
+    def report(when: str, outcome: str, longrepr: Any = None, **extra: Any) -> TestReport:
         return TestReport(
             item.nodeid,
             item.location,
@@ -209,21 +287,29 @@ def _reports(
             outcome,
             longrepr,
             when,
-            sections=sections if when == "call" else [],
-            duration=duration,
+            sections=sections if when == verdict.when else [],
+            duration=duration if when == verdict.when else 0.0,
+            **extra,
         )
 
-    if outcome == "skipped":
+    teardown = (
+        report("teardown", "failed", teardown_error) if teardown_error else report("teardown", "passed")
+    )
+    text = verdict.text or None
+    if verdict.outcome == "skipped":
         path, lineno, _ = item.location
-        return [
-            report("setup", "skipped", (str(path), (lineno or 0) + 1, text)),
-            report("teardown", "passed"),
-        ]
-    return [
-        report("setup", "passed"),
-        report("call", outcome, text or None, job.duration if job is not None else 0.0),
-        report("teardown", "failed", teardown_error) if teardown_error else report("teardown", "passed"),
-    ]
+        return [report("setup", "skipped", (str(path), (lineno or 0) + 1, verdict.text)), teardown]
+    if verdict.outcome == "failed" and verdict.when == "setup":  # an error, as pytest counts it
+        return [report("setup", "failed", text), teardown]
+    if verdict.outcome == "failed" and verdict.when == "teardown":
+        return [report("setup", "passed"), report("call", "passed"), report("teardown", "failed", text)]
+    if verdict.outcome in ("xfailed", "xpassed"):
+        outcome = "skipped" if verdict.outcome == "xfailed" else "passed"
+        call = report(
+            "call", outcome, text if outcome == "skipped" else None, wasxfail=verdict.wasxfail or ""
+        )
+        return [report("setup", "passed"), call, teardown]
+    return [report("setup", "passed"), report("call", verdict.outcome, text), teardown]
 
 
 # ---- rank side: run the test, arm the stack dump, report through a file -------------------
@@ -252,18 +338,20 @@ class _RankReporter:
             faulthandler.cancel_dump_traceback_later()
 
     def pytest_runtest_logreport(self, report: TestReport) -> None:
-        if report.failed or (report.skipped and self.result is None):
-            skip_reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+        outcome = _outcome(report)
+        if outcome is None:  # a setup or teardown that passed
+            return
+        if self.result is None or (outcome == "failed" and self.result.outcome != "failed"):
+            skipped = report.skipped and isinstance(report.longrepr, tuple)
             self.result = RankResult(
                 rank=self.rank,
-                outcome="failed" if report.failed else "skipped",
+                outcome=outcome,
                 when=report.when or "call",
-                longrepr=report.longreprtext if report.failed else skip_reason,
+                longrepr=report.longrepr[2] if skipped else report.longreprtext,
                 sections=list(report.sections),
+                wasxfail=getattr(report, "wasxfail", None),
             )
-        elif report.when == "call" and self.result is None:
-            self.result = RankResult(self.rank, "passed", sections=list(report.sections))
-        if report.failed and self.world.Get_size() > 1:
+        if outcome in ("failed", "xfailed") and self.world.Get_size() > 1:
             # Peers may be waiting for us in a collective: report, then end the whole job now.
             write_rank_result(self.results_dir, self.result)
             self._stack_file.close()
@@ -272,6 +360,18 @@ class _RankReporter:
     def pytest_sessionfinish(self) -> None:
         if self.result is not None:
             write_rank_result(self.results_dir, self.result)
+
+
+def _outcome(report: TestReport) -> str | None:
+    """pytest's word for a report (None for a setup or teardown that passed)."""
+    xfail = hasattr(report, "wasxfail")
+    if report.failed:
+        return "failed"
+    if report.skipped:
+        return "xfailed" if xfail else "skipped"
+    if report.when == "call":
+        return "xpassed" if xfail else "passed"
+    return None
 
 
 @pytest.hookimpl(trylast=True)
@@ -295,10 +395,34 @@ def comm() -> Iterator[Any]:
 
 
 @pytest.fixture
-def mpi_tmp_path(tmp_path: Path) -> Path:
+def mpi_tmp_path(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """A directory shared by every rank of this test (tmp_path outside an mpi-marked test)."""
     shared = os.environ.get(ENV_TMP)
-    return Path(shared) if shared else tmp_path
+    if shared:
+        return Path(shared)
+    if session_belongs_to_pytest_mpi(request.config):  # the session's own ranks: rank 0's folder for all
+        from mpi4py import MPI
+
+        return Path(MPI.COMM_WORLD.bcast(str(tmp_path), root=0))
+    return tmp_path
+
+
+@pytest.fixture
+def mpi_tmpdir(mpi_tmp_path: Path) -> Any:
+    """mpi_tmp_path as a py.path (pytest-mpi's older spelling)."""
+    from _pytest.compat import LEGACY_PATH
+
+    return LEGACY_PATH(mpi_tmp_path)
+
+
+@pytest.fixture
+def mpi_ranks(request: pytest.FixtureRequest) -> int:
+    """The number of ranks this test runs in (pytest-isolate-mpi's fixture)."""
+    if hasattr(request, "param"):
+        return int(request.param)
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()
 
 
 @pytest.fixture

@@ -34,10 +34,11 @@ STACK_GRACE_S = 3.0
 @dataclass
 class RankResult:
     rank: int
-    outcome: str  # passed | failed | skipped
+    outcome: str  # passed | failed | skipped | xfailed | xpassed (pytest's own words)
     when: str = "call"
     longrepr: str = ""
     sections: list[tuple[str, str]] = field(default_factory=list)
+    wasxfail: str | None = None  # the xfail reason, when pytest's xfail applied
 
 
 @dataclass

@@ -316,6 +316,20 @@ def _resharded(
     return tensors, first_meta
 
 
+def load_whole_model(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], grid: Grid, source: str
+) -> None:
+    """Load the whole model's tensors (single-process names) into this rank's part: its stage's
+    tensors, each cut by this rank's tensor-parallel split."""
+    current = model_sharding(model)
+    state = {}
+    for name in model.state_dict():
+        if name not in tensors:
+            raise UsageError(f"{source} lacks {name}")
+        state[name] = shard(tensors[name], current.get(name, REPLICATED), grid.tp_rank, grid.layout.tp)
+    model.load_state_dict(state)
+
+
 def load(
     checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, grid: Grid
 ) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class TrainConfig:
     watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
     recompute: str = "none"  # none | selective (the attention core) | full (each block): in backward
     tf32: bool = True  # on CUDA, fp32 matmuls and convolutions on TF32 tensor cores
+    tensorboard: bool = False  # also write the logged metrics as TensorBoard events in RUN/tensorboard
+    init_from: str = ""  # hf:DIR: start from a Hugging Face GPT-2 folder (its shape and weights)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """`hpcllm generate`: sample text from a run's checkpoint.
 
-One prompt (`--prompt`) is sampled on rank 0. A file of prompts (`--prompts FILE`, one per line)
-is task-parallel: under `mpirun -np N` the prompts are spread over the ranks through the shared work
-queue (longest first), and the results are written as JSONL in the input order.
+Generation runs through hpcllm.model.inference: a KV cache, and prompts in batches of
+`--batch-size` (left-padded; a prompt gets the same text in any batch, each sampled from its own
+seeded generator). `--tp N` splits the model over N ranks (each holds its part of the weights
+and of the cache). One prompt (`--prompt`) is sampled by the first replica, printed by rank 0. A
+file of prompts (`--prompts FILE`, one per line) is task-parallel over the world / tp replicas:
+batches of similar length go through the shared work queue (longest first), and the results are
+written as JSONL in the input order.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from hpcllm.cluster import runtime
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import TOKENIZER
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPT, GPTShape, sample
+from hpcllm.model import inference
+from hpcllm.model.gpt import GPT, GPTShape
+from hpcllm.model.partition import check_tp, partition_tensor_parallel
+from hpcllm.observe.memory import tensor_bytes
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.tasks import dynamic_map, largest_first
+from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
 from hpcllm.training.config import load as load_config
@@ -37,24 +45,25 @@ class GenerateArgs:
     temperature: float = 0.8
     top_k: int | None = 50
     seed: int = 0
+    tp: int = 1
+    batch_size: int = 8
+    no_cache: bool = False
 
 
-def _check(args: GenerateArgs) -> tuple[Path, list[str]]:
+def _check(args: GenerateArgs, world: int) -> tuple[Path, list[str]]:
     """Rank 0 validates the input and reads the prompts; every rank gets them or the same error."""
     run = Path(args.run)
+    if args.tp < 1 or world % args.tp:
+        raise UsageError(f"--tp {args.tp} does not divide the {world} rank(s); run with a multiple of it")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
     if (args.prompt is None) == (args.prompts is None):
         raise UsageError("give exactly one of --prompt TEXT or --prompts FILE")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0 (0 = greedy), not {args.temperature}")
-    if not (run / "config.yaml").is_file():
-        raise UsageError(f"--run {run} is not an hpcllm run directory (config.yaml missing)")
-    ckpt = run / "checkpoints" / args.checkpoint if args.checkpoint else checkpoint.latest(run)
-    if ckpt is None or not (ckpt / checkpoint.MANIFEST).is_file():
-        which = f"checkpoint {args.checkpoint}" if args.checkpoint else "complete checkpoint"
-        raise UsageError(f"--run {run} has no {which}; train it first (or name one under checkpoints/)")
-    checkpoint.refuse_pickles(ckpt)
+    ckpt = run_checkpoint(run, args.checkpoint)
     if args.prompts is not None:
         path = Path(args.prompts)
         if not path.is_file():
@@ -67,7 +76,23 @@ def _check(args: GenerateArgs) -> tuple[Path, list[str]]:
     return ckpt, prompts
 
 
-def load_model(run: Path, ckpt: Path, rt: runtime.Runtime) -> tuple[GPT, Any, Config]:
+def run_checkpoint(run: Path, name: str | None) -> Path:
+    """The run's checkpoint called `name` (under RUN/checkpoints), else its latest complete one."""
+    if not (run / "config.yaml").is_file():
+        raise UsageError(f"--run {run} is not an hpcllm run directory (config.yaml missing)")
+    ckpt = run / "checkpoints" / name if name else checkpoint.latest(run)
+    if ckpt is None or not (ckpt / checkpoint.MANIFEST).is_file():
+        which = f"checkpoint {name}" if name else "complete checkpoint"
+        raise UsageError(f"--run {run} has no {which}; train it first (or name one under checkpoints/)")
+    checkpoint.refuse_pickles(ckpt)
+    return ckpt
+
+
+def load_model(
+    run: Path, ckpt: Path, rt: runtime.Runtime, grid: Grid | None = None
+) -> tuple[GPT, Any, Config, TensorCollectives | None]:
+    """The run's model from `ckpt` (of any layout), whole on every rank; with a `grid` of tp > 1,
+    this rank's tensor-parallel part of it and the TP group."""
     import yaml
 
     config = load_config(base=yaml.safe_load((run / "config.yaml").read_text()))
@@ -75,32 +100,60 @@ def load_model(run: Path, ckpt: Path, rt: runtime.Runtime) -> tuple[GPT, Any, Co
     m = config.model
     shape = GPTShape(tokenizer.get_vocab_size(), m.block_size, m.n_layer, m.n_head, m.n_embd, 0.0)
     model = GPT(shape).to(rt.device)
-    # Every rank holds the whole model here: load the tp=pp=1 shard on a one-rank grid.
-    solo = Grid(rt.comm.Split(rt.rank, 0))
-    checkpoint.load(ckpt, model, None, solo)
+    group = None
+    if grid is not None and grid.layout.tp > 1:
+        check_tp(shape.n_head, shape.n_embd, grid.layout.tp)
+        group = TensorCollectives(grid.tp_comm, "mpi4py")
+        partition_tensor_parallel(model, group)
+        checkpoint.load(ckpt, model, None, grid)  # resharded to this TP rank's part
+    else:  # every rank holds the whole model: the tp=pp=1 shard on a one-rank grid
+        checkpoint.load(ckpt, model, None, Grid(rt.comm.Split(rt.rank, 0)))
     model.eval()
-    return model, tokenizer, config
+    return model, tokenizer, config, group
+
+
+def _batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length (less padding), longest batch first."""
+    order = largest_first(lengths)
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def generate(args: GenerateArgs) -> int:
     rt = runtime.init(seed=args.seed)
-    ckpt, prompts = runtime.root_decides(rt.comm, lambda: _check(args))
-    model, tokenizer, _ = runtime.every_rank_checks(rt.comm, lambda: load_model(Path(args.run), ckpt, rt))
+    ckpt, prompts = runtime.root_decides(rt.comm, lambda: _check(args, rt.size))
+    grid = Grid(rt.comm, tp=args.tp)
+    model, tokenizer, _, group = runtime.every_rank_checks(
+        rt.comm, lambda: load_model(Path(args.run), ckpt, rt, grid)
+    )
+    if args.tp > 1 and rt.rank == 0:
+        mine, whole = tensor_bytes(list(model.parameters())), model.shape.parameter_count * 4
+        print(f"tp {args.tp}: {mine / 1e6:.2f} MB of weights on each rank, of {whole / 1e6:.2f} MB in all")
+    encoded = [tokenizer.encode(p).ids or [tok.eot_id(tokenizer)] for p in prompts]
 
-    def complete(index: int) -> str:
-        # Seeded per prompt: the text does not depend on which rank ran it.
-        generator = torch.Generator(device=rt.device).manual_seed(args.seed * 1_000_003 + index)
-        ids = tokenizer.encode(prompts[index]).ids or [tok.eot_id(tokenizer)]
-        context = torch.tensor([ids], dtype=torch.long, device=rt.device)
-        out = sample(model, context, args.max_new_tokens, args.temperature, args.top_k, generator)
-        return tokenizer.decode(out[0, len(ids) :].tolist())
+    def complete(batch: list[int]) -> list[tuple[int, str]]:
+        # Seeded per prompt: the text does not depend on which rank or batch ran it.
+        generators = [torch.Generator(device=rt.device).manual_seed(args.seed * 1_000_003 + i) for i in batch]
+        new = inference.generate(
+            model,
+            [encoded[i] for i in batch],
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            generators,
+            use_cache=not args.no_cache,
+            tp_group=group,
+        )
+        return [(i, tokenizer.decode(tokens)) for i, tokens in zip(batch, new, strict=True)]
 
     if args.prompts is None:
-        if rt.rank == 0:
-            print(prompts[0] + complete(0))
+        if grid.coords.dp == 0:  # the first replica (its TP ranks together)
+            text = complete([0])[0][1]
+            if rt.rank == 0:
+                print(prompts[0] + text)
         return 0
-    mine = list(dynamic_map(rt.comm, largest_first([len(p) for p in prompts]), complete))
-    gathered = rt.comm.gather(mine, root=0)
+    batches = _batches([len(ids) for ids in encoded], args.batch_size)
+    done = dynamic_map(rt.comm, list(range(len(batches))), lambda b: complete(batches[b]), team=grid.tp_comm)
+    gathered = rt.comm.gather([pair for _, pairs in done for pair in pairs], root=0)
     if rt.rank == 0:
         results = dict(pair for part in gathered for pair in part)
         output = Path(args.output) if args.output else Path(args.run) / "generations.jsonl"
@@ -109,5 +162,6 @@ def generate(args: GenerateArgs) -> int:
             for index, prompt in enumerate(prompts):
                 f.write(json.dumps({"index": index, "prompt": prompt, "completion": results[index]}) + "\n")
         tmp.replace(output)
-        print(f"wrote {len(prompts)} completions to {output} ({rt.size} rank(s))")
+        replicas = rt.size // args.tp
+        print(f"wrote {len(prompts)} completions to {output} ({replicas} replica(s) of tp {args.tp})")
     return 0

@@ -23,9 +23,10 @@ from hpcllm.data.tokens import TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import flops_per_token
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
+from hpcllm.observe.tensorboard import TensorBoardLog
 from hpcllm.parallel import torch_dist
 from hpcllm.parallel.grid import Grid
-from hpcllm.training import checkpoint
+from hpcllm.training import checkpoint, init_from
 from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
 from hpcllm.training.optim import learning_rate
@@ -48,6 +49,7 @@ class TrainArgs:
     layout: str | None = None  # "auto": the planner chooses (planner.auto)
     resume: bool = False
     timeline: str | None = None
+    init_from: str | None = None  # hf:DIR
 
     def overrides(self) -> dict[str, Any]:
         """The flags that stand for config keys, with their typed values (None = not given)."""
@@ -57,6 +59,7 @@ class TrainArgs:
             "parallel.pp": self.pp,
             "data.path": self.data,
             "horovod.timeline": self.timeline,
+            "train.init_from": self.init_from,
         }
         return {key: value for key, value in flags.items() if value is not None}
 
@@ -77,6 +80,10 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
         if cluster is not None:  # the planner's choice, as if given with --set
             chosen = _auto_layout(config, cluster, rt)
             config = config_mod.load(args.config, [*args.set, *chosen], overrides=args.overrides())
+        folder = init_from.source(config) if saved is None else None
+        if folder is not None:  # the folder's shape, as if given with --set
+            shape = folder.model_settings()
+            config = config_mod.load(args.config, [*args.set, *shape], overrides=args.overrides())
         return make_plan(config, rt.size, rt.device.type, saved), out
 
     return runtime.root_decides(rt.comm, decide)
@@ -164,6 +171,9 @@ def run_training(args: TrainArgs) -> Trainer:
         timeout_s=plan.config.train.watchdog_s or 300.0,
     )
     data = ensure_data(plan, rt, grid.node_comm)
+    folder = None if args.resume else init_from.source(plan.config)
+    if folder is not None:
+        runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data))
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
@@ -175,6 +185,9 @@ def run_training(args: TrainArgs) -> Trainer:
         plan.config.dump(out / "config.yaml")
         shutil.copyfile(data.tokenizer_path, out / TOKENIZER)
     built = build_model(plan, data.vocab_size, rt, grid)
+    if folder is not None:
+        runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(built[0], folder, grid))
+        log.info("initialised from %s: GPT-2 %s", folder.path, ", ".join(folder.model_settings()))
     trainer, start_step = assemble_trainer(plan, rt, grid, data, out, built, fault, args.resume, resumed_at)
     trainer.stop.install()
     watchdog.start(rt.comm, plan.config.train.watchdog_s)
@@ -249,6 +262,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     metrics = MetricsLog(trainer.run_dir, resume) if rt.rank == 0 else None
     if metrics is not None and resume:
         metrics.truncate_after(start_step)
+    board = TensorBoardLog(trainer.run_dir, start_step) if metrics is not None and t.tensorboard else None
     bar = _progress(t.steps, start_step, rt.rank == 0)
     loss = val_loss = float("nan")
     for step in range(start_step, t.steps):
@@ -271,6 +285,8 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
             row = (row or {"step": done, "loss": loss}) | {"val_loss": val_loss}
         if row is not None and metrics is not None:
             metrics.append(row)
+            if board is not None:
+                board.append(row)
             log.debug("%s", row)
             if "val_loss" in row or done == t.steps:
                 metrics.plot(baseline)
@@ -280,6 +296,8 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
         bar.update(1)
         _stop_if_asked(trainer, done, saved, bar)
     bar.close()
+    if board is not None:
+        board.close()
     if metrics is not None:
         metrics.plot(baseline)
         seconds = time.perf_counter() - speed.started

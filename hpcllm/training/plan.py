@@ -20,6 +20,7 @@ from hpcllm.data import tokenizer
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPTShape
 from hpcllm.model.partition import check_tp, plan_stages
+from hpcllm.observe import tensorboard
 from hpcllm.parallel import horovod
 from hpcllm.parallel.layout import Layout
 from hpcllm.parallel.pipeline.partition import StagePlan, parse_stage_layers
@@ -201,6 +202,8 @@ def make_plan(
     _check_zero(config, layout.dp)
     _check_sequence_parallel(config, p.tp)
     check_timeline(config.horovod.timeline)
+    if config.train.tensorboard:
+        tensorboard.check_installed()
     h = config.horovod
     default_data = not config.data.path
     if default_data:

@@ -1,0 +1,142 @@
+"""Generation that serves: prompts in batches, a KV cache, and tensor-parallel models.
+
+Prompts of a batch are left-padded to one length; every row keeps its own positions (counted over
+its real tokens) and never attends to padding, so a row gets the tokens it would get alone. The
+cache holds each layer's keys and values, so a new token costs one position's forward instead of
+the whole context's. Positions are learned up to block_size: once a row would pass it, the
+context slides as `gpt.sample` does, and the window is recomputed each token (no cache can help
+when every position shifts). On a tensor-parallel model each rank runs its own heads and MLP
+columns and caches its heads only; the row-parallel layers sum over the TP group as in training,
+and the vocabulary slices of the logits are gathered before a token is chosen, so every TP rank
+picks the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hpcllm.model.gpt import GPT, Block
+from hpcllm.parallel.tensor.collectives import TensorCollectives
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every position so far, per layer: [batch, heads (this rank's), time, head_dim]."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
+    """[batch, 1, new, time]: the last `new` positions attend causally to real tokens. A padding
+    position attends to itself only, so no row of the softmax is empty (an empty one gives NaN)."""
+    time = valid.shape[1]
+    query = torch.arange(time - new, time, device=valid.device)[:, None]
+    key = torch.arange(time, device=valid.device)[None, :]
+    allowed = (key <= query) & valid[:, None, :]
+    allowed |= key == query
+    return allowed[:, None, :, :]
+
+
+def _block(
+    block: Block, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int
+) -> torch.Tensor:
+    """One block's forward over the new positions, reading and extending the cache."""
+    attn = block.attn
+    qkv = attn.qkv(block.ln_1(x))
+    batch, new, _ = qkv.shape
+    q, k, v = qkv.view(batch, new, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
+    if cache is not None:
+        k, v = cache.extend(layer, k, v)
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    x = x + attn.proj(attended.transpose(1, 2).reshape(batch, new, -1))
+    return x + block.mlp(block.ln_2(x))
+
+
+def next_logits(
+    model: GPT,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    cache: KVCache | None,
+    tp_group: TensorCollectives | None = None,
+) -> torch.Tensor:
+    """Logits [batch, vocab] after the last position. `ids` are the positions not yet in `cache`
+    (all of them without one); `valid` marks the real tokens of the whole context so far."""
+    new = ids.shape[1]
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
+    hidden = model.wte(ids) + model.wpe(positions)
+    mask = _attention_mask(valid, new)
+    for layer in model.stage_layers:
+        hidden = _block(model.blocks[layer], hidden, mask, cache, layer)
+    logits = model.lm_head(model.ln_f(hidden[:, -1:, :]), model.wte.weight)[:, -1, :]
+    if tp_group is not None and tp_group.size > 1:  # this rank's vocabulary slice -> all of it
+        logits = tp_group.allgather(logits, dim=-1)
+    return logits[:, : model.shape.vocab_size]
+
+
+def choose(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token of each row [batch, 1]: greedy at temperature 0, else sampled among the top k."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generators: list[torch.Generator] | None = None,
+    use_cache: bool = True,
+    tp_group: TensorCollectives | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (a batch, left-padded here). `generators`: one per prompt,
+    so a row's samples do not depend on the batch it ran in."""
+    device = model.wpe.weight.device
+    block = model.shape.block_size
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        valid[row, width - len(prompt) :] = True
+    # Rows longer than block_size start from their last block_size tokens, as sample() crops them.
+    ids, valid = ids[:, -block:], valid[:, -block:]
+    cache = KVCache() if use_cache else None
+    pending = ids  # positions the model has not seen yet
+    out: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logits = next_logits(model, ids if cache is None else pending, valid, cache, tp_group)
+        if generators is None:
+            token = choose(logits, temperature, top_k, None)
+        else:
+            token = torch.cat(
+                [choose(logits[r : r + 1], temperature, top_k, g) for r, g in enumerate(generators)]
+            )
+        out.append(token)
+        ids = torch.cat([ids, token], dim=1)
+        valid = torch.cat([valid, torch.ones_like(token, dtype=torch.bool)], dim=1)
+        pending = token
+        if int(valid.sum(dim=1).max()) > block:  # the window slides: every position shifts
+            ids, valid = ids[:, -block:], valid[:, -block:]
+            cache = KVCache() if use_cache else None
+            pending = ids
+    return torch.cat(out, dim=1).tolist()

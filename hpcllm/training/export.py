@@ -1,0 +1,86 @@
+"""`hpcllm export`: a run's checkpoint as a folder other tools load.
+
+`--format hf` writes a Hugging Face GPT-2 folder (config.json, model.safetensors, the run's
+tokenizer as tokenizer.json with its tokenizer_config.json) that `GPT2LMHeadModel.from_pretrained`
+and `AutoTokenizer.from_pretrained` read. A checkpoint of any tp/pp is joined into the whole model
+first. The folder is written beside its destination and renamed into place: an interrupted export
+leaves nothing half-written, and an existing folder is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from hpcllm.cluster import runtime
+from hpcllm.data import tokenizer as tok
+from hpcllm.errors import UsageError
+from hpcllm.model import hf_gpt2
+from hpcllm.model.gpt import GPT
+from hpcllm.training import checkpoint
+from hpcllm.training.generate import load_model, run_checkpoint
+
+FORMATS = ("hf",)
+
+
+@dataclass
+class ExportArgs:
+    run: str
+    out: str
+    step: int | None = None
+    format: str = "hf"
+
+
+def _check(args: ExportArgs) -> tuple[Path, Path]:
+    if args.format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {args.format!r}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} already exists and is not an empty folder; choose a new path")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise UsageError(f"--out {out}: {out.parent} is not a writable folder")
+    name = checkpoint.step_name(args.step) if args.step is not None else None
+    return run_checkpoint(Path(args.run), name), out
+
+
+def write_hf_folder(model: GPT, tokenizer: Any, out: Path) -> None:
+    """The whole (one-process) `model` and its tokenizer as a Hugging Face GPT-2 folder at `out`
+    (new, or empty): written beside it, then renamed into place."""
+    shape = model.shape
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        folder = hf_gpt2.config_json(shape, tok.eot_id(tokenizer))
+        (staging / hf_gpt2.CONFIG).write_text(json.dumps(folder, indent=2) + "\n")
+        weights = hf_gpt2.to_gpt2(model.state_dict(), shape.n_layer)
+        save_file(weights, staging / hf_gpt2.WEIGHTS, {"format": "pt"})
+        tokenizer.save(str(staging / hf_gpt2.TOKENIZER_FILE))
+        settings = hf_gpt2.tokenizer_config(shape.block_size, tok.EOT)
+        (staging / hf_gpt2.TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked by the caller
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def export(args: ExportArgs) -> int:
+    ckpt, out = _check(args)
+    model, tokenizer, _, _ = load_model(Path(args.run), ckpt, runtime.init())
+    write_hf_folder(model, tokenizer, out)
+    shape = model.shape
+    step = checkpoint.read_manifest(ckpt).get("step", "?")
+    print(
+        f"wrote {out}: GPT-2 ({shape.n_layer} layers, {shape.n_embd} wide, vocabulary {shape.vocab_size:,}) "
+        f"from {ckpt.name} (step {step}) of {args.run}; load it with "
+        f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})"
+    )
+    return 0

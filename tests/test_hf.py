@@ -1,0 +1,144 @@
+"""Models in and out of the Hugging Face world: `hpcllm export --format hf` and `train --init-from hf:DIR`,
+checked against `transformers` itself (a test dependency; no network, no hub)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_usage_error, losses, run_hpcllm, train
+
+from hpcllm.data import tokenizer as tok
+from hpcllm.data.loader import BatchSampler, read_sequences
+from hpcllm.data.tokens import open_prepared
+from hpcllm.model import hf_gpt2
+from hpcllm.model.gpt import GPT, GPTShape
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (make setup)")
+
+SEED, GLOBAL_BATCH, BLOCK = 1337, 8, 32  # conftest's TINY
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(data_dir, tmp_path_factory):
+    """A tiny GPT-2 built and saved by transformers, with the data's tokenizer as a fast tokenizer."""
+    torch.manual_seed(0)
+    vocab = open_prepared(data_dir, verify=False).vocab_size
+    config = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(data_dir / "tokenizer.json"), eos_token="<|endoftext|>"
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def hf_logits(folder, ids):
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits
+
+
+def first_batch_loss(folder, data_dir):
+    """transformers' loss on the batch `hpcllm train` takes first (same sampler, seed and shapes)."""
+    tokens = open_prepared(data_dir, verify=False).tokens("train")
+    indices = BatchSampler(len(tokens), BLOCK, SEED).global_indices(0, GLOBAL_BATCH)
+    inputs, targets = read_sequences(tokens, indices, BLOCK)
+    logits = hf_logits(folder, inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(targets).reshape(-1)).item()
+
+
+def hpcllm_logits(run, ids):
+    """hpcllm's own logits from the run's latest checkpoint, joined to one process as generate does."""
+    from hpcllm.cluster import runtime
+    from hpcllm.training.generate import load_model, run_checkpoint
+
+    model, _, _, _ = load_model(run, run_checkpoint(run, None), runtime.init())
+    with torch.no_grad():
+        return model(torch.as_tensor(ids))
+
+
+def assert_export_matches(run, out, data_dir):
+    proc = run_hpcllm(["export", "--run", run, "--format", "hf", "--out", out])
+    assert proc.returncode == 0, proc.stderr
+    ids = np.random.default_rng(0).integers(0, open_prepared(data_dir, verify=False).vocab_size, (2, BLOCK))
+    torch.testing.assert_close(hf_logits(out, ids), hpcllm_logits(run, ids), rtol=0, atol=1e-5)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ours = open_prepared(data_dir, verify=False)
+    text = "def rank(self):\n    return grad"
+    assert tokenizer(text)["input_ids"] == tok.load(ours.tokenizer_path).encode(text).ids
+
+
+def test_a_transformers_gpt2_and_hpcllm_give_the_same_logits(gpt2_folder):
+    folder = hf_gpt2.read_config(gpt2_folder)
+    shape = GPTShape(folder.vocab_size, folder.block_size, folder.n_layer, folder.n_head, folder.n_embd)
+    model = GPT(shape, seed=0).eval()
+    model.load_state_dict(hf_gpt2.read_weights(folder))
+    ids = np.random.default_rng(1).integers(0, folder.vocab_size, (3, BLOCK))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(torch.as_tensor(ids)), hf_logits(gpt2_folder, ids), rtol=0, atol=1e-5
+        )
+    assert set(hf_gpt2.to_gpt2(model.state_dict(), shape.n_layer)) == set(
+        transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).state_dict()
+    ) - {"lm_head.weight"}  # tied: save_pretrained leaves it out too
+
+
+def test_init_from_hf_at_tp_and_pp_then_export_round_trip(gpt2_folder, data_dir, tmp_path):
+    """hf folder -> train at tp 2 (first loss = transformers' on that batch) -> export (logits match
+    hpcllm's) -> train from the export at pp 2 (first loss = transformers' on the export) -> export
+    of the pp checkpoint."""
+    tp_run, pp_run = tmp_path / "tp2", tmp_path / "pp2"
+    proc = train(data_dir, tp_run, "--init-from", f"hf:{gpt2_folder}", "--tp", "2", "--steps", "2", ranks=2)
+    assert proc.returncode == 0, proc.stderr
+    assert losses(tp_run)[1] == pytest.approx(first_batch_loss(gpt2_folder, data_dir), rel=1e-5)
+    assert "initialised from" in (tp_run / "logs" / "rank-0.log").read_text()
+    exported = tmp_path / "tp2-hf"
+    assert_export_matches(tp_run, exported, data_dir)
+
+    proc = train(data_dir, pp_run, "--init-from", f"hf:{exported}", "--pp", "2", "--steps", "1", ranks=2)
+    assert proc.returncode == 0, proc.stderr
+    assert losses(pp_run)[1] == pytest.approx(first_batch_loss(exported, data_dir), rel=1e-5)
+    assert_export_matches(pp_run, tmp_path / "pp2-hf", data_dir)
+    # An existing folder is never written over.
+    assert_usage_error(
+        run_hpcllm(["export", "--run", pp_run, "--out", exported]), "already exists", "not an empty folder"
+    )
+
+
+def test_folders_that_are_not_gpt2_shaped_are_one_line(gpt2_folder, data_dir, tmp_path):
+    def variant(name, edit_config=None, drop=()):
+        folder = tmp_path / name
+        folder.mkdir()
+        for path in gpt2_folder.iterdir():
+            if path.name not in drop:
+                (folder / path.name).write_bytes(path.read_bytes())
+        if edit_config:
+            config = json.loads((folder / "config.json").read_text())
+            edit_config(config)
+            (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    cases = [
+        (variant("llama", lambda c: c.update(model_type="llama")), "'llama' model"),
+        (variant("relu", lambda c: c.update(activation_function="relu")), "activation 'relu'"),
+        (variant("no-tokenizer", drop=("tokenizer.json",)), "no tokenizer.json"),
+        (variant("pickled", drop=("model.safetensors",)), "no model.safetensors"),
+        (variant("other-vocab", lambda c: c.update(vocab_size=300)), "config.json implies"),
+        (tmp_path / "missing", "config.json missing"),
+    ]
+    other = variant("other-tokenizer")
+    (other / "tokenizer.json").write_text(tok.train_bpe(["some other text"] * 50, 300).to_str())
+    cases.append((other, "another tokenizer"))
+    (cases[3][0] / "pytorch_model.bin").write_bytes(b"not opened")
+    cases[3] = (cases[3][0], "pickle format")
+    for folder, needle in cases:
+        proc = train(data_dir, tmp_path / f"run-{folder.name}", "--init-from", f"hf:{folder}")
+        assert_usage_error(proc, needle)
+        assert not (tmp_path / f"run-{folder.name}").exists(), folder.name
+    assert_usage_error(train(data_dir, tmp_path / "r", "--init-from", str(gpt2_folder)), "takes hf:DIR")
