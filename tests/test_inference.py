@@ -39,7 +39,7 @@ def test_cached_logits_equal_the_full_forward_position_by_position():
     ids = torch.randint(0, SHAPE.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = gpt(ids)
-        cache = inference.KVCache()
+        cache = inference.KVCache(SHAPE.block_size)
         valid = torch.ones((2, 4), dtype=torch.bool)
         first = inference.next_logits(gpt, ids[:, :4], valid, cache)
         torch.testing.assert_close(first, full[:, 3], rtol=0, atol=1e-5)

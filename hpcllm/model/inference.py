@@ -24,23 +24,35 @@ from hpcllm.parallel.tensor.collectives import TensorCollectives
 
 @dataclass
 class KVCache:
-    """Keys and values of every position so far, per layer: [batch, heads (this rank's), time, head_dim]."""
+    """Keys and values of every position so far, per layer, in buffers allocated once for the
+    whole window: [batch, heads (this rank's), block_size, head_dim]."""
 
+    capacity: int
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    length: dict[int, int] = field(default_factory=dict)
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        if layer not in self.keys:
+            batch, heads, _, dim = k.shape
+            self.keys[layer] = k.new_empty((batch, heads, self.capacity, dim))
+            self.values[layer] = v.new_empty((batch, heads, self.capacity, dim))
+            self.length[layer] = 0
+        start, end = self.length[layer], self.length[layer] + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.length[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
+def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor | None:
     """[batch, 1, new, time]: the last `new` positions attend causally to real tokens. A padding
-    position attends to itself only, so no row of the softmax is empty (an empty one gives NaN)."""
+    position attends to itself only, so no row of the softmax is empty (an empty one gives NaN).
+    None when nothing is padded and the new positions are one or all: attention is then plain
+    causal (the fast kernels)."""
     time = valid.shape[1]
+    if (new == 1 or new == time) and bool(valid.all()):
+        return None
     query = torch.arange(time - new, time, device=valid.device)[:, None]
     key = torch.arange(time, device=valid.device)[None, :]
     allowed = (key <= query) & valid[:, None, :]
@@ -49,7 +61,7 @@ def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor:
 
 
 def _block(
-    block: Block, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int
+    block: Block, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
 ) -> torch.Tensor:
     """One block's forward over the new positions, reading and extending the cache."""
     attn = block.attn
@@ -58,7 +70,10 @@ def _block(
     q, k, v = qkv.view(batch, new, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
     if cache is not None:
         k, v = cache.extend(layer, k, v)
-    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if mask is None:  # unpadded, and one new position (sees all) or all of them (causal)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=new > 1)
+    else:
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     x = x + attn.proj(attended.transpose(1, 2).reshape(batch, new, -1))
     return x + block.mlp(block.ln_2(x))
 
@@ -97,7 +112,7 @@ def choose(
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: GPT,
     prompts: list[list[int]],
@@ -120,7 +135,7 @@ def generate(
         valid[row, width - len(prompt) :] = True
     # Rows longer than block_size start from their last block_size tokens, as sample() crops them.
     ids, valid = ids[:, -block:], valid[:, -block:]
-    cache = KVCache() if use_cache else None
+    cache = KVCache(block) if use_cache else None
     pending = ids  # positions the model has not seen yet
     out: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
@@ -137,6 +152,6 @@ def generate(
         pending = token
         if int(valid.sum(dim=1).max()) > block:  # the window slides: every position shifts
             ids, valid = ids[:, -block:], valid[:, -block:]
-            cache = KVCache() if use_cache else None
+            cache = KVCache(block) if use_cache else None
             pending = ids
     return torch.cat(out, dim=1).tolist()
