@@ -188,7 +188,7 @@ def test_calibration_fits_recover_the_constants_they_were_made_from():
     for h in calibrate.HIDDEN_SIZES:
         for t in calibrate.TOKEN_COUNTS:
             block = per_layer + 3 * layer_forward_flops(calibrate._spec(h), t // calibrate.SEQUENCE) / rate(h)
-            outside = per_micro + 3 * 2 * t * h * calibrate.VOCAB / (rate(h) * head_eff)
+            outside = per_micro + 3 * 2 * t * h * calibrate.VOCAB / (sustained * head_eff)  # one wide GEMM
             for n in calibrate.LAYERS:
                 times[h, t, n] = n * block + outside
     got = calibrate.fit(times)
@@ -203,6 +203,40 @@ def test_calibration_fits_recover_the_constants_they_were_made_from():
         for b in (4096, 65536, 1 << 20)
     ]
     assert calibrate.fit_allreduce(rows) == pytest.approx((gbps, latency), rel=1e-6)
+
+
+def test_parallel_terms_recover_the_machine_that_ran_them(data_dir):
+    """Measurements made up from a known profile: fitting them gives that profile's terms back
+    (the machine's pace, threads, TP, oversubscription and the bubble, fitted in rounds)."""
+    from hpcllm.data.tokens import open_prepared
+
+    truth = dataclasses.replace(
+        CPU_NODE,
+        step_scale=1.4,
+        thread_efficiency=0.6,
+        tp_collective_us=300,
+        oversubscribed_efficiency=0.8,
+        bubble_fill=0.5,
+    )
+    spec = ModelSpec(vocab=open_prepared(data_dir, verify=False).vocab_size, **calibrate.CALIBRATION_MODEL)
+    layouts = calibrate.calibration_layouts(2)
+
+    def measure(variants, flags, steps, repeat):
+        assert {name for name, _, _ in variants} == set(layouts)
+        return {
+            name: predict(
+                spec, layout, truth, calibrate.CALIBRATION_BATCH, ranks_per_node=layout.gpus
+            ).tokens_per_s
+            for name, layout in layouts.items()
+        }
+
+    start = {k: getattr(CPU_NODE, k) for k in profiles.ClusterProfile.__dataclass_fields__}
+    terms, _ = calibrate.parallel_terms(start, data_dir, measure, 30, 1, cores=2)
+    for term in ("step_scale", "thread_efficiency", "oversubscribed_efficiency"):
+        assert terms[term] == pytest.approx(getattr(truth, term), rel=1e-3), term
+    assert terms["tp_collective_us"] == pytest.approx(300, rel=1e-3)
+    assert terms["bubble_fill"] == pytest.approx(0.5, abs=1e-3)
+    assert terms["pp_micro_batch_us"] == pytest.approx(0, abs=1)
 
 
 def test_validation_statistics():

@@ -9,19 +9,21 @@ Three benchmarks, each fitted to the step model's terms:
                 sustained rate R and the half-rate hidden size (`gemm_efficiency` = cores * R / peak,
                 `gemm_half_size`, `layer_overhead_us`). What the 1-layer model spends outside its
                 block (embedding, vocabulary projection, loss) against the projection's FLOPs at
-                rate(h) gives `head_efficiency` and the fixed `micro_batch_overhead_us`. The same
-                1-layer models on one rank with all cores give `thread_efficiency`; the peak is a
-                large matmul's rate on all cores (the MFU denominator)
+                the large-GEMM rate (it is one GEMM as wide as the vocabulary) gives
+                `head_efficiency` and the fixed `micro_batch_overhead_us`. The same 1-layer models
+                on one rank with all cores give a first `thread_efficiency`; the peak is a large
+                matmul's rate on all cores (the MFU denominator)
     memory      an elementwise add over 64 MB: the bandwidth the optimizer step streams through
     allreduce   `hpcllm bench allreduce` (mpi4py, the path tensor-parallel activations take on CPU)
                 under mpirun with one rank per core: time = 2(n-1) * latency + 2(n-1)/n * bytes / GB/s
     parallel    short `hpcllm train` runs (`hpcllm bench train` layout variants) of a calibration
                 model unlike the presets, against what the constants above predict for them: dp on
                 every core (`step_scale`: measured over predicted, what the benchmarks miss of a
-                real step), tp = 2
-                (`tp_collective_us`: what each TP collective costs beyond the ring model), pp = 2
-                with many micro-batches (`pp_micro_batch_us`), dp on twice the cores
-                (`oversubscribed_efficiency`) and pp = 2 on twice the cores (`bubble_fill`)
+                real step), pp = 2 with many micro-batches (`pp_micro_batch_us`), one rank on
+                all cores (`thread_efficiency`), tp = 2
+                (`tp_collective_us`: what each TP collective costs beyond the ring model), dp on
+                twice the cores (`oversubscribed_efficiency`) and pp = 2 on twice the cores
+                (`bubble_fill`). The runs are interleaved, so the machine's drift falls on all.
 """
 
 from __future__ import annotations
@@ -111,11 +113,9 @@ def fit(times: Times) -> dict[str, float]:
         intercept, slope = statistics.median(ys), 0.0
     sustained, half = 1 / intercept, slope / intercept
 
-    def rate(hidden: int) -> float:
-        return sustained * hidden / (hidden + half)
-
-    # Outside the block: the projection's FLOPs at the blocks' rate, over its measured time.
-    head = [3 * 2 * t * h * VOCAB / rate(h) for h, t in block]
+    # Outside the block: the projection's FLOPs at the rate of large GEMMs (it is one, as wide as
+    # the vocabulary), over its measured time.
+    head = [3 * 2 * t * h * VOCAB / sustained for h, t in block]
     outside = [times[h, t, few] - few * block[h, t] for h, t in block]
     inverse_efficiency, fixed = _line(head, outside, relative=True)
     return {
@@ -252,8 +252,9 @@ def calibration_layouts(cores: int) -> dict[str, Layout]:
     half = max(1, cores // 2)
     return {
         "reference": Layout(1, 1, 2 * half, 8),
+        "one_rank": Layout(1, 1, 1, 8),  # all cores' threads in one rank
         "tp": Layout(2, 1, half, 8),
-        "pp": Layout(1, 2, half, 2),  # many micro-batches: the per-micro-batch cost shows
+        "pp": Layout(1, 2, half, 2),  # many micro-batches: the stages' balance shows, not the bubble
         "crowded": Layout(1, 1, 4 * half, 8),
         "crowded_pp": Layout(1, 2, 2 * half, 8),  # few micro-batches: a large bubble
     }
@@ -262,7 +263,7 @@ def calibration_layouts(cores: int) -> dict[str, Layout]:
 def parallel_terms(
     values: dict[str, Any], data: Path, measure: MeasureLayouts, steps: int, repeat: int, cores: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Fit the parallel terms one at a time, each from its run, the earlier ones in place."""
+    """Fit the parallel terms from short training runs of the calibration model, each from its run."""
     from hpcllm.data.tokens import open_prepared
     from hpcllm.planner.search import layout_arguments
 
@@ -282,25 +283,43 @@ def parallel_terms(
         layout = layouts[name]
         return predict(model, layout, profile, CALIBRATION_BATCH, ranks_per_node=layout.gpus)
 
-    terms["step_scale"] = tokens / tokens_per_s["reference"] / predicted("reference").step_s
+    def measured_step(name: str) -> float:
+        return tokens / tokens_per_s[name]
 
     def excess(name: str) -> float:
         """Measured seconds per step beyond the prediction, in the benchmarks' own units."""
-        return (tokens / tokens_per_s[name] - predicted(name).step_s) / terms["step_scale"]
+        return (measured_step(name) - predicted(name).step_s) / terms["step_scale"]
+
+    def anchor() -> None:
+        """step_scale: the machine's pace (the loop, data, hooks), from dp on every core."""
+        terms["step_scale"] = 1.0
+        terms["step_scale"] = measured_step("reference") / predicted("reference").step_s
+
+    def solve(term: str, low: float, high: float, run: str, rising: bool) -> None:
+        """Bisect for the value of `term` at which `run`'s prediction meets its measurement;
+        `rising`: a larger value predicts a slower step."""
+        for _ in range(40):
+            terms[term] = (low + high) / 2
+            too_slow = predicted(run).step_s > measured_step(run)
+            low, high = (low, terms[term]) if too_slow == rising else (terms[term], high)
 
     tp, pp = layouts["tp"], layouts["pp"]
     tp_collectives = CALIBRATION_BATCH // (tp.dp * tp.micro_batch) * model.n_layer * 4
-    terms["tp_collective_us"] = max(0.0, excess("tp") / tp_collectives * 1e6)
     pp_micro_batches = CALIBRATION_BATCH // (pp.dp * pp.micro_batch) + pp.pp - 1
-    terms["pp_micro_batch_us"] = max(0.0, excess("pp") / pp_micro_batches * 1e6)
-    measured_crowded = tokens / tokens_per_s["crowded"]
-    terms["oversubscribed_efficiency"] = min(1.0, max(0.1, predicted("crowded").step_s / measured_crowded))
-    # The fill evens out the stages and shrinks the bubble: the prediction falls as it grows, so
-    # bisect for the fill that meets the measured step.
-    low, high = 0.0, 1.0
-    for _ in range(30):
-        terms["bubble_fill"] = (low + high) / 2
-        low, high = (terms["bubble_fill"], high) if excess("crowded_pp") < 0 else (low, terms["bubble_fill"])
+    # Each term from its run, the others in place; they depend on each other a little (the pp run
+    # has a small bubble), so the rounds repeat until they settle.
+    for _ in range(4):
+        anchor()
+        terms["pp_micro_batch_us"] = 0.0
+        terms["pp_micro_batch_us"] = max(0.0, excess("pp") / pp_micro_batches * 1e6)
+        # Threads of one rank against ranks of one thread, from two real runs side by side (the
+        # micro-benchmark's ratio is taken minutes apart, and this machine drifts).
+        solve("thread_efficiency", 0.05, 1.0, "one_rank", rising=False)
+        terms["tp_collective_us"] = 0.0
+        terms["tp_collective_us"] = max(0.0, excess("tp") / tp_collectives * 1e6)
+        solve("oversubscribed_efficiency", 0.1, 1.0, "crowded", rising=False)
+        # The fill evens out the stages and shrinks the bubble: the prediction falls as it grows.
+        solve("bubble_fill", 0.0, 1.0, "crowded_pp", rising=False)
     return terms, tokens_per_s
 
 
@@ -310,11 +329,11 @@ COMMENTS = {
     "memory_gib": "the node's RAM",
     "peak_flops": "fp32 matmul 1024^3 on all cores (the MFU denominator)",
     "gemm_efficiency": "fitted: GPT blocks' forward+backward rate, a rank per core, at large sizes / peak",
-    "head_efficiency": "fitted: the vocabulary projection and loss, against the blocks' rate",
+    "head_efficiency": "fitted: the vocabulary projection and loss, against the large-GEMM rate",
     "micro_batch_overhead_us": "fitted: fixed time per micro-batch outside the blocks",
     "gemm_half_size": "fitted: the hidden size at which a block reaches half that rate",
     "layer_overhead_us": "fitted: fixed time per block and micro-batch (operator dispatch)",
-    "thread_efficiency": "one rank on all cores / the cores as one rank each, same blocks",
+    "thread_efficiency": "fitted: hpcllm train, one rank on all cores against a rank per core",
     "step_scale": "hpcllm train, dp on every core: measured / predicted step (the loop, data, hooks)",
     "tp_collective_us": "fitted: hpcllm train, tp=2: per TP collective beyond the ring model",
     "pp_micro_batch_us": "fitted: hpcllm train, pp=2, many micro-batches: per micro-batch and stage",

@@ -43,7 +43,7 @@ class ClusterProfile:
     # Optional; the defaults describe GPUs, whose profiles need not name them.
     cores_per_node: int = 0  # 0: a rank owns its GPU; n: the node's ranks share n CPU cores
     layer_overhead_us: float = 0.0  # fixed time per layer and micro-batch, forward + backward (op dispatch)
-    head_efficiency: float = 1.0  # the vocabulary projection and loss, as a share of the layers' rate
+    head_efficiency: float = 1.0  # the vocabulary projection and loss, as a share of large_gemm_flops
     micro_batch_overhead_us: float = 0.0  # fixed time per micro-batch outside the layers (embedding, loss)
     tp_collective_us: float = 0.0  # extra cost of a tensor-parallel collective beyond the ring model
     pp_micro_batch_us: float = 0.0  # extra cost of a micro-batch through a pipeline stage
@@ -54,10 +54,16 @@ class ClusterProfile:
     memory_gbps: float = 0.0  # device memory bandwidth for the optimizer step (0: not modelled)
     activation_bytes: int = 2  # bytes per activation element: 2 (bf16 on GPUs), 4 (fp32 on CPU)
 
+    @property
+    def large_gemm_flops(self) -> float:
+        """FLOP/s of large GEMMs (such as the vocabulary projection): one GPU's, or a CPU node's
+        with one single-threaded rank per core."""
+        return self.peak_flops * self.gemm_efficiency
+
     def sustained_flops(self, hidden: int) -> float:
         """FLOP/s a transformer layer's kernels sustain at this hidden size (larger GEMMs get closer
-        to the peak): one GPU's, or a CPU node's with one single-threaded rank per core."""
-        return self.peak_flops * self.gemm_efficiency * hidden / (hidden + self.gemm_half_size)
+        to the peak)."""
+        return self.large_gemm_flops * hidden / (hidden + self.gemm_half_size)
 
 
 def shipped() -> list[str]:

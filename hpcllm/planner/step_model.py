@@ -209,10 +209,10 @@ def predict(
     layer = layer_forward_flops(model, b)
     recomputed = {"full": layer, "selective": 4 * b * s * s * h, "none": 0.0}[layout.recompute]
     layer_s = (3 * layer + recomputed) / t / rate + cluster.layer_overhead_us * 1e-6
-    # The vocabulary projection and the loss, on the last stage, with the fixed cost of a micro-batch.
-    head_s = (
-        3 * 2 * b * s * h * v / t / (rate * cluster.head_efficiency) + cluster.micro_batch_overhead_us * 1e-6
-    )
+    # The vocabulary projection and the loss, on the last stage, with the fixed cost of a micro-batch;
+    # the projection is one GEMM as wide as the vocabulary, so it runs at the large-GEMM rate.
+    head_rate = cluster.large_gemm_flops * share * cluster.head_efficiency
+    head_s = 3 * 2 * b * s * h * v / t / head_rate + cluster.micro_batch_overhead_us * 1e-6
 
     # ---- tensor parallelism: inside a node when it fits -----------------------------------
     tp_gbps, tp_latency = _link(cluster, t <= ranks_per_node)
