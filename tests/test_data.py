@@ -1,9 +1,11 @@
 """Data: prepare (single and multi-rank, byte-identical), bad input, and the per-rank sampler."""
 
+import gzip
 import json
 
 import numpy as np
 import pytest
+import zstandard
 from conftest import assert_usage_error, run_hpcllm
 
 from hpcllm.data.loader import BatchSampler, micro_batches
@@ -25,27 +27,49 @@ def corpus_dir(tmp_path_factory):
         n = int(rng.integers(20, 3000))
         (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=n)))
     records = [{"text": " ".join(rng.choice(words, size=50))} for _ in range(30)]
-    lines = [json.dumps(r) for r in records] + ["not json", json.dumps({"other": "x"})]
-    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps(r).encode() for r in records] + [b"not json", json.dumps({"other": "x"}).encode()]
+    lines.append(b'{"text": "caf\xe9"}')  # not UTF-8
+    (root / "records.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (root / "empty.txt").write_text("")
+    # Compressed JSONL, and one JSONL file much larger than the rest (cut into ranges by --chunk-mb).
+    compressed = "\n".join(json.dumps({"text": " ".join(rng.choice(words, size=40))}) for _ in range(20))
+    (root / "more.jsonl.gz").write_bytes(gzip.compress(compressed.encode()))
+    (root / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(compressed.encode()))
+    big = [
+        json.dumps({"text": " ".join(rng.choice(words, size=int(rng.integers(5, 200))))}) for _ in range(400)
+    ]
+    (root / "big.jsonl").write_text("\n".join(big) + "\n")
     return root
 
 
-def test_prepare_one_and_two_ranks_give_identical_output(corpus_dir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = [corpus_dir, "--vocab-size", "300"]
+CORPUS_DOCUMENTS = 12 + 30 + 20 + 20 + 400  # text files, records.jsonl, .gz, .zst, big.jsonl
+
+
+def test_prepare_on_one_two_and_three_ranks_gives_identical_output(corpus_dir, tmp_path):
+    """Text, JSONL (bad records of every kind), .jsonl.gz, .jsonl.zst, and one JSONL file cut into
+    byte ranges: the same bytes for 1, 2 and 3 ranks."""
+    one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    args = [corpus_dir, "--vocab-size", "300", "--chunk-mb", "0.01"]  # big.jsonl: ~6 ranges of 10 KiB
     first = prepare([*args, "--out", one])
     assert first.returncode == 0, first.stderr
-    second = prepare([*args, "--out", two], ranks=2)
-    assert second.returncode == 0, second.stderr
-    for name in ("train.bin", "val.bin", "manifest.json", "tokenizer.json"):
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    for ranks, out in ((2, two), (3, three)):
+        proc = prepare([*args, "--out", out], ranks=ranks)
+        assert proc.returncode == 0, proc.stderr
+        for name in ("train.bin", "val.bin", "manifest.json", "tokenizer.json"):
+            assert (one / name).read_bytes() == (out / name).read_bytes(), (ranks, name)
     manifest = json.loads((one / "manifest.json").read_text())
     files = manifest["files"]
-    assert (files["skipped_not_utf8"], files["skipped_empty"], files["bad_jsonl_records"]) == (1, 1, 2)
-    assert "1 not UTF-8, 1 empty" in first.stdout and "2 bad JSONL records" in first.stdout
-    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 12 + 30
+    assert (files["skipped_not_utf8"], files["skipped_empty"], files["bad_jsonl_records"]) == (1, 1, 3)
+    assert files["bad_jsonl_by_kind"] == {"not_json": 1, "missing_field": 1, "not_utf8": 1}
+    assert files["pieces"] > files["read"]  # big.jsonl was cut
+    assert "1 not UTF-8, 1 empty" in first.stdout and "3 bad JSONL records" in first.stdout
+    assert "1 not json, 1 missing field, 1 not utf8" in first.stdout
+    documents = manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"]
+    assert documents == CORPUS_DOCUMENTS
+    [source] = manifest["per_source"]
+    assert source["documents"] == documents and source["files"] == files["read"]
+    assert source["tokens"] == manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 300
     prepared = open_prepared(one)
     assert prepared.tokens("train").max() < 300
@@ -189,3 +213,18 @@ def test_dynamic_map_runs_every_task_exactly_once(comm):
     ]
     everyone = sorted(t for part in comm.allgather(mine) for t in part)
     assert everyone == list(range(len(sizes)))
+
+
+def test_byte_ranges_hold_every_record_once_whatever_the_chunk(tmp_path):
+    from collections import Counter
+
+    from hpcllm.data import corpus
+
+    path = tmp_path / "a.jsonl"
+    texts = [f"doc {i} " + "x" * (i % 37) for i in range(300)]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    for chunk in (1, 7, 64, 333, 1000, 10**9):
+        got = []
+        for piece in corpus.pieces([path], chunk):
+            got += [text for _, text in corpus.read_piece(path, piece, "text", corpus.Documents(Counter()))]
+        assert got == texts, chunk

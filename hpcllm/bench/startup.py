@@ -66,9 +66,11 @@ def synthetic_data(out: Path, gigabytes: float, seed: int = 0) -> Path:
         "sources": ["synthetic"],
         "files": {
             "read": 0,
+            "pieces": 0,
             "skipped_not_utf8": 0,
             "skipped_empty": 0,
             "bad_jsonl_records": 0,
+            "bad_jsonl_by_kind": {},
             "not_utf8": [],
         },
     }

@@ -13,11 +13,17 @@ def add_parser(commands: Any) -> None:
     prep = commands.add_parser(
         "prepare",
         help="tokenize a corpus into token files, in parallel over ranks",
-        description="Tokenize text files, directories and JSONL files into train/val token files plus a "
-        "manifest. With no SOURCES, the Python standard library's .py files. Under mpirun the files are "
-        "spread over the ranks; the output is the same for any number of ranks.",
+        description="Tokenize text files, directories and JSONL files (plain, .gz or .zst) into train/val "
+        "token files plus a manifest. With no SOURCES, the Python standard library's .py files. Under "
+        "mpirun the files, and ranges of large JSONL files, are spread over the ranks; the output is the "
+        "same for any number of ranks.",
     )
-    prep.add_argument("sources", nargs="*", metavar="SOURCE", help="text file, directory or .jsonl file")
+    prep.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="text file, directory, or .jsonl / .jsonl.gz / .jsonl.zst file",
+    )
     prep.add_argument("--out", required=True, help="output directory (created; must be empty unless --force)")
     prep.add_argument(
         "--tokenizer",
@@ -36,6 +42,12 @@ def add_parser(commands: Any) -> None:
         "--dtype", default="auto", help="token dtype: auto (uint16 if the vocabulary fits), uint16, uint32"
     )
     prep.add_argument("--bpe-sample-mb", type=float, default=16, help="MB of text the BPE is trained on (16)")
+    prep.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=32,
+        help="an uncompressed JSONL file larger than this is cut into ranges of it, spread over ranks (32)",
+    )
     prep.add_argument(
         "--force", action="store_true", help="replace a non-empty --out (only once the new data is complete)"
     )
@@ -58,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         bpe_sample_bytes=int(args.bpe_sample_mb * (1 << 20)),
+        chunk_bytes=int(args.chunk_mb * (1 << 20)),
     )
     prepare.check_options(options)
     rt = runtime.init(seed=args.seed)

@@ -2,13 +2,14 @@
 
 1. Rank 0 resolves the sources and checks `--out` (every rank gets the plan or the same error).
 2. Rank 0 trains the BPE on a sample of the corpus (documents in order); the tokenizer is broadcast.
-3. Every rank tokenizes files drawn from a shared work queue (largest first, `tasks.dynamic_map`)
-   and writes each file's train and val tokens to a part file named by the file's index.
-4. Rank 0 concatenates the parts in file order, writes the manifest and renames the staging
+3. Every rank tokenizes pieces (whole files, or byte ranges of a large JSONL file: corpus.pieces)
+   drawn from a shared work queue (largest first, `tasks.dynamic_map`), streaming their records
+   in batches, and writes each piece's train and val tokens to a part file named by the piece.
+4. Rank 0 concatenates the parts in piece order, writes the manifest and renames the staging
    directory to `--out`.
 
-Each document's split is a hash of (seed, file index, document index), and the parts are joined in
-file order, so the output is byte-identical whatever the number of ranks. Nothing appears at
+Each document's split is a hash of (seed, file index, byte offset of its record), and the parts are
+joined in piece order, so the output is byte-identical whatever the number of ranks. Nothing appears at
 `--out` until it is complete; an interrupted prepare leaves only a hidden `.NAME.tmp-*` directory.
 """
 
@@ -57,22 +58,29 @@ class PrepareOptions:
     dtype: str = "auto"
     force: bool = False
     bpe_sample_bytes: int = 16 << 20
+    chunk_bytes: int = corpus.CHUNK_BYTES  # a larger uncompressed JSONL file is cut into ranges
+
+
+BATCH_BYTES = 4 << 20  # text tokenized per encode_batch call: bounds a rank's memory
 
 
 @dataclass
 class Plan:
     files: list[str]
-    sizes: list[int]
+    origins: list[int]  # the index of the source that named each file
+    pieces: list[corpus.Piece]
     staging: str
 
 
 @dataclass
-class FileStats:
-    index: int
+class PieceStats:
+    index: int  # of the piece
+    file: int
+    bytes: int
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    skipped: str | None = None
-    bad_records: int = 0
+    skipped: str | None = None  # a text file's: not_utf8 | empty
+    bad: dict[str, int] = field(default_factory=dict)  # JSONL records by what was wrong
 
 
 def check_options(opts: PrepareOptions) -> None:
@@ -91,6 +99,8 @@ def check_options(opts: PrepareOptions) -> None:
         raise UsageError(
             f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304"
         )
+    if opts.chunk_bytes < 1:
+        raise UsageError(f"--chunk-mb must be positive, not {opts.chunk_bytes / (1 << 20):g}")
     if not 0 < opts.val_ratio < 1:
         raise UsageError(f"--val-ratio must be between 0 and 1 (exclusive), not {opts.val_ratio}")
 
@@ -102,11 +112,13 @@ def _plan(opts: PrepareOptions) -> Plan:
         raise UsageError(f"--out {out} is a file; give a directory")
     if out.is_dir() and any(out.iterdir()) and not opts.force:
         raise UsageError(f"--out {out} is not empty; choose another directory or pass --force to replace it")
-    files = corpus.resolve_sources(opts.sources, opts.extensions)
-    if not files:
+    found = corpus.resolve_sources_with_origin(opts.sources, opts.extensions)
+    if not found:
         raise UsageError("no corpus files found; name text files, directories or JSONL files as sources")
+    files = [path for path, _ in found]
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    return Plan([str(f) for f in files], [f.stat().st_size for f in files], str(staging))
+    pieces = corpus.pieces(files, opts.chunk_bytes)
+    return Plan([str(f) for f in files], [o for _, o in found], pieces, str(staging))
 
 
 def _train_tokenizer(opts: PrepareOptions, files: list[str]) -> str:
@@ -117,9 +129,12 @@ def _train_tokenizer(opts: PrepareOptions, files: list[str]) -> str:
         return tok.load(given).to_str()
 
     def sample() -> Any:
+        """The corpus's first documents, in file order, up to the sample size: deterministic."""
         taken = 0
         for name in files:
-            for text in corpus.read_documents(Path(name), opts.text_field).texts:
+            path = Path(name)
+            whole = corpus.Piece(0, 0, path.stat().st_size)
+            for _, text in corpus.read_piece(path, whole, opts.text_field, corpus.Documents(Counter())):
                 yield text
                 taken += len(text)
                 if taken >= opts.bpe_sample_bytes:
@@ -138,31 +153,48 @@ def part_path(staging: Path, index: int, split: str) -> Path:
     return staging / "parts" / f"{index:08d}.{split}.bin"
 
 
-def _tokenize_file(
-    index: int, path: str, opts: PrepareOptions, tokenizer: Any, dtype: np.dtype, staging: Path
-) -> FileStats:
-    docs = corpus.read_documents(Path(path), opts.text_field)
-    stats = FileStats(index, skipped=docs.skipped, bad_records=docs.bad_records)
-    if not docs.texts:
-        return stats
-    eot = tok.eot_id(tokenizer)
-    pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    for doc_index, encoding in enumerate(tokenizer.encode_batch(docs.texts)):
-        split = "val" if in_val(opts.seed, index, doc_index, opts.val_ratio) else "train"
-        pieces[split] += [np.asarray(encoding.ids, dtype=dtype), np.array([eot], dtype=dtype)]
-        stats.documents[split] += 1
-    for split, arrays in pieces.items():
-        if arrays:
-            tokens = np.concatenate(arrays)
-            tokens.tofile(part_path(staging, index, split))
-            stats.tokens[split] = int(tokens.size)
+def _tokenize_piece(
+    index: int, plan: Plan, opts: PrepareOptions, tokenizer: Any, dtype: np.dtype, staging: Path
+) -> PieceStats:
+    """Tokenize one piece, streaming its documents in batches into its train and val part files."""
+    piece = plan.pieces[index]
+    stats = PieceStats(index, piece.file, piece.size)
+    found = corpus.Documents(Counter())
+    eot = np.array([tok.eot_id(tokenizer)], dtype=dtype)
+    outputs = {split: open(part_path(staging, index, split), "wb") for split in SPLITS}  # noqa: SIM115
+    try:
+        batch: list[tuple[int, str]] = []
+        size = 0
+
+        def flush() -> None:
+            for (offset, _), encoding in zip(
+                batch, tokenizer.encode_batch([t for _, t in batch]), strict=True
+            ):
+                split = "val" if in_val(opts.seed, piece.file, offset, opts.val_ratio) else "train"
+                ids = np.asarray(encoding.ids, dtype=dtype)
+                outputs[split].write(ids.tobytes() + eot.tobytes())
+                stats.tokens[split] += ids.size + 1
+                stats.documents[split] += 1
+            batch.clear()
+
+        for offset, text in corpus.read_piece(Path(plan.files[piece.file]), piece, opts.text_field, found):
+            batch.append((offset, text))
+            size += len(text)
+            if size >= BATCH_BYTES:
+                flush()
+                size = 0
+        flush()
+    finally:
+        for f in outputs.values():
+            f.close()
+    stats.skipped, stats.bad = found.skipped, dict(found.bad)
     return stats
 
 
 def _assemble(
-    opts: PrepareOptions, plan: Plan, stats: list[FileStats], tokenizer: Any, dtype: np.dtype
+    opts: PrepareOptions, plan: Plan, stats: list[PieceStats], tokenizer: Any, dtype: np.dtype
 ) -> dict[str, Any]:
-    """Join the parts in file order, write tokenizer and manifest, and move the result into place."""
+    """Join the parts in piece order, write tokenizer and manifest, and move the result into place."""
     staging = Path(plan.staging)
     stats.sort(key=lambda s: s.index)
     skipped = Counter(s.skipped for s in stats if s.skipped)
@@ -170,7 +202,11 @@ def _assemble(
     if not sum(documents.values()):
         shutil.rmtree(staging, ignore_errors=True)
         detail = ", ".join(f"{n} {why.replace('_', '-')}" for why, n in skipped.items()) or "no text"
-        raise UsageError(f"the corpus has no documents ({len(stats)} files: {detail}); check the sources")
+        bad = sum(n for st in stats for n in st.bad.values())
+        detail += f", {bad} bad JSONL records" if bad else ""
+        raise UsageError(
+            f"the corpus has no documents ({len(plan.files)} files: {detail}); check the sources"
+        )
     for split in SPLITS:
         with open(staging / f"{split}.bin", "wb") as out:
             for s in stats:
@@ -202,7 +238,7 @@ def _assemble(
 def _manifest(
     opts: PrepareOptions,
     plan: Plan,
-    stats: list[FileStats],
+    stats: list[PieceStats],
     tokenizer: Any,
     dtype: np.dtype,
     counts: tuple[str, dict[str, int], dict[str, int]],  # how the split was cut, tokens, documents
@@ -212,7 +248,8 @@ def _manifest(
     skipped = Counter(s.skipped for s in stats if s.skipped)
     vocab, eot = tokenizer.get_vocab_size(), tok.eot_id(tokenizer)
     train, val = (np.memmap(staging / f"{split}.bin", dtype=dtype, mode="r") for split in ("train", "val"))
-    not_utf8 = [plan.files[s.index] for s in stats if s.skipped == "not_utf8"]
+    not_utf8 = [plan.files[s.file] for s in stats if s.skipped == "not_utf8"]
+    bad = {kind: sum(s.bad.get(kind, 0) for s in stats) for kind in corpus.BAD_KINDS}
     return {
         "format": FORMAT_VERSION,
         "created_by": f"hpcllm {hpcllm.__version__}",
@@ -235,13 +272,30 @@ def _manifest(
         "sources": [str(Path(s).resolve()) for s in opts.sources]
         or [f"default: {corpus.default_corpus_root()}/**/*.py"],
         "files": {
-            "read": len(stats),
+            "read": len(plan.files),
+            "pieces": len(plan.pieces),
             "skipped_not_utf8": skipped["not_utf8"],
             "skipped_empty": skipped["empty"],
-            "bad_jsonl_records": sum(s.bad_records for s in stats),
+            "bad_jsonl_records": sum(bad.values()),
+            "bad_jsonl_by_kind": bad,
             "not_utf8": not_utf8,
         },
+        "per_source": _per_source(opts, plan, stats),
     }
+
+
+def _per_source(opts: PrepareOptions, plan: Plan, stats: list[PieceStats]) -> list[dict[str, Any]]:
+    """Files, bytes, documents and tokens of each source as given (a mixture's weights refer to them)."""
+    names = [str(Path(s).resolve()) for s in opts.sources] or ["default corpus"]
+    rows = [{"source": name, "files": 0, "bytes": 0, "documents": 0, "tokens": 0} for name in names]
+    for origin in plan.origins:
+        rows[origin]["files"] += 1
+    for s in stats:
+        row = rows[plan.origins[s.file]]
+        row["bytes"] += s.bytes
+        row["documents"] += sum(s.documents.values())
+        row["tokens"] += sum(s.tokens.values())
+    return rows
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -267,9 +321,13 @@ class Summary:
         total = train["tokens"] + val["tokens"]
         files = m["files"]
         skipped = files["skipped_not_utf8"] + files["skipped_empty"]
+        bad = ", ".join(
+            f"{n} {kind.replace('_', ' ')}" for kind, n in files["bad_jsonl_by_kind"].items() if n
+        )
         lines = [
-            f"read {files['read']} files; skipped {skipped} ({files['skipped_not_utf8']} not UTF-8, "
-            f"{files['skipped_empty']} empty); {files['bad_jsonl_records']} bad JSONL records",
+            f"read {files['read']} files in {files['pieces']} pieces; skipped {skipped} "
+            f"({files['skipped_not_utf8']} not UTF-8, {files['skipped_empty']} empty); "
+            f"{files['bad_jsonl_records']} bad JSONL records" + (f" ({bad})" if bad else ""),
             f"train: {train['tokens']:,} tokens in {train['documents']:,} documents; "
             f"val: {val['tokens']:,} tokens in {val['documents']:,} documents (split by {m['split_by']})",
             f"tokenizer: {m['tokenizer']['kind']}, vocabulary {m['tokenizer']['vocab_size']:,}, {m['dtype']}",
@@ -293,23 +351,25 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     dtype = choose_dtype(vocab, opts.dtype)  # the same verdict on every rank
     root_decides(comm, lambda: (staging / "parts").mkdir(parents=True))
 
-    done = SharedCounters(comm, slots=2)  # files finished, tokens written: for rank 0's progress bar
-    bar = _progress_bar(len(plan.files)) if progress and rank == 0 else None
+    done = SharedCounters(comm, slots=2)  # bytes read, tokens written: for rank 0's progress bar
+    total_bytes = sum(piece.size for piece in plan.pieces)
+    bar = _progress_bar(total_bytes) if progress and rank == 0 else None
 
-    def on_done(_: int, stats: FileStats) -> None:
-        files = done.fetch_add(0, 1) + 1
+    def on_done(_: int, stats: PieceStats) -> None:
+        read = done.fetch_add(0, stats.bytes) + stats.bytes
         written = done.fetch_add(1, sum(stats.tokens.values())) + sum(stats.tokens.values())
-        if bar is not None:
-            bar.n = files
+        if bar is not None:  # the work of every rank, as rank 0 last saw it
+            bar.n = read
             bar.set_postfix_str(
                 f"{written / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False
             )
             bar.refresh()
 
-    def work(index: int) -> FileStats:
-        return _tokenize_file(index, plan.files[index], opts, tokenizer, dtype, staging)
+    def work(index: int) -> PieceStats:
+        return _tokenize_piece(index, plan, opts, tokenizer, dtype, staging)
 
-    mine = [stats for _, stats in dynamic_map(comm, largest_first(plan.sizes), work, on_done)]
+    order = largest_first([piece.size for piece in plan.pieces])
+    mine = [stats for _, stats in dynamic_map(comm, order, work, on_done)]
     everything = comm.gather(mine, root=0)
     done.free()
     if bar is not None:
@@ -320,10 +380,19 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     return Summary(manifest, time.perf_counter() - start, comm.Get_size())
 
 
-def _progress_bar(total: int) -> Any:
+def _progress_bar(total_bytes: int) -> Any:
+    """Bytes read by all ranks, with bytes/s and the time left."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="file", desc="prepare", mininterval=0.5, disable=None)
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="prepare",
+        mininterval=0.5,
+        disable=None,
+    )
 
 
 def set_tokenizer_threads(threads: int) -> None:
