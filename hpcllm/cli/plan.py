@@ -198,13 +198,14 @@ def validate(args: argparse.Namespace) -> int:
     bench = bench_train.run(data, args.steps, sets, args.repeat, keys=(), layouts=variants)
     *rows, reference = bench["rows"]
     measured = {r["name"]: r["tokens_per_s"] for r in rows}
-    raw = check.compare(model, cluster, global_batch, measured)
+    result = check.compare(model, cluster, global_batch, measured)
     now = check.anchored(cluster, vocab, reference["tokens_per_s"])
-    result = check.compare(model, now, global_batch, measured)
-    for row, raw_row, bench_row in zip(result["rows"], raw["rows"], rows, strict=True):
-        row["min"], row["max"], row["raw_error"] = bench_row["min"], bench_row["max"], raw_row["error"]
+    anchored = check.compare(model, now, global_batch, measured)
+    for row, anchored_row, bench_row in zip(result["rows"], anchored["rows"], rows, strict=True):
+        row["min"], row["max"] = bench_row["min"], bench_row["max"]
+        row["anchored_error"] = anchored_row["error"]
     result |= {
-        "raw": {key: raw[key] for key in ("median_abs_error", "spearman", "best_in_top2")},
+        "anchored": {key: anchored[key] for key in ("median_abs_error", "spearman", "best_in_top2")},
         "reference_tokens_per_s": reference["tokens_per_s"],
         "step_scale": {"calibrated": cluster.step_scale, "now": now.step_scale},
         "cluster": cluster.name,

@@ -8,10 +8,11 @@ correlation of predicted and measured tokens/s, and whether the layout predicted
 the two measured fastest.
 
 This machine's speed drifts (a shared VM: the same run differs by up to 2x an hour apart), so a
-profile calibrated in a slow hour predicts a fast one too slow, all layouts alike. Validation
-therefore runs the calibration's reference run (its model on every core, not one of the validated
-layouts) interleaved with the layouts, and re-fits `step_scale` to it: the one term that stands for
-"how fast is this machine now". Both the raw and the re-anchored errors are reported.
+profile calibrated in a slow hour could predict a fast one too slow, all layouts alike. Validation
+therefore also runs the calibration's reference run (its model on every core, not one of the
+validated layouts) interleaved with the layouts, and reports the errors once more with
+`step_scale` re-fitted to it (the one term that stands for "how fast is this machine now"). The
+figures that count are the profile's own; the re-anchored ones tell drift from model error.
 """
 
 from __future__ import annotations
@@ -140,12 +141,12 @@ def render(result: dict[str, Any]) -> str:
             f"{r.get('min', 0):>6,.0f}-{r.get('max', 0):<6,.0f} {r['predicted_tokens_per_s']:>10,.0f} "
             f"{r['error']:>+7.1%}"
         )
-    if "raw" in result:
-        raw, scale = result["raw"], result["step_scale"]
+    if "anchored" in result:
+        again, scale = result["anchored"], result["step_scale"]
         lines.append(
-            f"step_scale re-anchored to the reference run now: {scale['calibrated']:.2f} -> "
-            f"{scale['now']:.2f} (without it: median absolute error {raw['median_abs_error']:.1%}, "
-            f"Spearman {raw['spearman']:.2f})"
+            f"with step_scale re-anchored to the reference run measured now ({scale['calibrated']:.2f} -> "
+            f"{scale['now']:.2f}): median absolute error {again['median_abs_error']:.1%}, "
+            f"Spearman {again['spearman']:.2f}"
         )
     lines += [
         f"median absolute error {result['median_abs_error']:.1%} (target <= {MEDIAN_ERROR_TARGET:.0%}), "
