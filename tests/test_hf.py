@@ -2,6 +2,7 @@
 checked against `transformers` itself (a test dependency; no network, no hub)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from conftest import assert_usage_error, losses, run_hpcllm, train
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.loader import BatchSampler, read_sequences
 from hpcllm.data.tokens import open_prepared
+from hpcllm.errors import UsageError
 from hpcllm.model import hf_gpt2
 from hpcllm.model.gpt import GPT, GPTShape
 
@@ -137,7 +139,12 @@ def test_folders_that_are_not_gpt2_shaped_are_one_line(gpt2_folder, data_dir, tm
     cases.append((other, "another tokenizer"))
     (cases[3][0] / "pytorch_model.bin").write_bytes(b"not opened")
     cases[3] = (cases[3][0], "pickle format")
-    for folder, needle in cases:
+    # The folder's own faults are found by reading it (in this process, one line each); the two
+    # found only against the run (the data's tokenizer) or by its options go through `hpcllm train`.
+    for folder, needle in cases[:-1]:
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            hf_gpt2.read_config(folder)
+    for folder, needle in [(other, "another tokenizer"), (cases[3][0], "pickle format")]:
         proc = train(data_dir, tmp_path / f"run-{folder.name}", "--init-from", f"hf:{folder}")
         assert_usage_error(proc, needle)
         assert not (tmp_path / f"run-{folder.name}").exists(), folder.name

@@ -87,7 +87,7 @@ def add_parser(commands: Any) -> None:
     ge.add_argument("--model", default="tiny", help="preset whose shape is measured (tiny)")
     ge.add_argument("--new-tokens", type=int, default=256, help="tokens generated per prompt (256)")
     ge.add_argument("--batches", default="1,8", help="batch sizes (1,8)")
-    ge.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant, best kept (2)")
+    ge.add_argument("--repeat", type=int, default=3, help="interleaved runs per variant, best kept (3)")
     ge.add_argument("--data", help="prepared data whose tokenizer to use (default: the default corpus)")
     ge.add_argument("--json", action="store_true", help="machine-readable output")
     ge.set_defaults(func=generate)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hpcllm.model.gpt import GPT, Block
 from hpcllm.parallel.tensor.collectives import TensorCollectives
@@ -60,12 +61,25 @@ def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor | None:
     return allowed[:, None, :, :]
 
 
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A plain Linear without nn.Module's call machinery (a decoding step of a small model is mostly
+    per-operator overhead); a tensor-parallel layer through its own forward (it communicates)."""
+    if type(layer) is nn.Linear:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def _block(
     block: Block, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
 ) -> torch.Tensor:
-    """One block's forward over the new positions, reading and extending the cache."""
+    """One block's forward over the new positions, reading and extending the cache (eval mode: no
+    dropout)."""
     attn = block.attn
-    qkv = attn.qkv(block.ln_1(x))
+    qkv = _linear(attn.qkv, _norm(block.ln_1, x))
     batch, new, _ = qkv.shape
     q, k, v = qkv.view(batch, new, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
     if cache is not None:
@@ -74,8 +88,9 @@ def _block(
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=new > 1)
     else:
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    x = x + attn.proj(attended.transpose(1, 2).reshape(batch, new, -1))
-    return x + block.mlp(block.ln_2(x))
+    x = x + _linear(attn.proj, attended.transpose(1, 2).reshape(batch, new, -1))
+    hidden = F.gelu(_linear(block.mlp.fc, _norm(block.ln_2, x)), approximate="tanh")
+    return x + _linear(block.mlp.proj, hidden)
 
 
 def next_logits(
@@ -93,7 +108,7 @@ def next_logits(
     mask = _attention_mask(valid, new)
     for layer in model.stage_layers:
         hidden = _block(model.blocks[layer], hidden, mask, cache, layer)
-    logits = model.lm_head(model.ln_f(hidden[:, -1:, :]), model.wte.weight)[:, -1, :]
+    logits = model.lm_head(_norm(model.ln_f, hidden[:, -1:, :]), model.wte.weight)[:, -1, :]
     if tp_group is not None and tp_group.size > 1:  # this rank's vocabulary slice -> all of it
         logits = tp_group.allgather(logits, dim=-1)
     return logits[:, : model.shape.vocab_size]
