@@ -1,7 +1,6 @@
 """Generation with a KV cache and padded batches gives what the plain forward gives (one process)."""
 
 import torch
-import torch.nn.functional as F
 
 from hpcllm.model import inference
 from hpcllm.model.gpt import GPT, GPTShape
@@ -54,5 +53,3 @@ def test_sampling_is_per_row_and_top_k_bounded():
     assert inference.choose(logits, 0.0, None, None).item() == 2
     draws = {inference.choose(logits, 1.0, 2, torch.Generator().manual_seed(s)).item() for s in range(50)}
     assert draws == {2, 3}
-    probabilities = F.softmax(logits, dim=-1)
-    assert probabilities[0, 2] > 0.9
