@@ -20,7 +20,7 @@ import numpy as np
 
 from hpcllm.cluster.launcher import launch_command, run_launched
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.tokens import FORMAT_VERSION, MANIFEST, TOKENIZER, sha256_of, unigram_loss
+from hpcllm.data.tokens import FORMAT_VERSION, MANIFEST, TOKENIZER, checksum_of, unigram_loss
 
 CHUNK_TOKENS = 1 << 26  # 128 MB of uint16 per write
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
@@ -59,7 +59,7 @@ def synthetic_data(out: Path, gigabytes: float, seed: int = 0) -> Path:
                 "file": f"{split}.bin",
                 "tokens": tokens,
                 "documents": 1,
-                "sha256": sha256_of(out / f"{split}.bin"),
+                "checksum": checksum_of(out / f"{split}.bin"),
             }
             for split, tokens in sizes.items()
         },

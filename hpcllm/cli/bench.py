@@ -19,7 +19,8 @@ from hpcllm.errors import UsageError
 def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
-        help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline, memory, generate",
+        help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline, memory, generate, "
+        "prepare",
         description="Benchmarks whose results docs/benchmarks.md records, as ratios measured side by side.",
     )
     kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
@@ -71,6 +72,20 @@ def add_parser(commands: Any) -> None:
     pl.add_argument("--plot", help="write a plot PNG here")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=pipeline)
+
+    pr = kinds.add_parser(
+        "prepare",
+        help="prepare's scaling: ranks, input size, peak memory, and the tokenizer's own speed",
+        description="Prepares a synthetic JSONL file of --small-mb and one of --large-mb on one rank, the "
+        "large one on --ranks ranks, and the default corpus on 1 and --ranks ranks, one core per rank; "
+        "prints the ratios and the tokenizer's own batch-encoding speed on one core.",
+    )
+    pr.add_argument("--small-mb", type=float, default=100, help="the small synthetic file (100 MB)")
+    pr.add_argument("--large-mb", type=float, default=1000, help="the large synthetic file (1000 MB)")
+    pr.add_argument("--ranks", type=int, default=2, help="ranks compared with one (2)")
+    pr.add_argument("--workdir", help="where the synthetic files go (the system temp directory)")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(func=prepare)
 
     me = kinds.add_parser("memory", help="bytes per rank by kind, per recomputation and ZeRO mode")
     me.add_argument("--dp", type=int, default=4, help="data-parallel size the optimizer is sharded over (4)")
@@ -246,6 +261,20 @@ def startup(args: argparse.Namespace) -> int:
         raise UsageError(
             f"bench startup: cannot write the synthetic data in {where} ({exc}); use --workdir"
         ) from exc
+    print(json.dumps(result, indent=1) if args.json else bench.render(result))
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from hpcllm.bench import prepare as bench
+
+    if not 0 < args.small_mb < args.large_mb or args.ranks < 2:
+        raise UsageError("bench prepare needs 0 < --small-mb < --large-mb and --ranks >= 2")
+    try:
+        result = bench.run(args.small_mb, args.large_mb, args.ranks, args.workdir)
+    except OSError as exc:
+        where = args.workdir or "the system temp directory"
+        raise UsageError(f"bench prepare: cannot write the corpus in {where} ({exc}); use --workdir") from exc
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0
 

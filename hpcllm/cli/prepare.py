@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,23 @@ def add_parser(commands: Any) -> None:
         "--val-ratio", type=float, default=0.05, help="share of documents for validation (0.05)"
     )
     prep.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
-    prep.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    prep.add_argument(
+        "--field",
+        "--text-field",
+        dest="text_field",
+        default="text",
+        help="JSONL text field (text)",
+    )
     prep.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="extensions read from directories")
     prep.add_argument(
         "--dtype", default="auto", help="token dtype: auto (uint16 if the vocabulary fits), uint16, uint32"
     )
-    prep.add_argument("--bpe-sample-mb", type=float, default=16, help="MB of text the BPE is trained on (16)")
+    prep.add_argument(
+        "--bpe-sample-mb",
+        type=float,
+        default=4,
+        help="MB of text the BPE is trained on: the first documents of every piece of the corpus (4)",
+    )
     prep.add_argument(
         "--chunk-mb",
         type=float,
@@ -50,6 +62,9 @@ def add_parser(commands: Any) -> None:
     )
     prep.add_argument(
         "--force", action="store_true", help="replace a non-empty --out (only once the new data is complete)"
+    )
+    prep.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (seconds, tokens, phases, memory)"
     )
     prep.set_defaults(func=run)
 
@@ -76,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     rt = runtime.init(seed=args.seed)
     prepare.set_tokenizer_threads(rt.threads)
     summary = prepare.prepare(options, rt.comm)
-    if rt.rank == 0:
+    if rt.rank == 0 and args.json:
+        print(json.dumps(summary.to_dict()))
+    elif rt.rank == 0:
         wrote = f"wrote {options.out}/ (train.bin, val.bin, tokenizer.json, manifest.json)"
         print("\n".join([*summary.lines(), wrote]))
     return 0

@@ -1,15 +1,19 @@
 """`hpcllm prepare`: corpus → tokenizer → token files + manifest, spread over all ranks.
 
 1. Rank 0 resolves the sources and checks `--out` (every rank gets the plan or the same error).
-2. Rank 0 trains the BPE on a sample of the corpus (documents in order); the tokenizer is broadcast.
+2. Rank 0 trains the BPE on a deterministic sample of the corpus (the first documents of every
+   piece, `--bpe-sample-mb` in all), or loads `--tokenizer`; the tokenizer is broadcast.
 3. Every rank tokenizes pieces (whole files, or byte ranges of a large JSONL file: corpus.pieces)
    drawn from a shared work queue (largest first, `tasks.dynamic_map`), streaming their records
-   in batches, and writes each piece's train and val tokens to a part file named by the piece.
-4. Rank 0 concatenates the parts in piece order, writes the manifest and renames the staging
-   directory to `--out`.
+   in batches, writing each piece's train and val tokens to a part file named by the piece and
+   counting its tokens (for the unigram baseline).
+4. A prefix sum over the pieces' sizes, in piece order, gives every part its offset; each rank
+   writes its own parts into train.bin and val.bin through MPI-IO (parallel/file_io.py), then the
+   ranks hash the files' blocks round-robin and add up their token counts. Rank 0 writes the
+   manifest and renames the staging directory to `--out`: no rank reads the whole output.
 
 Each document's split is a hash of (seed, file index, byte offset of its record), and the parts are
-joined in piece order, so the output is byte-identical whatever the number of ranks. Nothing appears at
+laid out in piece order, so the output is byte-identical whatever the number of ranks. Nothing appears at
 `--out` until it is complete; an interrupted prepare leaves only a hidden `.NAME.tmp-*` directory.
 """
 
@@ -18,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +43,19 @@ from hpcllm.data.tokens import (
     MANIFEST,
     SPLITS,
     TOKENIZER,
+    block_digests,
+    checksum_entry,
+    checksum_of,
     choose_dtype,
-    sha256_of,
-    unigram_loss,
+    combine_digests,
+    n_blocks,
+    token_counts,
+    unigram_loss_of_counts,
 )
 from hpcllm.errors import UsageError
-from hpcllm.parallel.tasks import SharedCounters, dynamic_map, largest_first
+from hpcllm.observe.timing import PhaseClock
+from hpcllm.parallel.file_io import Run, prefix_offsets, write_runs
+from hpcllm.parallel.tasks import SharedCounters, dynamic_map, largest_first, round_robin_map
 
 
 @dataclass
@@ -57,7 +70,7 @@ class PrepareOptions:
     extensions: tuple[str, ...] = corpus.DEFAULT_EXTENSIONS
     dtype: str = "auto"
     force: bool = False
-    bpe_sample_bytes: int = 16 << 20
+    bpe_sample_bytes: int = 4 << 20
     chunk_bytes: int = corpus.CHUNK_BYTES  # a larger uncompressed JSONL file is cut into ranges
 
 
@@ -99,6 +112,8 @@ def check_options(opts: PrepareOptions) -> None:
         raise UsageError(
             f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304"
         )
+    if opts.bpe_sample_bytes < 1:
+        raise UsageError(f"--bpe-sample-mb must be positive, not {opts.bpe_sample_bytes / (1 << 20):g}")
     if opts.chunk_bytes < 1:
         raise UsageError(f"--chunk-mb must be positive, not {opts.chunk_bytes / (1 << 20):g}")
     if not 0 < opts.val_ratio < 1:
@@ -121,26 +136,29 @@ def _plan(opts: PrepareOptions) -> Plan:
     return Plan([str(f) for f in files], [o for _, o in found], pieces, str(staging))
 
 
-def _train_tokenizer(opts: PrepareOptions, files: list[str]) -> str:
+def _train_tokenizer(opts: PrepareOptions, plan: Plan) -> str:
     if opts.tokenizer == "byte":
         return tok.byte_tokenizer().to_str()
     given = tok.given_file(opts.tokenizer)
     if given is not None:
         return tok.load(given).to_str()
+    return tok.train_bpe(bpe_sample(plan, opts.text_field, opts.bpe_sample_bytes), opts.vocab_size).to_str()
 
-    def sample() -> Any:
-        """The corpus's first documents, in file order, up to the sample size: deterministic."""
-        taken = 0
-        for name in files:
-            path = Path(name)
-            whole = corpus.Piece(0, 0, path.stat().st_size)
-            for _, text in corpus.read_piece(path, whole, opts.text_field, corpus.Documents(Counter())):
-                yield text
-                taken += len(text)
-                if taken >= opts.bpe_sample_bytes:
-                    return
 
-    return tok.train_bpe(sample(), opts.vocab_size).to_str()
+def bpe_sample(plan: Plan, text_field: str, sample_bytes: int) -> Iterator[str]:
+    """The BPE's training text: the first documents of every piece, an equal share of
+    `sample_bytes` from each (the last one cut), so it spans the whole corpus and is the same for
+    any rank count."""
+    share = -(-sample_bytes // len(plan.pieces))
+    for piece in plan.pieces:
+        left = share
+        for _, text in corpus.read_piece(
+            Path(plan.files[piece.file]), piece, text_field, corpus.Documents(Counter())
+        ):
+            yield text[:left]
+            left -= len(text)
+            if left <= 0:
+                break
 
 
 def in_val(seed: int, file_index: int, doc_index: int, val_ratio: float) -> bool:
@@ -154,9 +172,15 @@ def part_path(staging: Path, index: int, split: str) -> Path:
 
 
 def _tokenize_piece(
-    index: int, plan: Plan, opts: PrepareOptions, tokenizer: Any, dtype: np.dtype, staging: Path
+    index: int,
+    plan: Plan,
+    opts: PrepareOptions,
+    tokenizer: Any,
+    dtype: np.dtype,
+    counts: dict[str, np.ndarray],  # this rank's token counts per split, added to
 ) -> PieceStats:
     """Tokenize one piece, streaming its documents in batches into its train and val part files."""
+    staging = Path(plan.staging)
     piece = plan.pieces[index]
     stats = PieceStats(index, piece.file, piece.size)
     found = corpus.Documents(Counter())
@@ -167,14 +191,19 @@ def _tokenize_piece(
         size = 0
 
         def flush() -> None:
+            written: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
             for (offset, _), encoding in zip(
                 batch, tokenizer.encode_batch([t for _, t in batch]), strict=True
             ):
                 split = "val" if in_val(opts.seed, piece.file, offset, opts.val_ratio) else "train"
-                ids = np.asarray(encoding.ids, dtype=dtype)
-                outputs[split].write(ids.tobytes() + eot.tobytes())
-                stats.tokens[split] += ids.size + 1
+                written[split] += [np.asarray(encoding.ids, dtype=dtype), eot]
                 stats.documents[split] += 1
+            for split, runs in written.items():
+                if runs:
+                    ids = np.concatenate(runs)
+                    outputs[split].write(ids.tobytes())
+                    stats.tokens[split] += ids.size
+                    counts[split] += np.bincount(ids, minlength=len(counts[split]))
             batch.clear()
 
         for offset, text in corpus.read_piece(Path(plan.files[piece.file]), piece, opts.text_field, found):
@@ -191,45 +220,103 @@ def _tokenize_piece(
     return stats
 
 
-def _assemble(
-    opts: PrepareOptions, plan: Plan, stats: list[PieceStats], tokenizer: Any, dtype: np.dtype
-) -> dict[str, Any]:
-    """Join the parts in piece order, write tokenizer and manifest, and move the result into place."""
-    staging = Path(plan.staging)
-    stats.sort(key=lambda s: s.index)
+def _no_documents(opts: PrepareOptions, plan: Plan, stats: list[PieceStats]) -> UsageError:
     skipped = Counter(s.skipped for s in stats if s.skipped)
-    documents = {split: sum(s.documents[split] for s in stats) for split in SPLITS}
-    if not sum(documents.values()):
-        shutil.rmtree(staging, ignore_errors=True)
-        detail = ", ".join(f"{n} {why.replace('_', '-')}" for why, n in skipped.items()) or "no text"
-        bad = sum(n for st in stats for n in st.bad.values())
-        detail += f", {bad} bad JSONL records" if bad else ""
-        raise UsageError(
-            f"the corpus has no documents ({len(plan.files)} files: {detail}); check the sources"
-        )
+    detail = ", ".join(f"{n} {why.replace('_', '-')}" for why, n in skipped.items()) or "no text"
+    bad = Counter()
+    for s in stats:
+        bad.update(s.bad)
+    if bad:
+        detail += f", {sum(bad.values())} bad JSONL records"
+    if bad["missing_field"] and bad["missing_field"] == sum(bad.values()):
+        detail += f": none has a text field {opts.text_field!r}; name the right one with --field"
+    return UsageError(f"the corpus has no documents ({len(plan.files)} files: {detail}); check the sources")
+
+
+@dataclass
+class Written:
+    """The token files as written: how the split was cut, and per split its tokens, documents,
+    checksum entry and token counts."""
+
+    split_by: str
+    tokens: dict[str, int]
+    documents: dict[str, int]
+    checksums: dict[str, dict[str, Any]]
+    counts: dict[str, np.ndarray]
+
+
+def _write_in_parallel(
+    comm: Any,
+    plan: Plan,
+    stats: list[PieceStats],
+    mine: set[int],
+    dtype: np.dtype,
+    counts: dict[str, np.ndarray],
+) -> Written:
+    """Collective: each rank writes its parts at their offsets in piece order, the ranks hash the
+    files' blocks round-robin and add up their token counts."""
+    staging = Path(plan.staging)
+    checksums = {}
     for split in SPLITS:
-        with open(staging / f"{split}.bin", "wb") as out:
-            for s in stats:
-                part = part_path(staging, s.index, split)
-                if part.exists():
-                    with open(part, "rb") as src:
-                        shutil.copyfileobj(src, out)
-    split_kind = "documents"
-    tokens = {split: (staging / f"{split}.bin").stat().st_size // dtype.itemsize for split in SPLITS}
-    if not tokens["train"] or not tokens["val"]:
-        # Too few documents for a document split (one big text file, say): cut the stream instead.
-        split_kind = "tokens"
-        stream = np.concatenate([np.fromfile(staging / f"{split}.bin", dtype=dtype) for split in SPLITS])
-        if stream.size < 2:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise UsageError(f"the corpus has only {stream.size} token(s); give it more text")
-        cut = min(stream.size - 1, max(1, int(round(stream.size * (1 - opts.val_ratio)))))
-        stream[:cut].tofile(staging / "train.bin")
-        stream[cut:].tofile(staging / "val.bin")
-        tokens = {"train": cut, "val": int(stream.size - cut)}
+        sizes = [s.tokens[split] * dtype.itemsize for s in stats]
+        runs = [
+            Run(part_path(staging, s.index, split), offset)
+            for s, offset in zip(stats, prefix_offsets(sizes), strict=True)
+            if s.index in mine
+        ]
+        path = staging / f"{split}.bin"
+        write_runs(comm, path, sum(sizes), runs)
+        digests = round_robin_map(comm, n_blocks(sum(sizes)), lambda blocks: block_digests(path, blocks))  # noqa: B023
+        checksums[split] = checksum_entry(combine_digests(digests))
+        for run in runs:
+            run.source.unlink()
+    totals = {split: np.zeros_like(counts[split]) for split in SPLITS}
+    for split in SPLITS:
+        comm.Allreduce(counts[split], totals[split])
+    return Written(
+        "documents",
+        {split: sum(s.tokens[split] for s in stats) for split in SPLITS},
+        {split: sum(s.documents[split] for s in stats) for split in SPLITS},
+        checksums,
+        totals,
+    )
+
+
+def _cut_token_stream(
+    opts: PrepareOptions, plan: Plan, stats: list[PieceStats], dtype: np.dtype, vocab: int
+) -> Written:
+    """Too few documents for a document split (one big text file, say): rank 0 joins the parts
+    and cuts the token stream instead. Small corpora only: a corpus of many documents never gets here."""
+    staging = Path(plan.staging)
+    parts = [np.fromfile(part_path(staging, s.index, split), dtype=dtype) for s in stats for split in SPLITS]
+    stream = np.concatenate(parts)
+    if stream.size < 2:
+        raise UsageError(f"the corpus has only {stream.size} token(s); give it more text")
+    cut = min(stream.size - 1, max(1, int(round(stream.size * (1 - opts.val_ratio)))))
+    stream[:cut].tofile(staging / "train.bin")
+    stream[cut:].tofile(staging / "val.bin")
+    return Written(
+        "tokens",
+        {"train": cut, "val": int(stream.size - cut)},
+        {split: sum(s.documents[split] for s in stats) for split in SPLITS},
+        {split: checksum_of(staging / f"{split}.bin") for split in SPLITS},
+        {"train": token_counts(stream[:cut], vocab), "val": token_counts(stream[cut:], vocab)},
+    )
+
+
+def _finish(
+    opts: PrepareOptions,
+    plan: Plan,
+    stats: list[PieceStats],
+    tokenizer: Any,
+    dtype: np.dtype,
+    written: Written,
+) -> dict[str, Any]:
+    """Rank 0: tokenizer and manifest into the staging directory, and the result into place."""
+    staging = Path(plan.staging)
     shutil.rmtree(staging / "parts")
     tokenizer.save(str(staging / TOKENIZER))
-    manifest = _manifest(opts, plan, stats, tokenizer, dtype, (split_kind, tokens, documents))
+    manifest = _manifest(opts, plan, stats, tokenizer, dtype, written)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _move_into_place(staging, opts.out)
     return manifest
@@ -241,13 +328,10 @@ def _manifest(
     stats: list[PieceStats],
     tokenizer: Any,
     dtype: np.dtype,
-    counts: tuple[str, dict[str, int], dict[str, int]],  # how the split was cut, tokens, documents
+    written: Written,
 ) -> dict[str, Any]:
-    staging = Path(plan.staging)
-    split_kind, tokens, documents = counts
     skipped = Counter(s.skipped for s in stats if s.skipped)
     vocab, eot = tokenizer.get_vocab_size(), tok.eot_id(tokenizer)
-    train, val = (np.memmap(staging / f"{split}.bin", dtype=dtype, mode="r") for split in ("train", "val"))
     not_utf8 = [plan.files[s.file] for s in stats if s.skipped == "not_utf8"]
     bad = {kind: sum(s.bad.get(kind, 0) for s in stats) for kind in corpus.BAD_KINDS}
     return {
@@ -257,15 +341,15 @@ def _manifest(
         "dtype": dtype.name,
         "seed": opts.seed,
         "val_ratio": opts.val_ratio,
-        "split_by": split_kind,
-        # Measured once here, so that a training start needs no pass over the data.
-        "unigram_loss": unigram_loss(train, val, vocab),
+        "split_by": written.split_by,
+        # Counted while tokenizing, so that a training start needs no pass over the data.
+        "unigram_loss": unigram_loss_of_counts(written.counts["train"], written.counts["val"]),
         "splits": {
             split: {
                 "file": f"{split}.bin",
-                "tokens": int(tokens[split]),
-                "documents": documents[split],
-                "sha256": sha256_of(staging / f"{split}.bin"),
+                "tokens": int(written.tokens[split]),
+                "documents": written.documents[split],
+                "checksum": written.checksums[split],
             }
             for split in SPLITS
         },
@@ -314,6 +398,19 @@ class Summary:
     manifest: dict[str, Any]
     seconds: float
     ranks: int
+    phases: dict[str, float]  # seconds of: tokenizer (planning included), tokenize, write, finish
+    peak_memory_mib: list[float]  # per rank: its process's peak resident memory
+
+    def to_dict(self) -> dict[str, Any]:
+        splits = self.manifest["splits"]
+        return {
+            "seconds": self.seconds,
+            "ranks": self.ranks,
+            "tokens": sum(splits[s]["tokens"] for s in SPLITS),
+            "bytes": sum(row["bytes"] for row in self.manifest["per_source"]),
+            "phases": self.phases,
+            "peak_memory_mib": self.peak_memory_mib,
+        }
 
     def lines(self) -> list[str]:
         m = self.manifest
@@ -332,7 +429,9 @@ class Summary:
             f"val: {val['tokens']:,} tokens in {val['documents']:,} documents (split by {m['split_by']})",
             f"tokenizer: {m['tokenizer']['kind']}, vocabulary {m['tokenizer']['vocab_size']:,}, {m['dtype']}",
             f"{total:,} tokens in {self.seconds:.1f} s = {total / max(self.seconds, 1e-9):,.0f} tokens/s "
-            f"on {self.ranks} rank(s)",
+            f"on {self.ranks} rank(s): "
+            + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases.items())
+            + f"; peak memory per rank {max(self.peak_memory_mib):,.0f} MiB",
         ]
         for name in files["not_utf8"][:5]:
             lines.append(f"  skipped (not UTF-8): {name}")
@@ -342,14 +441,16 @@ class Summary:
 def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     """Collective over `comm`. Returns the summary on every rank."""
     start = time.perf_counter()
+    phases = PhaseClock()
     rank = comm.Get_rank()
     plan = root_decides(comm, lambda: _plan(opts))
     staging = Path(plan.staging)
-    tokenizer_json = root_decides(comm, lambda: _train_tokenizer(opts, plan.files))
+    tokenizer_json = root_decides(comm, lambda: _train_tokenizer(opts, plan))
     tokenizer = tok.Tokenizer.from_str(tokenizer_json)
     vocab = tokenizer.get_vocab_size()
     dtype = choose_dtype(vocab, opts.dtype)  # the same verdict on every rank
     root_decides(comm, lambda: (staging / "parts").mkdir(parents=True))
+    phases.lap("tokenizer")
 
     done = SharedCounters(comm, slots=2)  # bytes read, tokens written: for rank 0's progress bar
     total_bytes = sum(piece.size for piece in plan.pieces)
@@ -365,19 +466,39 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
             )
             bar.refresh()
 
+    counts = {split: np.zeros(vocab, dtype=np.int64) for split in SPLITS}
+
     def work(index: int) -> PieceStats:
-        return _tokenize_piece(index, plan, opts, tokenizer, dtype, staging)
+        return _tokenize_piece(index, plan, opts, tokenizer, dtype, counts)
 
     order = largest_first([piece.size for piece in plan.pieces])
     mine = [stats for _, stats in dynamic_map(comm, order, work, on_done)]
-    everything = comm.gather(mine, root=0)
+    stats = sorted((s for part in comm.allgather(mine) for s in part), key=lambda s: s.index)
     done.free()
     if bar is not None:
         bar.close()
-    manifest = root_decides(
-        comm, lambda: _assemble(opts, plan, [s for part in everything for s in part], tokenizer, dtype)
-    )
-    return Summary(manifest, time.perf_counter() - start, comm.Get_size())
+    phases.lap("tokenize")
+    documents = {split: sum(s.documents[split] for s in stats) for split in SPLITS}
+    if not all(documents.values()):  # no documents at all, or too few for a document split
+
+        def serially() -> dict[str, Any]:
+            try:
+                if not any(documents.values()):
+                    raise _no_documents(opts, plan, stats)
+                written = _cut_token_stream(opts, plan, stats, dtype, vocab)
+            except UsageError:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            return _finish(opts, plan, stats, tokenizer, dtype, written)
+
+        manifest = root_decides(comm, serially)
+    else:
+        written = _write_in_parallel(comm, plan, stats, {s.index for s in mine}, dtype, counts)
+        phases.lap("write")
+        manifest = root_decides(comm, lambda: _finish(opts, plan, stats, tokenizer, dtype, written))
+    phases.lap("finish")
+    peak = comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    return Summary(manifest, time.perf_counter() - start, comm.Get_size(), phases.laps, peak)
 
 
 def _progress_bar(total_bytes: int) -> Any:

@@ -1,14 +1,20 @@
 """Token files on disk: flat binaries of token ids plus `manifest.json`, checked before use.
 
 A prepared directory holds `train.bin`, `val.bin`, `tokenizer.json` and `manifest.json`. The
-manifest records the tokenizer, the dtype, token and document counts, the sources and a SHA-256 of
+manifest records the tokenizer, the dtype, token and document counts, the sources and a checksum of
 each binary; `open_prepared` refuses a directory whose binaries do not match it.
+
+The checksum is a SHA-256 over blocks: the SHA-256 of the concatenated SHA-256 digests of the
+file's consecutive `BLOCK_BYTES` blocks. Blocks hash independently, so `hpcllm prepare` spreads
+them over its ranks instead of one rank re-reading the whole output; the result does not depend
+on how many ranks computed it. (Format 1 manifests hold a plain SHA-256 of the file: still read.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,8 @@ from hpcllm.errors import UsageError
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 SPLITS = ("train", "val")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+BLOCK_BYTES = 16 << 20  # of a token file, hashed independently (and by different ranks)
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -44,6 +51,47 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def block_digests(path: Path, blocks: Iterable[int], block_bytes: int = BLOCK_BYTES) -> list[bytes]:
+    """SHA-256 digests of the given blocks of the file."""
+    out = []
+    with open(path, "rb") as f:
+        for block in blocks:
+            f.seek(block * block_bytes)
+            out.append(hashlib.sha256(f.read(block_bytes)).digest())
+    return out
+
+
+def n_blocks(size: int, block_bytes: int = BLOCK_BYTES) -> int:
+    return max(1, -(-size // block_bytes))  # an empty file is one empty block
+
+
+def combine_digests(digests: Iterable[bytes]) -> str:
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def checksum_of(path: Path, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
+    """The manifest's checksum entry of a token file, computed here by one process."""
+    blocks = range(n_blocks(path.stat().st_size, block_bytes))
+    return checksum_entry(combine_digests(block_digests(path, blocks, block_bytes)), block_bytes)
+
+
+def checksum_entry(digest: str, block_bytes: int = BLOCK_BYTES) -> dict[str, Any]:
+    return {"algorithm": "sha256-blocks", "block_bytes": block_bytes, "digest": digest}
+
+
+def split_digest(manifest: dict[str, Any], split: str) -> str:
+    """What identifies a split's content (a resumed run checks it is training on the same data)."""
+    info = manifest["splits"][split]
+    return info["checksum"]["digest"] if "checksum" in info else info["sha256"]
+
+
+def _matches(binary: Path, info: dict[str, Any]) -> bool:
+    if "checksum" in info:
+        block_bytes = int(info["checksum"]["block_bytes"])
+        return checksum_of(binary, block_bytes)["digest"] == info["checksum"]["digest"]
+    return sha256_of(binary) == info["sha256"]  # format 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +137,8 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
         manifest = json.loads(manifest_path.read_text())
         dtype = np.dtype(manifest["dtype"])
         splits = {name: manifest["splits"][name] for name in SPLITS}
+        for name in SPLITS:
+            split_digest(manifest, name)  # a manifest with no checksum is not one of ours
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UsageError(
             f"{manifest_path} is not a valid hpcllm manifest ({exc}); prepare the data again"
@@ -103,7 +153,7 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
                 f"{binary} has {binary.stat().st_size} bytes but the manifest says {expected_bytes}; "
                 "it is truncated or from another run: prepare the data again"
             )
-        if verify and sha256_of(binary) != info["sha256"]:
+        if verify and not _matches(binary, info):
             raise UsageError(
                 f"{binary} does not match the checksum in {MANIFEST}: it changed after prepare; "
                 "prepare the data again"
@@ -111,7 +161,7 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
     return Prepared(root, manifest)
 
 
-def _counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
     """Token counts, a chunk at a time (bincount widens to int64: a whole file at once would take
     four times its size in memory)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -123,7 +173,12 @@ def _counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.nda
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) on val of the train unigram distribution (add-one smoothed): the
     loss of a model that ignores context. A language model must land well below it."""
-    counts = _counts(train_tokens, vocab_size).astype(np.float64) + 1.0
-    log_probs = np.log(counts / counts.sum())
-    val_counts = _counts(val_tokens, vocab_size)
+    return unigram_loss_of_counts(
+        token_counts(train_tokens, vocab_size), token_counts(val_tokens, vocab_size)
+    )
+
+
+def unigram_loss_of_counts(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
+    """unigram_loss from the splits' token counts (which `hpcllm prepare` adds up over its ranks)."""
+    log_probs = np.log((train_counts + 1.0) / (train_counts.sum() + len(train_counts)))
     return float(-(val_counts * log_probs).sum() / max(1, val_counts.sum()))

@@ -1,5 +1,6 @@
 """Where a training step's time goes: time per phase (data, forward, backward, allreduce wait,
-optimizer), summed over a logging interval and reported in milliseconds per step.
+optimizer), summed over a logging interval and reported in milliseconds per step; and the phases
+of a one-off job (PhaseClock).
 
 On CPU, wall time between the phase's boundaries. On a GPU the host only launches kernels, so each
 boundary records a CUDA event on the current stream instead, and the events are read when the
@@ -57,3 +58,16 @@ class PhaseTimer:
         self._seconds.clear()
         self._steps = 0
         return result
+
+
+class PhaseClock:
+    """Seconds between successive laps, by name (a phase never reached is absent)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now

@@ -7,7 +7,7 @@ the largest first (see `largest_first`) keeps the tail short when task sizes dif
 
 Each rank gets back only the results of the tasks it ran; where results must be combined in a
 fixed order (so the output does not depend on the rank count), the caller writes them by task
-index — see data/prepare.py.
+index — see data/prepare.py. Items of equal cost need no queue: `round_robin_map` deals them out.
 """
 
 from __future__ import annotations
@@ -84,3 +84,11 @@ def dynamic_map(
             yield task, result
     finally:
         counter.free()
+
+
+def round_robin_map(comm: Any, count: int, work: Callable[[range], list[T]]) -> list[T]:
+    """Collective: the results of items 0..count-1, in order, on every rank; rank r computes items
+    r, r + size, ... (`work` gets that range and returns one result per item)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    everyone = comm.allgather(work(range(rank, count, size)))
+    return [everyone[i % size][i // size] for i in range(count)]

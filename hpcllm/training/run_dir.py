@@ -14,7 +14,7 @@ import yaml
 from hpcllm.cluster import runtime
 from hpcllm.data import prepare
 from hpcllm.data.stage import stage
-from hpcllm.data.tokens import Prepared, open_prepared
+from hpcllm.data.tokens import Prepared, open_prepared, split_digest
 from hpcllm.errors import UsageError
 from hpcllm.training import checkpoint
 from hpcllm.training.plan import Plan
@@ -83,7 +83,7 @@ def resume_point(out: Path, data: Prepared) -> tuple[int, int]:
     manifest = checkpoint.read_manifest(ckpt)
     sampler, step = manifest.get("sampler", {}), manifest["step"]
     trained_on = sampler.get("data_sha256")
-    if trained_on and trained_on != data.manifest["splits"]["train"]["sha256"]:
+    if trained_on and trained_on != split_digest(data.manifest, "train"):
         raise UsageError(
             f"--resume: {data.path} is not the data this run was trained on (its train split differs); "
             "resume on the same prepared data, or start a new run"

@@ -21,7 +21,7 @@ import torch
 from hpcllm.cluster import faults, runtime
 from hpcllm.cluster.preemption import StopFlag
 from hpcllm.data.loader import BatchSampler, micro_batches
-from hpcllm.data.tokens import Prepared
+from hpcllm.data.tokens import Prepared, split_digest
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
@@ -237,7 +237,7 @@ class Trainer:
             "step": step,
             "seed": self.config.train.seed,
             "consumed_samples": self.samples_before(step),
-            "data_sha256": self.data.manifest["splits"]["train"]["sha256"],
+            "data_sha256": split_digest(self.data.manifest, "train"),
         }
         extra = {"config": self.config.to_dict(), "sampler": sampler}
         return checkpoint.save(

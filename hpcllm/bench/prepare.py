@@ -1,0 +1,139 @@
+"""`hpcllm bench prepare`: how `hpcllm prepare` scales with ranks and with the input's size.
+
+Runs, side by side in one invocation, with one core per rank (RAYON_NUM_THREADS=1, so the
+tokenizer's own threads do not hide the ranks' scaling):
+
+- one synthetic JSONL file of `small_mb` and one of `large_mb` (10x by default) on one rank, and
+  the large one on `ranks` ranks: time ratios and the peak memory of every rank;
+- the default corpus (the Python standard library) on one rank and on `ranks` ranks;
+- the ceiling per rank: the HF tokenizer's own `encode_batch` on one core, over the large file's
+  first records, with the tokenizer that prepare trained.
+
+The synthetic records are Zipf-distributed words of a fixed random vocabulary, seeded: the same
+file every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcllm.cluster.launcher import launch_command, launch_env, run_launched
+from hpcllm.data import tokenizer as tok
+
+SCALING_TARGET = 1.8  # `ranks` ranks over one, on the large file and the default corpus
+LINEAR_TARGET = 10.5  # time of 10x the input over the small input's time, at most
+MEMORY_FLAT = 0.2  # peak memory per rank, large over small, within this
+
+
+def synthetic_jsonl(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """A JSONL file of about `megabytes` MB of records {"text": ...}, written a block at a time."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = np.array(["".join(rng.choice(letters, size=rng.integers(1, 11))) for _ in range(20_000)])
+    target, written = int(megabytes * 1e6), 0
+    with open(path, "w") as f:
+        while written < target:
+            ids = np.minimum(rng.zipf(1.3, size=(512, 200)) - 1, len(words) - 1)
+            block = "".join(json.dumps({"text": " ".join(words[row])}) + "\n" for row in ids)
+            f.write(block)
+            written += len(block)
+    return path
+
+
+def _prepare(source: str | None, ranks: int, out: Path) -> dict[str, Any]:
+    """The run's JSON summary, plus the tokenizer it trained."""
+    env = launch_env()
+    env["RAYON_NUM_THREADS"] = "1"
+    command = [*launch_command(ranks), sys.executable, "-m", "hpcllm.cli", "prepare"]
+    command += ([source] if source else []) + ["--out", str(out), "--json"]
+    stdout = run_launched(command, f"prepare on {ranks} rank(s)", env=env, timeout=3600)
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary["tokenizer_json"] = (out / "tokenizer.json").read_text()
+    shutil.rmtree(out)
+    return summary
+
+
+def _ceiling(source: Path, tokenizer_json: str, megabytes: float) -> dict[str, float]:
+    """Tokens/s of the tokenizer's own batch encoding on one core, over the file's first records."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # before the tokenizers library starts its thread pool
+    tokenizer = tok.Tokenizer.from_str(tokenizer_json)
+    texts, size = [], 0
+    with open(source) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= megabytes * 1e6:
+                break
+    start = time.perf_counter()
+    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+    seconds = time.perf_counter() - start
+    return {"megabytes": size / 1e6, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def run(small_mb: float, large_mb: float, ranks: int, workdir: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="hpcllm-bench-prepare-", dir=workdir) as tmp:
+        root = Path(tmp)
+        small = synthetic_jsonl(root / "small.jsonl", small_mb, seed=1)
+        large = synthetic_jsonl(root / "large.jsonl", large_mb, seed=2)
+        runs = {
+            "small, 1 rank": _prepare(str(small), 1, root / "out"),
+            "large, 1 rank": _prepare(str(large), 1, root / "out"),
+            f"large, {ranks} ranks": _prepare(str(large), ranks, root / "out"),
+            "default corpus, 1 rank": _prepare(None, 1, root / "out"),
+            f"default corpus, {ranks} ranks": _prepare(None, ranks, root / "out"),
+        }
+        ceiling = _ceiling(large, runs["large, 1 rank"]["tokenizer_json"], 64)
+    for summary in runs.values():
+        del summary["tokenizer_json"]
+    seconds = {name: r["seconds"] for name, r in runs.items()}
+    large_one = runs["large, 1 rank"]
+    return {
+        "ranks": ranks,
+        "small_mb": small_mb,
+        "large_mb": large_mb,
+        "runs": runs,
+        "speedup_large": seconds["large, 1 rank"] / seconds[f"large, {ranks} ranks"],
+        "speedup_default": seconds["default corpus, 1 rank"] / seconds[f"default corpus, {ranks} ranks"],
+        "time_ratio_10x": seconds["large, 1 rank"] / seconds["small, 1 rank"],
+        "size_ratio": large_one["bytes"] / runs["small, 1 rank"]["bytes"],
+        "memory_ratio": max(large_one["peak_memory_mib"]) / max(runs["small, 1 rank"]["peak_memory_mib"]),
+        "ceiling": ceiling,
+        "tokens_per_s_per_rank": large_one["tokens"] / large_one["phases"]["tokenize"],
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    ranks = result["ranks"]
+    lines = [
+        f"{'run':<26} {'MB':>8} {'tokens':>13} {'seconds':>8} {'tokenizer':>9} {'tokenize':>8} "
+        f"{'write':>6} {'peak MiB/rank':>13}"
+    ]
+    for name, r in result["runs"].items():
+        phases = r["phases"]
+        lines.append(
+            f"{name:<26} {r['bytes'] / 1e6:>8,.0f} {r['tokens']:>13,} {r['seconds']:>8.1f} "
+            f"{phases.get('tokenizer', 0):>9.1f} {phases.get('tokenize', 0):>8.1f} "
+            f"{phases.get('write', 0):>6.2f} {max(r['peak_memory_mib']):>13,.0f}"
+        )
+    ceiling = result["ceiling"]
+    lines += [
+        "",
+        f"{ranks} ranks over 1, large file: {result['speedup_large']:.2f}x, default corpus: "
+        f"{result['speedup_default']:.2f}x (target >= {SCALING_TARGET}x)",
+        f"{result['size_ratio']:.1f}x the input in {result['time_ratio_10x']:.2f}x the time "
+        f"(target <= {LINEAR_TARGET}x at 10x); peak memory per rank {result['memory_ratio']:.2f}x "
+        f"(target within {MEMORY_FLAT:.0%})",
+        f"tokenizing, per rank: {result['tokens_per_s_per_rank']:,.0f} tokens/s; the tokenizer's own "
+        f"encode_batch on one core: {ceiling['tokens_per_s']:,.0f} tokens/s "
+        f"({result['tokens_per_s_per_rank'] / ceiling['tokens_per_s']:.0%} of the ceiling)",
+    ]
+    return "\n".join(lines)
