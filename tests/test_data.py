@@ -105,6 +105,14 @@ def test_empty_corpus_is_refused_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp-*"))
 
 
+def test_a_field_no_record_has_is_refused_and_named(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(5)) + "\n")
+    proc = prepare([records, "--field", "body", "--out", tmp_path / "o"])
+    assert_usage_error(proc, "5 bad JSONL records", "none has a text field 'body'", "--field")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".*tmp-*"))
+
+
 def test_existing_output_is_never_overwritten_without_force(corpus_dir, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

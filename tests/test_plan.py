@@ -250,10 +250,10 @@ def test_validation_statistics():
     # Re-anchoring: a profile calibrated at half this machine's speed is brought back by the
     # reference run measured now, whatever the layout of that run.
     now = dataclasses.replace(CPU_NODE, step_scale=2.0)
-    name, ranks, flags = validate.reference_run()
+    name, ranks, flags = validate.reference_run(CPU_NODE)
     assert ranks >= 1 and flags[:2] == ["--tp", "1"] and "model.n_layer=4" in flags
     reference = validate._reference_layout()
-    spec = ModelSpec(vocab=4096, **calibrate.CALIBRATION_MODEL)
+    spec = ModelSpec(vocab=4096, **calibrate.shape_of(CPU_NODE))
     at_now = predict(spec, reference, now, calibrate.CALIBRATION_BATCH, ranks_per_node=reference.gpus)
     fast = validate.anchored(CPU_NODE, 4096, at_now.tokens_per_s)
     assert fast.step_scale == pytest.approx(2.0 * CPU_NODE.step_scale, rel=1e-6)
@@ -282,7 +282,8 @@ def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, dat
     from hpcllm.data.tokens import open_prepared
 
     env = {**launch_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    quick = ["--seconds", "0.02", "--steps", 20, "--repeat", 1, "--data", data_dir]
+    small = "n_layer=2,n_embd=32,n_head=2,block_size=32,vocab=1"  # the runs' shape: quick
+    quick = ["--seconds", "0.02", "--steps", 20, "--repeat", 1, "--data", data_dir, "--model", small]
     calibrated = run_hpcllm(["plan", "calibrate", *quick], env=env, timeout=600)
     assert calibrated.returncode == 0, calibrated.stderr
     local = profiles.load(str(tmp_path / "config/hpcllm/profiles/local.yaml"))

@@ -83,6 +83,7 @@ def add_parser(commands: Any) -> None:
     pr.add_argument("--small-mb", type=float, default=100, help="the small synthetic file (100 MB)")
     pr.add_argument("--large-mb", type=float, default=1000, help="the large synthetic file (1000 MB)")
     pr.add_argument("--ranks", type=int, default=2, help="ranks compared with one (2)")
+    pr.add_argument("--repeat", type=int, default=3, help="alternated pairs of default-corpus runs (3)")
     pr.add_argument("--workdir", help="where the synthetic files go (the system temp directory)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=prepare)
@@ -268,10 +269,10 @@ def startup(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     from hpcllm.bench import prepare as bench
 
-    if not 0 < args.small_mb < args.large_mb or args.ranks < 2:
-        raise UsageError("bench prepare needs 0 < --small-mb < --large-mb and --ranks >= 2")
+    if not 0 < args.small_mb < args.large_mb or args.ranks < 2 or args.repeat < 1:
+        raise UsageError("bench prepare needs 0 < --small-mb < --large-mb, --ranks >= 2 and --repeat >= 1")
     try:
-        result = bench.run(args.small_mb, args.large_mb, args.ranks, args.workdir)
+        result = bench.run(args.small_mb, args.large_mb, args.ranks, args.workdir, args.repeat)
     except OSError as exc:
         where = args.workdir or "the system temp directory"
         raise UsageError(f"bench prepare: cannot write the corpus in {where} ({exc}); use --workdir") from exc

@@ -155,8 +155,10 @@ def calibrate(args: argparse.Namespace) -> int:
         )
     if args.repeat < 1:
         raise UsageError(f"--repeat must be at least 1, not {args.repeat}")
+    spec = parse_model(args.model or "tiny")
+    shape = {key: getattr(spec, key) for key in ("n_layer", "n_embd", "n_head", "block_size")}
     data = prepared_data(args.data)
-    values = bench.calibrate(data, _layout_runner(data), args.seconds, args.steps, args.repeat)
+    values = bench.calibrate(data, _layout_runner(data), args.seconds, args.steps, args.repeat, shape=shape)
     path = bench.write(values, out)
     print(
         f"wrote {path}: {values['peak_flops'] / 1e9:,.0f} GFLOP/s matmul peak, GPT block at "
@@ -194,7 +196,7 @@ def validate(args: argparse.Namespace) -> int:
     data = prepared_data(args.data)
     vocab = open_prepared(data, verify=False).vocab_size
     model = ModelSpec(vocab=vocab, **PRESETS[preset])
-    variants.append(check.reference_run())
+    variants.append(check.reference_run(cluster))
     bench = bench_train.run(data, args.steps, sets, args.repeat, keys=(), layouts=variants)
     *rows, reference = bench["rows"]
     measured = {r["name"]: r["tokens_per_s"] for r in rows}

@@ -51,8 +51,9 @@ def add_parser(commands: Any) -> None:
     prep.add_argument(
         "--bpe-sample-mb",
         type=float,
-        default=4,
-        help="MB of text the BPE is trained on: the first documents of every piece of the corpus (4)",
+        default=0,
+        help="MiB of text the BPE is trained on, the first documents of every piece of the corpus "
+        "(default: 256 bytes per vocabulary entry, 1 MiB for 4096)",
     )
     prep.add_argument(
         "--chunk-mb",

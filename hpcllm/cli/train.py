@@ -17,7 +17,11 @@ def add_parser(commands: Any) -> None:
     )
     tr.add_argument("--config", help="YAML file with model:, train:, parallel:, data: sections")
     add_set_option(tr)
-    tr.add_argument("--data", help="prepared data directory (hpcllm prepare --out DIR)")
+    tr.add_argument(
+        "--data",
+        help="prepared data directory (hpcllm prepare --out DIR), or a weighted mixture of several "
+        "sharing a tokenizer: DIR:0.7,DIR:0.3",
+    )
     tr.add_argument("--out", help="run directory (default runs/<time> or runs/job-<SLURM_JOB_ID>)")
     tr.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     tr.add_argument("--tp", type=int, help="tensor-parallel size (parallel.tp)")

@@ -55,7 +55,10 @@ Times = dict[tuple[int, int, int], float]  # (hidden, tokens, layers): seconds
 # Runs hpcllm train in layouts: ([(name, ranks, train flags)], common flags, steps, repeat) -> tokens/s
 # by name. The command line passes `hpcllm bench train`'s, so that the planner does not import it.
 MeasureLayouts = Callable[[list[tuple[str, int, list[str]]], list[str], int, int], dict[str, float]]
-CALIBRATION_MODEL = {"n_layer": 4, "n_embd": 64, "n_head": 2, "block_size": 64}
+# The training runs' model, by default the tiny preset's shape (`plan calibrate --model` takes
+# another): the loop's own costs that `step_scale` stands for do not scale like the kernels, so
+# they are measured on the shape the profile is for.
+CALIBRATION_MODEL = {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 128}
 CALIBRATION_BATCH = 32
 
 
@@ -188,6 +191,7 @@ def calibrate(
     steps: int = 30,
     repeat: int = 2,
     say: Callable[[str], None] = print,
+    shape: dict[str, int] = CALIBRATION_MODEL,
 ) -> dict[str, Any]:
     """Run the benchmarks on this node's cores and return the profile's fields, with the
     measurements behind them under `measured`; the parallel runs train on `data` for `steps`."""
@@ -234,6 +238,7 @@ def calibrate(
         "collective_efficiency": 1.0,
         "dp_overlap": 0.0,
         "activation_bytes": 4,
+        "calibration_model": shape_text(shape),
         "measured": {
             "gpt_seconds_a_rank_per_core": {f"h{h}_t{t}_l{n}": v for (h, t, n), v in per_core.items()},
             "gpt_seconds_one_rank": {f"h{h}_t{t}_l{n}": v for (h, t, n), v in whole.items()},
@@ -241,7 +246,7 @@ def calibrate(
         },
     }
     say("parallel layouts: short `hpcllm train` runs of the calibration model ...")
-    terms, measured = parallel_terms(values, data, measure, steps, repeat, cores)
+    terms, measured = parallel_terms(values, data, measure, steps, repeat, cores, shape)
     values.update(terms)
     values["measured"]["train_tokens_per_s"] = measured
     return values
@@ -260,20 +265,37 @@ def calibration_layouts(cores: int) -> dict[str, Layout]:
     }
 
 
+def shape_text(shape: dict[str, int]) -> str:
+    return ",".join(f"{key}={value}" for key, value in shape.items())
+
+
+def shape_of(cluster: profiles.ClusterProfile) -> dict[str, int]:
+    """The model shape a profile was calibrated with (older profiles: the shape of their day)."""
+    if not cluster.calibration_model:
+        return {"n_layer": 4, "n_embd": 64, "n_head": 2, "block_size": 64}
+    return {k: int(v) for k, v in (item.split("=") for item in cluster.calibration_model.split(","))}
+
+
 def parallel_terms(
-    values: dict[str, Any], data: Path, measure: MeasureLayouts, steps: int, repeat: int, cores: int
+    values: dict[str, Any],
+    data: Path,
+    measure: MeasureLayouts,
+    steps: int,
+    repeat: int,
+    cores: int,
+    shape: dict[str, int] = CALIBRATION_MODEL,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Fit the parallel terms from short training runs of the calibration model, each from its run."""
     from hpcllm.data.tokens import open_prepared
     from hpcllm.planner.search import layout_arguments
 
     layouts = calibration_layouts(cores)
-    sets = [f"model.{key}={value}" for key, value in CALIBRATION_MODEL.items()]
+    sets = [f"model.{key}={value}" for key, value in shape.items()]
     sets.append(f"train.global_batch={CALIBRATION_BATCH}")
     flags = [item for assignment in sets for item in ("--set", assignment)]
     variants = [(name, layout.gpus, layout_arguments(layout)) for name, layout in layouts.items()]
     tokens_per_s = measure(variants, flags, steps, repeat)
-    model = ModelSpec(vocab=open_prepared(data, verify=False).vocab_size, **CALIBRATION_MODEL)
+    model = ModelSpec(vocab=open_prepared(data, verify=False).vocab_size, **shape)
     tokens = CALIBRATION_BATCH * model.block_size
     fields = {k: v for k, v in values.items() if k != "measured"}
     terms: dict[str, float] = {}

@@ -53,6 +53,7 @@ class ClusterProfile:
     thread_efficiency: float = 1.0  # CPU: one rank's rate on all cores / the cores' rate as one rank each
     memory_gbps: float = 0.0  # device memory bandwidth for the optimizer step (0: not modelled)
     activation_bytes: int = 2  # bytes per activation element: 2 (bf16 on GPUs), 4 (fp32 on CPU)
+    calibration_model: str = ""  # the shape `plan calibrate` ran its training runs with, n_layer=..,...
 
     @property
     def large_gemm_flops(self) -> float:

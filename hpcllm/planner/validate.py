@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.cluster.runtime import usable_cores
-from hpcllm.planner.calibrate import CALIBRATION_BATCH, CALIBRATION_MODEL, calibration_layouts
+from hpcllm.planner.calibrate import CALIBRATION_BATCH, calibration_layouts, shape_of
 from hpcllm.planner.profiles import ClusterProfile
 from hpcllm.planner.search import Layout, layout_arguments, parse_layout
 from hpcllm.planner.step_model import ModelSpec, predict
@@ -57,10 +57,10 @@ SPEARMAN_TARGET = 0.8
 REFERENCE = "reference: the calibration model on every core"
 
 
-def reference_run() -> tuple[str, int, list[str]]:
+def reference_run(cluster: ClusterProfile) -> tuple[str, int, list[str]]:
     """(name, ranks, `hpcllm train` flags) of the calibration's reference run, as bench train runs it."""
     layout = _reference_layout()
-    model = [f"model.{key}={value}" for key, value in CALIBRATION_MODEL.items()]
+    model = [f"model.{key}={value}" for key, value in shape_of(cluster).items()]
     sets = [*model, f"train.global_batch={CALIBRATION_BATCH}"]
     return REFERENCE, layout.gpus, layout_arguments(layout) + [a for s in sets for a in ("--set", s)]
 
@@ -72,7 +72,7 @@ def _reference_layout() -> Layout:
 def anchored(cluster: ClusterProfile, vocab: int, reference_tokens_per_s: float) -> ClusterProfile:
     """`cluster` with `step_scale` re-fitted to the reference run measured now."""
     layout = _reference_layout()
-    model = ModelSpec(vocab=vocab, **CALIBRATION_MODEL)
+    model = ModelSpec(vocab=vocab, **shape_of(cluster))
     predicted = predict(model, layout, cluster, CALIBRATION_BATCH, ranks_per_node=layout.gpus).step_s
     measured = CALIBRATION_BATCH * model.block_size / reference_tokens_per_s
     return dataclasses.replace(cluster, step_scale=cluster.step_scale * measured / predicted)

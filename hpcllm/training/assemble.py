@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hpcllm.cluster import faults, runtime
-from hpcllm.data.tokens import Prepared
+from hpcllm.data.mixture import Mixture
 from hpcllm.model.gpt import GPT
 from hpcllm.model.partition import partition_tensor_parallel
 from hpcllm.observe.memory import tensor_bytes
@@ -81,7 +81,7 @@ def assemble_trainer(
     plan: Plan,
     rt: runtime.Runtime,
     grid: Grid,
-    data: Prepared,
+    data: Mixture,
     out: Path,
     built: tuple[GPT, TensorCollectives, int],
     fault: faults.Fault | None,

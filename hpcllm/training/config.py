@@ -95,6 +95,7 @@ class HorovodConfig:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # a prepared directory; empty = the default corpus, prepared on first use
+    mix: str = ""  # instead of path: prepared directories with weights, "DIR:0.7,DIR:0.3" (data/mixture.py)
     stage_dir: str = ""  # copy the data here once per node first ({node} = node index; $VARS expanded)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
+from hpcllm.data.mixture import components_of, is_mix
 from hpcllm.data.tokens import TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import flops_per_token
@@ -57,7 +58,7 @@ class TrainArgs:
             "train.steps": self.steps,
             "parallel.tp": self.tp,
             "parallel.pp": self.pp,
-            "data.path": self.data,
+            "data.mix" if self.data and is_mix(self.data) else "data.path": self.data,
             "horovod.timeline": self.timeline,
             "train.init_from": self.init_from,
         }
@@ -106,7 +107,7 @@ def _auto_layout(config: config_mod.Config, cluster: Any, rt: runtime.Runtime) -
     reasons."""
     from hpcllm.planner import auto
 
-    data = config.data.path or str(default_data_dir())
+    data = components_of(config.data.path, config.data.mix)[0].path or str(default_data_dir())
     settings, lines = auto.choose(config, cluster, rt.size, rt.local_size, auto.vocabulary(data))
     for line in lines:
         log.info("%s", line)
@@ -173,7 +174,7 @@ def run_training(args: TrainArgs) -> Trainer:
     data = ensure_data(plan, rt, grid.node_comm)
     folder = None if args.resume else init_from.source(plan.config)
     if folder is not None:
-        runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data))
+        runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data.primary))
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
@@ -183,8 +184,8 @@ def run_training(args: TrainArgs) -> Trainer:
     _warn_about_placement(plan, rt)
     if rt.rank == 0:
         plan.config.dump(out / "config.yaml")
-        shutil.copyfile(data.tokenizer_path, out / TOKENIZER)
-    built = build_model(plan, data.vocab_size, rt, grid)
+        shutil.copyfile(data.primary.tokenizer_path, out / TOKENIZER)
+    built = build_model(plan, data.primary.vocab_size, rt, grid)
     if folder is not None:
         runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(built[0], folder, grid))
         log.info("initialised from %s: GPT-2 %s", folder.path, ", ".join(folder.model_settings()))
@@ -236,11 +237,12 @@ def _stop_if_asked(trainer: Trainer, done: int, saved: bool, bar: Any) -> None:
 
 def _baseline(trainer: Trainer) -> float:
     """The unigram loss recorded at prepare time; data prepared by an older hpcllm is measured now."""
-    recorded = trainer.data.manifest.get("unigram_loss")
+    recorded = trainer.data.unigram_loss()
     if recorded is not None:
-        return float(recorded)
+        return recorded
     log.info("measuring the unigram baseline (one pass over the data; `hpcllm prepare` again records it)")
-    return unigram_loss(trainer.train_tokens, trainer.val_tokens, trainer.data.vocab_size)
+    primary = trainer.data.primary
+    return unigram_loss(primary.tokens("train"), primary.tokens("val"), primary.vocab_size)
 
 
 def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
@@ -333,4 +335,16 @@ def _summary(
         f"checkpoints/{latest.name if latest else '-'}",
         f"  sample from it: hpcllm generate --run {out} --prompt 'def '",
     ]
+    mixed = trainer.data
+    if len(mixed.datasets) > 1:
+        samples = trainer.samples_before(trainer.config.train.steps)
+        shares = trainer.sampler.proportions(samples)
+        lines.insert(
+            2,
+            f"  mixture over {samples:,} samples: "
+            + ", ".join(
+                f"{d.path.name} {share:.1%} (weight {w:.1%})"
+                for d, share, w in zip(mixed.datasets, shares, mixed.weights, strict=True)
+            ),
+        )
     print("\n".join(lines), flush=True)

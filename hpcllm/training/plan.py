@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hpcllm.data import tokenizer
+from hpcllm.data import mixture, tokenizer
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPTShape
 from hpcllm.model.partition import check_tp, plan_stages
@@ -205,7 +205,8 @@ def make_plan(
     if config.train.tensorboard:
         tensorboard.check_installed()
     h = config.horovod
-    default_data = not config.data.path
+    mixture.components_of(config.data.path, config.data.mix)  # bad weights end here, before any work
+    default_data = not config.data.path and not config.data.mix
     if default_data:
         config = replace(config, data=replace(config.data, path=str(default_data_dir())))
     return Plan(

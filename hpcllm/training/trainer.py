@@ -20,8 +20,8 @@ import torch
 
 from hpcllm.cluster import faults, runtime
 from hpcllm.cluster.preemption import StopFlag
-from hpcllm.data.loader import BatchSampler, micro_batches
-from hpcllm.data.tokens import Prepared, split_digest
+from hpcllm.data.loader import micro_batches
+from hpcllm.data.mixture import Mixture, Sampler
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
@@ -62,7 +62,7 @@ class Trainer:
     plan: Plan
     rt: runtime.Runtime
     grid: Grid
-    data: Prepared
+    data: Mixture
     run_dir: Path
     model: GPT
     optimizer: torch.optim.Optimizer
@@ -85,13 +85,10 @@ class Trainer:
         self.gradients = self._gradient_pieces()
         self.sequence_parallel_parameters = self.model.sequence_parallel_parameters()
         t, m = self.config.train, self.config.model
-        self.train_tokens = self.data.tokens("train")
-        self.sampler = BatchSampler(len(self.train_tokens), m.block_size, t.seed)
-        self.val_tokens = self.data.tokens("val")
+        self.sampler, self.train_tokens = self.data.stream("train", m.block_size, t.seed)
+        self.val_sampler: Sampler | None
         try:
-            self.val_sampler: BatchSampler | None = BatchSampler(
-                len(self.val_tokens), m.block_size, t.seed + 1
-            )
+            self.val_sampler, self.val_tokens = self.data.stream("val", m.block_size, t.seed + 1)
         except UsageError:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
@@ -103,9 +100,7 @@ class Trainer:
         resumed_step, resumed_samples = self.resumed_at
         return resumed_samples + (step - resumed_step) * self.config.train.global_batch
 
-    def _batches(
-        self, sampler: BatchSampler, tokens: Any, first: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, sampler: Sampler, tokens: Any, first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = self.config.train.global_batch
         indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
         device = self.rt.device
@@ -237,7 +232,7 @@ class Trainer:
             "step": step,
             "seed": self.config.train.seed,
             "consumed_samples": self.samples_before(step),
-            "data_sha256": split_digest(self.data.manifest, "train"),
+            "data_sha256": self.data.identity(),
         }
         extra = {"config": self.config.to_dict(), "sampler": sampler}
         return checkpoint.save(
