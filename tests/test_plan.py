@@ -247,6 +247,11 @@ def test_validation_statistics():
     result = validate.compare(TINY_SPEC, CPU_NODE, 32, measured)
     assert result["spearman"] == pytest.approx(1) and result["best_in_top2"]
     assert result["predicted_best"] == "tp=1,pp=1,dp=2,micro_batch=8"
+    # Rows the calibration fitted are flagged, and the statistics repeated without them.
+    measured["tp=2,pp=1,dp=1,micro_batch=8"] = 6000.0
+    split = validate.compare(TINY_SPEC, CPU_NODE, 32, measured, fitted={"tp=1,pp=4,dp=1,micro_batch=8"})
+    assert [r["fitted"] for r in split["rows"]] == [False, True, False]
+    assert split["held_out"]["layouts"] == 2 and split["layouts"] == 3
     # Re-anchoring: a profile calibrated at half this machine's speed is brought back by the
     # reference run measured now, whatever the layout of that run.
     now = dataclasses.replace(CPU_NODE, step_scale=2.0)

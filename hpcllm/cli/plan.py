@@ -200,9 +200,10 @@ def validate(args: argparse.Namespace) -> int:
     bench = bench_train.run(data, args.steps, sets, args.repeat, keys=(), layouts=variants)
     *rows, reference = bench["rows"]
     measured = {r["name"]: r["tokens_per_s"] for r in rows}
-    result = check.compare(model, cluster, global_batch, measured)
+    fitted = check.fitted_layouts(cluster, PRESETS[preset], global_batch)
+    result = check.compare(model, cluster, global_batch, measured, fitted)
     now = check.anchored(cluster, vocab, reference["tokens_per_s"])
-    anchored = check.compare(model, now, global_batch, measured)
+    anchored = check.compare(model, now, global_batch, measured, fitted)
     for row, anchored_row, bench_row in zip(result["rows"], anchored["rows"], rows, strict=True):
         row["min"], row["max"] = bench_row["min"], bench_row["max"]
         row["anchored_error"] = anchored_row["error"]

@@ -25,7 +25,7 @@ from typing import Any
 from hpcllm.cluster.runtime import usable_cores
 from hpcllm.planner.calibrate import CALIBRATION_BATCH, calibration_layouts, shape_of
 from hpcllm.planner.profiles import ClusterProfile
-from hpcllm.planner.search import Layout, layout_arguments, parse_layout
+from hpcllm.planner.search import Layout, layout_arguments, layout_text, parse_layout
 from hpcllm.planner.step_model import ModelSpec, predict
 
 # Runnable on a 2-core machine in a few minutes each round: dp, tp and pp up to 8 ranks, their
@@ -101,8 +101,38 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var if var else 0.0
 
 
-def compare(model: ModelSpec, cluster: ClusterProfile, global_batch: int, measured: dict[str, float]) -> dict:
-    """Predictions for {layout text: measured tokens/s} on one node, and the statistics."""
+def fitted_layouts(cluster: ClusterProfile, shape: dict[str, int], global_batch: int) -> set[str]:
+    """The layouts whose runs the profile's parallel terms were fitted to, when it was calibrated on
+    this model shape and batch: their rows are in-sample, and counted apart."""
+    if shape_of(cluster) != shape or global_batch != CALIBRATION_BATCH:
+        return set()
+    return {layout_text(layout) for layout in calibration_layouts(usable_cores()).values()}
+
+
+def _statistics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    predicted = [r["predicted_tokens_per_s"] for r in rows]
+    actual = [r["measured_tokens_per_s"] for r in rows]
+    best_predicted = max(rows, key=lambda r: r["predicted_tokens_per_s"])
+    measured_top2 = sorted(rows, key=lambda r: -r["measured_tokens_per_s"])[:2]
+    return {
+        "layouts": len(rows),
+        "median_abs_error": statistics.median(abs(r["error"]) for r in rows),
+        "spearman": spearman(predicted, actual),
+        "predicted_best": best_predicted["layout"],
+        "measured_top2": [r["layout"] for r in measured_top2],
+        "best_in_top2": best_predicted in measured_top2,
+    }
+
+
+def compare(
+    model: ModelSpec,
+    cluster: ClusterProfile,
+    global_batch: int,
+    measured: dict[str, float],
+    fitted: set[str] | None = None,
+) -> dict:
+    """Predictions for {layout text: measured tokens/s} on one node, and the statistics: over all
+    rows, and over the rows the calibration did not fit (`held_out`) when some were fitted."""
     rows = []
     for text, tokens_per_s in measured.items():
         layout = parse_layout(text, global_batch)
@@ -114,21 +144,15 @@ def compare(model: ModelSpec, cluster: ClusterProfile, global_batch: int, measur
                 "measured_tokens_per_s": tokens_per_s,
                 "predicted_tokens_per_s": prediction.tokens_per_s,
                 "error": prediction.tokens_per_s / tokens_per_s - 1,
+                "fitted": layout_text(layout) in (fitted or set()),
                 "breakdown": prediction.breakdown,
             }
         )
-    predicted = [r["predicted_tokens_per_s"] for r in rows]
-    actual = [r["measured_tokens_per_s"] for r in rows]
-    best_predicted = max(rows, key=lambda r: r["predicted_tokens_per_s"])
-    measured_top2 = sorted(rows, key=lambda r: -r["measured_tokens_per_s"])[:2]
-    return {
-        "rows": rows,
-        "median_abs_error": statistics.median(abs(r["error"]) for r in rows),
-        "spearman": spearman(predicted, actual),
-        "predicted_best": best_predicted["layout"],
-        "measured_top2": [r["layout"] for r in measured_top2],
-        "best_in_top2": best_predicted in measured_top2,
-    }
+    result = {"rows": rows, **_statistics(rows)}
+    held_out = [r for r in rows if not r["fitted"]]
+    if len(held_out) < len(rows) and len(held_out) >= 2:
+        result["held_out"] = _statistics(held_out)
+    return result
 
 
 def render(result: dict[str, Any]) -> str:
@@ -139,7 +163,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"{r['layout']:<{width}} {r['ranks']:>5} {r['measured_tokens_per_s']:>14,.0f} "
             f"{r.get('min', 0):>6,.0f}-{r.get('max', 0):<6,.0f} {r['predicted_tokens_per_s']:>10,.0f} "
-            f"{r['error']:>+7.1%}"
+            f"{r['error']:>+7.1%}" + ("  (fitted by the calibration)" if r.get("fitted") else "")
         )
     if "anchored" in result:
         again, scale = result["anchored"], result["step_scale"]
@@ -148,8 +172,17 @@ def render(result: dict[str, Any]) -> str:
             f"{scale['now']:.2f}): median absolute error {again['median_abs_error']:.1%}, "
             f"Spearman {again['spearman']:.2f}"
         )
+    if "held_out" in result:
+        held = result["held_out"]
+        lines.append(
+            f"the {held['layouts']} layouts the calibration did not fit: median absolute error "
+            f"{held['median_abs_error']:.1%}, Spearman {held['spearman']:.2f}, predicted best "
+            f"{held['predicted_best']} {'is' if held['best_in_top2'] else 'is NOT'} among their two "
+            "measured best"
+        )
     lines += [
-        f"median absolute error {result['median_abs_error']:.1%} (target <= {MEDIAN_ERROR_TARGET:.0%}), "
+        f"all {result['layouts']}: median absolute error {result['median_abs_error']:.1%} "
+        f"(target <= {MEDIAN_ERROR_TARGET:.0%}), "
         f"Spearman {result['spearman']:.2f} (target >= {SPEARMAN_TARGET}), predicted best "
         f"{result['predicted_best']} {'is' if result['best_in_top2'] else 'is NOT'} among the measured "
         f"two best ({'; '.join(result['measured_top2'])})"
@@ -168,7 +201,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot([0, top], [0, top], color="black", linewidth=1, label="predicted = measured")
     band = MEDIAN_ERROR_TARGET
     ax.fill_between([0, top], [0, top * (1 - band)], [0, top * (1 + band)], alpha=0.15, label=f"±{band:.0%}")
-    ax.scatter(measured, predicted, zorder=3)
+    fitted = [bool(r.get("fitted")) for r in result["rows"]]
+    for kind, marker in ((False, "o"), (True, "s")):
+        xs = [m for m, f in zip(measured, fitted, strict=True) if f == kind]
+        ys = [p for p, f in zip(predicted, fitted, strict=True) if f == kind]
+        if xs:
+            label = "fitted by the calibration" if kind else "held out"
+            ax.scatter(xs, ys, marker=marker, zorder=3, label=label)
     for r in result["rows"]:
         short = r["layout"].replace("micro_batch", "mb").replace("sequence_parallel=true", "sp")
         ax.annotate(short, (r["measured_tokens_per_s"], r["predicted_tokens_per_s"]), fontsize=6)
