@@ -29,6 +29,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,7 @@ def _write_in_parallel(
         ]
         path = staging / f"{split}.bin"
         write_runs(comm, path, sum(sizes), runs)
-        digests = round_robin_map(comm, n_blocks(sum(sizes)), lambda blocks: block_digests(path, blocks))  # noqa: B023
+        digests = round_robin_map(comm, n_blocks(sum(sizes)), partial(block_digests, path))
         checksums[split] = checksum_entry(combine_digests(digests))
         for run in runs:
             run.source.unlink()
