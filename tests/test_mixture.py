@@ -1,11 +1,9 @@
 """Mixtures of prepared datasets: proportions, layout independence, resume, and bad input."""
 
-import shutil
-
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets
+from conftest import TINY, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
 
 from hpcllm.data.loader import BatchSampler
 from hpcllm.data.mixture import MixtureSampler, integer_weights, is_mix, parse_mix
@@ -83,10 +81,7 @@ def test_a_mixture_run_resumes_bitwise_and_reports_its_proportions(data_dir, tmp
     assert "mixture over 64 samples" in line and "(weight 70.0%)" in line and "(weight 30.0%)" in line
     share = float(line.split(f"{data_dir.name} ")[1].split("%")[0]) / 100
     assert abs(share - 0.7) <= 2 / 64, line
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints" / "step-00000008")
-    (crashed / "checkpoints" / "latest").write_text("step-00000004\n")
+    crashed = copy_run_at(full, "step-00000004", tmp_path / "crashed")
     resumed = run_hpcllm(["train", "--out", crashed, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     a, b = losses(full), losses(crashed)

@@ -18,6 +18,7 @@ permutation array per rank per epoch. Tokens are read from a memory map, a few r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,11 +90,22 @@ class BatchSampler:
         return out
 
     def rank_indices(self, first: int, global_batch: int, dp_rank: int, dp_size: int) -> np.ndarray:
-        """This DP rank's contiguous slice of the global batch that starts at sample `first`."""
-        if global_batch % dp_size:
-            raise UsageError(f"global_batch {global_batch} is not divisible by dp = {dp_size}")
-        per_rank = global_batch // dp_size
-        return self.global_indices(first + dp_rank * per_rank, per_rank)
+        return rank_slice(self.global_indices, first, global_batch, dp_rank, dp_size)
+
+
+def rank_slice(
+    global_indices: Callable[[int, int], np.ndarray],
+    first: int,
+    global_batch: int,
+    dp_rank: int,
+    dp_size: int,
+) -> np.ndarray:
+    """This DP rank's contiguous slice of the global batch that starts at sample `first`, from a
+    sampler's `global_indices(first, count)` (of one dataset or of a mixture)."""
+    if global_batch % dp_size:
+        raise UsageError(f"global_batch {global_batch} is not divisible by dp = {dp_size}")
+    per_rank = global_batch // dp_size
+    return global_indices(first + dp_rank * per_rank, per_rank)
 
 
 def read_sequences(tokens: np.ndarray, indices: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.loader import BatchSampler
+from hpcllm.data.loader import BatchSampler, rank_slice
 from hpcllm.data.tokens import Prepared, split_digest
 from hpcllm.errors import UsageError
 
@@ -143,10 +143,7 @@ class MixtureSampler:
         return out
 
     def rank_indices(self, first: int, global_batch: int, dp_rank: int, dp_size: int) -> np.ndarray:
-        if global_batch % dp_size:
-            raise UsageError(f"global_batch {global_batch} is not divisible by dp = {dp_size}")
-        per_rank = global_batch // dp_size
-        return self.global_indices(first + dp_rank * per_rank, per_rank)
+        return rank_slice(self.global_indices, first, global_batch, dp_rank, dp_size)
 
     def proportions(self, samples: int) -> np.ndarray:
         """The share of the first `samples` samples each dataset got."""
