@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY, assert_usage_error, run_hpcllm
 
 from hpcllm.cluster.launcher import launch_env
-from hpcllm.planner import calibrate, profiles, validate
+from hpcllm.planner import calibrate, calibrate_runs, profiles, validate
 from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
 from hpcllm.planner.step_model import (
     GIB,
@@ -166,15 +166,23 @@ TINY_SPEC = ModelSpec(n_layer=4, n_embd=128, n_head=4, block_size=128, vocab=409
 
 def test_cpu_ranks_share_the_cores_and_keep_their_bubble():
     """Two ranks on two cores run as fast as the node allows; four take turns (twice the time per
-    micro-batch); a pipeline's bubble stays (p - 1)/m of the busy time even when oversubscribed."""
+    micro-batch); a pipeline's bubble is one micro-batch of every stage but the slowest, even when
+    oversubscribed: (p - 1)/m of the busy time for equal stages, less when the head makes the last
+    stage the slowest."""
     two = predict(TINY_SPEC, Layout(1, 1, 2, 8), CPU_NODE, 32, ranks_per_node=2)
     four = predict(TINY_SPEC, Layout(1, 1, 4, 8), CPU_NODE, 32, ranks_per_node=4)
     assert four.breakdown["compute_s"] == pytest.approx(two.breakdown["compute_s"], rel=1e-9)
     one = predict(TINY_SPEC, Layout(1, 1, 1, 8), CPU_NODE, 32, ranks_per_node=1)
     assert one.breakdown["compute_s"] > two.breakdown["compute_s"]  # threads scale worse than ranks
-    pipeline = predict(TINY_SPEC, Layout(1, 4, 1, 8), CPU_NODE, 32, ranks_per_node=4)
-    busy = sum(pipeline.breakdown[k] for k in ("compute_s", "tp_s", "pp_p2p_s"))
-    assert pipeline.breakdown["bubble_s"] == pytest.approx(busy * 3 / 4)
+
+    def bubble_share(spec: ModelSpec, cluster: profiles.ClusterProfile, ranks: int) -> float:
+        pipeline = predict(spec, Layout(1, 4, 1, 8), cluster, 32, ranks_per_node=ranks)
+        busy = sum(pipeline.breakdown[k] for k in ("compute_s", "tp_s", "pp_p2p_s"))
+        return pipeline.breakdown["bubble_s"] / busy
+
+    equal_stages = ModelSpec(n_layer=8, n_embd=1024, n_head=8, block_size=128, vocab=8)  # 2 layers each
+    assert bubble_share(equal_stages, profiles.load("a100"), 8) == pytest.approx(3 / 4, rel=1e-3)
+    assert 0.1 < bubble_share(TINY_SPEC, CPU_NODE, 4) < 3 / 4  # the head's stage is the slowest
     assert predict(TINY_SPEC, Layout(1, 1, 1, 8), profiles.load("a100"), 32).breakdown["optimizer_s"] == 0
 
 
@@ -218,20 +226,22 @@ def test_parallel_terms_recover_the_machine_that_ran_them(data_dir):
         oversubscribed_efficiency=0.8,
         bubble_fill=0.5,
     )
-    spec = ModelSpec(vocab=open_prepared(data_dir, verify=False).vocab_size, **calibrate.CALIBRATION_MODEL)
-    layouts = calibrate.calibration_layouts(2)
+    spec = ModelSpec(
+        vocab=open_prepared(data_dir, verify=False).vocab_size, **calibrate_runs.CALIBRATION_MODEL
+    )
+    layouts = calibrate_runs.calibration_layouts(2)
 
     def measure(variants, flags, steps, repeat):
         assert {name for name, _, _ in variants} == set(layouts)
         return {
             name: predict(
-                spec, layout, truth, calibrate.CALIBRATION_BATCH, ranks_per_node=layout.gpus
+                spec, layout, truth, calibrate_runs.CALIBRATION_BATCH, ranks_per_node=layout.gpus
             ).tokens_per_s
             for name, layout in layouts.items()
         }
 
     start = {k: getattr(CPU_NODE, k) for k in profiles.ClusterProfile.__dataclass_fields__}
-    terms, _ = calibrate.parallel_terms(start, data_dir, measure, 30, 1, cores=2)
+    terms, _ = calibrate_runs.parallel_terms(start, data_dir, measure, 30, 1, cores=2)
     for term in ("step_scale", "thread_efficiency", "oversubscribed_efficiency"):
         assert terms[term] == pytest.approx(getattr(truth, term), rel=1e-3), term
     assert terms["tp_collective_us"] == pytest.approx(300, rel=1e-3)
@@ -258,8 +268,8 @@ def test_validation_statistics():
     name, ranks, flags = validate.reference_run(CPU_NODE)
     assert ranks >= 1 and flags[:2] == ["--tp", "1"] and "model.n_layer=4" in flags
     reference = validate._reference_layout()
-    spec = ModelSpec(vocab=4096, **calibrate.shape_of(CPU_NODE))
-    at_now = predict(spec, reference, now, calibrate.CALIBRATION_BATCH, ranks_per_node=reference.gpus)
+    spec = ModelSpec(vocab=4096, **calibrate_runs.shape_of(CPU_NODE))
+    at_now = predict(spec, reference, now, calibrate_runs.CALIBRATION_BATCH, ranks_per_node=reference.gpus)
     fast = validate.anchored(CPU_NODE, 4096, at_now.tokens_per_s)
     assert fast.step_scale == pytest.approx(2.0 * CPU_NODE.step_scale, rel=1e-6)
     layout = parse_layout("tp=2,pp=1,dp=2,micro_batch=4,zero=1,recompute=full,sequence_parallel=true", 32)
@@ -287,7 +297,7 @@ def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, dat
     from hpcllm.data.tokens import open_prepared
 
     env = {**launch_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    small = "n_layer=2,n_embd=32,n_head=2,block_size=32,vocab=1"  # the runs' shape: quick
+    small = "n_layer=2,n_embd=32,n_head=2,block_size=32"  # the runs' shape (vocabulary: the data's): quick
     quick = ["--seconds", "0.02", "--steps", 20, "--repeat", 1, "--data", data_dir, "--model", small]
     calibrated = run_hpcllm(["plan", "calibrate", *quick], env=env, timeout=600)
     assert calibrated.returncode == 0, calibrated.stderr

@@ -38,7 +38,8 @@ def add_parser(commands: Any) -> None:
     )
     me.add_argument(
         "--model",
-        help="a preset (tiny, small, gpt2-124m, ...) or n_layer=..,n_embd=..,n_head=..,block_size=..,vocab=",
+        help="a preset (tiny, small, gpt2-124m, ...) or n_layer=..,n_embd=..,n_head=..,block_size=..,vocab=.."
+        " (calibrate: the training runs' shape, the tiny preset's by default; its vocabulary is the data's)",
     )
     me.add_argument(
         "--cluster",
@@ -71,22 +72,26 @@ def add_parser(commands: Any) -> None:
     me.set_defaults(func=run)
 
 
-def parse_model(text: str) -> Any:
+def parse_model(text: str, vocab_from_data: bool = False) -> Any:
+    """A preset or a full spec; `vocab_from_data`: the vocabulary comes from the prepared data
+    (plan calibrate), so the spec may leave `vocab` out."""
     from hpcllm.planner.step_model import ModelSpec
     from hpcllm.training.config import PRESETS
 
     if text in PRESETS:
         return ModelSpec(vocab=DEFAULT_VOCAB, **PRESETS[text])
     fields = _key_values("--model", text)
-    needed = ("n_layer", "n_embd", "n_head", "block_size", "vocab")
-    unknown = sorted(set(fields) - set(needed))
-    if unknown or set(fields) != set(needed):
-        what = f"unknown {unknown[0]!r}" if unknown else f"missing {sorted(set(needed) - set(fields))[0]!r}"
+    allowed = ("n_layer", "n_embd", "n_head", "block_size", "vocab")
+    needed = allowed[:-1] if vocab_from_data else allowed
+    unknown = sorted(set(fields) - set(allowed))
+    missing = sorted(set(needed) - set(fields))
+    if unknown or missing:
+        what = f"unknown {unknown[0]!r}" if unknown else f"missing {missing[0]!r}"
         raise UsageError(
             f"--model {text!r}: {what}; give a preset ({', '.join(PRESETS)}) or all of {','.join(needed)}"
         )
-    spec = ModelSpec(**{key: int(value) for key, value in fields.items()})
-    zero = next((key for key in needed if getattr(spec, key) < 1), None)
+    spec = ModelSpec(**({"vocab": DEFAULT_VOCAB} | {key: int(value) for key, value in fields.items()}))
+    zero = next((key for key in allowed if getattr(spec, key) < 1), None)
     if zero:
         raise UsageError(f"--model: {zero} must be at least 1")
     if spec.n_embd % spec.n_head:
@@ -155,7 +160,7 @@ def calibrate(args: argparse.Namespace) -> int:
         )
     if args.repeat < 1:
         raise UsageError(f"--repeat must be at least 1, not {args.repeat}")
-    spec = parse_model(args.model or "tiny")
+    spec = parse_model(args.model or "tiny", vocab_from_data=True)
     shape = {key: getattr(spec, key) for key in ("n_layer", "n_embd", "n_head", "block_size")}
     data = prepared_data(args.data)
     values = bench.calibrate(data, _layout_runner(data), args.seconds, args.steps, args.repeat, shape=shape)

@@ -112,19 +112,31 @@ def _check_launch(launch: LaunchInfo, size: int) -> None:
         )
 
 
-def root_decides(comm: Any, decide: Callable[[], T]) -> T:
+def root_decides(comm: Any, decide: Callable[[], T], sleep_while_waiting: bool = False) -> T:
     """Rank 0 runs `decide` (reading files, checking input); every rank gets its result, or the same
-    UsageError, so a bad input ends every rank alike instead of leaving some in a collective."""
+    UsageError, so a bad input ends every rank alike instead of leaving some in a collective.
+    `sleep_while_waiting`: the other ranks leave their cores to rank 0 meanwhile (long work that
+    uses several threads)."""
     outcome: tuple[str, Any] | None = None
     if comm.Get_rank() == 0:
         try:
             outcome = ("ok", decide())
         except UsageError as exc:
             outcome = ("usage", str(exc))
+    if sleep_while_waiting:
+        sleeping_barrier(comm)
     outcome = comm.bcast(outcome, root=0)
     if outcome[0] == "usage":
         raise UsageError(outcome[1])
     return outcome[1]
+
+
+def sleeping_barrier(comm: Any, poll_s: float = 0.001) -> None:
+    """A barrier that waits in short sleeps: MPI's own waiting polls at full speed, and on a CPU
+    node that takes the cores the ranks still working could use."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
 
 
 def every_rank_checks(comm: Any, action: Callable[[], T]) -> T:

@@ -6,7 +6,9 @@ end-of-text token, so documents never run into each other in the token stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,6 +23,23 @@ def _byte_level(model: models.Model) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
+
+
+PARALLELISM = "TOKENIZERS_PARALLELISM"  # the library reads it at every call
+
+
+@contextmanager
+def parallelism(on: bool) -> Iterator[None]:
+    """Whether the tokenizers library spreads the calls inside over its thread pool; restored after."""
+    before = os.environ.get(PARALLELISM)
+    os.environ[PARALLELISM] = "true" if on else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PARALLELISM]
+        else:
+            os.environ[PARALLELISM] = before
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:

@@ -8,8 +8,9 @@ Time (seconds per step, on the slowest rank of the critical path):
     tp            per layer and micro-batch, 2 allreduces forward and 2 backward of b*s*h bf16
                   elements over the TP group (2 more with full recomputation); with sequence
                   parallelism an all-gather plus a reduce-scatter each, the same bytes
-    bubble        the pipeline's idle share: (p - 1)/(m + p - 1) of the step, the pipeline moving
-                  at the pace of its slowest stage (layers split as hpcllm splits them)
+    bubble        the pipeline's idle time: the slowest stage waits for one micro-batch of each
+                  other stage, (m - 1) t_max + sum(t) in all (layers split as hpcllm splits them),
+                  which is (p - 1)/(m + p - 1) of the step when the stages are equal
     dp            ring allreduce of the rank's gradients over DP (2(n-1)/n of the bytes; reduce-
                   scatter alone at zero = 2), across nodes when the DP group spans them, of which
                   `dp_overlap` hides behind backward
@@ -234,16 +235,22 @@ def predict(
     per_stage = [
         (n * layer_s + (head_s if i == p - 1 else 0.0), n * collectives * one) for i, n in enumerate(stages)
     ]
-    compute_micro, tp_micro = max(per_stage, key=sum)
     # CPU ranks outnumbering the cores: a waiting stage's turn on the cores partly goes to the
     # others (`bubble_fill`), which evens out the stages and fills part of the bubble.
     fill = cluster.bubble_fill if slowdown > 1 else 0.0
     if fill:
-        compute_micro = fill * statistics.fmean(c for c, _ in per_stage) + (1 - fill) * compute_micro
-        tp_micro = fill * statistics.fmean(x for _, x in per_stage) + (1 - fill) * tp_micro
+        means = [statistics.fmean(part) for part in zip(*per_stage, strict=True)]
+        per_stage = [
+            tuple(fill * mean + (1 - fill) * x for mean, x in zip(means, stage, strict=True))
+            for stage in per_stage
+        ]
+    compute_micro, tp_micro = max(per_stage, key=sum)
     compute, tp, p2p = (m * slowdown * x for x in (compute_micro, tp_micro, p2p_micro))
-    busy = compute + tp + p2p
-    bubble = busy * (p - 1) / m * (1 - fill)  # (p - 1)/(m + p - 1) of the step on GPUs
+    # The slowest stage idles while the first micro-batch reaches it and the last one's backward
+    # drains from it: one micro-batch of every other stage, (m - 1) t_max + sum(t) in all, which is
+    # (p - 1)/(m + p - 1) of the step when the stages are equal.
+    others = sum(map(sum, per_stage)) - compute_micro - tp_micro + (p - 1) * p2p_micro
+    bubble = slowdown * others * (1 - fill)
 
     # ---- data parallelism (and ZeRO's gather), then the optimizer -------------------------
     stage_parameters = [_stage_parameters(model, i, n, p) for i, n in enumerate(stages)]

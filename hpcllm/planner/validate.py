@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.cluster.runtime import usable_cores
-from hpcllm.planner.calibrate import CALIBRATION_BATCH, calibration_layouts, shape_of
+from hpcllm.planner.calibrate_runs import CALIBRATION_BATCH, calibration_layouts, shape_of
 from hpcllm.planner.profiles import ClusterProfile
 from hpcllm.planner.search import Layout, layout_arguments, layout_text, parse_layout
 from hpcllm.planner.step_model import ModelSpec, predict
