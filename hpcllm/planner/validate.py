@@ -170,20 +170,20 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"with step_scale re-anchored to the reference run measured now ({scale['calibrated']:.2f} -> "
             f"{scale['now']:.2f}): median absolute error {again['median_abs_error']:.1%}, "
-            f"Spearman {again['spearman']:.2f}"
+            f"Spearman {again['spearman']:.3f}"
         )
     if "held_out" in result:
         held = result["held_out"]
         lines.append(
             f"the {held['layouts']} layouts the calibration did not fit: median absolute error "
-            f"{held['median_abs_error']:.1%}, Spearman {held['spearman']:.2f}, predicted best "
+            f"{held['median_abs_error']:.1%}, Spearman {held['spearman']:.3f}, predicted best "
             f"{held['predicted_best']} {'is' if held['best_in_top2'] else 'is NOT'} among their two "
             "measured best"
         )
     lines += [
         f"all {result['layouts']}: median absolute error {result['median_abs_error']:.1%} "
         f"(target <= {MEDIAN_ERROR_TARGET:.0%}), "
-        f"Spearman {result['spearman']:.2f} (target >= {SPEARMAN_TARGET}), predicted best "
+        f"Spearman {result['spearman']:.3f} (target >= {SPEARMAN_TARGET}), predicted best "
         f"{result['predicted_best']} {'is' if result['best_in_top2'] else 'is NOT'} among the measured "
         f"two best ({'; '.join(result['measured_top2'])})"
     ]
@@ -214,6 +214,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set(xlim=(0, top), ylim=(0, top), xlabel="measured tokens/s", ylabel="predicted tokens/s")
     ax.set_title(
         f"{result['cluster']} profile: median |error| {result['median_abs_error']:.1%}, "
-        f"Spearman {result['spearman']:.2f}"
+        f"Spearman {result['spearman']:.3f}"
     )
     plots.save(fig, path)
