@@ -112,19 +112,17 @@ def _check_launch(launch: LaunchInfo, size: int) -> None:
         )
 
 
-def root_decides(comm: Any, decide: Callable[[], T], sleep_while_waiting: bool = False) -> T:
+def root_decides(comm: Any, decide: Callable[[], T]) -> T:
     """Rank 0 runs `decide` (reading files, checking input); every rank gets its result, or the same
-    UsageError, so a bad input ends every rank alike instead of leaving some in a collective.
-    `sleep_while_waiting`: the other ranks leave their cores to rank 0 meanwhile (long work that
-    uses several threads)."""
+    UsageError, so a bad input ends every rank alike instead of leaving some in a collective. The
+    other ranks sleep meanwhile, leaving their cores to rank 0 (whose work may use several threads)."""
     outcome: tuple[str, Any] | None = None
     if comm.Get_rank() == 0:
         try:
             outcome = ("ok", decide())
         except UsageError as exc:
             outcome = ("usage", str(exc))
-    if sleep_while_waiting:
-        sleeping_barrier(comm)
+    sleeping_barrier(comm)
     outcome = comm.bcast(outcome, root=0)
     if outcome[0] == "usage":
         raise UsageError(outcome[1])
