@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
     )
     prepare.check_options(options)
-    rt = runtime.init(seed=args.seed)
+    rt = runtime.init(seed=args.seed, model=False)
     prepare.set_tokenizer_threads(rt.threads)
     summary = prepare.prepare(options, rt.comm)
     if rt.rank == 0 and args.json:

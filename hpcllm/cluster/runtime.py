@@ -45,7 +45,7 @@ class Runtime:
     node_index: int  # this rank's node, numbered by each node's first rank
     node_of_rank: list[int]  # the node of every rank, by rank (from MPI, not from hostnames)
     hostnames: list[str]  # hostname of every rank, by rank (for people: virtual nodes may share one)
-    device: torch.device
+    device: torch.device | None  # None for a job without a model (init(model=False))
     threads: int  # torch intra-op threads on CPU
     seed: int
 
@@ -222,14 +222,16 @@ def choose_device(local: Any, node: int) -> tuple[torch.device, int]:
     return torch.device("cuda", index), threads
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, torch_too: bool = True) -> None:
     """Same seed on every rank: the model's tensors get the same values everywhere, then are partitioned."""
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds CUDA devices too
+    if torch_too:
+        import torch
+
+        torch.manual_seed(seed)  # seeds CUDA devices too
 
 
 # ---- logging ------------------------------------------------------------------------------
@@ -303,8 +305,11 @@ def install_abort_hook(comm: Any, rank: int) -> None:
 # ---- the entry point ----------------------------------------------------------------------
 
 
-def init(seed: int = 0, run_dir: str | Path | None = None, abort_on_error: bool = True) -> Runtime:
-    """Start this rank: MPI, placement, device, seeds, logging, abort hook."""
+def init(
+    seed: int = 0, run_dir: str | Path | None = None, abort_on_error: bool = True, model: bool = True
+) -> Runtime:
+    """Start this rank: MPI, placement, device, seeds, logging, abort hook. A job without a model
+    (`model=False`: prepare) gets no device and never imports torch, which costs each rank 1.5 s."""
     launch = detect()
     MPI = _mpi()
     comm = MPI.COMM_WORLD
@@ -312,11 +317,15 @@ def init(seed: int = 0, run_dir: str | Path | None = None, abort_on_error: bool 
     _check_launch(launch, size)
     local, node_of_rank, hostnames = _local_placement(comm, MPI)
     local_rank, local_size = local.Get_rank(), local.Get_size()
+    device: torch.device | None = None
     try:  # a refusal on one node must end the others too: they would wait in the next collective
-        device, threads = every_rank_checks(comm, lambda: choose_device(local, node_of_rank[rank]))
+        if model:
+            device, threads = every_rank_checks(comm, lambda: choose_device(local, node_of_rank[rank]))
+        else:
+            threads = cpu_threads(local_size)
     finally:
         local.Free()
-    seed_everything(seed)
+    seed_everything(seed, torch_too=model)
     setup_logging(rank, run_dir)
     faulthandler.enable()  # a segfault in a C extension still shows where each rank was
     if abort_on_error:

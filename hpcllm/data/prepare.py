@@ -5,9 +5,9 @@
    piece, `--bpe-sample-mb` in all), or loads `--tokenizer`; the tokenizer is broadcast.
 3. Every rank tokenizes pieces (whole files, or byte ranges of a large JSONL file: corpus.pieces)
    drawn from a shared work queue (largest first, `tasks.dynamic_map`), streaming their records
-   in batches, writing each piece's train and val tokens to a part file named by the piece and
-   counting its tokens (for the unigram baseline).
-4. The ranks write the parts into train.bin and val.bin at prefix-sum offsets, hash them and add
+   in batches, appending each piece's train and val tokens to its own two spool files (where
+   each piece starts is in its statistics) and counting its tokens (for the unigram baseline).
+4. The ranks copy the pieces into train.bin and val.bin at prefix-sum offsets, hash them and add
    up their token counts; rank 0 writes the manifest and moves the result to `--out`
    (prepare_write.py: no rank reads the whole output).
 
@@ -27,16 +27,17 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from hpcllm.cluster.runtime import root_decides, usable_cores
 from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, check_options, part_path, plan_pieces
+from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, check_options, plan_pieces, spool_path
 from hpcllm.data.prepare_write import cut_token_stream, finish, no_documents, write_in_parallel
 from hpcllm.data.tokens import SPLITS, choose_dtype
 from hpcllm.errors import UsageError
@@ -91,45 +92,42 @@ def _tokenize_piece(
     opts: PrepareOptions,
     tokenizer: Any,
     dtype: np.dtype,
+    rank: int,
+    spools: dict[str, BinaryIO],  # this rank's spool file per split, appended to
     counts: dict[str, np.ndarray],  # this rank's token counts per split, added to
 ) -> PieceStats:
-    """Tokenize one piece, streaming its documents in batches into its train and val part files."""
-    staging = Path(plan.staging)
+    """Tokenize one piece, streaming its documents in batches onto the end of this rank's spools."""
     piece = plan.pieces[index]
-    stats = PieceStats(index, piece.file, piece.size)
+    stats = PieceStats(index, piece.file, piece.size, rank, {split: spools[split].tell() for split in SPLITS})
     found = corpus.Documents(Counter())
     eot = np.array([tok.eot_id(tokenizer)], dtype=dtype)
-    outputs = {split: open(part_path(staging, index, split), "wb") for split in SPLITS}  # noqa: SIM115
-    try:
-        batch: list[tuple[int, str]] = []
-        size = 0
+    batch: list[tuple[int, str]] = []
+    size = 0
 
-        def flush() -> None:
-            written: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-            for (offset, _), encoding in zip(
-                batch, tokenizer.encode_batch([t for _, t in batch]), strict=True
-            ):
-                split = "val" if in_val(opts.seed, piece.file, offset, opts.val_ratio) else "train"
-                written[split] += [np.asarray(encoding.ids, dtype=dtype), eot]
-                stats.documents[split] += 1
-            for split, runs in written.items():
-                if runs:
-                    ids = np.concatenate(runs)
-                    outputs[split].write(ids.tobytes())
-                    stats.tokens[split] += ids.size
-                    counts[split] += np.bincount(ids, minlength=len(counts[split]))
-            batch.clear()
+    def flush() -> None:
+        written: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        # encode_batch_fast: the same ids as encode_batch without the character offsets, 1.5x faster
+        for (offset, _), encoding in zip(
+            batch, tokenizer.encode_batch_fast([t for _, t in batch]), strict=True
+        ):
+            split = "val" if in_val(opts.seed, piece.file, offset, opts.val_ratio) else "train"
+            written[split] += [np.asarray(encoding.ids, dtype=dtype), eot]
+            stats.documents[split] += 1
+        for split, runs in written.items():
+            if runs:
+                ids = np.concatenate(runs)
+                spools[split].write(ids.tobytes())
+                stats.tokens[split] += ids.size
+                counts[split] += np.bincount(ids, minlength=len(counts[split]))
+        batch.clear()
 
-        for offset, text in corpus.read_piece(Path(plan.files[piece.file]), piece, opts.text_field, found):
-            batch.append((offset, text))
-            size += len(text)
-            if size >= BATCH_BYTES:
-                flush()
-                size = 0
-        flush()
-    finally:
-        for f in outputs.values():
-            f.close()
+    for offset, text in corpus.read_piece(Path(plan.files[piece.file]), piece, opts.text_field, found):
+        batch.append((offset, text))
+        size += len(text)
+        if size >= BATCH_BYTES:
+            flush()
+            size = 0
+    flush()
     stats.skipped, stats.bad = found.skipped, dict(found.bad)
     return stats
 
@@ -190,7 +188,7 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     tokenizer = tok.Tokenizer.from_str(tokenizer_json)
     vocab = tokenizer.get_vocab_size()
     dtype = choose_dtype(vocab, opts.dtype)  # the same verdict on every rank
-    root_decides(comm, lambda: (staging / "parts").mkdir(parents=True))
+    root_decides(comm, lambda: spool_path(staging, 0, "train").parent.mkdir(parents=True))
     phases.lap("tokenizer")
 
     done = SharedCounters(comm, slots=2)  # bytes read, tokens written: for rank 0's progress bar
@@ -209,11 +207,16 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
 
     counts = {split: np.zeros(vocab, dtype=np.int64) for split in SPLITS}
 
-    def work(index: int) -> PieceStats:
-        return _tokenize_piece(index, plan, opts, tokenizer, dtype, counts)
-
     order = largest_first([piece.size for piece in plan.pieces])
-    mine = [stats for _, stats in dynamic_map(comm, order, work, on_done)]
+    with ExitStack() as stack:
+        spools = {
+            split: stack.enter_context(open(spool_path(staging, rank, split), "wb")) for split in SPLITS
+        }
+
+        def work(index: int) -> PieceStats:
+            return _tokenize_piece(index, plan, opts, tokenizer, dtype, rank, spools, counts)
+
+        mine = [stats for _, stats in dynamic_map(comm, order, work, on_done)]
     stats = sorted((s for part in comm.allgather(mine) for s in part), key=lambda s: s.index)
     done.free()
     if bar is not None:
@@ -234,7 +237,7 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
 
         manifest = root_decides(comm, serially)
     else:
-        written = write_in_parallel(comm, plan, stats, {s.index for s in mine}, dtype, counts, documents)
+        written = write_in_parallel(comm, plan, stats, dtype, counts, documents)
         phases.lap("write")
         manifest = root_decides(comm, lambda: finish(opts, plan, stats, tokenizer, dtype, written))
     phases.lap("finish")

@@ -45,6 +45,8 @@ class PieceStats:
     index: int  # of the piece
     file: int
     bytes: int
+    rank: int = 0  # that tokenized it: its tokens are in this rank's spool files
+    start: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # bytes into the spool
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     skipped: str | None = None  # a text file's: not_utf8 | empty
@@ -92,5 +94,8 @@ def plan_pieces(opts: PrepareOptions) -> Plan:
     return Plan([str(f) for f in files], [o for _, o in found], pieces, str(staging))
 
 
-def part_path(staging: Path, index: int, split: str) -> Path:
-    return staging / "parts" / f"{index:08d}.{split}.bin"
+def spool_path(staging: Path, rank: int, split: str) -> Path:
+    """A rank's tokens of one split, piece after piece: one file per rank, not one per piece, because
+    creating thousands of small files is slow everywhere and a parallel file system's metadata
+    server serialises them."""
+    return staging / "spool" / f"rank{rank:05d}.{split}.bin"

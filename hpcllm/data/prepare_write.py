@@ -1,10 +1,11 @@
 """The writing half of `hpcllm prepare`: the tokenized parts into train.bin and val.bin, their
 checksums and token counts, the manifest, and the finished directory into place.
 
-In parallel (`write_in_parallel`): a prefix sum over the parts' sizes in piece order gives every
-part its offset, each rank writes its own parts through MPI-IO (parallel/file_io.py), the ranks hash
-the files' blocks round-robin and add up their token counts. Rank 0 then writes the tokenizer and
-the manifest (`finish`) and renames the staging directory to `--out`: no rank reads the whole output.
+In parallel (`write_in_parallel`): a prefix sum over the pieces' sizes in piece order gives every
+piece its offset, each rank copies its own pieces from its spool files through MPI-IO
+(parallel/file_io.py), the ranks hash the files' blocks round-robin and add up their token counts.
+Rank 0 then writes the tokenizer and the manifest (`finish`) and renames the staging directory to
+`--out`: no rank reads the whole output.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import hpcllm
 from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, part_path
+from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, spool_path
 from hpcllm.data.tokens import (
     FORMAT_VERSION,
     MANIFEST,
@@ -71,28 +72,28 @@ def write_in_parallel(
     comm: Any,
     plan: Plan,
     stats: list[PieceStats],
-    mine: set[int],
     dtype: np.dtype,
     counts: dict[str, np.ndarray],
     documents: dict[str, int],
 ) -> Written:
-    """Collective: each rank writes its parts at their offsets in piece order, the ranks hash the
-    files' blocks round-robin and add up their token counts."""
+    """Collective: each rank copies its pieces from its spools to their offsets in piece order, the
+    ranks hash the files' blocks round-robin and add up their token counts."""
     staging = Path(plan.staging)
+    rank = comm.Get_rank()
     checksums = {}
     for split in SPLITS:
         sizes = [s.tokens[split] * dtype.itemsize for s in stats]
+        spool = spool_path(staging, rank, split)
         runs = [
-            Run(part_path(staging, s.index, split), offset)
-            for s, offset in zip(stats, prefix_offsets(sizes), strict=True)
-            if s.index in mine
+            Run(spool, s.start[split], size, offset)
+            for s, size, offset in zip(stats, sizes, prefix_offsets(sizes), strict=True)
+            if s.rank == rank
         ]
         path = staging / f"{split}.bin"
         write_runs(comm, path, sum(sizes), runs)
         digests = round_robin_map(comm, n_blocks(sum(sizes)), partial(block_digests, path))
         checksums[split] = checksum_entry(combine_digests(digests))
-        for run in runs:
-            run.source.unlink()
+        spool.unlink()
     totals = {split: np.zeros_like(counts[split]) for split in SPLITS}
     for split in SPLITS:
         comm.Allreduce(counts[split], totals[split])
@@ -116,7 +117,13 @@ def cut_token_stream(
     """Too few documents for a document split (one big text file, say): rank 0 joins the parts
     and cuts the token stream instead. Small corpora only: a corpus of many documents never gets here."""
     staging = Path(plan.staging)
-    parts = [np.fromfile(part_path(staging, s.index, split), dtype=dtype) for s in stats for split in SPLITS]
+    parts = [
+        np.fromfile(
+            spool_path(staging, s.rank, split), dtype=dtype, count=s.tokens[split], offset=s.start[split]
+        )
+        for s in stats
+        for split in SPLITS
+    ]
     stream = np.concatenate(parts)
     if stream.size < 2:
         raise UsageError(f"the corpus has only {stream.size} token(s); give it more text")
@@ -142,7 +149,7 @@ def finish(
 ) -> dict[str, Any]:
     """Rank 0: tokenizer and manifest into the staging directory, and the result into place."""
     staging = Path(plan.staging)
-    shutil.rmtree(staging / "parts")
+    shutil.rmtree(spool_path(staging, 0, "train").parent)
     tokenizer.save(str(staging / TOKENIZER))
     manifest = _manifest(opts, plan, stats, tokenizer, dtype, written)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

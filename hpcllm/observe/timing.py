@@ -13,9 +13,10 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch  # only a GPU run needs it: prepare's PhaseClock must not pay its import
 
 
 class PhaseTimer:
@@ -28,6 +29,8 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self._cuda:
+            import torch
+
             start_event = torch.cuda.Event(enable_timing=True)
             start_event.record()
             try:

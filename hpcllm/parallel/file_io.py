@@ -1,7 +1,7 @@
 """One shared file written and hashed by all ranks at once, through MPI-IO.
 
-A task-parallel job ends with every rank holding some runs of the output (in local part files)
-and knowing, from a prefix sum of everyone's sizes, where each run goes. `write_runs` copies the
+A task-parallel job ends with every rank holding some runs of the output (byte ranges of its own
+spool files) and knowing, from a prefix sum of everyone's sizes, where each run goes. `write_runs` copies the
 runs into the shared file in collective rounds (`MPI_File_write_at_all`: the MPI library can
 aggregate the ranks' requests into large contiguous writes on a parallel file system), a bounded
 chunk at a time, so memory does not grow with the output.
@@ -21,9 +21,11 @@ CHUNK_BYTES = 16 << 20  # copied per collective round by each rank
 
 @dataclass(frozen=True)
 class Run:
-    """`source`'s bytes go to `offset` of the shared file."""
+    """`length` bytes of `source` from `start` go to `offset` of the shared file."""
 
     source: Path
+    start: int
+    length: int
     offset: int
 
 
@@ -36,8 +38,10 @@ def _chunks(runs: Sequence[Run], chunk: int) -> list[tuple[Path, int, int, int]]
     """(source, position in source, length, offset in the shared file) of every chunk to copy."""
     out = []
     for run in runs:
-        size = run.source.stat().st_size
-        out += [(run.source, a, min(chunk, size - a), run.offset + a) for a in range(0, size, chunk)]
+        out += [
+            (run.source, run.start + a, min(chunk, run.length - a), run.offset + a)
+            for a in range(0, run.length, chunk)
+        ]
     return out
 
 
