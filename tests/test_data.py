@@ -77,18 +77,23 @@ def test_prepare_on_one_two_and_three_ranks_gives_identical_output(corpus_dir, t
 
 
 def test_byte_tokenizer_round_trips_text(tmp_path):
-    (tmp_path / "a.txt").write_text("héllo wörld\n" * 20)
-    proc = prepare([tmp_path / "a.txt", "--tokenizer", "byte", "--out", tmp_path / "out"])
-    assert proc.returncode == 0, proc.stderr
-    prepared = open_prepared(tmp_path / "out")
-    assert prepared.vocab_size == 257 and prepared.eot_id == 256
-    # One document only: the split falls back to cutting the token stream.
-    assert prepared.manifest["split_by"] == "tokens"
+    """Too few documents for a document split: the token stream is cut instead, and on two ranks
+    rank 0 reads the other rank's spool to do it."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(prepared.tokenizer_path))
-    stream = np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
-    assert tok.decode(stream.tolist()) == "héllo wörld\n" * 20
+    texts = {"a.txt": "héllo wörld\n" * 20, "b.txt": "zweites Dokument\n" * 7}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    for ranks, names in ((None, ["a.txt"]), (2, ["a.txt", "b.txt"])):
+        out = tmp_path / f"out{len(names)}"
+        proc = prepare([*(tmp_path / n for n in names), "--tokenizer", "byte", "--out", out], ranks=ranks)
+        assert proc.returncode == 0, proc.stderr
+        prepared = open_prepared(out)
+        assert prepared.vocab_size == 257 and prepared.eot_id == 256
+        assert prepared.manifest["split_by"] == "tokens"
+        tok = Tokenizer.from_file(str(prepared.tokenizer_path))
+        stream = np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
+        assert tok.decode(stream.tolist()) == "".join(texts[n] for n in names)  # end-of-text skipped
 
 
 def test_missing_path_is_refused(tmp_path):

@@ -52,6 +52,14 @@ def test_runtime_plain_process_without_launcher(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["NONE", 0, 1, 0, 1, "cpu"]
+    # A job without a model (prepare) has no device and never imports torch: 1.5 s per rank.
+    code = (
+        "import sys; from hpcllm.cluster import runtime; from hpcllm.data import prepare;"
+        "r = runtime.init(model=False); print(r.device, r.threads >= 1, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "True", "False"]
 
 
 @pytest.mark.parametrize(

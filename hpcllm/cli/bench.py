@@ -84,7 +84,7 @@ def add_parser(commands: Any) -> None:
     pr.add_argument("--small-mb", type=float, default=100, help="the small synthetic file (100 MB)")
     pr.add_argument("--large-mb", type=float, default=1000, help="the large synthetic file (1000 MB)")
     pr.add_argument("--ranks", type=int, default=2, help="ranks compared with one (2)")
-    pr.add_argument("--repeat", type=int, default=5, help="alternated pairs of default-corpus runs (5)")
+    pr.add_argument("--repeat", type=int, default=7, help="alternated pairs of default-corpus runs (7)")
     pr.add_argument("--workdir", help="where the synthetic files go (the system temp directory)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=prepare)

@@ -94,8 +94,12 @@ def plan_pieces(opts: PrepareOptions) -> Plan:
     return Plan([str(f) for f in files], [o for _, o in found], pieces, str(staging))
 
 
+def spool_dir(staging: Path) -> Path:
+    return staging / "spool"
+
+
 def spool_path(staging: Path, rank: int, split: str) -> Path:
     """A rank's tokens of one split, piece after piece: one file per rank, not one per piece, because
     creating thousands of small files is slow everywhere and a parallel file system's metadata
     server serialises them."""
-    return staging / "spool" / f"rank{rank:05d}.{split}.bin"
+    return spool_dir(staging) / f"rank{rank:05d}.{split}.bin"

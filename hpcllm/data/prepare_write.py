@@ -24,7 +24,7 @@ import numpy as np
 import hpcllm
 from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, spool_path
+from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, spool_dir, spool_path
 from hpcllm.data.tokens import (
     FORMAT_VERSION,
     MANIFEST,
@@ -149,7 +149,7 @@ def finish(
 ) -> dict[str, Any]:
     """Rank 0: tokenizer and manifest into the staging directory, and the result into place."""
     staging = Path(plan.staging)
-    shutil.rmtree(spool_path(staging, 0, "train").parent)
+    shutil.rmtree(spool_dir(staging))
     tokenizer.save(str(staging / TOKENIZER))
     manifest = _manifest(opts, plan, stats, tokenizer, dtype, written)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
