@@ -9,6 +9,10 @@ cores (its CPU affinity), so the tokenizer's own threads do not hide the ranks' 
   times alternated (a run of half a minute varies by 10-20% on a shared machine, the one-rank run
   most: the ratio is that of the two configurations' median times, and the pairs' own ratios are
   reported with it);
+- after each pair, the machine's own ceiling for that ratio: one process encoding the first 8 MB
+  of the default corpus against `ranks` processes, on a core each, encoding a share each at once
+  (no MPI, no I/O, no serial step), so a ratio below target can be told apart from a machine
+  whose cores slow each other down;
 - the ceiling per rank: the HF tokenizer's own batch encoding on one core (`encode_batch_fast`,
   the call prepare makes; `encode_batch`, which also computes character offsets, beside it), over
   the large file's first records in prepare's batches, with the tokenizer that prepare trained,
@@ -110,6 +114,64 @@ def _ceiling(source: Path, tokenizer_json: str, megabytes: float, rounds: int = 
     return result
 
 
+def _encode_share(
+    tokenizer_json: str, megabytes: float, core: int, index: int, count: int, start: Any, results: Any
+) -> None:
+    """A spawned process on `core`: encodes share `index` of `count` of the default corpus's first
+    files (shares of equal size), one call per file as prepare does, once every process of the
+    round is ready."""
+    os.sched_setaffinity(0, {core})
+    os.environ[tok.PARALLELISM] = "false"
+    from hpcllm.data import corpus
+
+    tokenizer = tok.Tokenizer.from_str(tokenizer_json)
+    texts, size = [], 0
+    for path in corpus.default_corpus_files():
+        if size >= megabytes * 1e6:
+            break
+        try:
+            texts.append(path.read_text())
+        except UnicodeDecodeError:
+            continue
+        size += len(texts[-1])
+    loads, mine = [0] * count, []
+    for text in sorted(texts, key=len, reverse=True):  # equal shares: each to the least loaded
+        least = loads.index(min(loads))
+        loads[least] += len(text)
+        if least == index:
+            mine.append(text)
+    start.wait()
+    began = time.perf_counter()
+    for text in mine:
+        tokenizer.encode_batch_fast([text])
+    results.put(time.perf_counter() - began)
+
+
+def machine_scaling(tokenizer_json: str, ranks: int, megabytes: float = 8) -> float:
+    """What this machine allows for `ranks` over one, with no MPI, I/O or serial step at all: the
+    time of one process encoding `megabytes` of the default corpus over that of `ranks` processes,
+    on a core each, encoding a share each at the same time."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    cores = sorted(os.sched_getaffinity(0))[:ranks]
+    seconds = {}
+    for count in (1, ranks):
+        start, results = context.Barrier(count), context.Queue()
+        workers = [
+            context.Process(
+                target=_encode_share, args=(tokenizer_json, megabytes, cores[i], i, count, start, results)
+            )
+            for i in range(count)
+        ]
+        for worker in workers:
+            worker.start()
+        seconds[count] = max(results.get(timeout=600) for _ in workers)
+        for worker in workers:
+            worker.join()
+    return seconds[1] / seconds[ranks]
+
+
 def run(small_mb: float, large_mb: float, ranks: int, workdir: str | None, repeat: int = 7) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-prepare-", dir=workdir) as tmp:
         root = Path(tmp)
@@ -120,11 +182,12 @@ def run(small_mb: float, large_mb: float, ranks: int, workdir: str | None, repea
             "large, 1 rank": _prepare(str(large), 1, root / "out"),
             f"large, {ranks} ranks": _prepare(str(large), ranks, root / "out"),
         }
-        pairs = []
+        pairs, machine = [], []
         for _ in range(repeat):
             pair = (_prepare(None, 1, root / "out"), _prepare(None, ranks, root / "out"))
             pairs.append((pair[0]["seconds"], pair[1]["seconds"]))
             runs["default corpus, 1 rank"], runs[f"default corpus, {ranks} ranks"] = pair  # the last pair
+            machine.append(machine_scaling(pair[0]["tokenizer_json"], ranks))  # minutes apart, at most
         ceiling = _ceiling(large, runs["large, 1 rank"]["tokenizer_json"], 64)
     for summary in runs.values():
         del summary["tokenizer_json"]
@@ -139,6 +202,8 @@ def run(small_mb: float, large_mb: float, ranks: int, workdir: str | None, repea
         "speedup_default": statistics.median(one for one, _ in pairs)
         / statistics.median(n for _, n in pairs),
         "speedup_default_pairs": [one / n for one, n in pairs],
+        "machine_scaling": statistics.median(machine),
+        "machine_scaling_runs": machine,
         "default_seconds": {"1 rank": [one for one, _ in pairs], f"{ranks} ranks": [n for _, n in pairs]},
         "time_ratio_10x": seconds["large, 1 rank"] / seconds["small, 1 rank"],
         "size_ratio": large_one["bytes"] / runs["small, 1 rank"]["bytes"],
@@ -168,6 +233,10 @@ def render(result: dict[str, Any]) -> str:
         f"{result['speedup_default']:.2f}x (median times of {len(result['speedup_default_pairs'])} "
         f"alternated runs each; the pairs' ratios {min(result['speedup_default_pairs']):.2f} - "
         f"{max(result['speedup_default_pairs']):.2f}; target >= {SCALING_TARGET}x)",
+        f"the machine's own {ranks} cores over 1 meanwhile: {result['machine_scaling']:.2f}x (the median of "
+        f"{len(result['machine_scaling_runs'])}: independent processes encoding 8 MB of the default corpus, "
+        f"{min(result['machine_scaling_runs']):.2f} - {max(result['machine_scaling_runs']):.2f}); prepare "
+        f"reaches {result['speedup_default'] / result['machine_scaling']:.0%} of it",
         f"{result['size_ratio']:.1f}x the input in {result['time_ratio_10x']:.2f}x the time "
         f"(target <= {LINEAR_TARGET}x at 10x); peak memory per rank {result['memory_ratio']:.2f}x "
         f"(target within {MEMORY_FLAT:.0%})",
