@@ -65,7 +65,7 @@ class Runtime:
         return (
             f"rank {self.rank}/{self.size} on {self.hostnames[self.rank]} (node {self.node_index}, "
             f"local rank {self.local_rank}/{self.local_size}), launcher {self.launch.launcher.value}, "
-            f"device {self.device}, {self.threads} threads"
+            f"device {self.device or 'none (no model)'}, {self.threads} threads"
         )
 
 
