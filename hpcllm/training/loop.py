@@ -23,6 +23,7 @@ from hpcllm.data.mixture import components_of, is_mix
 from hpcllm.data.tokens import TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
 from hpcllm.model.gpt import flops_per_token
+from hpcllm.model.hf_gpt2 import GPT2Folder
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.observe.tensorboard import TensorBoardLog
 from hpcllm.parallel import torch_dist
@@ -70,11 +71,11 @@ def train(args: TrainArgs) -> int:
     return 0
 
 
-def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
+def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, GPT2Folder | None]:
     """Collective: rank 0 opens the run directory and checks the configuration; every rank gets
-    the same plan, or the same one-line error."""
+    the same plan (and the Hugging Face folder a new run starts from), or the same one-line error."""
 
-    def decide() -> tuple[Plan, Path]:
+    def decide() -> tuple[Plan, Path, GPT2Folder | None]:
         cluster = _auto_layout_profile(args) if args.layout == "auto" else None
         out, saved = open_run_dir(args.out, args.resume)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())
@@ -85,7 +86,7 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path]:
         if folder is not None:  # the folder's shape, as if given with --set
             shape = folder.model_settings()
             config = config_mod.load(args.config, [*args.set, *shape], overrides=args.overrides())
-        return make_plan(config, rt.size, rt.device.type, saved), out
+        return make_plan(config, rt.size, rt.device.type, saved), out, folder
 
     return runtime.root_decides(rt.comm, decide)
 
@@ -160,7 +161,7 @@ def run_training(args: TrainArgs) -> Trainer:
     rt = runtime.init()
     # Every check comes before the run directory is created: bad input leaves nothing behind.
     fault = runtime.root_decides(rt.comm, faults.configured)
-    plan, out = _plan(args, rt)
+    plan, out, folder = _plan(args, rt)
     grid = Grid(
         rt.comm,
         tp=plan.layout.tp,
@@ -172,7 +173,6 @@ def run_training(args: TrainArgs) -> Trainer:
         timeout_s=plan.config.train.watchdog_s or 300.0,
     )
     data = ensure_data(plan, rt, grid.node_comm)
-    folder = None if args.resume else init_from.source(plan.config)
     if folder is not None:
         runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data.primary))
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
