@@ -76,6 +76,8 @@ def test_benchmarks_refuse_settings_that_measure_nothing():
         (["bench", "train", "--variants", "a,x"], "--variants: unknown x"),
         (["bench", "train", "--sweep", "horovod.nope=1,2"], "unknown config key 'horovod.nope'"),
         (["bench", "train", "--sweep", "horovod.cycle_time_ms"], "--sweep expects KEY=VALUE1,VALUE2"),
+        (["bench", "prepare", "--ranks", "1"], "--ranks >= 2"),
+        (["bench", "prepare", "--ranks", "4096"], "this process may use only"),
     ):
         proc = run(args)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)

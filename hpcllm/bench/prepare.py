@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,12 +40,15 @@ from typing import Any
 import numpy as np
 
 from hpcllm.cluster.launcher import launch_command, launch_env, run_launched
+from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.prepare import BATCH_BYTES
+from hpcllm.parallel.tasks import largest_first
 
 SCALING_TARGET = 1.8  # `ranks` ranks over one, on the large file and the default corpus
 LINEAR_TARGET = 10.5  # time of 10x the input over the small input's time, at most
 MEMORY_FLAT = 0.2  # peak memory per rank, large over small, within this
+MACHINE_MB = 8  # of the default corpus, encoded alone and shared out: the machine's own ratio
 
 
 def synthetic_jsonl(path: Path, megabytes: float, seed: int = 0) -> Path:
@@ -114,40 +118,39 @@ def _ceiling(source: Path, tokenizer_json: str, megabytes: float, rounds: int = 
     return result
 
 
-def _encode_share(
-    tokenizer_json: str, megabytes: float, core: int, index: int, count: int, start: Any, results: Any
-) -> None:
-    """A spawned process on `core`: encodes share `index` of `count` of the default corpus's first
-    files (shares of equal size), one call per file as prepare does, once every process of the
-    round is ready."""
+def _default_corpus_shares(megabytes: float, count: int) -> list[list[str]]:
+    """The default corpus's first documents, `megabytes` in all, read as prepare reads them and
+    dealt into `count` shares of about equal size (largest first, each to the least loaded)."""
+    files = corpus.default_corpus_files()
+    texts: list[str] = []
+    found = corpus.Documents(Counter())
+    for piece in corpus.pieces(files):
+        if sum(len(t) for t in texts) >= megabytes * 1e6:
+            break
+        texts += [text for _, text in corpus.read_piece(files[piece.file], piece, "text", found)]
+    shares: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for index in largest_first([len(t) for t in texts]):
+        least = loads.index(min(loads))
+        loads[least] += len(texts[index])
+        shares[least].append(texts[index])
+    return shares
+
+
+def _encode_share(tokenizer_json: str, core: int, texts: list[str], start: Any, results: Any) -> None:
+    """A spawned process on `core`: encodes `texts`, one call per document as prepare does for a
+    file, once every process of the round is ready."""
     os.sched_setaffinity(0, {core})
     os.environ[tok.PARALLELISM] = "false"
-    from hpcllm.data import corpus
-
     tokenizer = tok.Tokenizer.from_str(tokenizer_json)
-    texts, size = [], 0
-    for path in corpus.default_corpus_files():
-        if size >= megabytes * 1e6:
-            break
-        try:
-            texts.append(path.read_text())
-        except UnicodeDecodeError:
-            continue
-        size += len(texts[-1])
-    loads, mine = [0] * count, []
-    for text in sorted(texts, key=len, reverse=True):  # equal shares: each to the least loaded
-        least = loads.index(min(loads))
-        loads[least] += len(text)
-        if least == index:
-            mine.append(text)
     start.wait()
     began = time.perf_counter()
-    for text in mine:
+    for text in texts:
         tokenizer.encode_batch_fast([text])
     results.put(time.perf_counter() - began)
 
 
-def machine_scaling(tokenizer_json: str, ranks: int, megabytes: float = 8) -> float:
+def machine_scaling(tokenizer_json: str, ranks: int, megabytes: float = MACHINE_MB) -> float:
     """What this machine allows for `ranks` over one, with no MPI, I/O or serial step at all: the
     time of one process encoding `megabytes` of the default corpus over that of `ranks` processes,
     on a core each, encoding a share each at the same time."""
@@ -159,10 +162,8 @@ def machine_scaling(tokenizer_json: str, ranks: int, megabytes: float = 8) -> fl
     for count in (1, ranks):
         start, results = context.Barrier(count), context.Queue()
         workers = [
-            context.Process(
-                target=_encode_share, args=(tokenizer_json, megabytes, cores[i], i, count, start, results)
-            )
-            for i in range(count)
+            context.Process(target=_encode_share, args=(tokenizer_json, core, texts, start, results))
+            for core, texts in zip(cores, _default_corpus_shares(megabytes, count), strict=False)
         ]
         for worker in workers:
             worker.start()
@@ -226,7 +227,7 @@ def render(result: dict[str, Any]) -> str:
             f"{phases.get('tokenizer', 0):>9.1f} {phases.get('tokenize', 0):>8.1f} "
             f"{phases.get('write', 0):>6.2f} {max(r['peak_memory_mib']):>13,.0f}"
         )
-    ceiling = result["ceiling"]
+    ceiling, machine = result["ceiling"], result["machine_scaling_runs"]
     lines += [
         "",
         f"{ranks} ranks over 1, large file: {result['speedup_large']:.2f}x, default corpus: "
@@ -234,8 +235,8 @@ def render(result: dict[str, Any]) -> str:
         f"alternated runs each; the pairs' ratios {min(result['speedup_default_pairs']):.2f} - "
         f"{max(result['speedup_default_pairs']):.2f}; target >= {SCALING_TARGET}x)",
         f"the machine's own {ranks} cores over 1 meanwhile: {result['machine_scaling']:.2f}x (the median of "
-        f"{len(result['machine_scaling_runs'])}: independent processes encoding 8 MB of the default corpus, "
-        f"{min(result['machine_scaling_runs']):.2f} - {max(result['machine_scaling_runs']):.2f}); prepare "
+        f"{len(machine)}: independent processes encoding {MACHINE_MB} MB of the default corpus, "
+        f"{min(machine):.2f} - {max(machine):.2f}); prepare "
         f"reaches {result['speedup_default'] / result['machine_scaling']:.0%} of it",
         f"{result['size_ratio']:.1f}x the input in {result['time_ratio_10x']:.2f}x the time "
         f"(target <= {LINEAR_TARGET}x at 10x); peak memory per rank {result['memory_ratio']:.2f}x "

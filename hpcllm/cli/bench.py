@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -272,7 +271,9 @@ def prepare(args: argparse.Namespace) -> int:
 
     if not 0 < args.small_mb < args.large_mb or args.ranks < 2 or args.repeat < 1:
         raise UsageError("bench prepare needs 0 < --small-mb < --large-mb, --ranks >= 2 and --repeat >= 1")
-    cores = len(os.sched_getaffinity(0))  # a core per rank
+    from hpcllm.cluster.runtime import usable_cores
+
+    cores = usable_cores()  # a core per rank
     if args.ranks > cores:
         raise UsageError(f"bench prepare --ranks {args.ranks}: this process may use only {cores} cores")
     try:

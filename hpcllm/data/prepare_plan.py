@@ -45,8 +45,8 @@ class PieceStats:
     index: int  # of the piece
     file: int
     bytes: int
-    rank: int = 0  # that tokenized it: its tokens are in this rank's spool files
-    start: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # bytes into the spool
+    rank: int  # that tokenized it: its tokens are in this rank's spool files
+    start: dict[str, int]  # per split, where its tokens begin in that spool (bytes)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     skipped: str | None = None  # a text file's: not_utf8 | empty

@@ -16,12 +16,16 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch  # only a GPU run needs it: prepare's PhaseClock must not pay its import
+    import torch
 
 
 class PhaseTimer:
     def __init__(self, device: torch.device | None = None):
         self._cuda = device is not None and device.type == "cuda"
+        if self._cuda:  # imported here: a job without a GPU (prepare's PhaseClock) must not pay for torch
+            import torch
+
+            self._event = torch.cuda.Event
         self._seconds: dict[str, float] = defaultdict(float)
         self._events: list[tuple[str, Any, Any]] = []  # CUDA: (phase, start event, end event)
         self._steps = 0
@@ -29,14 +33,12 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self._cuda:
-            import torch
-
-            start_event = torch.cuda.Event(enable_timing=True)
+            start_event = self._event(enable_timing=True)
             start_event.record()
             try:
                 yield
             finally:
-                end_event = torch.cuda.Event(enable_timing=True)
+                end_event = self._event(enable_timing=True)
                 end_event.record()
                 self._events.append((name, start_event, end_event))
             return

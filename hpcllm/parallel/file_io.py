@@ -1,10 +1,10 @@
 """One shared file written and hashed by all ranks at once, through MPI-IO.
 
 A task-parallel job ends with every rank holding some runs of the output (byte ranges of its own
-spool files) and knowing, from a prefix sum of everyone's sizes, where each run goes. `write_runs` copies the
-runs into the shared file in collective rounds (`MPI_File_write_at_all`: the MPI library can
-aggregate the ranks' requests into large contiguous writes on a parallel file system), a bounded
-chunk at a time, so memory does not grow with the output.
+spool files) and knowing, from a prefix sum of everyone's sizes, where each run goes. `write_runs`
+copies the runs into the shared file in collective rounds (`MPI_File_write_at_all`: the MPI library
+can aggregate the ranks' requests into large contiguous writes on a parallel file system), a
+bounded chunk at a time, so memory does not grow with the output.
 """
 
 from __future__ import annotations
