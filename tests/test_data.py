@@ -206,7 +206,7 @@ def test_micro_batches_are_shifted_targets():
     tokens = np.arange(1000, dtype=np.uint16)
     batches = micro_batches(tokens, np.array([0, 3, 5, 7]), block_size=8, micro_batch=2)
     assert len(batches) == 2
-    x, y = batches[0]
+    x, y = batches[0].tokens, batches[0].targets
     assert (
         x.shape == (2, 8)
         and np.array_equal(x[1], np.arange(24, 32))

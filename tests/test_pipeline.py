@@ -128,12 +128,14 @@ def test_1f1b_keeps_at_most_pp_micro_batches_alive(grid):
     from hpcllm.parallel.pipeline.schedules import PipelineStage
 
     shape = GPTShape(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=8)
-    batches = [(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8))) for _ in range(6)]
+    from hpcllm.batch import Batch
+
+    batches = [Batch(torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8))) for _ in range(6)]
     live = {}
     for schedule in ("1f1b", "gpipe"):
         layers = plan_stages(shape, 2).layer_range(grid.pp_rank)
         model = GPT(shape, 0, layers, grid.is_first_stage, grid.is_last_stage)
         stage = PipelineStage(model, grid, schedule, (2, 8, 8), nullcontext, torch.device("cpu"))
-        live[schedule] = stage.train_step(batches).max_live_activations
+        live[schedule] = stage.train_step(batches, 1 / (6 * 2 * 8)).max_live_activations
     assert live["gpipe"] == 6
     assert live["1f1b"] == 2 - grid.pp_rank  # stage 0 holds 2 (= pp), the last stage 1

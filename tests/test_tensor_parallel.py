@@ -119,11 +119,26 @@ def test_vocab_parallel_cross_entropy_matches_full_with_padding(comm):
     by_vocab = Sharding(dim=0, full_size=vocab)
     local = shard(logits.T.contiguous(), by_vocab, rank, 2).T.contiguous().requires_grad_()
     head = VocabParallelHead(group, start=rank * padded_size(vocab, 2) // 2, vocab_size=vocab)
-    loss = head.loss(local, targets)
+    loss = head.loss_sum(local, targets) / len(targets)
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
     expected_grad = shard(full.grad.T.contiguous(), by_vocab, rank, 2).T
     assert torch.allclose(local.grad, expected_grad, atol=1e-6)
+
+    # A loss mask (the ignore index): those targets add nothing to the sum or to the gradient.
+    from hpcllm.batch import IGNORE
+
+    masked = targets.clone()
+    masked[[1, 3]] = IGNORE
+    full.grad, local.grad = None, None
+    expected = F.cross_entropy(full, masked, ignore_index=IGNORE, reduction="sum")
+    expected.backward()
+    loss = head.loss_sum(local, masked)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    expected_grad = shard(full.grad.T.contiguous(), by_vocab, rank, 2).T
+    assert torch.allclose(local.grad, expected_grad, atol=1e-6)
+    assert float(local.grad[[1, 3]].abs().sum()) == 0.0
 
 
 @pytest.mark.mpi(ranks=2, timeout=120)

@@ -64,6 +64,7 @@ class _SavedBytes:
 
 
 def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
+    from hpcllm.batch import Batch
     from hpcllm.cluster import runtime
     from hpcllm.model.gpt import GPT, GPTShape
     from hpcllm.model.partition import plan_stages
@@ -78,7 +79,7 @@ def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
     stage = PipelineStage(model, grid, schedule, (MICRO_BATCH, BLOCK, EMBD), nullcontext, rt.device)
     generator = torch.Generator().manual_seed(0)
     batches = [
-        (
+        Batch(
             torch.randint(0, VOCAB, (MICRO_BATCH, BLOCK), generator=generator),
             torch.randint(0, VOCAB, (MICRO_BATCH, BLOCK), generator=generator),
         )
@@ -91,7 +92,7 @@ def worker(pp: int, micro: int, schedule: str, steps: int) -> None:
         rt.comm.Barrier()
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            stats = stage.train_step(batches)
+            stats = stage.train_step(batches, 1 / (micro * MICRO_BATCH * BLOCK))
         elapsed = time.perf_counter() - start
         if step:
             idle.append(stats.idle_s / elapsed)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcllm.batch import Batch
 from hpcllm.errors import UsageError
 
 ROUNDS = 6
@@ -116,15 +117,13 @@ def read_sequences(tokens: np.ndarray, indices: np.ndarray, block_size: int) -> 
     return rows[:, :-1], rows[:, 1:]
 
 
-def micro_batches(
-    tokens: np.ndarray, indices: np.ndarray, block_size: int, micro_batch: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def micro_batches(tokens: np.ndarray, indices: np.ndarray, block_size: int, micro_batch: int) -> list[Batch]:
     """Split this rank's sequences into micro-batches of `micro_batch` rows, in order."""
     if len(indices) % micro_batch:
         raise UsageError(
             f"{len(indices)} sequences per rank are not divisible by micro_batch = {micro_batch}"
         )
     return [
-        read_sequences(tokens, indices[i : i + micro_batch], block_size)
+        Batch(*read_sequences(tokens, indices[i : i + micro_batch], block_size))
         for i in range(0, len(indices), micro_batch)
     ]

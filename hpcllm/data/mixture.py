@@ -161,6 +161,12 @@ class Mixture:
     weights: list[float]
 
     @property
+    def loss_masked(self) -> bool:
+        """Whether some targets are not trained on (data.batch.IGNORE). Pretraining token files
+        train every target; fine-tuning data with loss masks will say so in its manifest."""
+        return False
+
+    @property
     def primary(self) -> Prepared:
         """The first dataset: its tokenizer and vocabulary are every dataset's."""
         return self.datasets[0]

@@ -13,70 +13,56 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hpcllm.parallel.sharding import Sharding
+from hpcllm.batch import IGNORE
+from hpcllm.model.gpt2 import GPT2, GPTShape
+from hpcllm.model.kv_cache import KVCache
+from hpcllm.parallel.sharding import Sharding, sequence_parallel_parameters
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.mappings import scatter_to_sequence
 
 
-@dataclass(frozen=True)
-class GPTShape:
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float = 0.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def block_parameters(self) -> int:
-        """qkv, attention projection, MLP in and out, two LayerNorms."""
-        return 12 * self.n_embd**2 + 13 * self.n_embd
-
-    @property
-    def parameter_count(self) -> int:
-        """Of the whole model (the head is tied to the token embedding)."""
-        embeddings = (self.vocab_size + self.block_size) * self.n_embd
-        return embeddings + self.n_layer * self.block_parameters + 2 * self.n_embd
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, shape: GPTShape):
+    def __init__(self, shape: GPTShape, index: int):
         super().__init__()
-        self.n_head = shape.n_head
+        self.index = index  # the block's global index: its slot in a KV cache
+        self.head_dim = shape.head_dim
         self.dropout = shape.dropout
         self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
         self.proj = nn.Linear(shape.n_embd, shape.n_embd)
         self.resid_dropout = nn.Dropout(shape.dropout)
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scores, causal softmax, dropout and the weighted sum: the part whose activations grow with
-        the square of the sequence, and the cheapest to recompute."""
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        the square of the sequence, and the cheapest to recompute. `mask` (decoding padded rows)
+        replaces the causal rule; one new query over a cache sees every key."""
+        causal = mask is None and q.shape[2] > 1
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        qkv = run(self.qkv, x)
         batch, time, _ = qkv.shape  # the whole sequence, also when x holds part of it (sequence parallel)
-        # Heads are read off the qkv output, so splitting qkv's columns by head splits attention.
-        q, k, v = qkv.view(batch, time, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        # Heads are read off the qkv output, so splitting qkv's columns by head splits attention: a
+        # tensor-parallel rank sees its own heads only.
+        q, k, v = qkv.view(batch, time, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.extend(self.index, k, v)
         if self.recompute_core and torch.is_grad_enabled():
-            attended = checkpoint(self.core, q, k, v, use_reentrant=False)
+            attended = checkpoint(self.core, q, k, v, mask, use_reentrant=False)
         else:
-            attended = self.core(q, k, v)
-        return self.resid_dropout(self.proj(attended.transpose(1, 2).reshape(batch, time, -1)))
+            attended = self.core(q, k, v, mask)
+        return self.resid_dropout(run(self.proj, attended.transpose(1, 2).reshape(batch, time, -1)))
 
 
 class MLP(nn.Module):
@@ -87,20 +73,22 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(run(self.proj, F.gelu(run(self.fc, x), approximate="tanh")))
 
 
 class Block(nn.Module):
-    def __init__(self, shape: GPTShape):
+    def __init__(self, shape: GPTShape, index: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(shape.n_embd)
-        self.attn = CausalSelfAttention(shape)
+        self.attn = CausalSelfAttention(shape, index)
         self.ln_2 = nn.LayerNorm(shape.n_embd)
         self.mlp = MLP(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(run(self.ln_1, x), cache, mask)
+        return x + self.mlp(run(self.ln_2, x))
 
 
 class TiedHead(nn.Module):
@@ -110,8 +98,8 @@ class TiedHead(nn.Module):
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, embedding_weight)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss(logits, targets)
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, targets)
 
 
 class GPT(nn.Module):
@@ -140,7 +128,7 @@ class GPT(nn.Module):
         # Blocks keep their global index in parameter names, so checkpoints of any pipeline size
         # name a tensor alike.
         self.blocks = nn.ModuleList(
-            Block(shape) if index in layers else nn.Identity() for index in range(shape.n_layer)
+            Block(shape, index) if index in layers else nn.Identity() for index in range(shape.n_layer)
         )
         self.ln_f: nn.LayerNorm | None = nn.LayerNorm(shape.n_embd) if last else None
         self.lm_head: nn.Module = TiedHead()
@@ -174,62 +162,102 @@ class GPT(nn.Module):
             if isinstance(block, Block):
                 block.attn.recompute_core = mode == "selective"
 
-    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
-        """With sequence parallelism, the replicated parameters applied to this rank's part of the
-        sequence only (LayerNorms, the biases added after a reduce-scatter): their gradients are
-        partial and must be summed over the TP group."""
-        if self.sequence_group is None:
-            return []
-        parameters: list[nn.Parameter] = []
-        for block in self.blocks:
-            if isinstance(block, Block):
-                parameters += [*block.ln_1.parameters(), *block.ln_2.parameters()]
-                parameters += [block.attn.proj.bias, block.mlp.proj.bias]
-        if self.ln_f is not None:
-            parameters += list(self.ln_f.parameters())
-        return parameters
-
     def parameter_sharding(self) -> dict[str, Sharding]:
-        return {"wte.weight": Sharding(pipeline_copy=True)} if self.holds_tied_copy else {}
+        """The tied copy of the embedding on the last stage; with sequence parallelism, the
+        parameters of the modules that see only this rank's part of the sequence (the family's
+        list: the LayerNorms), whose gradients are partial over TP."""
+        declared = {"wte.weight": Sharding(pipeline_copy=True)} if self.holds_tied_copy else {}
+        if self.sequence_group is None:
+            return declared
+        partial = Sharding(sequence_parallel=True)
+        suffixes = tuple(
+            f".{name}.{kind}" for name in GPT2.sequence_parallel_modules() for kind in ("weight", "bias")
+        )
+        for name, _ in self.named_parameters():
+            if f".{name}".endswith(suffixes):
+                declared[name] = partial
+        return declared
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
+    def sequence_parallel_parameters(self) -> list[nn.Parameter]:
+        return sequence_parallel_parameters(self)
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)
         hidden = self.drop(self.wte(idx) + self.wpe(positions))
         return hidden if self.sequence_group is None else scatter_to_sequence(hidden, self.sequence_group)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last hidden state; the output weight is the token embedding (tied)."""
-        return self.lm_head(self.ln_f(hidden), self.wte.weight)
+        return self.lm_head(run(self.ln_f, hidden), self.wte.weight)
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The *sum* of next-token cross-entropies over the trained targets (not IGNORE), in fp32:
+        a training step divides it by their count over the global batch (hpcllm.batch).
+        Vocabulary-parallel when the head is partitioned."""
+        return self.lm_head.loss_sum(logits, targets)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (vocabulary-parallel when the head is partitioned)."""
-        return self.lm_head.loss(logits, targets)
+        """The mean over the trained targets of this batch alone."""
+        return self.loss_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if idx.shape[1] > self.shape.block_size:
             raise ValueError(
                 f"sequence of {idx.shape[1]} tokens is longer than block_size {self.shape.block_size}"
             )
-        return self.forward_stage(idx, first=True, last=True)
+        return self.forward_stage(idx, True, True, positions, cache, mask)
 
-    def forward_stage(self, inputs: torch.Tensor, first: bool, last: bool) -> torch.Tensor:
-        """This stage's part of the forward: ids -> hidden (first), hidden -> hidden, -> logits (last)."""
-        hidden = self.embed(inputs) if first else inputs
+    def forward_stage(
+        self,
+        inputs: torch.Tensor,
+        first: bool,
+        last: bool,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This stage's part of the forward: ids -> hidden (first), hidden -> hidden, -> logits (last).
+        Decoding passes the new positions' ids with their `positions`, the `cache` of the keys and
+        values before them, and a `mask` when rows are padded (model.inference)."""
+        hidden = self.embed(inputs, positions) if first else inputs
         recompute = self.recompute == "full" and torch.is_grad_enabled()
         for index in self.stage_layers:
             block = self.blocks[index]
-            hidden = checkpoint(block, hidden, use_reentrant=False) if recompute else block(hidden)
+            if recompute:
+                hidden = checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden, cache, mask)
         return self.head(hidden) if last else hidden
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
+def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`; when decoding (inference mode), a plain Linear or LayerNorm is called without
+    nn.Module's call machinery: a decoding step of a small model is mostly per-operator overhead."""
+    if torch.is_inference_mode_enabled():
+        kind = type(module)
+        if kind is nn.Linear:
+            return F.linear(x, module.weight, module.bias)
+        if kind is nn.LayerNorm:
+            return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    return module(x)
+
+
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token cross-entropies over the targets that are not IGNORE, in fp32."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def flops_per_token(shape: GPTShape, n_params: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·d·T."""
-    return 6 * n_params + 12 * shape.n_layer * shape.n_embd * shape.block_size
+    """Mean next-token cross-entropy over the trained targets (for one batch on its own)."""
+    return lm_loss_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)

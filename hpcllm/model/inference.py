@@ -1,49 +1,25 @@
-"""Generation that serves: prompts in batches, a KV cache, and tensor-parallel models.
+"""Generation that serves: prompts in batches, a KV cache, and tensor-parallel models, through the
+same modules as training (attention takes the cache; `model.kv_cache`).
 
 Prompts of a batch are left-padded to one length; every row keeps its own positions (counted over
 its real tokens) and never attends to padding, so a row gets the tokens it would get alone. The
 cache holds each layer's keys and values, so a new token costs one position's forward instead of
 the whole context's. Positions are learned up to block_size: once a row would pass it, the
-context slides as `gpt.sample` does, and the window is recomputed each token (no cache can help
-when every position shifts). On a tensor-parallel model each rank runs its own heads and MLP
-columns and caches its heads only; the row-parallel layers sum over the TP group as in training,
-and the vocabulary slices of the logits are gathered before a token is chosen, so every TP rank
-picks the same one.
+context slides (the last block_size tokens are kept), and the window is recomputed each token
+(no cache can help when every position shifts). On a tensor-parallel model each rank runs its
+own heads and MLP columns and caches its heads only; the row-parallel layers sum over the TP group
+as in training, and the vocabulary slices of the logits are gathered before a token is chosen, so
+every TP rank picks the same one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hpcllm.model.gpt import GPT, Block
+from hpcllm.model.gpt import GPT
+from hpcllm.model.kv_cache import KVCache
 from hpcllm.parallel.tensor.collectives import TensorCollectives
-
-
-@dataclass
-class KVCache:
-    """Keys and values of every position so far, per layer, in buffers allocated once for the
-    whole window: [batch, heads (this rank's), block_size, head_dim]."""
-
-    capacity: int
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
-    length: dict[int, int] = field(default_factory=dict)
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.keys:
-            batch, heads, _, dim = k.shape
-            self.keys[layer] = k.new_empty((batch, heads, self.capacity, dim))
-            self.values[layer] = v.new_empty((batch, heads, self.capacity, dim))
-            self.length[layer] = 0
-        start, end = self.length[layer], self.length[layer] + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        self.length[layer] = end
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor | None:
@@ -61,38 +37,6 @@ def _attention_mask(valid: torch.Tensor, new: int) -> torch.Tensor | None:
     return allowed[:, None, :, :]
 
 
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A plain Linear without nn.Module's call machinery (a decoding step of a small model is mostly
-    per-operator overhead); a tensor-parallel layer through its own forward (it communicates)."""
-    if type(layer) is nn.Linear:
-        return F.linear(x, layer.weight, layer.bias)
-    return layer(x)
-
-
-def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _block(
-    block: Block, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
-) -> torch.Tensor:
-    """One block's forward over the new positions, reading and extending the cache (eval mode: no
-    dropout)."""
-    attn = block.attn
-    qkv = _linear(attn.qkv, _norm(block.ln_1, x))
-    batch, new, _ = qkv.shape
-    q, k, v = qkv.view(batch, new, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
-    if cache is not None:
-        k, v = cache.extend(layer, k, v)
-    if mask is None:  # unpadded, and one new position (sees all) or all of them (causal)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=new > 1)
-    else:
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    x = x + _linear(attn.proj, attended.transpose(1, 2).reshape(batch, new, -1))
-    hidden = F.gelu(_linear(block.mlp.fc, _norm(block.ln_2, x)), approximate="tanh")
-    return x + _linear(block.mlp.proj, hidden)
-
-
 def next_logits(
     model: GPT,
     ids: torch.Tensor,
@@ -104,11 +48,8 @@ def next_logits(
     (all of them without one); `valid` marks the real tokens of the whole context so far."""
     new = ids.shape[1]
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, -new:]
-    hidden = model.wte(ids) + model.wpe(positions)
-    mask = _attention_mask(valid, new)
-    for layer in model.stage_layers:
-        hidden = _block(model.blocks[layer], hidden, mask, cache, layer)
-    logits = model.lm_head(_norm(model.ln_f, hidden[:, -1:, :]), model.wte.weight)[:, -1, :]
+    hidden = model.forward_stage(ids, True, False, positions, cache, _attention_mask(valid, new))
+    logits = model.head(hidden[:, -1:, :])[:, -1, :]
     if tp_group is not None and tp_group.size > 1:  # this rank's vocabulary slice -> all of it
         logits = tp_group.allgather(logits, dim=-1)
     return logits[:, : model.shape.vocab_size]
@@ -148,7 +89,7 @@ def generate(
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         valid[row, width - len(prompt) :] = True
-    # Rows longer than block_size start from their last block_size tokens, as sample() crops them.
+    # Rows longer than block_size start from their last block_size tokens.
     ids, valid = ids[:, -block:], valid[:, -block:]
     cache = KVCache(block) if use_cache else None
     pending = ids  # positions the model has not seen yet

@@ -1,19 +1,20 @@
-"""Partitioning the GPT: its layers per pipeline stage (`plan_stages`), and for tensor parallelism
-each Linear and the embedding replaced, in place, by
-its tensor-parallel counterpart holding this TP rank's slice of the full, seeded weights, so a TP
-run starts from exactly the single-process model. The split of each slice is the one its new layer
-declares (hpcllm.parallel.sharding), so the cut here and the checkpoint's join cannot disagree.
+"""Cutting a model for tensor parallelism by its family's plan (`ModelFamily.tensor_parallel_plan`):
+each Linear and Embedding the plan names is replaced, in place, by its tensor-parallel counterpart
+holding this TP rank's slice of the full, seeded weights, so a TP run starts from exactly the
+single-process model. The split of each slice is the one its new layer declares
+(hpcllm.parallel.sharding), so the cut here and the checkpoint's join cannot disagree. Nothing
+here knows a module's name but through the plan.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from torch import nn
 
-from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPT, Block, GPTShape
-from hpcllm.parallel.pipeline.partition import StagePlan, balanced_stages, parse_stage_layers
+from hpcllm.model.family import COLUMN, ROW, TIED_HEAD, VOCAB, TensorSplit
+from hpcllm.parallel.pipeline.partition import StagePlan
 from hpcllm.parallel.sharding import padded_size
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.layers import (
@@ -26,14 +27,35 @@ from hpcllm.parallel.tensor.layers import (
 log = logging.getLogger("hpcllm.model")
 
 
-def check_tp(n_head: int, n_embd: int, tp: int) -> None:
-    if n_head % tp:
-        raise UsageError(f"model.n_head {n_head} is not divisible by tp {tp}: attention is split by heads")
-    if (4 * n_embd) % tp:
-        raise UsageError(f"the MLP width 4 × n_embd = {4 * n_embd} is not divisible by tp {tp}")
+def _split_of(name: str, plan: dict[str, TensorSplit]) -> TensorSplit | None:
+    """The plan's entry for a module: by its whole name, or inside a block (`blocks.N.<name>`)."""
+    if name in plan:
+        return plan[name]
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blocks":
+        return plan.get(".".join(parts[2:]))
+    return None
 
 
-def partition_tensor_parallel(model: GPT, group: TensorCollectives, sequence_parallel: bool = False) -> GPT:
+def _parallel_layer(
+    module: nn.Module, split: TensorSplit, group: TensorCollectives, vocab_size: int
+) -> nn.Module:
+    if split.kind == TIED_HEAD:  # logits through the vocabulary-parallel embedding's slice
+        return VocabParallelHead(
+            group, group.rank * padded_size(vocab_size, group.size) // group.size, vocab_size
+        )
+    if split.kind == COLUMN and isinstance(module, nn.Linear):
+        return ColumnParallelLinear.from_full(module, group, blocks=split.blocks or 1)
+    if split.kind == ROW and isinstance(module, nn.Linear):
+        return RowParallelLinear.from_full(module, group)
+    if split.kind == VOCAB and isinstance(module, nn.Embedding):
+        return VocabParallelEmbedding.from_full(module, group)
+    raise TypeError(f"the tensor-parallel plan says {split.kind} for a {type(module).__name__}")
+
+
+def partition_tensor_parallel(
+    model: nn.Module, group: TensorCollectives, sequence_parallel: bool = False
+) -> nn.Module:
     """Replace the model's layers by this TP rank's partitions, in place; with `sequence_parallel`
     the residual stream between them holds this rank's part of the sequence (Megatron-SP): the
     column-parallel layers gather the sequence, the row-parallel ones reduce-scatter it."""
@@ -41,24 +63,19 @@ def partition_tensor_parallel(model: GPT, group: TensorCollectives, sequence_par
     if tp == 1:
         return model
     shape = model.shape
-    check_tp(shape.n_head, shape.n_embd, tp)
     vocab_rows = padded_size(shape.vocab_size, tp)
     if vocab_rows != shape.vocab_size:
         log.info(
             "vocabulary padded from %d to %d so that it divides by tp = %d", shape.vocab_size, vocab_rows, tp
         )
-    for block in model.blocks:
-        if not isinstance(block, Block):  # a layer of another pipeline stage
-            continue
-        attn, mlp = block.attn, block.mlp
-        attn.qkv = ColumnParallelLinear.from_full(attn.qkv, group, blocks=3)  # q, k, v each split by head
-        attn.proj = RowParallelLinear.from_full(attn.proj, group)
-        attn.n_head = shape.n_head // tp
-        mlp.fc = ColumnParallelLinear.from_full(mlp.fc, group)
-        mlp.proj = RowParallelLinear.from_full(mlp.proj, group)
-    if isinstance(model.wte, nn.Embedding):  # the first and the last stage
-        model.wte = VocabParallelEmbedding.from_full(model.wte, group)
-        model.lm_head = VocabParallelHead(group, model.wte.start, shape.vocab_size)
+    plan = shape.family.tensor_parallel_plan(shape)
+    chosen = [(name, split) for name, _ in model.named_modules() if (split := _split_of(name, plan))]
+    for name, split in chosen:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(
+            parent, attribute, _parallel_layer(getattr(parent, attribute), split, group, shape.vocab_size)
+        )
     if sequence_parallel:
         model.sequence_group = group
         for module in model.modules():
@@ -67,12 +84,6 @@ def partition_tensor_parallel(model: GPT, group: TensorCollectives, sequence_par
     return model
 
 
-def plan_stages(shape: GPTShape, pp: int, stage_layers: str = "") -> StagePlan:
-    """Layers per stage: as `stage_layers` says, or balanced by parameter count (the token
-    embedding counts on the first stage, the final norm and the tied head on the last)."""
-    if stage_layers:
-        return StagePlan(parse_stage_layers(stage_layers, shape.n_layer, pp))
-    d = shape.n_embd
-    embed = (shape.vocab_size + shape.block_size) * d
-    head = shape.vocab_size * d + 2 * d
-    return StagePlan(balanced_stages([shape.block_parameters] * shape.n_layer, embed, head, pp))
+def plan_stages(shape: Any, pp: int, stage_layers: str = "") -> StagePlan:
+    """Layers per pipeline stage, by the shape's family (`ModelFamily.plan_stages`)."""
+    return shape.family.plan_stages(shape, pp, stage_layers)

@@ -35,43 +35,24 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def fp32_layer_activation_bytes(
-    s: int, b: int, h: int, a: int, tp: int, recompute: str, sequence_parallel: bool
-) -> float:
-    """One layer's share of `predicted_activation_bytes` (its docstring gives the terms)."""
-    sbh, split = s * b * h, tp if sequence_parallel else 1
-    if recompute == "full":
-        return 4 * sbh / split
-    per_layer = 16 * sbh / split + 48 * sbh / tp + 16 * s * b / split
-    if recompute == "none":
-        per_layer += 4 * a * s * b / tp
-    return per_layer
-
-
 def predicted_activation_bytes(
     shape: Any, micro_batch: int, recompute: str, tp: int = 1, sequence_parallel: bool = False
 ) -> int | None:
     """Activation bytes of one micro-batch per rank, by Korthikanti et al. 2022's method applied to
     this implementation (None with dropout, whose masks and the unfused attention it forces on CPU
-    are not modelled).
+    are not modelled), in fp32.
 
     The paper counts, per layer, s*b*h*(34 + 5*a*s/h) bytes for 16-bit activations with an
-    attention core that stores the a*s*s scores, softmax and dropout mask. Here activations are
-    fp32 (4 bytes), and PyTorch's fused attention keeps q, k, v, its output and the softmax
-    statistics (a*s*b floats) instead of the scores, so per layer, with t = tp:
-        none       16*sbh + 48*sbh/t + 4*asb/t + 16*sb   (LayerNorm inputs/outputs and statistics
-                   are replicated over TP; q, k, v, the projection input and the MLP's 4h
-                   tensors are split)
-        selective  the same without the softmax statistics (the core is recomputed)
-        full       4*sbh (the block's input)
-    With sequence parallelism the replicated terms are divided by t as well. Outside the layers:
+    attention core that stores the a*s*s scores, softmax and dropout mask; the layers' share is the
+    model family's (`ModelFamily.activation_bytes_per_layer`, which gives the fp32 terms of
+    PyTorch's fused attention). Outside the layers:
     the logits and their log-softmax (4*sbv/t, the head is vocabulary-parallel), the final
     LayerNorm's input and output (8*sbh, /t with sequence parallelism) and the token ids (24*sb).
     """
     if shape.dropout:
         return None
-    s, b, h, a, v = shape.block_size, micro_batch, shape.n_embd, shape.n_head, shape.vocab_size
-    per_layer = fp32_layer_activation_bytes(s, b, h, a, tp, recompute, sequence_parallel)
+    s, b, h, v = shape.block_size, micro_batch, shape.n_embd, shape.vocab_size
+    per_layer = shape.family.activation_bytes_per_layer(shape, b, tp, recompute, sequence_parallel, 4)
     split = tp if sequence_parallel else 1  # the regions outside the TP layers
     outside = 4 * s * b * v / tp + 8 * s * b * h / split + 24 * s * b
     return int(shape.n_layer * per_layer + outside)

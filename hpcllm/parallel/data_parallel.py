@@ -2,10 +2,9 @@
 
 Gradients are averaged over the DP process set of the grid (Horovod is started by the grid) in
 buckets whose reductions start from backward hooks (`GradientBuckets`), after every
-`allreduce_every` micro-batches; with parallel.zero = 2 they are reduce-scattered for the
-distributed optimizer instead. Initial parameters and optimizer state are broadcast from the
-group's first rank. Scalars (losses for the log) are averaged over the DP communicator with mpi4py.
-With dp = 1 nothing is communicated.
+`allreduce_every` micro-batches; when the strategy (parallel.dp_strategy) shards gradients they are
+reduce-scattered for the distributed optimizer instead. Initial parameters and optimizer state are
+broadcast from the group's first rank. With dp = 1 nothing is communicated.
 """
 
 from __future__ import annotations
@@ -15,17 +14,19 @@ from typing import Any
 
 import torch
 
-from hpcllm.cluster import watchdog
 from hpcllm.parallel.distributed_optimizer import ShardedAdamW
+from hpcllm.parallel.dp_strategy import REPLICATED, DataParallelStrategy
 from hpcllm.parallel.grad_buckets import GradientBuckets
 from hpcllm.parallel.grid import Grid
+from hpcllm.parallel.sharding import Sharding, model_sharding
 
 MB = 1024 * 1024
 
 
 class DataParallel:
-    def __init__(self, grid: Grid):
+    def __init__(self, grid: Grid, strategy: DataParallelStrategy = REPLICATED):
         self.grid = grid
+        self.strategy = strategy
         self.size = grid.layout.dp
         self.hvd = grid.hvd if self.size > 1 else None
         self.gradients: GradientBuckets | None = None
@@ -36,7 +37,6 @@ class DataParallel:
         late: Sequence[torch.nn.Parameter],
         bucket_mb: float,
         allreduce_every: int,
-        zero: int = 0,
         fp16_compression: bool = False,
     ) -> GradientBuckets:
         """Lay the model's gradients out in buckets reduced from backward hooks (see GradientBuckets);
@@ -49,7 +49,7 @@ class DataParallel:
             self.grid.dp_rank,
             self.hvd,
             self.grid.dp_process_set if self.hvd is not None else None,
-            reduce="reducescatter" if zero == 2 else "allreduce",
+            reduce=self.strategy.reduction,
             every=allreduce_every,
             fp16=fp16_compression,
         )
@@ -58,9 +58,20 @@ class DataParallel:
     def sharded_optimizer(
         self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
     ) -> ShardedAdamW:
-        """AdamW with its state sharded over the DP group (parallel.zero = 1 or 2)."""
+        """AdamW with its state sharded over the DP group (the strategy shards the optimizer)."""
         assert self.hvd is not None and self.gradients is not None, "the plan refuses zero with dp = 1"
         return ShardedAdamW(groups, self.gradients, lr, betas, eps)
+
+    def gradient_pieces(
+        self, model: torch.nn.Module, pieces: list[tuple[Sharding, torch.Tensor]]
+    ) -> list[tuple[Sharding, torch.Tensor]]:
+        """What the step's norm and clipping read: the model's gradients (`pieces`), or, when the
+        strategy shards gradients, this rank's shares of the reduced ones (views, valid at every step)."""
+        if not self.strategy.shards_gradients or self.gradients is None:
+            return pieces
+        sharding = model_sharding(model)
+        sharding_of = {id(param): sharding[name] for name, param in model.named_parameters()}
+        return [(sharding_of[id(param)], part) for param, part in self.gradients.shard_pieces()]
 
     def broadcast_initial_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Every replica starts from its group's first rank (they agree already when seeded alike;
@@ -91,10 +102,3 @@ class DataParallel:
         """After the step's last backward: every gradient reduced (the late ones after `sum_late`)."""
         assert self.gradients is not None
         self.gradients.finish(sum_late)
-
-    def mean(self, value: float) -> float:
-        """Mean of a scalar over the DP group (every DP rank must call it)."""
-        if self.size == 1:
-            return value
-        with watchdog.waiting("loss allreduce"):
-            return self.grid.dp_comm.allreduce(value) / self.size

@@ -31,10 +31,11 @@ import functools
 import math
 import statistics
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from hpcllm.observe.memory import fp32_layer_activation_bytes
-from hpcllm.parallel.pipeline.partition import balanced_stages
+from hpcllm.model.family import ModelFamily, ParameterCounts
+from hpcllm.model.registry import family_named
 from hpcllm.planner.profiles import ClusterProfile
 
 GIB = 1024**3
@@ -43,26 +44,41 @@ MEMORY_HEADROOM = 0.9  # the allocator's fragmentation and the CUDA context
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """The model a prediction is for: its family's shape, and every count and formula from the
+    family (hpcllm.model.family), never a copy."""
+
     n_layer: int
     n_embd: int
     n_head: int
     block_size: int
     vocab: int
+    family: str = "gpt2"
+
+    @property
+    def shape(self) -> Any:
+        section = {key: value for key, value in asdict(self).items() if key not in ("vocab", "family")}
+        return self.model_family.shape(SimpleNamespace(**section, dropout=0.0), self.vocab)
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return family_named(self.family)
+
+    @property
+    def counts(self) -> ParameterCounts:
+        return self.model_family.parameters(self.shape)
 
     @property
     def block_parameters(self) -> int:
-        """qkv, attention projection, MLP in and out, two LayerNorms (as GPTShape counts them)."""
-        return 12 * self.n_embd**2 + 13 * self.n_embd
+        return self.counts.per_layer
 
     @property
     def embedding_parameters(self) -> int:
-        """Token and position embeddings, on the first stage."""
-        return (self.vocab + self.block_size) * self.n_embd
+        """On the first stage."""
+        return self.counts.embedding
 
     @property
     def parameters(self) -> int:
-        """Of the whole model (the head is tied to the token embedding)."""
-        return self.n_layer * self.block_parameters + self.embedding_parameters + 2 * self.n_embd
+        return self.counts.total
 
 
 @dataclass(frozen=True)
@@ -114,31 +130,19 @@ def _ring_seconds(nbytes: float, ranks: int, gbps: float, latency_us: float, eff
 
 
 def layer_forward_flops(model: ModelSpec, micro_batch: int) -> float:
-    s, h = model.block_size, model.n_embd
-    return 24 * micro_batch * s * h * h * (1 + s / (6 * h))
+    return model.model_family.layer_forward_flops(model.shape, micro_batch)
 
 
 def iteration_flops(model: ModelSpec, global_batch: int, recompute: bool) -> float:
     """Narayanan et al. 2021, Eq. 3 (with recomputation) and its 72-coefficient form (without)."""
-    b, s, layers, h, v = global_batch, model.block_size, model.n_layer, model.n_embd, model.vocab
-    coefficient = 96 if recompute else 72  # forward once, backward twice (+ the recomputed forward)
-    return coefficient * b * s * layers * h * h * (1 + s / (6 * h)) + 6 * b * s * h * v
+    return model.model_family.iteration_flops(model.shape, global_batch, recompute)
 
 
 def activation_bytes_per_layer(model: ModelSpec, layout: Layout, element_bytes: int = 2) -> float:
-    """Bytes one layer keeps for backward per micro-batch and rank: Korthikanti et al. 2022 (Table 2)
-    for 16-bit activations; for fp32 (CPU training) the same method applied to hpcllm's layer
-    (observe.memory, which `hpcllm bench memory` measures against)."""
-    s, b, h, a, t = model.block_size, layout.micro_batch, model.n_embd, model.n_head, layout.tp
-    if element_bytes == 4:
-        return fp32_layer_activation_bytes(s, b, h, a, t, layout.recompute, layout.sequence_parallel)
-    sbh = s * b * h
-    if layout.recompute == "full":
-        return 2 * sbh / (t if layout.sequence_parallel else 1)
-    attention_core = 0 if layout.recompute == "selective" else 5 * a * s / (h * t)
-    if layout.sequence_parallel:
-        return sbh * (34 / t + attention_core)
-    return sbh * (10 + 24 / t + attention_core)
+    """Bytes one layer keeps for backward per micro-batch and rank (the family's formula)."""
+    return model.model_family.activation_bytes_per_layer(
+        model.shape, layout.micro_batch, layout.tp, layout.recompute, layout.sequence_parallel, element_bytes
+    )
 
 
 def _cpu_share(cluster: ClusterProfile, ranks_per_node: int) -> tuple[float, float]:
@@ -162,23 +166,21 @@ def _cpu_share(cluster: ClusterProfile, ranks_per_node: int) -> tuple[float, flo
 
 @functools.lru_cache(maxsize=256)
 def stage_layers(model: ModelSpec, pp: int) -> tuple[int, ...]:
-    """Layers per pipeline stage as hpcllm assigns them (balanced by parameters; model.partition)."""
+    """Layers per pipeline stage as hpcllm assigns them (the family's `plan_stages`)."""
     if pp == 1:
         return (model.n_layer,)
-    head = model.vocab * model.n_embd + 2 * model.n_embd
-    return tuple(
-        balanced_stages([model.block_parameters] * model.n_layer, model.embedding_parameters, head, pp)
-    )
+    return tuple(model.model_family.plan_stages(model.shape, pp).layers_per_stage)
 
 
 def _stage_parameters(model: ModelSpec, stage: int, layers: int, pp: int) -> float:
-    """Parameters a stage holds: its layers, the embeddings on the first, the final norm and the
-    head on the last (tied to the token embedding: a copy of it when pp > 1)."""
-    held = layers * model.block_parameters
+    """Parameters a stage holds: its layers, the embeddings on the first, the head on the last
+    (with a copy of a tied head's weight when pp > 1)."""
+    counts = model.counts
+    held = layers * counts.per_layer
     if stage == 0:
-        held += model.embedding_parameters
+        held += counts.embedding
     if stage == pp - 1:
-        held += 2 * model.n_embd + (model.vocab * model.n_embd if pp > 1 else 0)
+        held += counts.head + (counts.tied_head if pp > 1 else 0)
     return held
 
 

@@ -15,8 +15,10 @@ from hpcllm.model.gpt import GPT
 from hpcllm.model.partition import partition_tensor_parallel
 from hpcllm.observe.memory import tensor_bytes
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.gradient_finaliser import GradientFinaliser
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
+from hpcllm.parallel.sharding import sequence_parallel_parameters
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.optim import BETAS, EPS, make_optimizer, parameter_groups
@@ -36,7 +38,7 @@ def build_model(
     shape = plan.model_shape(vocab_size)
     stages = plan.stages(vocab_size)
     layers = stages.layer_range(grid.pp_rank) if grid.layout.pp > 1 else None
-    model = GPT(shape, plan.config.train.seed, layers, grid.is_first_stage, grid.is_last_stage)
+    model = plan.family.build(shape, plan.config.train.seed, layers, grid.is_first_stage, grid.is_last_stage)
     model = model.to(rt.device)
     tp_group = TensorCollectives(
         grid.tp_comm,
@@ -62,18 +64,17 @@ def build_model(
             stages.layers_per_stage,
             plan.config.parallel.schedule,
         )
-    return model, tp_group, shape.parameter_count
+    return model, tp_group, plan.family.parameters(shape).total
 
 
 def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> PipelineStage:
-    """This stage's schedule; the first and last stage share the tied embedding's weight."""
+    """This stage's schedule."""
     config = plan.config
     sequence = config.model.block_size // (grid.layout.tp if config.parallel.sequence_parallel else 1)
     hidden_shape = (config.train.micro_batch, sequence, config.model.n_embd)
     autocast = autocast_for(config.train.dtype, device)
-    tied = model.wte.weight if model.wte is not None else None
     return PipelineStage(
-        model, grid, config.parallel.schedule, hidden_shape, autocast, device, tied, plan.pp_backend
+        model, grid, config.parallel.schedule, hidden_shape, autocast, device, plan.pp_backend
     )
 
 
@@ -101,25 +102,28 @@ def assemble_trainer(
         grid.layout.tp,
         grid.layout.pp,
     )
-    dp = DataParallel(grid)
-    # Summed over another group before their DP reduction: the tied embedding over the first and
-    # last stage, the sequence-parallel parameters over TP.
-    tied = [model.wte.weight] if grid.layout.pp > 1 and model.wte is not None else []
+    strategy = plan.dp_strategy
+    dp = DataParallel(grid, strategy)
+    # Summed over another group before their DP reduction (the gradient finaliser's steps 1, 2):
+    # the tied embedding over the first and last stage, the sequence-parallel parameters over TP.
+    tied = model.wte.weight if grid.layout.pp > 1 and model.wte is not None else None
+    sequence_parallel = sequence_parallel_parameters(model)
     gradients = dp.bucket_gradients(
         model,
-        tied + model.sequence_parallel_parameters(),
+        ([tied] if tied is not None else []) + sequence_parallel,
         config.parallel.bucket_mb,
         plan.allreduce_every,
-        config.parallel.zero,
-        config.horovod.fp16_compression,
+        config.parallel.grad_compression == "fp16",
     )
     log.info(
-        "gradients: %d buckets of up to %g MB, reduced %s from backward hooks",
+        "gradients: %d buckets of up to %g MB, reduced %s from backward hooks (data parallel: %s)",
         len(gradients.buckets),
         config.parallel.bucket_mb,
-        "by reduce-scatter" if config.parallel.zero == 2 else "by allreduce",
+        "by reduce-scatter" if strategy.shards_gradients else "by allreduce",
+        strategy.name,
     )
-    if config.parallel.zero:
+    finaliser = GradientFinaliser(grid, dp, tp_group, tied, sequence_parallel, plan.pp_backend)
+    if strategy.shards_optimizer:
         groups = parameter_groups(model, config.train)
         optimizer = dp.sharded_optimizer(groups, config.train.lr, BETAS, EPS)
         log.info(
@@ -149,7 +153,7 @@ def assemble_trainer(
         model,
         optimizer,
         dp,
-        tp_group,
+        finaliser,
         full_parameters,
         pipeline,
         fault=fault,

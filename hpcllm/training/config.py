@@ -7,6 +7,7 @@ the nearest valid key. Values given on the command line are parsed as YAML scala
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,26 +15,32 @@ from typing import Any
 import yaml
 
 from hpcllm.errors import UsageError
+from hpcllm.model import registry
 
-PRESETS: dict[str, dict[str, int]] = {
-    # trains in a few minutes on 2 CPU cores
-    "tiny": {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},
-    "small": {"block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384},
-    "gpt2-124m": {"block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768},
-    "gpt2-350m": {"block_size": 1024, "n_layer": 24, "n_head": 16, "n_embd": 1024},
-    "gpt2-774m": {"block_size": 1024, "n_layer": 36, "n_head": 20, "n_embd": 1280},
-    "gpt2-1.5b": {"block_size": 1024, "n_layer": 48, "n_head": 25, "n_embd": 1600},
-}
+log = logging.getLogger("hpcllm.config")
+
+# Every family's presets, by name (shape keys only; model.family comes with the preset).
+PRESETS: dict[str, dict[str, int]] = {name: keys for name, (_, keys) in registry.PRESETS.items()}
 
 
 RECOMPUTE = ("none", "selective", "full")
 ZERO = (0, 1, 2)
 TP_BACKENDS = ("auto", "mpi4py", "horovod", "torch")
+
+# Old keys that still work for a release, with a one-line note: key -> (new key, value mapping).
+DEPRECATED: dict[str, tuple[str, Any]] = {
+    "horovod.backward_passes_per_step": ("parallel.reduce_every", lambda value: value),
+    "horovod.fp16_compression": (
+        "parallel.grad_compression",
+        lambda value: ("fp16" if value else "none") if isinstance(value, bool) else value,
+    ),
+}
 PP_BACKENDS = ("auto", "mpi4py", "torch")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    family: str = "gpt2"  # gpt2 (hpcllm.model.registry lists the families)
     preset: str = "tiny"
     block_size: int = 128
     n_layer: int = 4
@@ -78,6 +85,8 @@ class ParallelConfig:
     zero: int = 0  # 1: shard the Adam state over the data-parallel group; 2: and reduce-scatter gradients
     bucket_mb: float = 25.0  # gradient bucket size: each bucket's reduction starts when it is complete
     sequence_parallel: bool = False  # with tp > 1: split the sequence between the TP layers
+    reduce_every: int = 0  # micro-batches per data-parallel gradient reduction; 0 = once per step
+    grad_compression: str = "none"  # none | fp16: send allreduced gradient buckets as fp16
 
 
 @dataclass(frozen=True)
@@ -86,8 +95,6 @@ class HorovodConfig:
 
     fusion_threshold_mb: float = 128.0  # fusion buffer; 0 turns tensor fusion off (Horovod default 128)
     cycle_time_ms: float = 1.0  # how often the background thread batches ready tensors (default 1)
-    fp16_compression: bool = False  # send gradients as fp16: half the bytes, rounding error
-    backward_passes_per_step: int = 0  # micro-batches per allreduce; 0 = all of a step (one allreduce)
     timeline: str = ""  # write Horovod's timeline (chrome://tracing JSON) to this file, from rank 0
     hierarchical_allreduce: bool = False  # reduce inside each node first, then across (NCCL/GPU jobs)
 
@@ -156,6 +163,21 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _renamed(values: dict[str, Any], given: set[str]) -> None:
+    """Move deprecated keys to their new names, in place; a note for each one the user gave (a
+    saved run's config.yaml from an older release is moved silently)."""
+    for old, (new, convert) in DEPRECATED.items():
+        if old not in values:
+            continue
+        value = values.pop(old)
+        if old in given:
+            log.warning("%s is deprecated and goes in the next release: use %s", old, new)
+            if new not in given:
+                values[new] = convert(value)
+        else:
+            values.setdefault(new, convert(value))
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -190,11 +212,13 @@ def load(
         values.update(_flatten(tree))
     values.update(dict(parse_assignment(a) for a in assignments))
     values.update(overrides or {})
+    _renamed(values, given=set(values) - set(_flatten(base) if base else {}))
     defaults = Config()
     preset = values.get("model.preset", defaults.model.preset)
     if preset not in PRESETS:
         raise UsageError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    sections: dict[str, dict[str, Any]] = {"model": dict(PRESETS[preset])}
+    family, shape = registry.PRESETS[preset]
+    sections: dict[str, dict[str, Any]] = {"model": {"family": family, **shape}}
     for key, value in values.items():
         _check_key(key)
         section_name, _, name = key.partition(".")
@@ -210,8 +234,6 @@ def load(
 
 def validate(config: Config) -> None:
     m, t = config.model, config.train
-    if m.n_embd % m.n_head:
-        raise UsageError(f"model.n_embd {m.n_embd} is not divisible by model.n_head {m.n_head}")
     for key, value in (
         ("model.block_size", m.block_size),
         ("model.n_layer", m.n_layer),
@@ -227,6 +249,7 @@ def validate(config: Config) -> None:
     ):
         if value < 1:
             raise UsageError(f"{key} must be at least 1, not {value}")
+    registry.family_of(m).check(m, 1)
     for key, value in (
         ("train.eval_every", t.eval_every),
         ("train.ckpt_every", t.ckpt_every),
@@ -236,7 +259,7 @@ def validate(config: Config) -> None:
         ("train.min_lr", t.min_lr),
         ("train.watchdog_s", t.watchdog_s),
         ("horovod.fusion_threshold_mb", config.horovod.fusion_threshold_mb),
-        ("horovod.backward_passes_per_step", config.horovod.backward_passes_per_step),
+        ("parallel.reduce_every", config.parallel.reduce_every),
     ):
         if value < 0:
             raise UsageError(f"{key} must be 0 or more, not {value} (0 turns it off)")
@@ -255,6 +278,7 @@ def validate(config: Config) -> None:
         ("parallel.pp_backend", config.parallel.pp_backend, PP_BACKENDS),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),
         ("parallel.zero", config.parallel.zero, ZERO),
+        ("parallel.grad_compression", config.parallel.grad_compression, ("none", "fp16")),
     ):
         if value not in choices:
             listed = f"{', '.join(map(str, choices[:-1]))} or {choices[-1]}"

@@ -12,7 +12,8 @@ written as JSONL in the input order.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import TOKENIZER
 from hpcllm.errors import UsageError
 from hpcllm.model import inference
-from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.model.partition import check_tp, partition_tensor_parallel
+from hpcllm.model.gpt import GPT
+from hpcllm.model.partition import partition_tensor_parallel
+from hpcllm.model.registry import family_of
 from hpcllm.observe.memory import tensor_bytes
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.tasks import dynamic_map, largest_first
@@ -32,6 +34,8 @@ from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
 from hpcllm.training.config import load as load_config
+
+log = logging.getLogger("hpcllm.generate")
 
 
 @dataclass
@@ -97,12 +101,12 @@ def load_model(
 
     config = load_config(base=yaml.safe_load((run / "config.yaml").read_text()))
     tokenizer = tok.load(run / TOKENIZER)
-    m = config.model
-    shape = GPTShape(tokenizer.get_vocab_size(), m.block_size, m.n_layer, m.n_head, m.n_embd, 0.0)
-    model = GPT(shape).to(rt.device)
+    family = family_of(config.model)
+    shape = family.shape(replace(config.model, dropout=0.0), tokenizer.get_vocab_size())
+    model = family.build(shape, None, None, True, True).to(rt.device)
     group = None
     if grid is not None and grid.layout.tp > 1:
-        check_tp(shape.n_head, shape.n_embd, grid.layout.tp)
+        family.check(config.model, grid.layout.tp)
         group = TensorCollectives(grid.tp_comm, "mpi4py")
         partition_tensor_parallel(model, group)
         checkpoint.load(ckpt, model, None, grid)  # resharded to this TP rank's part
@@ -125,9 +129,14 @@ def generate(args: GenerateArgs) -> int:
     model, tokenizer, _, group = runtime.every_rank_checks(
         rt.comm, lambda: load_model(Path(args.run), ckpt, rt, grid)
     )
-    if args.tp > 1 and rt.rank == 0:
-        mine, whole = tensor_bytes(list(model.parameters())), model.shape.parameter_count * 4
-        print(f"tp {args.tp}: {mine / 1e6:.2f} MB of weights on each rank, of {whole / 1e6:.2f} MB in all")
+    if args.tp > 1:  # a log line: standard output carries the generated text only
+        mine, whole = (
+            tensor_bytes(list(model.parameters())),
+            model.shape.family.parameters(model.shape).total * 4,
+        )
+        log.info(
+            "tp %d: %.2f MB of weights on each rank, of %.2f MB in all", args.tp, mine / 1e6, whole / 1e6
+        )
     encoded = [tokenizer.encode(p).ids or [tok.eot_id(tokenizer)] for p in prompts]
 
     def complete(batch: list[int]) -> list[tuple[int, str]]:

@@ -22,7 +22,6 @@ from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
 from hpcllm.data.mixture import components_of, is_mix
 from hpcllm.data.tokens import TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import flops_per_token
 from hpcllm.model.hf_gpt2 import GPT2Folder
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.observe.tensorboard import TensorBoardLog
@@ -212,7 +211,7 @@ def _speed(trainer: Trainer, start_step: int) -> Throughput:
     peak = t.peak_flops or measure_matmul_peak(rt.device, dtype=compute_dtype)
     return Throughput(
         tokens_per_step=t.global_batch * trainer.config.model.block_size,
-        flops_per_token=flops_per_token(trainer.model.shape, trainer.full_parameters),
+        flops_per_token=trainer.plan.family.flops_per_token(trainer.model.shape),
         peak_total=rt.comm.allreduce(peak),
         last_step=start_step,
     )

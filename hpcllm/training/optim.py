@@ -6,11 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from hpcllm.cluster import watchdog
 from hpcllm.parallel.sharding import Sharding, model_sharding
 from hpcllm.training.config import TrainConfig
 
@@ -67,26 +65,6 @@ def gradient_square_sums(pieces: list[tuple[Sharding, torch.Tensor]]) -> torch.T
         for grads in kinds
     ]
     return torch.stack(sums)
-
-
-def full_gradient_norm(
-    partitioned: float, replicated: float, tp_comm: Any, pipeline_comm: Any = None, dp_comm: Any = None
-) -> float:
-    """The norm of the *full* model's gradient from this rank's sums of squares: partitioned slices
-    summed over the TP group, replicated parameters counted once (they are identical on every TP
-    rank), the stages' sums added with a pipeline; `dp_comm`: the pieces were this rank's shares
-    of the reduced gradients (zero = 2), summed over the DP group first. Equal on every rank."""
-    squares = np.array([partitioned, replicated])
-    if dp_comm is not None:
-        with watchdog.waiting("gradient-norm allreduce over data-parallel shares"):
-            squares = dp_comm.allreduce(squares)
-    total = float(squares[1])
-    with watchdog.waiting("gradient-norm allreduce over tensor-parallel ranks"):
-        total += float(tp_comm.allreduce(float(squares[0])))
-    if pipeline_comm is not None:
-        with watchdog.waiting("gradient-norm allreduce over stages"):
-            total = pipeline_comm.allreduce(total)
-    return total**0.5
 
 
 def clip_gradients_(gradients: list[torch.Tensor], norm: float, max_norm: float) -> None:

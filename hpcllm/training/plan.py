@@ -18,10 +18,11 @@ from typing import Any
 
 from hpcllm.data import mixture, tokenizer
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPTShape
-from hpcllm.model.partition import check_tp, plan_stages
+from hpcllm.model.family import ModelFamily
+from hpcllm.model.registry import family_of
 from hpcllm.observe import tensorboard
 from hpcllm.parallel import horovod
+from hpcllm.parallel.dp_strategy import DataParallelStrategy, strategy_for
 from hpcllm.parallel.layout import Layout
 from hpcllm.parallel.pipeline.partition import StagePlan, parse_stage_layers
 from hpcllm.training.config import Config
@@ -37,6 +38,7 @@ class Plan:
     pp_backend: str  # mpi4py | torch (auto resolved by device)
     horovod_env: dict[str, str]  # Horovod's knobs, set once when it starts
     default_data: bool  # data.path was empty: prepare the default corpus there on first use
+    dp_strategy: DataParallelStrategy  # how DP replicas share the step (parallel.zero)
 
     @property
     def horovod_tp(self) -> bool:
@@ -60,13 +62,17 @@ class Plan:
         p, m = self.layout.pp, self.micro_batches
         return (p - 1) / (m + p - 1)
 
-    def model_shape(self, vocab_size: int) -> GPTShape:
-        m = self.config.model
-        return GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.config.model)
+
+    def model_shape(self, vocab_size: int) -> Any:
+        return self.family.shape(self.config.model, vocab_size)
 
     def stages(self, vocab_size: int) -> StagePlan:
         """Layers per pipeline stage (balancing needs the vocabulary, known once the data is)."""
-        return plan_stages(self.model_shape(vocab_size), self.layout.pp, self.config.parallel.stage_layers)
+        shape = self.model_shape(vocab_size)
+        return self.family.plan_stages(shape, self.layout.pp, self.config.parallel.stage_layers)
 
 
 def default_data_dir() -> Path:
@@ -103,10 +109,10 @@ def _batch_layout(config: Config, dp: int) -> int:
 
 
 def _allreduce_every(config: Config, micro: int) -> int:
-    every = config.horovod.backward_passes_per_step
+    every = config.parallel.reduce_every
     if every and micro % every:
         raise UsageError(
-            f"horovod.backward_passes_per_step {every} does not divide the {micro} micro-batches per rank "
+            f"parallel.reduce_every {every} does not divide the {micro} micro-batches per rank "
             "per step; choose a divisor of it, or 0 for one allreduce per step"
         )
     return every or micro
@@ -159,10 +165,11 @@ def _check_zero(config: Config, dp: int) -> None:
             "but dp = 1: "
             "run more ranks than tp × pp, or set parallel.zero=0"
         )
-    if config.horovod.fp16_compression:
+    if config.parallel.grad_compression != "none":
         raise UsageError(
-            "horovod.fp16_compression applies to allreduced gradients; the distributed optimizer "
-            f"(parallel.zero={config.parallel.zero}) reduces fp32 gradients: drop one of them"
+            f"parallel.grad_compression={config.parallel.grad_compression} applies to allreduced gradients; "
+            f"the distributed optimizer (parallel.zero={config.parallel.zero}) reduces fp32 gradients: "
+            "drop one of them"
         )
 
 
@@ -195,7 +202,7 @@ def make_plan(
         _check_resume_compatible(config, saved)
     p = config.parallel
     layout = Layout.for_world(world, tp=p.tp, pp=p.pp)
-    check_tp(config.model.n_head, config.model.n_embd, p.tp)
+    family_of(config.model).check(config.model, p.tp)
     _check_stages(config, p.pp)
     micro = _batch_layout(config, layout.dp)
     every = _allreduce_every(config, micro)
@@ -220,4 +227,5 @@ def make_plan(
             h.fusion_threshold_mb, h.cycle_time_ms, h.timeline, h.hierarchical_allreduce
         ),
         default_data=default_data,
+        dp_strategy=strategy_for(config.parallel.zero),
     )

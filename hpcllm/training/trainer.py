@@ -1,9 +1,11 @@
 """One training step and one evaluation, for this rank's partition of the model.
 
 Per step: this DP rank's micro-batches (from the step-defined sampler) -> forward/backward with
-gradient accumulation (through the pipeline schedule when pp > 1) -> Horovod averages gradients
-over the DP group -> clip -> AdamW step. The loss returned is the mean over the whole global batch,
-reduced over DP, so it does not depend on the layout.
+gradient accumulation (through the pipeline schedule when pp > 1), each micro-batch's loss sum
+scaled by 1 / (trained targets of the global batch) -> the gradient finaliser (tied and
+sequence-parallel sums, Horovod's DP reduction) -> clip -> AdamW step. The loss returned is the
+sum over the global batch's trained targets divided by their count, so it does not depend on the
+layout, the micro-batch size or gradient accumulation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hpcllm.batch import Batch
 from hpcllm.cluster import faults, runtime
 from hpcllm.cluster.preemption import StopFlag
 from hpcllm.data.loader import micro_batches
@@ -26,19 +29,13 @@ from hpcllm.errors import UsageError
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.gradient_finaliser import GradientFinaliser
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
-from hpcllm.parallel.sharding import Sharding, model_sharding
-from hpcllm.parallel.tensor.collectives import TensorCollectives
+from hpcllm.parallel.sharding import Sharding
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
-from hpcllm.training.optim import (
-    clip_gradients_,
-    full_gradient_norm,
-    gradient_pieces,
-    gradient_square_sums,
-    learning_rate,
-)
+from hpcllm.training.optim import clip_gradients_, gradient_pieces, gradient_square_sums, learning_rate
 from hpcllm.training.plan import Plan
 
 log = logging.getLogger("hpcllm.training")
@@ -67,7 +64,7 @@ class Trainer:
     model: GPT
     optimizer: torch.optim.Optimizer
     dp: DataParallel
-    tp_group: TensorCollectives
+    finaliser: GradientFinaliser
     full_parameters: int
     pipeline: PipelineStage | None = None
     stop: StopFlag = field(default_factory=StopFlag)
@@ -82,8 +79,7 @@ class Trainer:
     def __post_init__(self) -> None:
         self.config = self.plan.config
         self.micro_per_step = self.plan.micro_batches
-        self.gradients = self._gradient_pieces()
-        self.sequence_parallel_parameters = self.model.sequence_parallel_parameters()
+        self.gradients = self.dp.gradient_pieces(self.model, gradient_pieces(self.model))
         t, m = self.config.train, self.config.model
         self.sampler, self.train_tokens = self.data.stream("train", m.block_size, t.seed)
         self.val_sampler: Sampler | None
@@ -100,23 +96,21 @@ class Trainer:
         resumed_step, resumed_samples = self.resumed_at
         return resumed_samples + (step - resumed_step) * self.config.train.global_batch
 
-    def _batches(self, sampler: Sampler, tokens: Any, first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, sampler: Sampler, tokens: Any, first: int) -> tuple[list[Batch], int]:
+        """This rank's micro-batches of the global batch starting at sample `first`, on the device,
+        and the number of trained targets in the whole global batch."""
         g = self.config.train.global_batch
         indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
-        device = self.rt.device
+        t, block = self.config.train, self.config.model.block_size
+        batches = micro_batches(tokens, indices, block, t.micro_batch)
+        if self.data.loss_masked:  # counted over the DP group (the other replicas' samples differ)
+            trained = self.finaliser.count_over_dp(sum(b.trained_tokens() for b in batches))
+        else:  # every target is trained: known without communication
+            trained = g * block
+        return [batch.to_device(self.rt.device) for batch in batches], trained
 
-        def to_device(tokens: Any) -> torch.Tensor:
-            # To a GPU from pinned memory, asynchronously: the copy does not stall the host.
-            if device.type == "cuda":
-                return torch.from_numpy(tokens).pin_memory().to(device, non_blocking=True)
-            return torch.from_numpy(tokens)
-
-        return [
-            (to_device(x), to_device(y))
-            for x, y in micro_batches(
-                tokens, indices, self.config.model.block_size, self.config.train.micro_batch
-            )
-        ]
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        return self.model.loss_sum(self.model(batch.tokens, batch.positions), batch.targets)
 
     def train_step(self, step: int) -> StepResult:
         lr = learning_rate(step, self.config.train)
@@ -126,7 +120,10 @@ class Trainer:
         self.dp.zero_grad()
         timer = self.timer
         with timer.phase("data"):
-            batches = self._batches(self.sampler, self.train_tokens, self.samples_before(step))
+            batches, trained = self._batches(self.sampler, self.train_tokens, self.samples_before(step))
+        # Each loss sum's share of the global mean; the DP reduction averages (Horovod's Average),
+        # so a replica's share is counted dp times here and divided by dp there.
+        scale = self.grid.layout.dp / trained
         every = self.plan.allreduce_every
 
         def reduce_early(done: int) -> None:
@@ -138,34 +135,29 @@ class Trainer:
 
         if self.pipeline is not None:
             with timer.phase("pipeline"):
-                loss_sum = self.pipeline.train_step(batches, after_backward=reduce_early).loss
+                loss_sum = self.pipeline.train_step(batches, scale, after_backward=reduce_early).loss
         else:
             # Losses are added on the device and read once, with the gradient norm, per step.
             loss_sum = torch.zeros((), device=self.rt.device)
-            for index, (x, y) in enumerate(batches, start=1):
+            for index, batch in enumerate(batches, start=1):
                 with timer.phase("forward"):
                     with self.autocast():
-                        micro_loss = self.model.loss(self.model(x), y)
+                        micro_loss = self._loss_sum(batch)
                     if index == 1 and faults.poisons_loss(
                         self.fault, self.rt.rank, self.rt.node_index, step + 1
                     ):
                         micro_loss = micro_loss * float("nan")
-                    loss_sum += micro_loss.detach().float() / self.micro_per_step
+                    loss_sum += micro_loss.detach().float()
                 with timer.phase("backward"):
-                    (micro_loss / self.micro_per_step).backward()
+                    (micro_loss * scale).backward()
                 reduce_early(index)
         with timer.phase("allreduce"):
-            self.dp.synchronize(self._sum_late_gradients)
+            self.finaliser.finish()
         with timer.phase("optimizer"):
-            # The step's one host read: the loss and the gradient's sums of squares together.
-            squares = gradient_square_sums(self.gradients)
-            local_loss, partitioned, replicated = torch.cat([loss_sum.double().reshape(1), squares]).tolist()
-            pipeline_comm = self.grid.pp_comm if self.pipeline is not None else None
-            if self.pipeline is not None:
-                local_loss = self.pipeline.loss_from_last(local_loss)
-            loss = self.dp.mean(local_loss)
-            dp_shares = self.grid.dp_comm if self.config.parallel.zero == 2 else None
-            norm = full_gradient_norm(partitioned, replicated, self.grid.tp_comm, pipeline_comm, dp_shares)
+            # The step's one host read: the loss and the gradient's sums of squares together,
+            # reduced in one collective per axis.
+            global_sum, norm = self.finaliser.step_numbers(loss_sum, gradient_square_sums(self.gradients))
+            loss = global_sum / trained
             # The norm is equal on every rank, so every rank skips the same steps.
             skipped = not math.isfinite(norm)
             if skipped:
@@ -183,33 +175,6 @@ class Trainer:
         timer.step_done()
         return StepResult(loss, norm, skipped)
 
-    def _gradient_pieces(self) -> list[tuple[Sharding, torch.Tensor]]:
-        """The gradients the step's norm and clipping read: the model's, or with zero = 2 this rank's
-        shares of the reduced gradients (views, valid at every step)."""
-        pieces = gradient_pieces(self.model)
-        buckets = self.dp.gradients
-        if self.config.parallel.zero != 2 or buckets is None:
-            return pieces
-        sharding = model_sharding(self.model)
-        sharding_of = {id(param): sharding[name] for name, param in self.model.named_parameters()}
-        return [(sharding_of[id(param)], part) for param, part in buckets.shard_pieces()]
-
-    def _sum_late_gradients(self) -> None:
-        """Before the DP reduction of the late bucket: the tied embedding's copies over the first
-        and last stage, the sequence-parallel parameters over TP (both commute with the average)."""
-        if self.pipeline is not None:
-            self.pipeline.sum_tied_gradients()
-        self._sum_sequence_parallel_gradients()
-
-    def _sum_sequence_parallel_gradients(self) -> None:
-        """One TP allreduce for all of them."""
-        parameters = self.sequence_parallel_parameters
-        if not parameters:
-            return
-        flat = self.tp_group.allreduce_(torch.cat([p.grad.reshape(-1) for p in parameters]))
-        for param, summed in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
-            param.grad.copy_(summed.view_as(param.grad))
-
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if self.val_sampler is None:
@@ -217,15 +182,16 @@ class Trainer:
         self.model.eval()
         total, count = torch.zeros((), device=self.rt.device), 0  # added on the device, read once
         for index in range(self.config.train.eval_steps):  # the same batches at every evaluation
-            batches = self._batches(self.val_sampler, self.val_tokens, index * self.config.train.global_batch)
-            count += len(batches)
+            first = index * self.config.train.global_batch
+            batches, trained = self._batches(self.val_sampler, self.val_tokens, first)
+            count += trained
             if self.pipeline is not None:
-                total += self.pipeline.eval_step(batches) * len(batches)
+                total += self.pipeline.eval_step(batches)
                 continue
-            for x, y in batches:
+            for batch in batches:
                 with self.autocast():
-                    total += self.model.loss(self.model(x), y).float()
-        return self.dp.mean(total.item() / count)
+                    total += self._loss_sum(batch).float()
+        return self.finaliser.loss_sum(total.item()) / count
 
     def save(self, step: int) -> Path:
         sampler = {

@@ -1,8 +1,10 @@
 """Megatron-style tensor-parallel layers. Each holds this TP rank's slice of its parameters and
 declares how they are split (`parameter_sharding`), which is what clipping and checkpoints read.
 
-    ColumnParallelLinear     output features split (rows of the weight); `blocks=3` for a fused q,k,v
+    ColumnParallelLinear     output features split (rows of the weight); `blocks` for a fused q,k,v
     RowParallelLinear        input features split (weight columns); the bias is added once, after the reduce
+
+A Linear without a bias (Llama's) stays without one.
     VocabParallelEmbedding   vocabulary rows split, padded to a multiple of tp
     VocabParallelHead        logits for this rank's vocabulary slice and the vocabulary-parallel loss
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcllm.batch import IGNORE
 from hpcllm.parallel.sharding import Sharding, padded_size, shard
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
@@ -55,27 +58,41 @@ class _SequenceGatheredLinear(torch.autograd.Function):
         return grad_input, grad_weight, rows.sum(0) if ctx.has_bias else None, None
 
 
+def _optional(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor)
+
+
 class ColumnParallelLinear(nn.Module):
     """Output features split: input replicated in, this rank's slice of the output out. `blocks`
-    equal blocks stacked in the output (q, k, v) are each split alike, so every rank gets whole heads."""
+    stacked in the output (q, k, v: a count of equal ones or their sizes) are each split alike, so
+    every rank gets whole heads."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, group: TensorCollectives, blocks: int = 1):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        group: TensorCollectives,
+        blocks: int | tuple[int, ...] = 1,
+    ):
         super().__init__()
         self.group = group
         self.blocks = blocks
         self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
+        self.bias = _optional(bias)
         self.sequence_parallel = False  # the input is this rank's part of the sequence: gather it
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group: TensorCollectives, blocks: int = 1) -> ColumnParallelLinear:
+    def from_full(
+        cls, full: nn.Linear, group: TensorCollectives, blocks: int | tuple[int, ...] = 1
+    ) -> ColumnParallelLinear:
         split = Sharding(dim=0, blocks=blocks)
-        weight, bias = (shard(p, split, group.rank, group.size) for p in (full.weight, full.bias))
+        weight = shard(full.weight, split, group.rank, group.size)
+        bias = None if full.bias is None else shard(full.bias, split, group.rank, group.size)
         return cls(weight, bias, group, blocks)
 
     def parameter_sharding(self) -> dict[str, Sharding]:
         split = Sharding(dim=0, blocks=self.blocks)
-        return {"weight": split, "bias": split}
+        return {"weight": split} | ({"bias": split} if self.bias is not None else {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -86,24 +103,27 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Input features split: partial products are summed over the group, then the bias is added."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, group: TensorCollectives):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: TensorCollectives):
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)  # replicated: added once, after the sum
+        self.bias = _optional(bias)  # replicated: added once, after the sum
         self.sequence_parallel = False  # leave only this rank's part of the sequence of the sum
 
     @classmethod
     def from_full(cls, full: nn.Linear, group: TensorCollectives) -> RowParallelLinear:
         weight = shard(full.weight, Sharding(dim=1), group.rank, group.size)
-        return cls(weight, full.bias.detach().clone(), group)
+        return cls(weight, None if full.bias is None else full.bias.detach().clone(), group)
 
     def parameter_sharding(self) -> dict[str, Sharding]:
-        return {"weight": Sharding(dim=1)}
+        # With sequence parallelism the bias is added to this rank's part of the sequence only.
+        bias = {"bias": Sharding(sequence_parallel=self.sequence_parallel)} if self.bias is not None else {}
+        return {"weight": Sharding(dim=1)} | bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         leave = reduce_scatter_to_sequence if self.sequence_parallel else reduce_from_region
-        return leave(F.linear(x, self.weight), self.group) + self.bias
+        summed = leave(F.linear(x, self.weight), self.group)
+        return summed if self.bias is None else summed + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -149,9 +169,11 @@ class VocabParallelHead(nn.Module):
             return _SequenceGatheredLinear.apply(hidden, embedding_weight, None, self.group)
         return F.linear(copy_to_region(hidden, self.group), embedding_weight)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.shape[-1])
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The sum over the trained targets (not IGNORE), as the plain head's."""
+        flat, wanted = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        trained = wanted != IGNORE
         per_token = vocab_parallel_cross_entropy(
-            flat, targets.reshape(-1), self.group, self.start, self.vocab_size
+            flat, wanted.masked_fill(~trained, 0), self.group, self.start, self.vocab_size
         )
-        return per_token.mean()
+        return (per_token * trained).sum()

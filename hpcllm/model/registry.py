@@ -1,0 +1,25 @@
+"""The model families hpcllm knows, by `model.family`, and every preset by name."""
+
+from __future__ import annotations
+
+from hpcllm.errors import UsageError
+from hpcllm.model.family import ModelFamily
+from hpcllm.model.gpt2 import GPT2
+
+FAMILIES: dict[str, ModelFamily] = {GPT2.name: GPT2}
+
+# Preset name -> (family, its shape keys); names are unique over all families.
+PRESETS: dict[str, tuple[str, dict[str, int]]] = {
+    preset: (family.name, keys) for family in FAMILIES.values() for preset, keys in family.presets.items()
+}
+
+
+def family_named(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise UsageError(f"unknown model.family {name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(model: object) -> ModelFamily:
+    """The family of a `model.` config section."""
+    return family_named(getattr(model, "family", GPT2.name))
