@@ -36,7 +36,7 @@ def test_bench_train_scaling_rows_breakdown_and_timeline(data_dir, tmp_path):
         ["bench", "train", "--data", data_dir, "--steps", 30, "--variants", "a1,c,d", "--json"]
         + tiny
         + sets("train.global_batch=4")
-        + ["--sweep", "horovod.backward_passes_per_step=1", "--timeline", timeline],
+        + ["--sweep", "parallel.reduce_every=1", "--timeline", timeline],
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -51,7 +51,7 @@ def test_bench_train_scaling_rows_breakdown_and_timeline(data_dir, tmp_path):
     hpcllm_dp2 = rows[1]
     assert hpcllm_dp2["ranks"] == 2 and "allreduce" in hpcllm_dp2["phase_ms"]
     assert hpcllm_dp2["scaling_efficiency"] > 0 and rows[0]["scaling_efficiency"] is None
-    assert "horovod.backward_passes_per_step=1" in rows[3]["name"]
+    assert "parallel.reduce_every=1" in rows[3]["name"]
     assert "c/d (hpcllm dp=2 vs DDP gloo, target >= 1.0)" in result["ratios"]
     # Horovod writes its timeline as a JSON array of trace events (rank 0 of the extra run).
     assert '"name": "process_name"' in timeline.read_text()[:2000]

@@ -144,7 +144,11 @@ def test_bad_sharding_settings_are_one_line(data_dir, tmp_path):
         ),
         (["parallel.zero=3"], None, "parallel.zero must be 0, 1 or 2, not 3"),
         (["parallel.bucket_mb=0"], None, "parallel.bucket_mb must be positive, not 0"),
-        (["parallel.zero=1", "horovod.fp16_compression=true"], 2, "horovod.fp16_compression applies to"),
+        (
+            ["parallel.zero=1", "parallel.grad_compression=fp16"],
+            2,
+            "parallel.grad_compression=fp16 applies to",
+        ),
     ):
         proc = run_hpcllm(
             ["train", "--data", data_dir, "--out", tmp_path / "r", *TINY, "--steps", 1, *sets(*flags)],

@@ -66,7 +66,7 @@ def test_3d_layouts_and_horovod_paths_through_the_pipeline_match_one_process(dat
     hvd_tp = sets("parallel.tp_backend=horovod")
     got = run_layout(data_dir, tmp_path / "hvd-tp", 5, 4, "--tp", 2, "--pp", 2, *hvd_tp)
     assert_same_losses(reference, got, "pp2 x tp2, TP over Horovod")
-    every = sets("horovod.backward_passes_per_step=1")
+    every = sets("parallel.reduce_every=1")
     got = run_layout(data_dir, tmp_path / "every", 5, 4, "--pp", 2, *every)
     assert_same_losses(reference, got, "pp2 x dp2, gradients reduced every micro-batch")
 

@@ -11,8 +11,8 @@ from hpcllm.planner import calibrate, calibrate_runs, profiles, validate
 from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
 from hpcllm.planner.step_model import (
     GIB,
-    Layout,
     ModelSpec,
+    PlannedLayout,
     activation_bytes_per_layer,
     iteration_flops,
     layer_forward_flops,
@@ -41,7 +41,7 @@ def test_published_megatron_runs_are_predicted_within_20_percent(row):
     billions, heads, hidden, layers, tp, pp, gpus, batch, published = row
     model = ModelSpec(n_layer=layers, n_embd=hidden, n_head=heads, block_size=2048, vocab=51200)
     assert abs(model.parameters / 1e9 - billions) <= 0.05 * billions  # the same model
-    layout = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1, recompute="full")
+    layout = PlannedLayout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1, recompute="full")
     got = predict(model, layout, profiles.load("a100"), batch)
     assert abs(got.tflops_per_gpu / 1e12 / published - 1) <= 0.20, got.tflops_per_gpu / 1e12
     assert got.fits
@@ -61,11 +61,11 @@ def test_activation_memory_follows_korthikanti_table_2():
     s, b, h, a, t = 2048, 1, 12288, 96, 8
     sbh = s * b * h
     cases = {
-        Layout(1, 1, 1, b): sbh * (34 + 5 * a * s / h),
-        Layout(t, 1, 1, b): sbh * (10 + 24 / t + 5 * a * s / (h * t)),
-        Layout(t, 1, 1, b, sequence_parallel=True): sbh * (34 / t + 5 * a * s / (h * t)),
-        Layout(t, 1, 1, b, recompute="selective", sequence_parallel=True): sbh * 34 / t,
-        Layout(t, 1, 1, b, recompute="full"): 2 * sbh,
+        PlannedLayout(1, 1, 1, b): sbh * (34 + 5 * a * s / h),
+        PlannedLayout(t, 1, 1, b): sbh * (10 + 24 / t + 5 * a * s / (h * t)),
+        PlannedLayout(t, 1, 1, b, sequence_parallel=True): sbh * (34 / t + 5 * a * s / (h * t)),
+        PlannedLayout(t, 1, 1, b, recompute="selective", sequence_parallel=True): sbh * 34 / t,
+        PlannedLayout(t, 1, 1, b, recompute="full"): 2 * sbh,
     }
     for layout, expected in cases.items():
         assert activation_bytes_per_layer(model, layout) == pytest.approx(expected, rel=0.05), layout
@@ -169,21 +169,23 @@ def test_cpu_ranks_share_the_cores_and_keep_their_bubble():
     micro-batch); a pipeline's bubble is one micro-batch of every stage but the slowest, even when
     oversubscribed: (p - 1)/m of the busy time for equal stages, less when the head makes the last
     stage the slowest."""
-    two = predict(TINY_SPEC, Layout(1, 1, 2, 8), CPU_NODE, 32, ranks_per_node=2)
-    four = predict(TINY_SPEC, Layout(1, 1, 4, 8), CPU_NODE, 32, ranks_per_node=4)
+    two = predict(TINY_SPEC, PlannedLayout(1, 1, 2, 8), CPU_NODE, 32, ranks_per_node=2)
+    four = predict(TINY_SPEC, PlannedLayout(1, 1, 4, 8), CPU_NODE, 32, ranks_per_node=4)
     assert four.breakdown["compute_s"] == pytest.approx(two.breakdown["compute_s"], rel=1e-9)
-    one = predict(TINY_SPEC, Layout(1, 1, 1, 8), CPU_NODE, 32, ranks_per_node=1)
+    one = predict(TINY_SPEC, PlannedLayout(1, 1, 1, 8), CPU_NODE, 32, ranks_per_node=1)
     assert one.breakdown["compute_s"] > two.breakdown["compute_s"]  # threads scale worse than ranks
 
     def bubble_share(spec: ModelSpec, cluster: profiles.ClusterProfile, ranks: int) -> float:
-        pipeline = predict(spec, Layout(1, 4, 1, 8), cluster, 32, ranks_per_node=ranks)
+        pipeline = predict(spec, PlannedLayout(1, 4, 1, 8), cluster, 32, ranks_per_node=ranks)
         busy = sum(pipeline.breakdown[k] for k in ("compute_s", "tp_s", "pp_p2p_s"))
         return pipeline.breakdown["bubble_s"] / busy
 
     equal_stages = ModelSpec(n_layer=8, n_embd=1024, n_head=8, block_size=128, vocab=8)  # 2 layers each
     assert bubble_share(equal_stages, profiles.load("a100"), 8) == pytest.approx(3 / 4, rel=1e-3)
     assert 0.1 < bubble_share(TINY_SPEC, CPU_NODE, 4) < 3 / 4  # the head's stage is the slowest
-    assert predict(TINY_SPEC, Layout(1, 1, 1, 8), profiles.load("a100"), 32).breakdown["optimizer_s"] == 0
+    assert (
+        predict(TINY_SPEC, PlannedLayout(1, 1, 1, 8), profiles.load("a100"), 32).breakdown["optimizer_s"] == 0
+    )
 
 
 def test_calibration_fits_recover_the_constants_they_were_made_from():
@@ -285,7 +287,7 @@ def test_peak_memory_of_a_layout_is_what_bench_memory_measures():
 
     config = config_mod.load(assignments=["model.preset=tiny", "train.micro_batch=8"])
     for row in bench_memory.run(config, vocab_size=4096, dp=4, steps=1):
-        layout = Layout(1, 1, 4, 8, zero=row["zero"], recompute=row["recompute"])
+        layout = PlannedLayout(1, 1, 4, 8, zero=row["zero"], recompute=row["recompute"])
         predicted = predict(TINY_SPEC, layout, CPU_NODE, 32, ranks_per_node=4).memory_gib_per_rank * GIB
         assert predicted == pytest.approx(row["peak_bytes"], rel=0.15), (layout, predicted, row["peak_bytes"])
 
@@ -315,7 +317,7 @@ def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, dat
     flags = ["train", "--data", data_dir, "--out", run, *TINY, "--steps", 2, "--layout", "auto"]
     trained = run_hpcllm(flags, ranks=2, env=env)
     assert trained.returncode == 0, trained.stderr
-    expected = layout_text(Layout(**{k: best[k] for k in ("tp", "pp", "dp", "micro_batch", "zero")}))
+    expected = layout_text(PlannedLayout(**{k: best[k] for k in ("tp", "pp", "dp", "micro_batch", "zero")}))
     chosen = next(line for line in trained.stderr.splitlines() if "layout auto:" in line)
     assert expected in chosen and "predicted" in chosen, chosen
     assert_usage_error(

@@ -272,7 +272,7 @@ def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_pa
         "--steps",
         10,
         "--set",
-        "horovod.fp16_compression=true",
+        "parallel.grad_compression=fp16",
         "--set",
         "train.dtype=bfloat16",
         ranks=2,
@@ -308,7 +308,7 @@ def test_out_of_range_training_settings(data_dir, tmp_path, assignment, message)
 
 
 def test_allreduce_every_micro_batch_gives_the_same_losses_and_a_timeline(data_dir, tmp_path):
-    """horovod.backward_passes_per_step=1 allreduces after each of the 2 micro-batches per rank
+    """parallel.reduce_every=1 allreduces after each of the 2 micro-batches per rank
     instead of once per step: the same arithmetic up to rounding. --timeline records Horovod."""
     once = train(data_dir, tmp_path / "once", "--steps", 6, ranks=2)
     assert once.returncode == 0, once.stderr
@@ -319,7 +319,7 @@ def test_allreduce_every_micro_batch_gives_the_same_losses_and_a_timeline(data_d
         "--steps",
         6,
         "--set",
-        "horovod.backward_passes_per_step=1",
+        "parallel.reduce_every=1",
         "--timeline",
         timeline,
         ranks=2,
@@ -341,10 +341,17 @@ def test_allreduce_every_micro_batch_gives_the_same_losses_and_a_timeline(data_d
     assert min(row["phase_ms"][k] for k in ("forward", "backward", "optimizer")) > 0
 
 
-def test_backward_passes_per_step_must_divide_the_micro_batches(data_dir, tmp_path):
-    proc = train(data_dir, tmp_path / "run", "--set", "horovod.backward_passes_per_step=3", ranks=2)
+def test_reduce_every_must_divide_the_micro_batches_and_the_old_key_still_works(data_dir, tmp_path):
+    """parallel.reduce_every was horovod.backward_passes_per_step: the old key works for a release,
+    with a one-line deprecation note."""
+    proc = train(data_dir, tmp_path / "run", "--set", "parallel.reduce_every=3", ranks=2)
     assert proc.returncode == 2, proc.stderr
-    assert "horovod.backward_passes_per_step 3 does not divide the 2 micro-batches" in proc.stderr
+    assert "parallel.reduce_every 3 does not divide the 2 micro-batches" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    old = train(data_dir, tmp_path / "run", "--set", "horovod.backward_passes_per_step=3")
+    assert old.returncode == 2, old.stderr
+    assert "horovod.backward_passes_per_step is deprecated and goes in the next release: use " in old.stderr
+    assert "parallel.reduce_every 3 does not divide the 4 micro-batches" in old.stderr
     assert not (tmp_path / "run").exists()
 
 

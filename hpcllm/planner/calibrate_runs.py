@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.planner import profiles
-from hpcllm.planner.step_model import Layout, ModelSpec, predict
+from hpcllm.planner.step_model import ModelSpec, PlannedLayout, predict
 
 # Runs hpcllm train in layouts: ([(name, ranks, train flags)], common flags, steps, repeat) -> tokens/s
 # by name. The command line passes `hpcllm bench train`'s, so that the planner does not import it.
@@ -28,16 +28,16 @@ CALIBRATION_MODEL = {"n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 128
 CALIBRATION_BATCH = 32
 
 
-def calibration_layouts(cores: int) -> dict[str, Layout]:
+def calibration_layouts(cores: int) -> dict[str, PlannedLayout]:
     """The runs behind the parallel terms: on every core, then on twice as many ranks."""
     half = max(1, cores // 2)
     return {
-        "reference": Layout(1, 1, 2 * half, 8),
-        "one_rank": Layout(1, 1, 1, 8),  # all cores' threads in one rank
-        "tp": Layout(2, 1, half, 8),
-        "pp": Layout(1, 2, half, 2),  # many micro-batches: the stages' balance shows, not the bubble
-        "crowded": Layout(1, 1, 4 * half, 8),
-        "crowded_pp": Layout(1, 2, 2 * half, 8),  # few micro-batches: a large bubble
+        "reference": PlannedLayout(1, 1, 2 * half, 8),
+        "one_rank": PlannedLayout(1, 1, 1, 8),  # all cores' threads in one rank
+        "tp": PlannedLayout(2, 1, half, 8),
+        "pp": PlannedLayout(1, 2, half, 2),  # many micro-batches: the stages' balance shows, not the bubble
+        "crowded": PlannedLayout(1, 1, 4 * half, 8),
+        "crowded_pp": PlannedLayout(1, 2, 2 * half, 8),  # few micro-batches: a large bubble
     }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from hpcllm.errors import UsageError
 from hpcllm.planner.profiles import ClusterProfile
-from hpcllm.planner.step_model import Layout, ModelSpec, Prediction, predict
+from hpcllm.planner.step_model import ModelSpec, PlannedLayout, Prediction, predict
 
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTE = ("none", "selective", "full")
@@ -17,7 +17,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: int) -> list[Layout]:
+def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: int) -> list[PlannedLayout]:
     """Layouts hpcllm can run: tp inside a node and dividing the heads, pp at most the layers,
     dp dividing the batch into whole micro-batches."""
     layouts = []
@@ -29,7 +29,7 @@ def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: in
             if global_batch % (dp * micro) or (zero and dp == 1):
                 continue
             for sequence_parallel in (False, True) if tp > 1 and model.block_size % tp == 0 else (False,):
-                layouts.append(Layout(tp, pp, dp, micro, zero, recompute, sequence_parallel))
+                layouts.append(PlannedLayout(tp, pp, dp, micro, zero, recompute, sequence_parallel))
     return layouts
 
 
@@ -63,7 +63,7 @@ def ranked(
 LAYOUT_KEYS = ("tp", "pp", "dp", "micro_batch", "zero", "recompute", "sequence_parallel")
 
 
-def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Layout:
+def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> PlannedLayout:
     """`tp=8,pp=2[,dp=..,micro_batch=..,zero=..,recompute=..,sequence_parallel=..]`: dp is what
     is left of `gpus`, or given (then `gpus` is tp * pp * dp). Bad text is one UsageError."""
     fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
@@ -100,10 +100,10 @@ def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Layou
             f"--layout: the global batch {global_batch} is not a multiple of dp {dp} x micro_batch "
             f"{fields['micro_batch']}"
         )
-    return Layout(tp=tp, pp=pp, dp=dp, **fields)
+    return PlannedLayout(tp=tp, pp=pp, dp=dp, **fields)
 
 
-def layout_text(layout: Layout) -> str:
+def layout_text(layout: PlannedLayout) -> str:
     """The short name of a layout, as `parse_layout` reads it (defaults left out)."""
     parts = [f"tp={layout.tp}", f"pp={layout.pp}", f"dp={layout.dp}", f"micro_batch={layout.micro_batch}"]
     if layout.zero:
@@ -115,7 +115,7 @@ def layout_text(layout: Layout) -> str:
     return ",".join(parts)
 
 
-def layout_settings(layout: Layout) -> list[str]:
+def layout_settings(layout: PlannedLayout) -> list[str]:
     """The configuration assignments (key=value) that run `layout`; dp is what the world leaves."""
     return [
         f"parallel.tp={layout.tp}",
@@ -127,7 +127,7 @@ def layout_settings(layout: Layout) -> list[str]:
     ]
 
 
-def layout_arguments(layout: Layout) -> list[str]:
+def layout_arguments(layout: PlannedLayout) -> list[str]:
     """`hpcllm train` flags that run `layout`: --tp and --pp as a user writes them, the rest --set."""
     rest = layout_settings(layout)[2:]
     return ["--tp", str(layout.tp), "--pp", str(layout.pp)] + [a for s in rest for a in ("--set", s)]

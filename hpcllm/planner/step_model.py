@@ -82,7 +82,10 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class Layout:
+class PlannedLayout:
+    """A layout the planner predicts: the grid (hpcllm.parallel.layout.Layout) with the batch and
+    memory settings that change its time and memory."""
+
     tp: int
     pp: int
     dp: int
@@ -99,7 +102,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class Prediction:
-    layout: Layout
+    layout: PlannedLayout
     step_s: float
     tokens_per_s: float
     tflops_per_gpu: float  # counts the recomputed forward (the convention of Narayanan et al., Eq. 3)
@@ -138,7 +141,7 @@ def iteration_flops(model: ModelSpec, global_batch: int, recompute: bool) -> flo
     return model.model_family.iteration_flops(model.shape, global_batch, recompute)
 
 
-def activation_bytes_per_layer(model: ModelSpec, layout: Layout, element_bytes: int = 2) -> float:
+def activation_bytes_per_layer(model: ModelSpec, layout: PlannedLayout, element_bytes: int = 2) -> float:
     """Bytes one layer keeps for backward per micro-batch and rank (the family's formula)."""
     return model.model_family.activation_bytes_per_layer(
         model.shape, layout.micro_batch, layout.tp, layout.recompute, layout.sequence_parallel, element_bytes
@@ -193,7 +196,7 @@ def _link(cluster: ClusterProfile, inside_node: bool) -> tuple[float, float]:
 
 def predict(
     model: ModelSpec,
-    layout: Layout,
+    layout: PlannedLayout,
     cluster: ClusterProfile,
     global_batch: int,
     ranks_per_node: int | None = None,

@@ -25,7 +25,7 @@ from typing import Any
 from hpcllm.cluster.runtime import usable_cores
 from hpcllm.planner.calibrate_runs import CALIBRATION_BATCH, calibration_layouts, shape_of
 from hpcllm.planner.profiles import ClusterProfile
-from hpcllm.planner.search import Layout, layout_arguments, layout_text, parse_layout
+from hpcllm.planner.search import PlannedLayout, layout_arguments, layout_text, parse_layout
 from hpcllm.planner.step_model import ModelSpec, predict
 
 # Runnable on a 2-core machine in a few minutes each round: dp, tp and pp up to 8 ranks, their
@@ -65,7 +65,7 @@ def reference_run(cluster: ClusterProfile) -> tuple[str, int, list[str]]:
     return REFERENCE, layout.gpus, layout_arguments(layout) + [a for s in sets for a in ("--set", s)]
 
 
-def _reference_layout() -> Layout:
+def _reference_layout() -> PlannedLayout:
     return calibration_layouts(usable_cores())["reference"]
 
 
