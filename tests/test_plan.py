@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 from conftest import TINY, assert_usage_error, run_hpcllm
 
 from hpcllm.cluster.launcher import launch_env
@@ -320,6 +321,22 @@ def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, dat
     expected = layout_text(PlannedLayout(**{k: best[k] for k in ("tp", "pp", "dp", "micro_batch", "zero")}))
     chosen = next(line for line in trained.stderr.splitlines() if "layout auto:" in line)
     assert expected in chosen and "predicted" in chosen, chosen
+    # Starting from a Hugging Face folder: the planner's layout for the folder's shape is the one
+    # the run takes (it used to be dropped when the folder's shape was applied).
+    folder = tmp_path / "hf"
+    assert run_hpcllm(["export", "--run", run, "--format", "hf", "--out", folder]).returncode == 0
+    from_hf = tmp_path / "from-hf"
+    started = run_hpcllm(
+        [*flags[:4], from_hf, "--steps", 1, "--layout", "auto", "--init-from", f"hf:{folder}"],
+        ranks=2,
+        env=env,
+    )
+    assert started.returncode == 0, started.stderr
+    saved = yaml.safe_load((from_hf / "config.yaml").read_text())
+    ran = {key: saved["parallel"][key] for key in ("tp", "pp", "zero")}
+    ran["micro_batch"] = saved["train"]["micro_batch"]
+    assert ran == {key: best[key] for key in ran}, (ran, best)
+    assert saved["train"]["init_from"] == f"hf:{folder}" and saved["model"]["n_embd"] == 32
     assert_usage_error(
         run_hpcllm([*flags[:4], tmp_path / "other", "--layout", "auto", "--tp", 2]), "drop --tp"
     )

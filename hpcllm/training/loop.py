@@ -78,13 +78,15 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, GPT2Folder 
         cluster = _auto_layout_profile(args) if args.layout == "auto" else None
         out, saved = open_run_dir(args.out, args.resume)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())
-        if cluster is not None:  # the planner's choice, as if given with --set
-            chosen = _auto_layout(config, cluster, rt)
-            config = config_mod.load(args.config, [*args.set, *chosen], overrides=args.overrides())
+        # Composed once, in this order, each as if given with --set: the settings, the shape of
+        # the folder the run starts from, then the planner's layout for that shape.
         folder = init_from.source(config) if saved is None else None
-        if folder is not None:  # the folder's shape, as if given with --set
-            shape = folder.model_settings()
-            config = config_mod.load(args.config, [*args.set, *shape], overrides=args.overrides())
+        assignments = [*args.set, *(folder.model_settings() if folder is not None else [])]
+        if folder is not None:
+            config = config_mod.load(args.config, assignments, overrides=args.overrides())
+        if cluster is not None:
+            assignments += _auto_layout(config, cluster, rt)
+            config = config_mod.load(args.config, assignments, overrides=args.overrides())
         return make_plan(config, rt.size, rt.device.type, saved), out, folder
 
     return runtime.root_decides(rt.comm, decide)
