@@ -28,6 +28,7 @@ class Batch:
     targets: Any  # [batch, time] int64; IGNORE where no loss is taken
     positions: Any = None  # [batch, time] position ids, None = 0..time-1 in every row
     documents: Any = None  # [batch, time] document index per token, None = one document per row
+    dropout: Any = None  # the rows' model.dropout.DropoutKeys, when the model drops out in training
 
     def trained_tokens(self) -> int:
         """How many targets the loss counts (read on the host, before the batch moves)."""
@@ -46,7 +47,7 @@ class Batch:
             return tensor.to(device)
 
         return replace(
-            self,
+            self,  # dropout keys are made on the device
             tokens=move(self.tokens),
             targets=move(self.targets),
             positions=move(self.positions),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hpcllm.batch import IGNORE
+from hpcllm.model.dropout import (
+    ATTENTION,
+    ATTENTION_OUT,
+    EMBEDDING,
+    MLP_OUT,
+    DropoutKeys,
+    block_site,
+    dropout,
+    keyed_dropout,
+)
 from hpcllm.model.gpt2 import GPT2, GPTShape
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.parallel.sharding import Sharding, sequence_parallel_parameters
@@ -35,21 +46,44 @@ class CausalSelfAttention(nn.Module):
         self.dropout = shape.dropout
         self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
         self.proj = nn.Linear(shape.n_embd, shape.n_embd)
-        self.resid_dropout = nn.Dropout(shape.dropout)
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
 
     def core(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        keys: DropoutKeys | None = None,
     ) -> torch.Tensor:
         """Scores, causal softmax, dropout and the weighted sum: the part whose activations grow with
         the square of the sequence, and the cheapest to recompute. `mask` (decoding padded rows)
-        replaces the causal rule; one new query over a cache sees every key."""
+        replaces the causal rule; one new query over a cache sees every key. With keyed dropout
+        the attention is written out (the fused kernel draws its own mask)."""
         causal = mask is None and q.shape[2] > 1
+        if self.training and self.dropout and keys is not None:
+            return self._keyed_dropout_core(q, k, v, keys)
         dropout = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
+    def _keyed_dropout_core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: DropoutKeys
+    ) -> torch.Tensor:
+        heads, time = q.shape[1], q.shape[2]
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        future = torch.ones(time, time, dtype=torch.bool, device=q.device).triu(1)
+        probs = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
+        # An element is (global head, query, key): this rank's heads follow the other TP ranks'.
+        site, strides = block_site(self.index, ATTENTION), (time * time, time, 1)
+        probs = keyed_dropout(probs, self.dropout, keys, site, strides, keys.tp_rank * heads * time * time)
+        return probs @ v
+
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        keys: DropoutKeys | None = None,
     ) -> torch.Tensor:
         qkv = run(self.qkv, x)
         batch, time, _ = qkv.shape  # the whole sequence, also when x holds part of it (sequence parallel)
@@ -59,21 +93,35 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(self.index, k, v)
         if self.recompute_core and torch.is_grad_enabled():
-            attended = checkpoint(self.core, q, k, v, mask, use_reentrant=False)
+            attended = checkpoint(self.core, q, k, v, mask, keys, use_reentrant=False)
         else:
-            attended = self.core(q, k, v, mask)
-        return self.resid_dropout(run(self.proj, attended.transpose(1, 2).reshape(batch, time, -1)))
+            attended = self.core(q, k, v, mask, keys)
+        out = run(self.proj, attended.transpose(1, 2).reshape(batch, time, -1))
+        return residual_dropout(out, self.dropout, self.training, keys, block_site(self.index, ATTENTION_OUT))
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: GPTShape):
+    def __init__(self, shape: GPTShape, index: int):
         super().__init__()
+        self.index = index
+        self.dropout = shape.dropout
         self.fc = nn.Linear(shape.n_embd, 4 * shape.n_embd)
         self.proj = nn.Linear(4 * shape.n_embd, shape.n_embd)
-        self.dropout = nn.Dropout(shape.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(run(self.proj, F.gelu(run(self.fc, x), approximate="tanh")))
+    def forward(self, x: torch.Tensor, keys: DropoutKeys | None = None) -> torch.Tensor:
+        out = run(self.proj, F.gelu(run(self.fc, x), approximate="tanh"))
+        return residual_dropout(out, self.dropout, self.training, keys, block_site(self.index, MLP_OUT))
+
+
+def residual_dropout(
+    x: torch.Tensor, p: float, training: bool, keys: DropoutKeys | None, site: int
+) -> torch.Tensor:
+    """Dropout on the residual stream [batch, time, features]: an element is (position, feature);
+    with sequence parallelism this rank's positions follow the other TP ranks'."""
+    if keys is None or not training or p == 0:
+        return dropout(x, p, training, keys, site, ())
+    time, width = x.shape[1], x.shape[2]
+    return dropout(x, p, training, keys, site, (width, 1), keys.sequence_offset(time) * width)
 
 
 class Block(nn.Module):
@@ -82,13 +130,17 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(shape.n_embd)
         self.attn = CausalSelfAttention(shape, index)
         self.ln_2 = nn.LayerNorm(shape.n_embd)
-        self.mlp = MLP(shape)
+        self.mlp = MLP(shape, index)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        keys: DropoutKeys | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(run(self.ln_1, x), cache, mask)
-        return x + self.mlp(run(self.ln_2, x))
+        x = x + self.attn(run(self.ln_1, x), cache, mask, keys)
+        return x + self.mlp(run(self.ln_2, x), keys)
 
 
 class TiedHead(nn.Module):
@@ -124,7 +176,6 @@ class GPT(nn.Module):
         # holds a copy of the token embedding for the tied head.
         self.wte: nn.Module | None = nn.Embedding(shape.vocab_size, shape.n_embd) if first or last else None
         self.wpe: nn.Embedding | None = nn.Embedding(shape.block_size, shape.n_embd) if first else None
-        self.drop: nn.Dropout | None = nn.Dropout(shape.dropout) if first else None
         # Blocks keep their global index in parameter names, so checkpoints of any pipeline size
         # name a tensor alike.
         self.blocks = nn.ModuleList(
@@ -181,10 +232,13 @@ class GPT(nn.Module):
     def sequence_parallel_parameters(self) -> list[nn.Parameter]:
         return sequence_parallel_parameters(self)
 
-    def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, idx: torch.Tensor, positions: torch.Tensor | None = None, keys: DropoutKeys | None = None
+    ) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(idx.shape[1], device=idx.device)
-        hidden = self.drop(self.wte(idx) + self.wpe(positions))
+        hidden = self.wte(idx) + self.wpe(positions)  # the whole sequence on every TP rank
+        hidden = dropout(hidden, self.shape.dropout, self.training, keys, EMBEDDING, (hidden.shape[2], 1))
         return hidden if self.sequence_group is None else scatter_to_sequence(hidden, self.sequence_group)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -207,12 +261,13 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        keys: DropoutKeys | None = None,
     ) -> torch.Tensor:
         if idx.shape[1] > self.shape.block_size:
             raise ValueError(
                 f"sequence of {idx.shape[1]} tokens is longer than block_size {self.shape.block_size}"
             )
-        return self.forward_stage(idx, True, True, positions, cache, mask)
+        return self.forward_stage(idx, True, True, positions, cache, mask, keys)
 
     def forward_stage(
         self,
@@ -222,18 +277,22 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        keys: DropoutKeys | None = None,
     ) -> torch.Tensor:
         """This stage's part of the forward: ids -> hidden (first), hidden -> hidden, -> logits (last).
         Decoding passes the new positions' ids with their `positions`, the `cache` of the keys and
-        values before them, and a `mask` when rows are padded (model.inference)."""
-        hidden = self.embed(inputs, positions) if first else inputs
+        values before them, and a `mask` when rows are padded (model.inference). Training passes
+        the batch's dropout `keys` (model.dropout)."""
+        if keys is not None:
+            keys = replace(keys, sequence_parallel=self.sequence_group is not None)
+        hidden = self.embed(inputs, positions, keys) if first else inputs
         recompute = self.recompute == "full" and torch.is_grad_enabled()
         for index in self.stage_layers:
             block = self.blocks[index]
             if recompute:
-                hidden = checkpoint(block, hidden, use_reentrant=False)
+                hidden = checkpoint(block, hidden, None, None, keys, use_reentrant=False)
             else:
-                hidden = block(hidden, cache, mask)
+                hidden = block(hidden, cache, mask, keys)
         return self.head(hidden) if last else hidden
 
     def num_parameters(self) -> int:

@@ -132,7 +132,11 @@ def _write_shard(
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_tensors, groups = _optimizer_to_tensors(optimizer, names)
     tensors.update(optim_tensors)
+    # Training draws no random numbers (dropout masks are keyed, model.dropout); the generators are
+    # kept so that anything else drawn from them continues alike after a resume.
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     base = shard_name(grid.pp_rank, grid.tp_rank)
     written[f"{base}.safetensors"] = shard_io.write(staging / f"{base}.safetensors", tensors)
     split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
@@ -352,4 +356,6 @@ def load(
         _tensors_to_optimizer(optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters()))
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return manifest

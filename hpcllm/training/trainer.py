@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from hpcllm.cluster.preemption import StopFlag
 from hpcllm.data.loader import micro_batches
 from hpcllm.data.mixture import Mixture, Sampler
 from hpcllm.errors import UsageError
+from hpcllm.model.dropout import DropoutKeys
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
 from hpcllm.parallel.data_parallel import DataParallel
@@ -103,14 +104,25 @@ class Trainer:
         indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
         t, block = self.config.train, self.config.model.block_size
         batches = micro_batches(tokens, indices, block, t.micro_batch)
+        if self.config.model.dropout:  # keyed by each row's place in the run's sample stream
+            start = first + self.grid.dp_rank * len(indices)
+            batches = [
+                replace(batch, dropout=self._dropout_keys(start + i * t.micro_batch, len(batch.tokens)))
+                for i, batch in enumerate(batches)
+            ]
         if self.data.loss_masked:  # counted over the DP group (the other replicas' samples differ)
             trained = self.finaliser.count_over_dp(sum(b.trained_tokens() for b in batches))
         else:  # every target is trained: known without communication
             trained = g * block
         return [batch.to_device(self.rt.device) for batch in batches], trained
 
+    def _dropout_keys(self, first_sample: int, rows: int) -> DropoutKeys:
+        samples = torch.arange(first_sample, first_sample + rows, device=self.rt.device)
+        return DropoutKeys(self.config.train.seed, samples, self.grid.tp_rank)
+
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        return self.model.loss_sum(self.model(batch.tokens, batch.positions), batch.targets)
+        logits = self.model(batch.tokens, batch.positions, keys=batch.dropout)
+        return self.model.loss_sum(logits, batch.targets)
 
     def train_step(self, step: int) -> StepResult:
         lr = learning_rate(step, self.config.train)

@@ -36,7 +36,13 @@ class StageModel(Protocol):
     """What a schedule needs of the model: run this stage's part, and the loss sum on the last stage."""
 
     def forward_stage(
-        self, inputs: torch.Tensor, first: bool, last: bool, positions: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        first: bool,
+        last: bool,
+        positions: torch.Tensor | None = None,
+        *,
+        keys: Any = None,
     ) -> torch.Tensor: ...
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
@@ -75,7 +81,7 @@ class PipelineStage:
             inputs = self.link.recv(self.hidden_shape, self.stage - 1, tag(micro, False), self.device)
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
-            output = self.model.forward_stage(inputs, self.first, self.last, batch.positions)
+            output = self.model.forward_stage(inputs, self.first, self.last, batch.positions, keys=batch.dropout)
             if self.last:
                 output = self.model.loss_sum(output, batch.targets)
         if not self.last:
