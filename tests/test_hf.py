@@ -86,7 +86,7 @@ def test_a_transformers_gpt2_and_hpcllm_give_the_same_logits(gpt2_folder):
         torch.testing.assert_close(
             model(torch.as_tensor(ids)), hf_logits(gpt2_folder, ids), rtol=0, atol=1e-5
         )
-    assert set(hf_gpt2.to_gpt2(model.state_dict(), shape.n_layer)) == set(
+    assert set(hf_gpt2.to_hf(model.state_dict(), shape)) == set(
         transformers.GPT2LMHeadModel.from_pretrained(gpt2_folder).state_dict()
     ) - {"lm_head.weight"}  # tied: save_pretrained leaves it out too
 

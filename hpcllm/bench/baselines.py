@@ -67,8 +67,8 @@ def main() -> None:
         with timer.phase("data"):
             indices = sampler.rank_indices(step * t.global_batch, t.global_batch, rank, world)
             batches = [
-                (torch.from_numpy(x), torch.from_numpy(y))
-                for x, y in micro_batches(tokens, indices, m.block_size, t.micro_batch)
+                (torch.from_numpy(batch.tokens), torch.from_numpy(batch.targets))
+                for batch in micro_batches(tokens, indices, m.block_size, t.micro_batch)
             ]
         for i, (x, y) in enumerate(batches):
             sync = args.variant != "ddp" or i == n_micro - 1

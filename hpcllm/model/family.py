@@ -57,6 +57,7 @@ class ParameterCounts:
 class ModelFamily(ABC):
     name: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, int]]]
+    hf_model_type: ClassVar[str]  # config.json's model_type of its Hugging Face folders
 
     @abstractmethod
     def shape(self, model: Any, vocab_size: int) -> Any:

@@ -38,6 +38,7 @@ class GPTShape:
 
 class GPT2Family(ModelFamily):
     name = "gpt2"
+    hf_model_type = "gpt2"
     presets = {
         # trains in a few minutes on 2 CPU cores
         "tiny": {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},

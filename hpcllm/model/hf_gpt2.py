@@ -1,5 +1,7 @@
 """GPT-2 folders in the Hugging Face layout, read and written without `transformers`.
 
+The GPT-2 family's Hugging Face adapter (`ModelFamily.hf()`; what every family's adapter has:
+`read_config`, `read_weights`, `config_json`, `to_hf`; the folder layout itself is hf_folder's).
 hpcllm's GPT and transformers' `GPT2LMHeadModel` are the same network: learned positions, pre-LN
 blocks, tanh GELU, attention scaled by 1/sqrt(head_dim), a final LayerNorm and a head tied to the
 token embedding. A model moves between the two by renaming tensors and transposing the weights of
@@ -18,13 +20,11 @@ import torch
 from safetensors import safe_open
 
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt import GPTShape
+from hpcllm.model.gpt2 import GPTShape
+from hpcllm.model.hf_folder import CONFIG, TOKENIZER_FILE, weight_files
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+DISPLAY_NAME = "GPT-2"
+ARCHITECTURE = "GPT2LMHeadModel"  # the transformers class that loads an exported folder
 LAYER_NORM_EPS = 1e-5  # torch's nn.LayerNorm default, which hpcllm's GPT uses
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -125,7 +125,7 @@ def read_config(folder: str | Path) -> GPT2Folder:
 def _check_weights(folder: GPT2Folder) -> None:
     """Every tensor the config implies is stored, with its shape (read from the files' headers only)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in _weight_files(folder.path):
+    for file in weight_files(folder.path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 shapes[key.removeprefix("transformer.")] = tuple(f.get_slice(key).get_shape())
@@ -140,28 +140,13 @@ def _check_weights(folder: GPT2Folder) -> None:
             )
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if (path / WEIGHTS).is_file():
-        return [path / WEIGHTS]
-    if (path / WEIGHTS_INDEX).is_file():
-        index = json.loads((path / WEIGHTS_INDEX).read_text())
-        return [path / name for name in sorted(set(index["weight_map"].values()))]
-    pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-    if pickled:
-        raise UsageError(
-            f"{path} holds weights only in pickle format ({pickled[0]}); hpcllm does not open pickles. "
-            "Re-save with model.save_pretrained(DIR) (safetensors is its default)"
-        )
-    raise UsageError(f"{path} has no {WEIGHTS}")
-
-
 def read_weights(folder: GPT2Folder, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors (those `wanted`, else all) under hpcllm's single-process names, of a
     folder `read_config` checked. Only the wanted tensors are read from the files."""
     names = {ours: found for ours, found in _name_map(folder.n_layer).items() if not wanted or ours in wanted}
     needed = {theirs for theirs, _ in names.values()}
     stored: dict[str, torch.Tensor] = {}
-    for file in _weight_files(folder.path):
+    for file in weight_files(folder.path):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if key.removeprefix("transformer.") in needed:
@@ -173,10 +158,10 @@ def read_weights(folder: GPT2Folder, wanted: set[str] | None = None) -> dict[str
     return tensors
 
 
-def to_gpt2(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+def to_hf(state: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Tensor]:
     """hpcllm's whole-model tensors under GPT-2's names (as `save_pretrained` writes them)."""
     out = {}
-    for ours, (theirs, transposed) in _name_map(n_layer).items():
+    for ours, (theirs, transposed) in _name_map(shape.n_layer).items():
         tensor = state[ours].detach().float().cpu()
         out[f"transformer.{theirs}"] = (tensor.t() if transposed else tensor).contiguous()
     return out
@@ -185,7 +170,7 @@ def to_gpt2(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Ten
 def config_json(shape: GPTShape, eot: int) -> dict:
     """GPT-2's config.json for this shape: no dropout (inference and fine-tuning set their own)."""
     return {
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": [ARCHITECTURE],
         "model_type": "gpt2",
         "vocab_size": shape.vocab_size,
         "n_positions": shape.block_size,
@@ -204,17 +189,4 @@ def config_json(shape: GPTShape, eot: int) -> dict:
         "bos_token_id": eot,
         "eos_token_id": eot,
         "dtype": "float32",
-    }
-
-
-def tokenizer_config(block_size: int, eot_token: str) -> dict:
-    """What `AutoTokenizer.from_pretrained` needs to take tokenizer.json as a fast tokenizer."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": block_size,
-        "bos_token": eot_token,
-        "eos_token": eot_token,
-        "unk_token": eot_token,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
     }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hpcllm.errors import UsageError
+from hpcllm.model import hf_folder
 from hpcllm.model.family import ModelFamily
 from hpcllm.model.gpt2 import GPT2
 
@@ -23,3 +26,10 @@ def family_named(name: str) -> ModelFamily:
 def family_of(model: object) -> ModelFamily:
     """The family of a `model.` config section."""
     return family_named(getattr(model, "family", GPT2.name))
+
+
+def family_of_hf_folder(path: Path) -> ModelFamily:
+    """The family whose adapter reads a Hugging Face folder, by its config.json's model_type; GPT-2's
+    when none matches (its adapter then says, in one line, what the folder is instead)."""
+    found = hf_folder.model_type(path)
+    return next((family for family in FAMILIES.values() if family.hf_model_type == found), GPT2)

@@ -1,10 +1,11 @@
 """`hpcllm export`: a run's checkpoint as a folder other tools load.
 
-`--format hf` writes a Hugging Face GPT-2 folder (config.json, model.safetensors, the run's
-tokenizer as tokenizer.json with its tokenizer_config.json) that `GPT2LMHeadModel.from_pretrained`
-and `AutoTokenizer.from_pretrained` read. A checkpoint of any tp/pp is joined into the whole model
-first. The folder is written beside its destination and renamed into place: an interrupted export
-leaves nothing half-written, and an existing folder is never touched.
+`--format hf` writes a Hugging Face folder through the model family's adapter (config.json,
+model.safetensors, the run's tokenizer as tokenizer.json with its tokenizer_config.json) that
+transformers (`GPT2LMHeadModel.from_pretrained` for GPT-2) and `AutoTokenizer.from_pretrained`
+read. A checkpoint of any tp/pp is joined into the whole model first. The folder is written
+beside its destination and renamed into place: an interrupted export leaves nothing
+half-written, and an existing folder is never touched.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from hpcllm.cluster import runtime
 from hpcllm.data import tokenizer as tok
 from hpcllm.errors import UsageError
-from hpcllm.model import hf_gpt2
+from hpcllm.model import hf_folder
 from hpcllm.model.gpt import GPT
 from hpcllm.training import checkpoint
 from hpcllm.training.generate import load_model, run_checkpoint
@@ -50,20 +51,21 @@ def _check(args: ExportArgs) -> tuple[Path, Path]:
 
 
 def write_hf_folder(model: GPT, tokenizer: Any, out: Path) -> None:
-    """The whole (one-process) `model` and its tokenizer as a Hugging Face GPT-2 folder at `out`
-    (new, or empty): written beside it, then renamed into place."""
+    """The whole (one-process) `model` and its tokenizer as a Hugging Face folder at `out` (new, or
+    empty), through its family's adapter: written beside it, then renamed into place."""
     shape = model.shape
+    adapter = shape.family.hf()
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        folder = hf_gpt2.config_json(shape, tok.eot_id(tokenizer))
-        (staging / hf_gpt2.CONFIG).write_text(json.dumps(folder, indent=2) + "\n")
-        weights = hf_gpt2.to_gpt2(model.state_dict(), shape.n_layer)
-        save_file(weights, staging / hf_gpt2.WEIGHTS, {"format": "pt"})
-        tokenizer.save(str(staging / hf_gpt2.TOKENIZER_FILE))
-        settings = hf_gpt2.tokenizer_config(shape.block_size, tok.EOT)
-        (staging / hf_gpt2.TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        folder = adapter.config_json(shape, tok.eot_id(tokenizer))
+        (staging / hf_folder.CONFIG).write_text(json.dumps(folder, indent=2) + "\n")
+        weights = adapter.to_hf(model.state_dict(), shape)
+        save_file(weights, staging / hf_folder.WEIGHTS, {"format": "pt"})
+        tokenizer.save(str(staging / hf_folder.TOKENIZER_FILE))
+        settings = hf_folder.tokenizer_config(shape.block_size, tok.EOT)
+        (staging / hf_folder.TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked by the caller
         staging.rename(out)
@@ -77,10 +79,11 @@ def export(args: ExportArgs) -> int:
     model, tokenizer, _, _ = load_model(Path(args.run), ckpt, runtime.init())
     write_hf_folder(model, tokenizer, out)
     shape = model.shape
+    adapter = shape.family.hf()
     step = checkpoint.read_manifest(ckpt).get("step", "?")
     print(
-        f"wrote {out}: GPT-2 ({shape.n_layer} layers, {shape.n_embd} wide, vocabulary {shape.vocab_size:,}) "
-        f"from {ckpt.name} (step {step}) of {args.run}; load it with "
-        f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})"
+        f"wrote {out}: {adapter.DISPLAY_NAME} ({shape.n_layer} layers, {shape.n_embd} wide, "
+        f"vocabulary {shape.vocab_size:,}) from {ckpt.name} (step {step}) of {args.run}; load it with "
+        f"transformers.{adapter.ARCHITECTURE}.from_pretrained({str(out)!r})"
     )
     return 0

@@ -22,7 +22,6 @@ from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
 from hpcllm.data.mixture import components_of, is_mix
 from hpcllm.data.tokens import TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
-from hpcllm.model.hf_gpt2 import GPT2Folder
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.observe.tensorboard import TensorBoardLog
 from hpcllm.parallel import torch_dist
@@ -70,11 +69,11 @@ def train(args: TrainArgs) -> int:
     return 0
 
 
-def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, GPT2Folder | None]:
+def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, Any]:
     """Collective: rank 0 opens the run directory and checks the configuration; every rank gets
     the same plan (and the Hugging Face folder a new run starts from), or the same one-line error."""
 
-    def decide() -> tuple[Plan, Path, GPT2Folder | None]:
+    def decide() -> tuple[Plan, Path, Any]:
         cluster = _auto_layout_profile(args) if args.layout == "auto" else None
         out, saved = open_run_dir(args.out, args.resume)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())

@@ -81,7 +81,9 @@ class PipelineStage:
             inputs = self.link.recv(self.hidden_shape, self.stage - 1, tag(micro, False), self.device)
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
-            output = self.model.forward_stage(inputs, self.first, self.last, batch.positions, keys=batch.dropout)
+            output = self.model.forward_stage(
+                inputs, self.first, self.last, batch.positions, keys=batch.dropout
+            )
             if self.last:
                 output = self.model.loss_sum(output, batch.targets)
         if not self.last:
