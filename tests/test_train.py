@@ -62,6 +62,66 @@ def test_replicas_stay_identical(mpi_tmp_path, comm):
     with HostReads(exempt=steps) as reads:
         trainer.train_step(6)
     assert reads.calls == ["tolist"], reads.calls
+    # The loss and the gradient norm's sums travel together: one host collective over DP, none
+    # over the TP and PP groups of one rank, nothing pickled.
+    assert host_collectives(trainer, 7) == {"dp": ["Allreduce"], "tp": [], "pp": []}
+
+
+@pytest.mark.mpi(ranks=4, timeout=240)
+def test_one_host_collective_per_axis_at_tp2_pp2(mpi_tmp_path, comm):
+    """pp 2 x tp 2 with sequence parallelism: the step's loss and norm cross TP once and the
+    pipeline once (there were up to five blocking host collectives, pickled ones among them)."""
+    from hpcllm.data.prepare import PrepareOptions, prepare
+    from hpcllm.training.loop import TrainArgs, run_training
+
+    if comm.Get_rank() == 0:
+        write_corpus(mpi_tmp_path / "src")
+    comm.Barrier()
+    data = mpi_tmp_path / "data"
+    prepare(
+        PrepareOptions(sources=[str(mpi_tmp_path / "src")], out=data, tokenizer="byte"), comm, progress=False
+    )
+    layout = ("parallel.sequence_parallel=true",)
+    args = TrainArgs(
+        set=(*TINY[1::2], *layout), data=str(data), out=str(mpi_tmp_path / "run"), steps=2, tp=2, pp=2
+    )
+    trainer = run_training(args)
+    assert host_collectives(trainer, 2) == {"dp": [], "tp": ["Allreduce"], "pp": ["Allreduce"]}
+
+
+class CountingComm:
+    """An mpi4py communicator that records the collectives called on it."""
+
+    COLLECTIVES = {"allreduce", "bcast", "allgather", "gather", "scatter", "reduce", "alltoall", "barrier"}
+
+    def __init__(self, comm):
+        self.comm, self.calls = comm, []
+
+    def __getattr__(self, name):
+        attribute = getattr(self.comm, name)
+        if name.lower().lstrip("i") not in self.COLLECTIVES:
+            return attribute
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+def host_collectives(trainer, step):
+    """The host collectives one training step calls on the grid's DP, TP and PP communicators."""
+    grid = trainer.grid
+    real = {axis: getattr(grid, f"{axis}_comm") for axis in ("dp", "tp", "pp")}
+    counting = {axis: CountingComm(comm) for axis, comm in real.items()}
+    try:
+        for axis, comm in counting.items():
+            setattr(grid, f"{axis}_comm", comm)
+        trainer.train_step(step)
+    finally:
+        for axis, comm in real.items():
+            setattr(grid, f"{axis}_comm", comm)
+    return {axis: comm.calls for axis, comm in counting.items()}
 
 
 class HostReads(TorchFunctionMode):
