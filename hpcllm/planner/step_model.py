@@ -194,23 +194,14 @@ def _link(cluster: ClusterProfile, inside_node: bool) -> tuple[float, float]:
     return cluster.inter_node_gbps, cluster.inter_node_latency_us
 
 
-def predict(
-    model: ModelSpec,
-    layout: PlannedLayout,
-    cluster: ClusterProfile,
-    global_batch: int,
-    ranks_per_node: int | None = None,
-) -> Prediction:
-    """The step time and memory per rank of `layout`; `ranks_per_node` defaults to the profile's
-    GPUs per node (on a CPU node: how many ranks share its cores)."""
-    t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
+def _stage_costs(
+    model: ModelSpec, layout: PlannedLayout, cluster: ClusterProfile, share: float, ranks_per_node: int
+) -> tuple[list[tuple[float, float]], float]:
+    """Per stage, (compute, TP communication) seconds of one micro-batch's forward + backward, and
+    the seconds of one micro-batch's activations crossing between two stages."""
+    t, p, b = layout.tp, layout.pp, layout.micro_batch
     s, h, v = model.block_size, model.n_embd, model.vocab
-    ranks_per_node = min(ranks_per_node or cluster.gpus_per_node, layout.gpus)
-    m = global_batch // (d * b)  # micro-batches per pipeline per step
-    stages = stage_layers(model, p)
-    share, slowdown = _cpu_share(cluster, ranks_per_node)
     rate = cluster.sustained_flops(h) * share
-
     # ---- compute: one micro-batch on one rank, forward + backward (+ recomputation) ----------
     layer = layer_forward_flops(model, b)
     recomputed = {"full": layer, "selective": 4 * b * s * s * h, "none": 0.0}[layout.recompute]
@@ -219,7 +210,6 @@ def predict(
     # the projection is one GEMM as wide as the vocabulary, so it runs at the large-GEMM rate.
     head_rate = cluster.large_gemm_flops * share * cluster.head_efficiency
     head_s = 3 * 2 * b * s * h * v / t / head_rate + cluster.micro_batch_overhead_us * 1e-6
-
     # ---- tensor parallelism: inside a node when it fits -----------------------------------
     tp_gbps, tp_latency = _link(cluster, t <= ranks_per_node)
     collectives = 4 + (2 if layout.recompute == "full" else 0)
@@ -228,21 +218,28 @@ def predict(
     )
     if t > 1:
         one += cluster.tp_collective_us * 1e-6  # the ranks meet: what waiting for each other costs
-
-    # ---- pipeline: activations between stages, and the bubble ------------------------------
+    # ---- pipeline: activations between stages ------------------------------------------------
     p2p_micro = 0.0
     if p > 1:
         p2p_gbps, p2p_latency = _link(cluster, t * p <= ranks_per_node)
         nbytes = b * s * h * cluster.activation_bytes / t
         p2p_micro = 2 * (nbytes / (p2p_gbps * 1e9 * cluster.collective_efficiency) + p2p_latency * 1e-6)
         p2p_micro += cluster.pp_micro_batch_us * 1e-6  # the schedule's own cost per micro-batch
-    # The pipeline moves at the pace of its slowest stage (hpcllm balances them by parameters).
+    stages = stage_layers(model, p)
     per_stage = [
         (n * layer_s + (head_s if i == p - 1 else 0.0), n * collectives * one) for i, n in enumerate(stages)
     ]
+    return per_stage, p2p_micro
+
+
+def _pipeline_seconds(
+    per_stage: list[tuple[float, float]], p2p_micro: float, m: int, slowdown: float, fill: float
+) -> tuple[float, float, float, float]:
+    """(compute, tp, p2p, bubble) seconds of a step: the pipeline moves at the pace of its slowest
+    stage (hpcllm balances them by parameters)."""
+    p = len(per_stage)
     # CPU ranks outnumbering the cores: a waiting stage's turn on the cores partly goes to the
     # others (`bubble_fill`), which evens out the stages and fills part of the bubble.
-    fill = cluster.bubble_fill if slowdown > 1 else 0.0
     if fill:
         means = [statistics.fmean(part) for part in zip(*per_stage, strict=True)]
         per_stage = [
@@ -255,11 +252,18 @@ def predict(
     # drains from it: one micro-batch of every other stage, (m - 1) t_max + sum(t) in all, which is
     # (p - 1)/(m + p - 1) of the step when the stages are equal.
     others = sum(map(sum, per_stage)) - compute_micro - tp_micro + (p - 1) * p2p_micro
-    bubble = slowdown * others * (1 - fill)
+    return compute, tp, p2p, slowdown * others * (1 - fill)
 
-    # ---- data parallelism (and ZeRO's gather), then the optimizer -------------------------
-    stage_parameters = [_stage_parameters(model, i, n, p) for i, n in enumerate(stages)]
-    rank_parameters = max(stage_parameters) / t
+
+def _data_parallel_seconds(
+    layout: PlannedLayout,
+    cluster: ClusterProfile,
+    ranks_per_node: int,
+    rank_parameters: float,
+    slowdown: float,
+) -> tuple[float, float, float]:
+    """(exposed DP reduction, ZeRO's all-gather, optimizer) seconds of a step."""
+    t, p, d = layout.tp, layout.pp, layout.dp
     dp_gbps, dp_latency = _link(cluster, t * p * d <= ranks_per_node)
     gradient_bytes = rank_parameters * 4  # fp32 gradients
     reduction = _ring_seconds(gradient_bytes, d, dp_gbps, dp_latency, cluster.collective_efficiency)
@@ -273,52 +277,74 @@ def predict(
     if cluster.memory_gbps:
         updated = rank_parameters / (d if layout.zero else 1)
         optimizer = updated * 28 * slowdown / (cluster.memory_gbps * 1e9)
+    return dp, zero, optimizer
 
-    # What the benchmarks miss of a real training step (the loop, data, hooks), measured once.
-    compute, tp, p2p, bubble, dp, zero, optimizer = (
-        x * cluster.step_scale for x in (compute, tp, p2p, bubble, dp, zero, optimizer)
-    )
-    step = compute + tp + p2p + bubble + dp + zero + optimizer
-    tokens = global_batch * s
 
-    # ---- memory per rank: the fullest stage --------------------------------------------------
+def _memory_per_rank(
+    model: ModelSpec, layout: PlannedLayout, cluster: ClusterProfile, stage_parameters: list[float], m: int
+) -> tuple[float, float, float]:
+    """(states, activations, logits) bytes on the fullest stage's ranks."""
+    t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
     states_per_parameter = {0: 16.0, 1: 8 + 8 / d, 2: 8 + 12 / d}[layout.zero]
     per_layer = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
-    logits = 4 * b * s * v / t  # fp32 logits and their softmax on the last stage
+    logits = 4 * b * model.block_size * model.vocab / t  # fp32 logits and their softmax on the last stage
     memory = []
-    for i, n in enumerate(stages):
+    for i, n in enumerate(stage_layers(model, p)):
         in_flight = min(p - i, m) if layout.schedule == "1f1b" else m  # 1F1B: stage i holds p - i
-        kinds = (
-            stage_parameters[i] / t * states_per_parameter,
-            per_layer * n * in_flight,
-            logits if i == p - 1 else 0.0,
+        memory.append(
+            (
+                stage_parameters[i] / t * states_per_parameter,
+                per_layer * n * in_flight,
+                logits if i == p - 1 else 0.0,
+            )
         )
-        memory.append(kinds)
-    states, activations, logits = max(memory, key=sum)
-    total = states + activations + logits
-    fits = total <= cluster.memory_gib * GIB * MEMORY_HEADROOM
+    return max(memory, key=sum)
 
+
+def predict(
+    model: ModelSpec,
+    layout: PlannedLayout,
+    cluster: ClusterProfile,
+    global_batch: int,
+    ranks_per_node: int | None = None,
+) -> Prediction:
+    """The step time and memory per rank of `layout`; `ranks_per_node` defaults to the profile's
+    GPUs per node (on a CPU node: how many ranks share its cores)."""
+    ranks_per_node = min(ranks_per_node or cluster.gpus_per_node, layout.gpus)
+    m = global_batch // (layout.dp * layout.micro_batch)  # micro-batches per pipeline per step
+    share, slowdown = _cpu_share(cluster, ranks_per_node)
+    per_stage, p2p_micro = _stage_costs(model, layout, cluster, share, ranks_per_node)
+    fill = cluster.bubble_fill if slowdown > 1 else 0.0
+    compute, tp, p2p, bubble = _pipeline_seconds(per_stage, p2p_micro, m, slowdown, fill)
+    stages = stage_layers(model, layout.pp)
+    stage_parameters = [_stage_parameters(model, i, n, layout.pp) for i, n in enumerate(stages)]
+    rank_parameters = max(stage_parameters) / layout.tp
+    dp, zero, optimizer = _data_parallel_seconds(layout, cluster, ranks_per_node, rank_parameters, slowdown)
+    # What the benchmarks miss of a real training step (the loop, data, hooks), measured once.
+    seconds = {
+        "compute_s": compute,
+        "tp_s": tp,
+        "pp_p2p_s": p2p,
+        "bubble_s": bubble,
+        "dp_exposed_s": dp,
+        "zero_gather_s": zero,
+        "optimizer_s": optimizer,
+    }
+    seconds = {name: x * cluster.step_scale for name, x in seconds.items()}
+    step = sum(seconds.values())
+    states, activations, logits = _memory_per_rank(model, layout, cluster, stage_parameters, m)
+    total = states + activations + logits
     gpus = layout.gpus
     recompute_flops = iteration_flops(model, global_batch, recompute=layout.recompute == "full")
     model_flops = iteration_flops(model, global_batch, recompute=False)
     return Prediction(
         layout=layout,
         step_s=step,
-        tokens_per_s=tokens / step,
+        tokens_per_s=global_batch * model.block_size / step,
         tflops_per_gpu=recompute_flops / step / gpus,
         mfu=model_flops / step / gpus / cluster.peak_flops,
         memory_gib_per_rank=total / GIB,
-        fits=fits,
-        breakdown={
-            "compute_s": compute,
-            "tp_s": tp,
-            "pp_p2p_s": p2p,
-            "bubble_s": bubble,
-            "dp_exposed_s": dp,
-            "zero_gather_s": zero,
-            "optimizer_s": optimizer,
-            "states_gib": states / GIB,
-            "activations_gib": activations / GIB,
-            "logits_gib": logits / GIB,
-        },
+        fits=total <= cluster.memory_gib * GIB * MEMORY_HEADROOM,
+        breakdown=seconds
+        | {"states_gib": states / GIB, "activations_gib": activations / GIB, "logits_gib": logits / GIB},
     )

@@ -78,31 +78,11 @@ def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> Pipel
     )
 
 
-def assemble_trainer(
-    plan: Plan,
-    rt: runtime.Runtime,
-    grid: Grid,
-    data: Mixture,
-    out: Path,
-    built: tuple[GPT, TensorCollectives, int],
-    fault: faults.Fault | None,
-    resume: bool,
-    resumed_at: tuple[int, int],
-) -> tuple[Trainer, int]:
-    """Gradient buckets, optimizer, resumed state and the pipeline schedule around the model;
-    returns the trainer and the step it starts from."""
-    config = plan.config
-    model, tp_group, full_parameters = built
-    rank_bytes = tensor_bytes(list(model.parameters()))
-    log.info(
-        "parameters: %.2fM in the full model (%.1f MB fp32), %.1f MB on this rank (tp = %d, pp = %d)",
-        full_parameters / 1e6,
-        full_parameters * 4 / 1e6,
-        rank_bytes / 1e6,
-        grid.layout.tp,
-        grid.layout.pp,
-    )
-    strategy = plan.dp_strategy
+def _gradients(
+    plan: Plan, grid: Grid, model: GPT, tp_group: TensorCollectives
+) -> tuple[DataParallel, GradientFinaliser]:
+    """The data-parallel strategy's gradient buckets and the finaliser around them."""
+    config, strategy = plan.config, plan.dp_strategy
     dp = DataParallel(grid, strategy)
     # Summed over another group before their DP reduction (the gradient finaliser's steps 1, 2):
     # the tied embedding over the first and last stage, the sequence-parallel parameters over TP.
@@ -122,41 +102,73 @@ def assemble_trainer(
         "by reduce-scatter" if strategy.shards_gradients else "by allreduce",
         strategy.name,
     )
-    finaliser = GradientFinaliser(grid, dp, tp_group, tied, sequence_parallel, plan.pp_backend)
-    if strategy.shards_optimizer:
-        groups = parameter_groups(model, config.train)
-        optimizer = dp.sharded_optimizer(groups, config.train.lr, BETAS, EPS)
-        log.info(
-            "distributed optimizer: Adam state sharded over dp = %d, %.1f MB on this rank instead of %.1f MB",
-            grid.layout.dp,
-            optimizer.state_bytes / 1e6,
-            2 * rank_bytes / 1e6,
-        )
-    else:
-        optimizer = make_optimizer(model, config.train)
-    start_step = resumed_at[0]
+    return dp, GradientFinaliser(grid, dp, tp_group, tied, sequence_parallel, plan.pp_backend)
+
+
+def _optimizer(
+    plan: Plan, grid: Grid, model: GPT, dp: DataParallel, rank_bytes: int
+) -> torch.optim.Optimizer:
+    """AdamW, with its state sharded over DP when the strategy says so."""
+    config = plan.config
+    if not plan.dp_strategy.shards_optimizer:
+        return make_optimizer(model, config.train)
+    optimizer = dp.sharded_optimizer(parameter_groups(model, config.train), config.train.lr, BETAS, EPS)
+    log.info(
+        "distributed optimizer: Adam state sharded over dp = %d, %.1f MB on this rank instead of %.1f MB",
+        grid.layout.dp,
+        optimizer.state_bytes / 1e6,
+        2 * rank_bytes / 1e6,
+    )
+    return optimizer
+
+
+def _resume(
+    rt: runtime.Runtime,
+    grid: Grid,
+    out: Path,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    at: tuple[int, int],
+) -> None:
+    ckpt = checkpoint.latest(out)
+    assert ckpt is not None  # checked when the run directory was opened
+    for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
+        log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
+    runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
+    log.info("resumed from %s at step %d (%d samples consumed)", ckpt, *at)
+
+
+def assemble_trainer(
+    plan: Plan,
+    rt: runtime.Runtime,
+    grid: Grid,
+    data: Mixture,
+    out: Path,
+    built: tuple[GPT, TensorCollectives, int],
+    fault: faults.Fault | None,
+    resume: bool,
+    resumed_at: tuple[int, int],
+) -> tuple[Trainer, int]:
+    """Gradient buckets, optimizer, resumed state and the pipeline schedule around the model;
+    returns the trainer and the step it starts from."""
+    model, tp_group, full_parameters = built
+    rank_bytes = tensor_bytes(list(model.parameters()))
+    log.info(
+        "parameters: %.2fM in the full model (%.1f MB fp32), %.1f MB on this rank (tp = %d, pp = %d)",
+        full_parameters / 1e6,
+        full_parameters * 4 / 1e6,
+        rank_bytes / 1e6,
+        grid.layout.tp,
+        grid.layout.pp,
+    )
+    dp, finaliser = _gradients(plan, grid, model, tp_group)
+    optimizer = _optimizer(plan, grid, model, dp, rank_bytes)
     if resume:
-        ckpt = checkpoint.latest(out)
-        assert ckpt is not None  # checked when the run directory was opened
-        for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
-            log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
-        runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
-        log.info("resumed from %s at step %d (%d samples consumed)", ckpt, *resumed_at)
+        _resume(rt, grid, out, model, optimizer, resumed_at)
     dp.broadcast_initial_state(model, optimizer)
     pipeline = _pipeline(plan, grid, model, rt.device) if grid.layout.pp > 1 else None
     trainer = Trainer(
-        plan,
-        rt,
-        grid,
-        data,
-        out,
-        model,
-        optimizer,
-        dp,
-        finaliser,
-        full_parameters,
-        pipeline,
-        fault=fault,
-        resumed_at=resumed_at,
-    )
-    return trainer, start_step
+        plan, rt, grid, data, out, model, optimizer, dp, finaliser, full_parameters, pipeline,
+        fault=fault, resumed_at=resumed_at,
+    )  # fmt: skip
+    return trainer, resumed_at[0]

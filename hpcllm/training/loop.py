@@ -250,17 +250,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     t = config.train
     speed = _speed(trainer, start_step)
     baseline = _baseline(trainer) if rt.rank == 0 else None
-    log.info(
-        "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
-        "%d micro-batches of %d per rank per step",
-        trainer.full_parameters / 1e6,
-        config.model.preset,
-        f"{len(trainer.train_tokens):,}",
-        rt.size,
-        trainer.grid.layout,
-        trainer.micro_per_step,
-        t.micro_batch,
-    )
+    _log_start(trainer)
     metrics = MetricsLog(trainer.run_dir, resume) if rt.rank == 0 else None
     if metrics is not None and resume:
         metrics.truncate_after(start_step)
@@ -306,6 +296,21 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
         _summary(
             trainer, metrics, baseline, seconds, (speed.flops_per_token, speed.peak_total), loss, val_loss
         )
+
+
+def _log_start(trainer: Trainer) -> None:
+    config = trainer.config
+    log.info(
+        "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
+        "%d micro-batches of %d per rank per step",
+        trainer.full_parameters / 1e6,
+        config.model.preset,
+        f"{len(trainer.train_tokens):,}",
+        trainer.rt.size,
+        trainer.grid.layout,
+        trainer.micro_per_step,
+        config.train.micro_batch,
+    )
 
 
 def _summary(

@@ -124,6 +124,24 @@ class Trainer:
         logits = self.model(batch.tokens, batch.positions, keys=batch.dropout)
         return self.model.loss_sum(logits, batch.targets)
 
+    def _forward_backward(
+        self, batches: list[Batch], scale: float, step: int, after_backward: Callable[[int], None]
+    ) -> torch.Tensor:
+        """The micro-batches one after another (no pipeline); their loss sum, on the device (read
+        once per step, with the gradient norm)."""
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for index, batch in enumerate(batches, start=1):
+            with self.timer.phase("forward"):
+                with self.autocast():
+                    micro_loss = self._loss_sum(batch)
+                if index == 1 and faults.poisons_loss(self.fault, self.rt.rank, self.rt.node_index, step + 1):
+                    micro_loss = micro_loss * float("nan")
+                loss_sum += micro_loss.detach().float()
+            with self.timer.phase("backward"):
+                (micro_loss * scale).backward()
+            after_backward(index)
+        return loss_sum
+
     def train_step(self, step: int) -> StepResult:
         lr = learning_rate(step, self.config.train)
         for group in self.optimizer.param_groups:
@@ -149,20 +167,7 @@ class Trainer:
             with timer.phase("pipeline"):
                 loss_sum = self.pipeline.train_step(batches, scale, after_backward=reduce_early).loss
         else:
-            # Losses are added on the device and read once, with the gradient norm, per step.
-            loss_sum = torch.zeros((), device=self.rt.device)
-            for index, batch in enumerate(batches, start=1):
-                with timer.phase("forward"):
-                    with self.autocast():
-                        micro_loss = self._loss_sum(batch)
-                    if index == 1 and faults.poisons_loss(
-                        self.fault, self.rt.rank, self.rt.node_index, step + 1
-                    ):
-                        micro_loss = micro_loss * float("nan")
-                    loss_sum += micro_loss.detach().float()
-                with timer.phase("backward"):
-                    (micro_loss * scale).backward()
-                reduce_early(index)
+            loss_sum = self._forward_backward(batches, scale, step, reduce_early)
         with timer.phase("allreduce"):
             self.finaliser.finish()
         with timer.phase("optimizer"):
