@@ -25,6 +25,17 @@ def add_parser(commands: Any) -> None:
     )
     kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
     kinds.required = True
+    for add in (
+        _add_train,
+        _add_allreduce_and_pipeline,
+        _add_prepare,
+        _add_memory_and_generate,
+        _add_startup,
+    ):
+        add(kinds)
+
+
+def _add_train(kinds: Any) -> None:
     tr = kinds.add_parser(
         "train",
         help="hpcllm vs a plain PyTorch loop and DDP, tokens/s and MFU",
@@ -56,6 +67,8 @@ def add_parser(commands: Any) -> None:
     tr.add_argument("--json", action="store_true", help="machine-readable output")
     tr.set_defaults(func=train)
 
+
+def _add_allreduce_and_pipeline(kinds: Any) -> None:
     ar = kinds.add_parser("allreduce", help="allreduce bandwidth of Horovod, mpi4py and torch.distributed")
     ar.add_argument("--engines", default="horovod,mpi4py,torch.distributed", help="allreduce engines")
     ar.add_argument("--min-bytes", type=int, default=8, help="smallest message (8)")
@@ -73,6 +86,8 @@ def add_parser(commands: Any) -> None:
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=pipeline)
 
+
+def _add_prepare(kinds: Any) -> None:
     pr = kinds.add_parser(
         "prepare",
         help="prepare's scaling: ranks, input size, peak memory, and the tokenizer's own speed",
@@ -88,6 +103,8 @@ def add_parser(commands: Any) -> None:
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=prepare)
 
+
+def _add_memory_and_generate(kinds: Any) -> None:
     me = kinds.add_parser("memory", help="bytes per rank by kind, per recomputation and ZeRO mode")
     me.add_argument("--dp", type=int, default=4, help="data-parallel size the optimizer is sharded over (4)")
     me.add_argument("--vocab", type=int, default=4096, help="vocabulary size (4096: the default corpus)")
@@ -108,6 +125,8 @@ def add_parser(commands: Any) -> None:
     ge.add_argument("--json", action="store_true", help="machine-readable output")
     ge.set_defaults(func=generate)
 
+
+def _add_startup(kinds: Any) -> None:
     st = kinds.add_parser("startup", help="time from launch to the first step, by token-file size")
     st.add_argument("--sizes", default="0.1,4", help="train-split sizes in GB, synthetic tokens (0.1,4)")
     st.add_argument("--ranks", type=int, default=2, help="ranks per training run (2)")

@@ -199,9 +199,41 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     root_decides(comm, lambda: spool_dir(staging).mkdir(parents=True))
     phases.lap("tokenizer")
 
+    stats, counts = _tokenize_all(comm, opts, plan, tokenizer, dtype, progress and rank == 0, start)
+    phases.lap("tokenize")
+    documents = {split: sum(s.documents[split] for s in stats) for split in SPLITS}
+    if not all(documents.values()):  # no documents at all, or too few for a document split
+
+        def serially() -> dict[str, Any]:
+            try:
+                if not any(documents.values()):
+                    raise no_documents(opts, plan, stats)
+                written = cut_token_stream(opts, plan, stats, dtype, vocab, documents)
+            except UsageError:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            return finish(opts, plan, stats, tokenizer, dtype, written)
+
+        manifest = root_decides(comm, serially)
+    else:
+        written = write_in_parallel(comm, plan, stats, dtype, counts, documents)
+        phases.lap("write")
+        manifest = root_decides(comm, lambda: finish(opts, plan, stats, tokenizer, dtype, written))
+    phases.lap("finish")
+    peak = comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    return Summary(manifest, time.perf_counter() - start, comm.Get_size(), phases.laps, peak)
+
+
+def _tokenize_all(
+    comm: Any, opts: PrepareOptions, plan: Any, tokenizer: Any, dtype: Any, show: bool, start: float
+) -> tuple[list[PieceStats], dict[str, np.ndarray]]:
+    """Every piece tokenized by whichever rank is free (largest first) into this rank's spools;
+    the statistics of all pieces on every rank, and this rank's token counts per split."""
+    rank, vocab = comm.Get_rank(), tokenizer.get_vocab_size()
+    staging = Path(plan.staging)
     done = SharedCounters(comm, slots=2)  # bytes read, tokens written: for rank 0's progress bar
     total_bytes = sum(piece.size for piece in plan.pieces)
-    bar = _progress_bar(total_bytes) if progress and rank == 0 else None
+    bar = _progress_bar(total_bytes) if show else None
 
     def on_done(_: int, stats: PieceStats) -> None:
         read = done.fetch_add(0, stats.bytes) + stats.bytes
@@ -229,28 +261,7 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     done.free()
     if bar is not None:
         bar.close()
-    phases.lap("tokenize")
-    documents = {split: sum(s.documents[split] for s in stats) for split in SPLITS}
-    if not all(documents.values()):  # no documents at all, or too few for a document split
-
-        def serially() -> dict[str, Any]:
-            try:
-                if not any(documents.values()):
-                    raise no_documents(opts, plan, stats)
-                written = cut_token_stream(opts, plan, stats, dtype, vocab, documents)
-            except UsageError:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            return finish(opts, plan, stats, tokenizer, dtype, written)
-
-        manifest = root_decides(comm, serially)
-    else:
-        written = write_in_parallel(comm, plan, stats, dtype, counts, documents)
-        phases.lap("write")
-        manifest = root_decides(comm, lambda: finish(opts, plan, stats, tokenizer, dtype, written))
-    phases.lap("finish")
-    peak = comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
-    return Summary(manifest, time.perf_counter() - start, comm.Get_size(), phases.laps, peak)
+    return stats, counts
 
 
 def _progress_bar(total_bytes: int) -> Any:

@@ -173,6 +173,18 @@ def _ranks_model_times(ranks: int, seconds: float) -> Times:
     return {(h, t, n): v for h, t, n, v in rows}
 
 
+def _gpt_times(cores: int, seconds: float, say: Callable[[str], None]) -> tuple[dict, dict]:
+    """GPT forward + backward seconds by (hidden, tokens, layers): a rank per core, and one rank."""
+    say(f"GPT forward + backward, one rank per core ({cores} ranks under mpirun) ...")
+    per_core = _ranks_model_times(cores, seconds) if cores > 1 else model_times(seconds)
+    say(f"GPT forward + backward, one rank on {cores} cores ...")
+    whole = model_times(seconds, layer_counts=(LAYERS[0],))
+    for (h, t, n), value in per_core.items():
+        alone = f" / {whole[h, t, n] * 1e3:.1f}" if (h, t, n) in whole else ""
+        say(f"  hidden {h}, {t} tokens, {n} layers: {value * 1e3:.1f}{alone} ms (a rank per core / one rank)")
+    return per_core, whole
+
+
 def calibrate(
     data: Path,
     measure: MeasureLayouts,
@@ -191,13 +203,7 @@ def calibrate(
     torch.set_num_threads(cores)
     say(f"matmul peak on {cores} cores ...")
     peak = measure_matmul_peak(torch.device("cpu"), seconds=2 * seconds)
-    say(f"GPT forward + backward, one rank per core ({cores} ranks under mpirun) ...")
-    per_core = _ranks_model_times(cores, seconds) if cores > 1 else model_times(seconds)
-    say(f"GPT forward + backward, one rank on {cores} cores ...")
-    whole = model_times(seconds, layer_counts=(LAYERS[0],))
-    for (h, t, n), value in per_core.items():
-        alone = f" / {whole[h, t, n] * 1e3:.1f}" if (h, t, n) in whole else ""
-        say(f"  hidden {h}, {t} tokens, {n} layers: {value * 1e3:.1f}{alone} ms (a rank per core / one rank)")
+    per_core, whole = _gpt_times(cores, seconds, say)
     constants = fit(per_core)
     efficiency = statistics.median(per_core[key] / (cores * whole[key]) for key in whole)
     say("memory bandwidth ...")

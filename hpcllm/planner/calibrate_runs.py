@@ -52,6 +52,29 @@ def shape_of(cluster: profiles.ClusterProfile) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=") for item in cluster.calibration_model.split(","))}
 
 
+def _measure_runs(
+    layouts: dict[str, PlannedLayout], shape: dict[str, int], measure: MeasureLayouts, steps: int, repeat: int
+) -> dict[str, float]:
+    """Tokens/s of a short training run of the calibration model in each layout."""
+    from hpcllm.planner.search import layout_arguments
+
+    sets = [f"model.{key}={value}" for key, value in shape.items()]
+    sets.append(f"train.global_batch={CALIBRATION_BATCH}")
+    flags = [item for assignment in sets for item in ("--set", assignment)]
+    variants = [(name, layout.gpus, layout_arguments(layout)) for name, layout in layouts.items()]
+    return measure(variants, flags, steps, repeat)
+
+
+def _bisect(
+    terms: dict[str, float], term: str, low: float, high: float, too_slow: Callable[[], bool], rising: bool
+) -> None:
+    """Bisect for the value of `term` at which a run's prediction meets its measurement (`too_slow`:
+    the prediction is slower than the run); `rising`: a larger value predicts a slower step."""
+    for _ in range(40):
+        terms[term] = (low + high) / 2
+        low, high = (low, terms[term]) if too_slow() == rising else (terms[term], high)
+
+
 def parallel_terms(
     values: dict[str, Any],
     data: Path,
@@ -63,14 +86,9 @@ def parallel_terms(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Fit the parallel terms from short training runs of the calibration model, each from its run."""
     from hpcllm.data.tokens import open_prepared
-    from hpcllm.planner.search import layout_arguments
 
     layouts = calibration_layouts(cores)
-    sets = [f"model.{key}={value}" for key, value in shape.items()]
-    sets.append(f"train.global_batch={CALIBRATION_BATCH}")
-    flags = [item for assignment in sets for item in ("--set", assignment)]
-    variants = [(name, layout.gpus, layout_arguments(layout)) for name, layout in layouts.items()]
-    tokens_per_s = measure(variants, flags, steps, repeat)
+    tokens_per_s = _measure_runs(layouts, shape, measure, steps, repeat)
     model = ModelSpec(vocab=open_prepared(data, verify=False).vocab_size, **shape)
     tokens = CALIBRATION_BATCH * model.block_size
     fields = {k: v for k, v in values.items() if k != "measured"}
@@ -94,12 +112,7 @@ def parallel_terms(
         terms["step_scale"] = measured_step("reference") / predicted("reference").step_s
 
     def solve(term: str, low: float, high: float, run: str, rising: bool) -> None:
-        """Bisect for the value of `term` at which `run`'s prediction meets its measurement;
-        `rising`: a larger value predicts a slower step."""
-        for _ in range(40):
-            terms[term] = (low + high) / 2
-            too_slow = predicted(run).step_s > measured_step(run)
-            low, high = (low, terms[term]) if too_slow == rising else (terms[term], high)
+        _bisect(terms, term, low, high, lambda: predicted(run).step_s > measured_step(run), rising)
 
     tp, pp = layouts["tp"], layouts["pp"]
     tp_collectives = CALIBRATION_BATCH // (tp.dp * tp.micro_batch) * model.n_layer * 4
