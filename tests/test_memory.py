@@ -6,7 +6,8 @@ import torch
 from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
 
 from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.observe.memory import predicted_activation_bytes, saved_activation_bytes
+from hpcllm.model.gpt2 import GPT2
+from hpcllm.observe.memory import saved_activation_bytes
 
 STEPS = ["--steps", 20, *sets("train.eval_every=0")]
 
@@ -40,7 +41,7 @@ def test_recomputation_keeps_fewer_activations_and_gives_the_same_gradients():
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert kept["full"] < kept["selective"] < kept["none"], kept
     for mode, measured in kept.items():
-        assert abs(measured / predicted_activation_bytes(shape, 2, mode) - 1) < 0.1, (mode, kept)
+        assert abs(measured / GPT2.predicted_activation_bytes(shape, 2, mode) - 1) < 0.1, (mode, kept)
     for mode in ("selective", "full"):
         for name, grad in grads["none"].items():
             assert torch.allclose(grads[mode][name], grad, rtol=1e-5, atol=1e-7), (mode, name)
@@ -62,7 +63,7 @@ def test_recomputation_at_tp2_and_pp2_matches_one_process(data_dir, tmp_path, on
 def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values():
     shape = GPTShape(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=16)
     full = dict(GPT(shape, seed=7).named_parameters())
-    assert sum(p.numel() for p in full.values()) == shape.parameter_count
+    assert sum(p.numel() for p in full.values()) == GPT2.parameters(shape).total
     stages = {
         "first": GPT(shape, 7, range(0, 1), first=True, last=False),
         "middle": GPT(shape, 7, range(1, 3), first=False, last=False),
@@ -79,7 +80,7 @@ def test_a_pipeline_stage_builds_only_its_parts_with_the_single_process_values()
     counted = sum(
         t.numel() for s in held.values() for n, t in s.items() if (s, n) != (held["last"], "wte.weight")
     )
-    assert counted == shape.parameter_count
+    assert counted == GPT2.parameters(shape).total
 
 
 # ---- the distributed optimizer (parallel.zero) -----------------------------------------------
@@ -184,7 +185,9 @@ def test_sequence_parallel_gives_the_full_model_gradients_with_fewer_activations
     # Korthikanti et al.: sbh(10 + 24/t) -> sbh(34/t) per layer, 0.77x at t = 2 (measured 0.77x).
     assert kept[True] <= 0.8 * kept[False], kept
     for sequence_parallel, measured in kept.items():
-        predicted = predicted_activation_bytes(shape, 2, "none", tp=2, sequence_parallel=sequence_parallel)
+        predicted = GPT2.predicted_activation_bytes(
+            shape, 2, "none", tp=2, sequence_parallel=sequence_parallel
+        )
         assert abs(measured / predicted - 1) < 0.1, (sequence_parallel, kept)
 
     part = partition_tensor_parallel(GPT(shape, seed=3), group, sequence_parallel=True)

@@ -9,7 +9,7 @@ distributed optimizer allocates; its tests check the layout); zero=2 adds the ra
 reduced gradients (4/dp bytes per parameter) next to the local accumulation buffer. Step time is
 the median of forward + backward + AdamW over `steps` steps. `peak_bytes` is the sum of the kinds
 on CPU, and on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) over those steps.
-Each row carries the activation bytes predicted by `observe.memory.predicted_activation_bytes`.
+Each row carries the activation bytes predicted by `ModelFamily.predicted_activation_bytes`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.observe.memory import predicted_activation_bytes, saved_activation_bytes, tensor_bytes
+from hpcllm.model.gpt2 import GPT2
+from hpcllm.observe.memory import saved_activation_bytes, tensor_bytes
 from hpcllm.training.config import RECOMPUTE, ZERO, Config
 from hpcllm.training.optim import make_optimizer
 
@@ -66,7 +67,7 @@ def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, 
         activations = saved_activation_bytes(model, idx, idx)
         step_ms, allocator_peak = _step(model, idx, steps, t)
         params = tensor_bytes(list(model.parameters()))
-        predicted = predicted_activation_bytes(shape, t.micro_batch, recompute)
+        predicted = GPT2.predicted_activation_bytes(shape, t.micro_batch, recompute)
         for zero in ZERO if dp > 1 else (0,):
             optimizer = 2 * params // (dp if zero else 1)
             grads = params + (params // dp if zero == 2 else 0)
@@ -110,7 +111,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         )
     lines.append("activ. x, optim x, time x: against recompute=none, zero=0; activations of one micro-batch")
     lines.append(
-        "formula MB: observe.memory.predicted_activation_bytes (Korthikanti et al., fp32, fused attention)"
+        "formula MB: ModelFamily.predicted_activation_bytes (Korthikanti et al., fp32, fused attention)"
     )
     return "\n".join(lines)
 
@@ -136,10 +137,11 @@ def largest_models(config: Config, vocab_size: int, dp: int, budget_bytes: float
         shape = GPTShape(vocab_size, m.block_size, 0, m.n_head, m.n_embd)
         for zero in (0, 1) if dp > 1 else (0,):
             per_parameter = 4 + 4 + 8 / (dp if zero else 1)  # fp32 weights, gradients, Adam moments
-            fixed = shape.parameter_count * per_parameter + outside_activations
-            per_layer = shape.block_parameters * per_parameter + per_layer_activations
+            counts = GPT2.parameters(shape)
+            fixed = counts.total * per_parameter + outside_activations
+            per_layer = counts.per_layer * per_parameter + per_layer_activations
             layers = max(0, int((budget_bytes - fixed) // per_layer))
-            parameters = shape.parameter_count + layers * shape.block_parameters
+            parameters = counts.total + layers * counts.per_layer
             rows.append({"recompute": recompute, "zero": zero, "n_layer": layers, "parameters": parameters})
     return rows
 

@@ -33,6 +33,7 @@ import torch
 from hpcllm.cluster.launcher import launch_command, launch_env, run_launched
 from hpcllm.data.tokens import open_prepared
 from hpcllm.model.gpt import GPT, GPTShape
+from hpcllm.model.gpt2 import GPT2
 from hpcllm.observe.metrics import measure_matmul_peak
 from hpcllm.training import config as config_mod
 
@@ -203,7 +204,7 @@ def _report(
     prepared = open_prepared(data, verify=False)
     m = config.model
     model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd))
-    per_token = model.shape.family.flops_per_token(model.shape)
+    per_token = GPT2.flops_per_token(model.shape)
     # hpcllm's variants run on the GPU when there is one; MFU is then against its matmul peak in
     # the training dtype (bf16 tensor cores), as nanoGPT-class trainers report it.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -1,2 +1,2 @@
-"""The GPT (gpt.py), written once; partition.py cuts it for tensor parallelism, and a pipeline
-stage keeps its own layers of it."""
+"""Model families (family.py: what one is; registry.py: which exist), each network written once for
+training and decoding; partition.py cuts any of them for tensor parallelism by the family's plan."""

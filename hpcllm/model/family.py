@@ -119,6 +119,23 @@ class ModelFamily(ABC):
         head = 6 * shape.block_size * shape.n_embd * shape.vocab_size
         return global_batch * (per_sequence + head)
 
+    def predicted_activation_bytes(
+        self, shape: Any, micro_batch: int, recompute: str, tp: int = 1, sequence_parallel: bool = False
+    ) -> int | None:
+        """Activation bytes of one micro-batch per rank in fp32, by Korthikanti et al. 2022's method
+        applied to this implementation (None with dropout, whose masks and the unfused attention it
+        needs are not modelled): the layers' share from `activation_bytes_per_layer`, and outside
+        them the logits and their log-softmax (4*sbv/t, the head is vocabulary-parallel), the final
+        norm's input and output (8*sbh, /t with sequence parallelism) and the token ids (24*sb).
+        `hpcllm bench memory` measures against it."""
+        if shape.dropout:
+            return None
+        s, b, h, v = shape.block_size, micro_batch, shape.n_embd, shape.vocab_size
+        per_layer = self.activation_bytes_per_layer(shape, b, tp, recompute, sequence_parallel, 4)
+        split = tp if sequence_parallel else 1  # the regions outside the TP layers
+        outside = 4 * s * b * v / tp + 8 * s * b * h / split + 24 * s * b
+        return int(shape.n_layer * per_layer + outside)
+
     def plan_stages(self, shape: Any, pp: int, stage_layers: str = "") -> StagePlan:
         """Layers per pipeline stage: as `stage_layers` says, or balanced by parameters (the
         embeddings count on the first stage, the head, tied or not, on the last)."""

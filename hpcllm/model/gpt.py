@@ -31,7 +31,7 @@ from hpcllm.model.dropout import (
     dropout,
     keyed_dropout,
 )
-from hpcllm.model.gpt2 import GPT2, GPTShape
+from hpcllm.model.gpt2_shape import GPTShape
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.parallel.sharding import Sharding, sequence_parallel_parameters
 from hpcllm.parallel.tensor.collectives import TensorCollectives
@@ -186,8 +186,10 @@ class GPT(nn.Module):
         self.stage_layers = layers  # the blocks this model runs
         self.holds_tied_copy = last and not first  # of the embedding the first stage owns
         self.recompute = "none"  # see set_recompute
-        # Sequence parallelism: the residual stream holds this TP rank's part of the sequence.
+        # Sequence parallelism: the residual stream holds this TP rank's part of the sequence, and
+        # these modules (the family's list) see only that part.
         self.sequence_group: TensorCollectives | None = None
+        self.sequence_parallel_modules: tuple[str, ...] = ()
         self._init_weights(int(torch.randint(2**62, ()).item()) if seed is None else seed)
 
     @torch.no_grad()
@@ -213,6 +215,11 @@ class GPT(nn.Module):
             if isinstance(block, Block):
                 block.attn.recompute_core = mode == "selective"
 
+    def enable_sequence_parallel(self, group: TensorCollectives, modules: tuple[str, ...]) -> None:
+        """Split the residual stream's sequence over `group`; `modules` (names inside a block, or of
+        the whole model) are the replicated ones that then see a part of it."""
+        self.sequence_group, self.sequence_parallel_modules = group, modules
+
     def parameter_sharding(self) -> dict[str, Sharding]:
         """The tied copy of the embedding on the last stage; with sequence parallelism, the
         parameters of the modules that see only this rank's part of the sequence (the family's
@@ -221,9 +228,8 @@ class GPT(nn.Module):
         if self.sequence_group is None:
             return declared
         partial = Sharding(sequence_parallel=True)
-        suffixes = tuple(
-            f".{name}.{kind}" for name in GPT2.sequence_parallel_modules() for kind in ("weight", "bias")
-        )
+        kinds = ("weight", "bias")
+        suffixes = tuple(f".{name}.{kind}" for name in self.sequence_parallel_modules for kind in kinds)
         for name, _ in self.named_parameters():
             if f".{name}".endswith(suffixes):
                 declared[name] = partial

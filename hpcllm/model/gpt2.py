@@ -3,37 +3,11 @@ The network itself is `hpcllm.model.gpt` (imported on demand: the arithmetic nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from hpcllm.errors import UsageError
 from hpcllm.model.family import COLUMN, ROW, TIED_HEAD, VOCAB, ModelFamily, ParameterCounts, TensorSplit
-
-
-@dataclass(frozen=True)
-class GPTShape:
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float = 0.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def family(self) -> GPT2Family:
-        return GPT2
-
-    @property
-    def block_parameters(self) -> int:
-        return GPT2.parameters(self).per_layer
-
-    @property
-    def parameter_count(self) -> int:
-        return GPT2.parameters(self).total
+from hpcllm.model.gpt2_shape import GPTShape
 
 
 class GPT2Family(ModelFamily):

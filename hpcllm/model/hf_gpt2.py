@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from hpcllm.errors import UsageError
-from hpcllm.model.gpt2 import GPTShape
+from hpcllm.model.gpt2_shape import GPTShape
 from hpcllm.model.hf_folder import CONFIG, TOKENIZER_FILE, weight_files
 
 DISPLAY_NAME = "GPT-2"

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from hpcllm.model.family import COLUMN, ROW, TIED_HEAD, VOCAB, TensorSplit
+from hpcllm.model.registry import family_of_shape
 from hpcllm.parallel.pipeline.partition import StagePlan
 from hpcllm.parallel.sharding import padded_size
 from hpcllm.parallel.tensor.collectives import TensorCollectives
@@ -68,7 +69,8 @@ def partition_tensor_parallel(
         log.info(
             "vocabulary padded from %d to %d so that it divides by tp = %d", shape.vocab_size, vocab_rows, tp
         )
-    plan = shape.family.tensor_parallel_plan(shape)
+    family = family_of_shape(shape)
+    plan = family.tensor_parallel_plan(shape)
     chosen = [(name, split) for name, _ in model.named_modules() if (split := _split_of(name, plan))]
     for name, split in chosen:
         parent_name, _, attribute = name.rpartition(".")
@@ -77,7 +79,7 @@ def partition_tensor_parallel(
             parent, attribute, _parallel_layer(getattr(parent, attribute), split, group, shape.vocab_size)
         )
     if sequence_parallel:
-        model.sequence_group = group
+        model.enable_sequence_parallel(group, family.sequence_parallel_modules())
         for module in model.modules():
             if isinstance(module, ColumnParallelLinear | RowParallelLinear | VocabParallelHead):
                 module.sequence_parallel = True
@@ -86,4 +88,4 @@ def partition_tensor_parallel(
 
 def plan_stages(shape: Any, pp: int, stage_layers: str = "") -> StagePlan:
     """Layers per pipeline stage, by the shape's family (`ModelFamily.plan_stages`)."""
-    return shape.family.plan_stages(shape, pp, stage_layers)
+    return family_of_shape(shape).plan_stages(shape, pp, stage_layers)

@@ -28,6 +28,11 @@ def family_of(model: object) -> ModelFamily:
     return family_named(getattr(model, "family", GPT2.name))
 
 
+def family_of_shape(shape: object) -> ModelFamily:
+    """The family a model shape belongs to (its `family_name`)."""
+    return family_named(getattr(shape, "family_name", GPT2.name))
+
+
 def family_of_hf_folder(path: Path) -> ModelFamily:
     """The family whose adapter reads a Hugging Face folder, by its config.json's model_type; GPT-2's
     when none matches (its adapter then says, in one line, what the folder is instead)."""

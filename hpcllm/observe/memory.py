@@ -33,26 +33,3 @@ def saved_activation_bytes(model: Any, idx: torch.Tensor, targets: torch.Tensor)
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def predicted_activation_bytes(
-    shape: Any, micro_batch: int, recompute: str, tp: int = 1, sequence_parallel: bool = False
-) -> int | None:
-    """Activation bytes of one micro-batch per rank, by Korthikanti et al. 2022's method applied to
-    this implementation (None with dropout, whose masks and the unfused attention it forces on CPU
-    are not modelled), in fp32.
-
-    The paper counts, per layer, s*b*h*(34 + 5*a*s/h) bytes for 16-bit activations with an
-    attention core that stores the a*s*s scores, softmax and dropout mask; the layers' share is the
-    model family's (`ModelFamily.activation_bytes_per_layer`, which gives the fp32 terms of
-    PyTorch's fused attention). Outside the layers:
-    the logits and their log-softmax (4*sbv/t, the head is vocabulary-parallel), the final
-    LayerNorm's input and output (8*sbh, /t with sequence parallelism) and the token ids (24*sb).
-    """
-    if shape.dropout:
-        return None
-    s, b, h, v = shape.block_size, micro_batch, shape.n_embd, shape.vocab_size
-    per_layer = shape.family.activation_bytes_per_layer(shape, b, tp, recompute, sequence_parallel, 4)
-    split = tp if sequence_parallel else 1  # the regions outside the TP layers
-    outside = 4 * s * b * v / tp + 8 * s * b * h / split + 24 * s * b
-    return int(shape.n_layer * per_layer + outside)

@@ -24,6 +24,7 @@ from hpcllm.data import tokenizer as tok
 from hpcllm.errors import UsageError
 from hpcllm.model import hf_folder
 from hpcllm.model.gpt import GPT
+from hpcllm.model.registry import family_of_shape
 from hpcllm.training import checkpoint
 from hpcllm.training.generate import load_model, run_checkpoint
 
@@ -54,7 +55,7 @@ def write_hf_folder(model: GPT, tokenizer: Any, out: Path) -> None:
     """The whole (one-process) `model` and its tokenizer as a Hugging Face folder at `out` (new, or
     empty), through its family's adapter: written beside it, then renamed into place."""
     shape = model.shape
-    adapter = shape.family.hf()
+    adapter = family_of_shape(shape).hf()
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -79,7 +80,7 @@ def export(args: ExportArgs) -> int:
     model, tokenizer, _, _ = load_model(Path(args.run), ckpt, runtime.init())
     write_hf_folder(model, tokenizer, out)
     shape = model.shape
-    adapter = shape.family.hf()
+    adapter = family_of_shape(shape).hf()
     step = checkpoint.read_manifest(ckpt).get("step", "?")
     print(
         f"wrote {out}: {adapter.DISPLAY_NAME} ({shape.n_layer} layers, {shape.n_embd} wide, "

@@ -26,7 +26,7 @@ from hpcllm.errors import UsageError
 from hpcllm.model import inference
 from hpcllm.model.gpt import GPT
 from hpcllm.model.partition import partition_tensor_parallel
-from hpcllm.model.registry import family_of
+from hpcllm.model.registry import family_of, family_of_shape
 from hpcllm.observe.memory import tensor_bytes
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.tasks import dynamic_map, largest_first
@@ -132,7 +132,7 @@ def generate(args: GenerateArgs) -> int:
     if args.tp > 1:  # a log line: standard output carries the generated text only
         mine, whole = (
             tensor_bytes(list(model.parameters())),
-            model.shape.family.parameters(model.shape).total * 4,
+            family_of_shape(model.shape).parameters(model.shape).total * 4,
         )
         log.info(
             "tp %d: %.2f MB of weights on each rank, of %.2f MB in all", args.tp, mine / 1e6, whole / 1e6

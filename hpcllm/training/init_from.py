@@ -18,7 +18,7 @@ from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import Prepared
 from hpcllm.errors import UsageError
 from hpcllm.model import hf_folder
-from hpcllm.model.registry import family_of_hf_folder
+from hpcllm.model.registry import family_of_hf_folder, family_of_shape
 from hpcllm.parallel.grid import Grid
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
@@ -50,5 +50,5 @@ def check_tokenizer(folder: Any, data: Prepared) -> None:
 
 
 def load_weights(model: torch.nn.Module, folder: Any, grid: Grid) -> None:
-    tensors = model.shape.family.hf().read_weights(folder, wanted=set(model.state_dict()))
+    tensors = family_of_shape(model.shape).hf().read_weights(folder, wanted=set(model.state_dict()))
     checkpoint.load_whole_model(model, tensors, grid, str(folder.path))
