@@ -327,7 +327,7 @@ def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, dat
     assert run_hpcllm(["export", "--run", run, "--format", "hf", "--out", folder]).returncode == 0
     from_hf = tmp_path / "from-hf"
     started = run_hpcllm(
-        [*flags[:4], from_hf, "--steps", 1, "--layout", "auto", "--init-from", f"hf:{folder}"],
+        [*flags[:4], from_hf, *TINY, "--steps", 1, "--layout", "auto", "--init-from", f"hf:{folder}"],
         ranks=2,
         env=env,
     )
