@@ -35,17 +35,9 @@ def test_dp2_matches_dp1_step_by_step(data_dir, tmp_path):
 def test_replicas_stay_identical(mpi_tmp_path, comm):
     import hashlib
 
-    from hpcllm.data.prepare import PrepareOptions, prepare
     from hpcllm.training.loop import TrainArgs, run_training
 
-    # Inside the ranks everything runs in-process and collectively, prepare included.
-    if comm.Get_rank() == 0:
-        write_corpus(mpi_tmp_path / "src")
-    comm.Barrier()
-    data = mpi_tmp_path / "data"
-    prepare(
-        PrepareOptions(sources=[str(mpi_tmp_path / "src")], out=data, tokenizer="byte"), comm, progress=False
-    )
+    data = prepare_in_ranks(mpi_tmp_path, comm)
     trainer = run_training(
         TrainArgs(set=tuple(TINY[1::2]), data=str(data), out=str(mpi_tmp_path / "run"), steps=6)
     )
@@ -71,22 +63,27 @@ def test_replicas_stay_identical(mpi_tmp_path, comm):
 def test_one_host_collective_per_axis_at_tp2_pp2(mpi_tmp_path, comm):
     """pp 2 x tp 2 with sequence parallelism: the step's loss and norm cross TP once and the
     pipeline once (there were up to five blocking host collectives, pickled ones among them)."""
-    from hpcllm.data.prepare import PrepareOptions, prepare
     from hpcllm.training.loop import TrainArgs, run_training
 
-    if comm.Get_rank() == 0:
-        write_corpus(mpi_tmp_path / "src")
-    comm.Barrier()
-    data = mpi_tmp_path / "data"
-    prepare(
-        PrepareOptions(sources=[str(mpi_tmp_path / "src")], out=data, tokenizer="byte"), comm, progress=False
-    )
+    data = prepare_in_ranks(mpi_tmp_path, comm)
     layout = ("parallel.sequence_parallel=true",)
     args = TrainArgs(
         set=(*TINY[1::2], *layout), data=str(data), out=str(mpi_tmp_path / "run"), steps=2, tp=2, pp=2
     )
     trainer = run_training(args)
     assert host_collectives(trainer, 2) == {"dp": [], "tp": ["Allreduce"], "pp": ["Allreduce"]}
+
+
+def prepare_in_ranks(root, comm):
+    """Inside the ranks everything runs in-process and collectively, prepare included."""
+    from hpcllm.data.prepare import PrepareOptions, prepare
+
+    if comm.Get_rank() == 0:
+        write_corpus(root / "src")
+    comm.Barrier()
+    data = root / "data"
+    prepare(PrepareOptions(sources=[str(root / "src")], out=data, tokenizer="byte"), comm, progress=False)
+    return data
 
 
 class CountingComm:
