@@ -317,9 +317,26 @@ def test_bad_config_files_are_refused(data_dir, tmp_path, content, message):
 def test_resume_of_something_that_is_not_a_resumable_run(data_dir, tmp_path):
     proc = run_hpcllm(["train", "--out", tmp_path / "nothing", "--resume"])
     assert_usage_error(proc, "holds no run (config.yaml missing)", "drop --resume")
-    run = tmp_path / "no-checkpoint"
-    assert train(data_dir, run, "--steps", 2, *sets("train.ckpt_every=0")).returncode == 0
-    assert_usage_error(run_hpcllm(["train", "--out", run, "--resume"]), "has no complete checkpoint yet")
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(data_dir, tmp_path):
+    """No dead end: rank 0 killed before step 3, before the first checkpoint (step 5). The run
+    keeps its config.yaml, so a new start is refused, and --resume (what the batch templates run
+    for any started run) trains it again from step 0 with its saved configuration, to the losses
+    of a run never interrupted, bitwise."""
+    every = sets("train.ckpt_every=5")
+    whole = tmp_path / "whole"
+    command = ["train", "--data", data_dir, "--out", whole, *QUIET, *every, "--steps", 6]
+    assert run_hpcllm(command, ranks=2).returncode == 0
+    run = tmp_path / "killed"
+    killed, _ = faulty_train(data_dir, run, "kill:rank=0:step=3", *every, steps=6)
+    assert killed.returncode != 0 and (run / "config.yaml").is_file()
+    assert not (run / "checkpoints" / "latest").exists()
+    assert_usage_error(train(data_dir, run, "--steps", 6), "already holds a run; pass --resume")
+    resumed = run_hpcllm(["train", "--out", run, "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "has no complete checkpoint yet; starting it again from step 0" in resumed.stderr
+    assert losses(run) == losses(whole)
 
 
 @pytest.mark.parametrize(

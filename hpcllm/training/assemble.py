@@ -132,8 +132,6 @@ def _resume(
 ) -> None:
     ckpt = checkpoint.latest(out)
     assert ckpt is not None  # checked when the run directory was opened
-    for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
-        log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
     runtime.every_rank_checks(rt.comm, lambda: checkpoint.load(ckpt, model, optimizer, grid))
     log.info("resumed from %s at step %d (%d samples consumed)", ckpt, *at)
 

@@ -31,7 +31,7 @@ from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
 from hpcllm.training.optim import learning_rate
 from hpcllm.training.plan import Plan, default_data_dir, make_plan
-from hpcllm.training.run_dir import ensure_data, open_run_dir, resume_point
+from hpcllm.training.run_dir import ensure_data, has_checkpoint, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer
 
 log = logging.getLogger("hpcllm.training")
@@ -69,24 +69,27 @@ def train(args: TrainArgs) -> int:
     return 0
 
 
-def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, Any]:
+def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, Any, bool]:
     """Collective: rank 0 opens the run directory and checks the configuration; every rank gets
-    the same plan (and the Hugging Face folder a new run starts from), or the same one-line error."""
+    the same plan, the Hugging Face folder a run starts from, and whether it continues from a
+    checkpoint (a --resume of a run that has none starts it again at step 0), or the same
+    one-line error."""
 
-    def decide() -> tuple[Plan, Path, Any]:
+    def decide() -> tuple[Plan, Path, Any, bool]:
         cluster = _auto_layout_profile(args) if args.layout == "auto" else None
         out, saved = open_run_dir(args.out, args.resume)
+        from_checkpoint = saved is not None and has_checkpoint(out)
         config = config_mod.load(args.config, args.set, base=saved, overrides=args.overrides())
         # Composed once, in this order, each as if given with --set: the settings, the shape of
         # the folder the run starts from, then the planner's layout for that shape.
-        folder = init_from.source(config) if saved is None else None
+        folder = None if from_checkpoint else init_from.source(config)
         assignments = [*args.set, *(folder.model_settings() if folder is not None else [])]
         if folder is not None:
-            config = config_mod.load(args.config, assignments, overrides=args.overrides())
+            config = config_mod.load(args.config, assignments, base=saved, overrides=args.overrides())
         if cluster is not None:
             assignments += _auto_layout(config, cluster, rt)
             config = config_mod.load(args.config, assignments, overrides=args.overrides())
-        return make_plan(config, rt.size, rt.device.type, saved), out, folder
+        return make_plan(config, rt.size, rt.device.type, saved), out, folder, from_checkpoint
 
     return runtime.root_decides(rt.comm, decide)
 
@@ -161,7 +164,7 @@ def run_training(args: TrainArgs) -> Trainer:
     rt = runtime.init()
     # Every check comes before the run directory is created: bad input leaves nothing behind.
     fault = runtime.root_decides(rt.comm, faults.configured)
-    plan, out, folder = _plan(args, rt)
+    plan, out, folder, from_checkpoint = _plan(args, rt)
     grid = Grid(
         rt.comm,
         tp=plan.layout.tp,
@@ -175,7 +178,10 @@ def run_training(args: TrainArgs) -> Trainer:
     data = ensure_data(plan, rt, grid.node_comm)
     if folder is not None:
         runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data.primary))
-    resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if args.resume else (0, 0)
+    if args.resume:  # a checkpoint write that a crash interrupted is never read
+        for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
+            log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
+    resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if from_checkpoint else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
     log.info("%s", rt.describe())
@@ -189,7 +195,9 @@ def run_training(args: TrainArgs) -> Trainer:
     if folder is not None:
         runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(built[0], folder, grid))
         log.info("initialised from %s: GPT-2 %s", folder.path, ", ".join(folder.model_settings()))
-    trainer, start_step = assemble_trainer(plan, rt, grid, data, out, built, fault, args.resume, resumed_at)
+    trainer, start_step = assemble_trainer(
+        plan, rt, grid, data, out, built, fault, from_checkpoint, resumed_at
+    )
     trainer.stop.install()
     watchdog.start(rt.comm, plan.config.train.watchdog_s)
     try:

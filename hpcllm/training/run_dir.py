@@ -29,7 +29,10 @@ def default_run_dir() -> Path:
 
 
 def open_run_dir(out_arg: str | None, resume: bool) -> tuple[Path, dict[str, Any] | None]:
-    """(run directory, saved config when resuming). Refuses to touch a run without --resume."""
+    """(run directory, saved config when resuming). Refuses to touch a run without --resume. A run
+    that stopped before its first complete checkpoint is resumed from step 0 with its saved
+    configuration (`has_checkpoint` tells the two apart), so a job that died in its first minutes
+    is restarted like any other."""
     out = Path(out_arg) if out_arg else default_run_dir()
     saved_config = out / "config.yaml"
     if resume:
@@ -39,10 +42,13 @@ def open_run_dir(out_arg: str | None, resume: bool) -> tuple[Path, dict[str, Any
             )
         ckpt = checkpoint.latest(out)
         if ckpt is None:
-            raise UsageError(
-                f"--resume: {out} has no complete checkpoint yet; start the run again without --resume"
+            log.warning(
+                "--resume: %s has no complete checkpoint yet; starting it again from step 0 with its saved "
+                "configuration",
+                out,
             )
-        checkpoint.refuse_pickles(ckpt)
+        else:
+            checkpoint.refuse_pickles(ckpt)
         return out, yaml.safe_load(saved_config.read_text())
     if saved_config.exists():
         raise UsageError(
@@ -51,6 +57,11 @@ def open_run_dir(out_arg: str | None, resume: bool) -> tuple[Path, dict[str, Any
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} is not empty and is not an hpcllm run; choose another directory")
     return out, None
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether a resume of the run in `out` continues from a checkpoint (else it starts at step 0)."""
+    return checkpoint.latest(out) is not None
 
 
 def ensure_data(plan: Plan, rt: runtime.Runtime, node_comm: Any) -> Mixture:
