@@ -106,7 +106,7 @@ def test_init_from_hf_at_tp_and_pp_then_export_round_trip(gpt2_folder, data_dir,
     proc = train(data_dir, pp_run, "--init-from", f"hf:{exported}", "--pp", "2", "--steps", "1", ranks=2)
     assert proc.returncode == 0, proc.stderr
     assert losses(pp_run)[1] == pytest.approx(first_batch_loss(exported, data_dir), rel=1e-5)
-    assert_export_matches(pp_run, tmp_path / "pp2-hf", data_dir)
+    assert_export_matches(pp_run, tmp_path / "new" / "pp2-hf", data_dir)  # missing folders are made
     # An existing folder is never written over.
     assert_usage_error(
         run_hpcllm(["export", "--run", pp_run, "--out", exported]), "already exists", "not an empty folder"

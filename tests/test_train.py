@@ -153,6 +153,10 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     a, b = losses(full), losses(crashed)
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # bitwise on CPU, same layout
     assert (crashed / "checkpoints" / "step-00000012" / "manifest.json").exists()
+    # Resuming a finished run says it is complete and how to extend it.
+    again = run_hpcllm(["train", "--out", crashed, "--resume"])
+    assert again.returncode == 0 and "is complete" in again.stdout and "--steps N" in again.stdout, again
+    assert "nan" not in again.stdout and sorted(losses(crashed)) == list(range(1, 13))
     # TensorBoard's own reader sees each step once, with the resumed run's values after step 6.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

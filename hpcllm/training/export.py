@@ -45,8 +45,9 @@ def _check(args: ExportArgs) -> tuple[Path, Path]:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} already exists and is not an empty folder; choose a new path")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise UsageError(f"--out {out}: {out.parent} is not a writable folder")
+    existing = next(parent for parent in out.absolute().parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):  # missing folders are created
+        raise UsageError(f"--out {out}: {existing} is not a writable folder")
     name = checkpoint.step_name(args.step) if args.step is not None else None
     return run_checkpoint(Path(args.run), name), out
 
@@ -56,6 +57,7 @@ def write_hf_folder(model: GPT, tokenizer: Any, out: Path) -> None:
     empty), through its family's adapter: written beside it, then renamed into place."""
     shape = model.shape
     adapter = family_of_shape(shape).hf()
+    out.parent.mkdir(parents=True, exist_ok=True)  # as train and prepare create theirs
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

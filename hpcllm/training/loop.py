@@ -198,6 +198,14 @@ def run_training(args: TrainArgs) -> Trainer:
     trainer, start_step = assemble_trainer(
         plan, rt, grid, data, out, built, fault, from_checkpoint, resumed_at
     )
+    steps = plan.config.train.steps
+    if start_step >= steps:  # nothing to train: say so, not "final train loss nan"
+        if rt.rank == 0:
+            print(
+                f"{out} is complete: its checkpoint is at step {start_step} of train.steps = {steps}; "
+                f"to train it further, resume with --steps N (more than {start_step})"
+            )
+        return trainer
     trainer.stop.install()
     watchdog.start(rt.comm, plan.config.train.watchdog_s)
     try:
