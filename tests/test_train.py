@@ -288,6 +288,22 @@ def test_unknown_config_key_suggests_the_nearest(data_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_progress_lines_when_not_on_a_terminal_and_none_with_quiet(data_dir, tmp_path):
+    """Under sbatch standard error is a file: rank 0 writes a line every train.log_every steps
+    (step of total, loss, lr, tokens/s, MFU, elapsed, time left) and the validation loss; --quiet
+    keeps only the start-up lines and the summary."""
+    flags = ["--steps", 4, *sets("train.log_every=2", "train.eval_every=4")]
+    shown = train(data_dir, tmp_path / "shown", *flags, ranks=2)
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stderr.splitlines() if "step " in line and "/4 |" in line]
+    assert [line.split("step ")[1].split(" ")[0] for line in lines] == ["1/4", "2/4", "4/4", "4/4"], lines
+    assert all(key in lines[1] for key in ("loss ", "lr ", "tok/s", "MFU ", "elapsed ", "left ")), lines
+    assert "val loss" in lines[-1] and "[rank 1]" not in "".join(lines)
+    quiet = train(data_dir, tmp_path / "quiet", *flags, "--quiet", ranks=2)
+    assert quiet.returncode == 0 and "/4 |" not in quiet.stderr, quiet.stderr
+    assert losses(tmp_path / "quiet") == losses(tmp_path / "shown")
+
+
 def test_n_embd_not_divisible_by_n_head(data_dir, tmp_path):
     proc = train(data_dir, tmp_path / "r", "--set", "model.n_embd=30", "--set", "model.n_head=4")
     assert_usage_error(proc, "model.n_embd 30 is not divisible by model.n_head 4")

@@ -42,6 +42,12 @@ def add_parser(commands: Any) -> None:
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     tr.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress while training (by default rank 0 prints a line every train.log_every steps "
+        "to standard error, or draws a bar on a terminal)",
+    )
+    tr.add_argument(
         "--timeline", metavar="FILE", help="write Horovod's timeline here (horovod.timeline; dp > 1)"
     )
     tr.set_defaults(func=run)

@@ -23,6 +23,7 @@ from hpcllm.data.mixture import components_of, is_mix
 from hpcllm.data.tokens import TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
+from hpcllm.observe.progress import Progress
 from hpcllm.observe.tensorboard import TensorBoardLog
 from hpcllm.parallel import torch_dist
 from hpcllm.parallel.grid import Grid
@@ -50,6 +51,7 @@ class TrainArgs:
     resume: bool = False
     timeline: str | None = None
     init_from: str | None = None  # hf:DIR
+    quiet: bool = False  # no progress lines or bar while training (the start-up lines and the summary stay)
 
     def overrides(self) -> dict[str, Any]:
         """The flags that stand for config keys, with their typed values (None = not given)."""
@@ -209,17 +211,11 @@ def run_training(args: TrainArgs) -> Trainer:
     trainer.stop.install()
     watchdog.start(rt.comm, plan.config.train.watchdog_s)
     try:
-        _loop(trainer, start_step, resume=args.resume)
+        _loop(trainer, start_step, resume=args.resume, quiet=args.quiet)
     finally:
         watchdog.stop()
         trainer.stop.uninstall()
     return trainer
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=None if enabled else True)
 
 
 def _speed(trainer: Trainer, start_step: int) -> Throughput:
@@ -261,7 +257,7 @@ def _baseline(trainer: Trainer) -> float:
     return unigram_loss(primary.tokens("train"), primary.tokens("val"), primary.vocab_size)
 
 
-def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
+def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) -> None:
     config, rt = trainer.config, trainer.rt
     t = config.train
     speed = _speed(trainer, start_step)
@@ -271,7 +267,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
     if metrics is not None and resume:
         metrics.truncate_after(start_step)
     board = TensorBoardLog(trainer.run_dir, start_step) if metrics is not None and t.tensorboard else None
-    bar = _progress(t.steps, start_step, rt.rank == 0)
+    bar = Progress(t.steps, start_step, rt.rank == 0, quiet)
     loss = val_loss = float("nan")
     for step in range(start_step, t.steps):
         done = step + 1
@@ -286,10 +282,10 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
             row["phase_ms"] = trainer.timer.take_ms_per_step()
             # Every rank logs its own breakdown: a straggler shows as the rank with little allreduce wait.
             log.debug("step %d: ms per step %s", done, {k: round(v, 1) for k, v in row["phase_ms"].items()})
-            progress = f"loss {loss:.3f} | {row['tokens_per_s']:,.0f} tok/s | MFU {row['mfu']:.1%}"
-            bar.set_postfix_str(progress, refresh=False)
+            bar.logged(row)
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             val_loss = trainer.evaluate() or float("nan")
+            bar.validated(done, val_loss)
             row = (row or {"step": done, "loss": loss}) | {"val_loss": val_loss}
         if row is not None and metrics is not None:
             metrics.append(row)
@@ -301,7 +297,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool) -> None:
         saved = bool(t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps))
         if saved:
             trainer.save(done)
-        bar.update(1)
+        bar.advance()
         _stop_if_asked(trainer, done, saved, bar)
     bar.close()
     if board is not None:
