@@ -150,6 +150,7 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     (crashed / "checkpoints" / "latest").write_text("step-00000006\n")
     resumed = run_hpcllm(["train", "--out", crashed, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
+    assert "done: 12 steps (steps 7-12 in " in resumed.stdout, resumed.stdout  # the session's time
     a, b = losses(full), losses(crashed)
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]  # bitwise on CPU, same layout
     assert (crashed / "checkpoints" / "step-00000012" / "manifest.json").exists()

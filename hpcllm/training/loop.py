@@ -341,9 +341,15 @@ def _summary(
     mfu = tokens_per_s * flops_token / peak_total
     out = trainer.run_dir
     latest = checkpoint.latest(out)
+    steps, first = trainer.config.train.steps, trainer.resumed_at[0]
+    # After a resume the time covers this session's steps only: say which.
+    took = (
+        f"in {seconds / 60:.1f} min"
+        if not first
+        else f"(steps {first + 1}-{steps} in {seconds / 60:.1f} min)"
+    )
     lines = [
-        f"done: {trainer.config.train.steps} steps in {seconds / 60:.1f} min on {trainer.rt.size} rank(s) "
-        f"({trainer.grid.layout})",
+        f"done: {steps} steps {took} on {trainer.rt.size} rank(s) ({trainer.grid.layout})",
         f"  final train loss {loss:.3f}, val loss {val_loss:.3f}  "
         f"(unigram baseline {baseline:.3f} nats/token)",
         f"  throughput {tokens_per_s:,.0f} tokens/s (median), MFU {mfu:.1%} "
