@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, train, write_corpus
 from torch.overrides import TorchFunctionMode
 
@@ -185,6 +186,28 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert_usage_error(
         run_hpcllm(["runs", "compare", tmp_path, "--out", tmp_path / "x.png"]), "metrics.jsonl"
     )
+
+
+def test_resume_from_another_working_directory_and_after_the_data_moved(data_dir, tmp_path):
+    """config.yaml keeps the data's absolute path, so `cd elsewhere && train --out /abs/run
+    --resume` works; data that moved is named, with the fix (--data, checked to be the same data)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(data_dir, work / "data")
+    command = ["train", "--data", "data", "--out", "run", *TINY, "--steps", 2, *sets("train.ckpt_every=1")]
+    assert run_hpcllm(command, cwd=work).returncode == 0
+    assert yaml.safe_load((work / "run" / "config.yaml").read_text())["data"]["path"] == str(work / "data")
+    resumed = run_hpcllm(["train", "--out", work / "run", "--resume", "--steps", 3], cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    (work / "data").rename(work / "moved")
+    assert_usage_error(
+        run_hpcllm(["train", "--out", work / "run", "--resume", "--steps", 4], cwd=elsewhere),
+        f"the run's data {work / 'data'} is not there",
+        "pass --data with its new place",
+    )
+    moved = ["train", "--out", work / "run", "--resume", "--steps", 4, "--data", work / "moved"]
+    assert run_hpcllm(moved, cwd=elsewhere).returncode == 0
+    assert sorted(losses(work / "run")) == [1, 2, 3, 4]
 
 
 def test_resume_may_ramp_the_batch_but_not_change_seed_or_data(data_dir, tmp_path):

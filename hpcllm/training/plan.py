@@ -25,7 +25,7 @@ from hpcllm.parallel import horovod
 from hpcllm.parallel.dp_strategy import DataParallelStrategy, strategy_for
 from hpcllm.parallel.layout import Layout
 from hpcllm.parallel.pipeline.partition import StagePlan, parse_stage_layers
-from hpcllm.training.config import Config
+from hpcllm.training.config import Config, DataConfig
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,25 @@ def _check_sequence_parallel(config: Config, tp: int) -> None:
         )
 
 
+def _absolute_data(data: DataConfig, resuming: bool) -> DataConfig:
+    """data.path and data.mix's directories as absolute paths, so that config.yaml resumes from any
+    working directory; a resumed run whose data is not where it was says how to point at it."""
+
+    def absolute(path: str) -> str:
+        found = Path(path).expanduser().absolute()
+        if resuming and not found.is_dir():
+            raise UsageError(
+                f"--resume: the run's data {found} is not there (moved or deleted?); pass --data with its "
+                "new place (it is checked to be the same data)"
+            )
+        return str(found)
+
+    if data.mix:
+        items = (item.strip().rpartition(":") for item in data.mix.split(","))
+        return replace(data, mix=",".join(f"{absolute(path)}:{weight}" for path, _, weight in items))
+    return replace(data, path=absolute(data.path)) if data.path else data
+
+
 def check_timeline(path: str) -> None:
     """Horovod only logs an error and goes on without a timeline it cannot open: refuse it up front."""
     if path and not Path(path).resolve().parent.is_dir():
@@ -213,6 +232,7 @@ def make_plan(
         tensorboard.check_installed()
     h = config.horovod
     mixture.components_of(config.data.path, config.data.mix)  # bad weights end here, before any work
+    config = replace(config, data=_absolute_data(config.data, resuming=saved is not None))
     default_data = not config.data.path and not config.data.mix
     if default_data:
         config = replace(config, data=replace(config.data, path=str(default_data_dir())))
