@@ -157,9 +157,9 @@ def test_a_failed_array_task_continues_as_the_same_task_in_the_same_run_director
     tmp_path, status, continued
 ):
     """The script's own logic, run by bash with `srun` and `sbatch` stand-ins on PATH (the real
-    path, on a Slurm cluster that loses a node, is tests/test_multinode.py): a step that fails after
-    a checkpoint (137: a node died) starts a continuation job for the same array task and run
-    directory; bad input (2) and success (0) do not."""
+    path, on a Slurm cluster that loses a node, is tests/test_multinode.py): a step of a started run
+    (its config.yaml written) that fails (137: a node died) starts a continuation job for the same
+    array task and run directory; bad input (2) and success (0) do not."""
     script = tmp_path / "sweep.sbatch"
     script.write_text(render(JobSpec(template="array", out="runs", array=["train.lr=1e-3", "train.lr=3e-3"])))
     bin_dir = tmp_path / "bin"
@@ -170,6 +170,7 @@ def test_a_failed_array_task_continues_as_the_same_task_in_the_same_run_director
         stub.chmod(0o755)
     (tmp_path / "runs" / "job-5-1" / "checkpoints").mkdir(parents=True)
     (tmp_path / "runs" / "job-5-1" / "checkpoints" / "latest").write_text("step-00000010")
+    (tmp_path / "runs" / "job-5-1" / "config.yaml").write_text("train: {}\n")
     env = {
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         "SLURM_JOB_ID": "6",

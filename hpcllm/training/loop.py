@@ -180,12 +180,12 @@ def run_training(args: TrainArgs) -> Trainer:
     data = ensure_data(plan, rt, grid.node_comm)
     if folder is not None:
         runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data.primary))
-    if args.resume:  # a checkpoint write that a crash interrupted is never read
-        for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
-            log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if from_checkpoint else (0, 0)
     runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
     runtime.setup_logging(rt.rank, out)
+    if args.resume:  # a checkpoint write that a crash interrupted is never read
+        for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
+            log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
     log.info("%s", rt.describe())
     _log_engines(plan, rt.device)
     _set_tf32(plan, rt.device)
