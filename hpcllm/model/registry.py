@@ -25,12 +25,12 @@ def family_named(name: str) -> ModelFamily:
 
 def family_of(model: object) -> ModelFamily:
     """The family of a `model.` config section."""
-    return family_named(getattr(model, "family", GPT2.name))
+    return family_named(model.family)  # type: ignore[attr-defined]
 
 
 def family_of_shape(shape: object) -> ModelFamily:
     """The family a model shape belongs to (its `family_name`)."""
-    return family_named(getattr(shape, "family_name", GPT2.name))
+    return family_named(shape.family_name)  # type: ignore[attr-defined]
 
 
 def family_of_hf_folder(path: Path) -> ModelFamily:
