@@ -86,14 +86,19 @@ def train(data, out, *extra, ranks=None):
     return run_hpcllm(["train", "--data", data, "--out", out, *TINY, *extra], ranks=ranks)
 
 
-def signal_training_after(data, run, flags, steps_logged, sig, ranks=2, timeout=120):
+def signal_training_after(data, run, flags, steps_logged, sig, ranks=2, timeout=120, to="ranks"):
     """Start `hpcllm train` under mpirun, wait until `steps_logged` rows are in metrics.jsonl, send
-    `sig` to every rank (as Slurm's --signal or scancel would), and return (exit code, stderr)."""
+    `sig` and return (exit code, stderr). `to` is who gets it: "ranks" (every rank, as Slurm's
+    --signal or scancel would), "mpirun" (the launcher process), or "launcher" (the job is started
+    by `python -m hpcllm.launcher` and only that process gets it, as Ctrl-C or `kill` would)."""
     import psutil
 
-    command = launch_command(ranks, "mpirun") + HPCLLM + ["train", "--data", str(data), "--out", str(run)]
+    if to == "launcher":
+        start = [sys.executable, "-m", "hpcllm.launcher", "-np", str(ranks)]
+    else:
+        start = launch_command(ranks, "mpirun")
     job = subprocess.Popen(
-        command + [str(f) for f in flags],
+        start + HPCLLM + ["train", "--data", str(data), "--out", str(run)] + [str(f) for f in flags],
         env=launch_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -105,9 +110,12 @@ def signal_training_after(data, run, flags, steps_logged, sig, ranks=2, timeout=
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps_logged):
             assert job.poll() is None and time.monotonic() < deadline, "training ended before the signal"
             time.sleep(0.05)
-        for rank in psutil.Process(job.pid).children(recursive=True):
-            if "python" in rank.name():
-                rank.send_signal(sig)
+        if to == "ranks":
+            for rank in psutil.Process(job.pid).children(recursive=True):
+                if "python" in rank.name():
+                    rank.send_signal(sig)
+        else:
+            job.send_signal(sig)
         _, stderr = job.communicate(timeout=timeout)
     finally:
         job.kill()

@@ -118,13 +118,26 @@ def test_a_non_finite_gradient_skips_the_step_on_every_rank(data_dir, tmp_path):
         assert rows[step]["loss"] == rows[step]["loss"] and rows[step]["skipped_steps"] == 1, step
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_sigterm_and_sigint_checkpoint_and_exit_75(data_dir, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig, to",
+    [
+        (signal.SIGTERM, "ranks"),
+        (signal.SIGTERM, "launcher"),
+        (signal.SIGINT, "launcher"),
+        (signal.SIGUSR2, "mpirun"),
+    ],
+    ids=["SIGTERM-ranks", "SIGTERM-launcher", "SIGINT-launcher", "SIGUSR2-mpirun"],
+)
+def test_a_stop_signal_to_the_launcher_checkpoints_and_exits_75(data_dir, tmp_path, sig, to):
+    """The exit code the docs promise, as the shell that started the job sees it: `python -m
+    hpcllm.launcher` turns SIGTERM and SIGINT into the SIGUSR2 that mpirun forwards (mpirun's own
+    answer to SIGTERM is to kill the ranks and exit 1), and mpirun returns the ranks' 75."""
     run = tmp_path / "run"
-    returncode, stderr = signal_training_after(data_dir, run, [*QUIET, "--steps", 2000], 5, sig)
+    returncode, stderr = signal_training_after(data_dir, run, [*QUIET, "--steps", 2000], 5, sig, to=to)
     assert returncode == EXIT_PREEMPTED, stderr
-    assert f"on {sig.name}: checkpoint written" in stderr
+    assert f"on {'SIGTERM' if to == 'ranks' else 'SIGUSR2'}: checkpoint written" in stderr
     assert (run / "checkpoints" / "latest").read_text().startswith("step-")
+    assert not processes_of(run)
 
 
 # ---- checkpoint durability ------------------------------------------------------------------

@@ -8,6 +8,7 @@ plain dict. The MPI communicator stays the authority on rank and size; this is w
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -181,8 +182,45 @@ def run_launched(
     return proc.stdout
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when its parent (the supervising launcher) dies,
+    so a launcher killed by SIGKILL leaves no mpirun or ranks behind (Linux prctl)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def supervise(command: list[str], env: Mapping[str, str]) -> int:
+    """Run `command` (mpirun ...) and return its exit status, turning a stop request into a
+    clean preemption.
+
+    OpenMPI's mpirun, sent SIGTERM or SIGINT, forwards it, SIGKILLs the ranks about two seconds
+    later (a checkpoint in progress dies with them) and exits 1; sent SIGUSR2 it only forwards
+    it, and returns the ranks' own exit code (75 after the checkpoint). So the first SIGINT,
+    SIGTERM or SIGUSR2 reaching the launcher goes on to mpirun as SIGUSR2, a second one as
+    SIGTERM (stop now). mpirun runs in its own session, so Ctrl-C in a terminal reaches only
+    the launcher, not mpirun and the ranks behind its back.
+    """
+    import subprocess
+
+    job = subprocess.Popen(command, env=dict(env), start_new_session=True, preexec_fn=_die_with_parent)
+    requests = 0
+
+    def forward(_signum: int, _frame: object) -> None:
+        nonlocal requests
+        requests += 1
+        job.send_signal(signal.SIGUSR2 if requests == 1 else signal.SIGTERM)
+
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(stop, forward)
+    status = job.wait()
+    return status if status >= 0 else 128 - status  # killed by signal N: the shell's 128 + N
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m hpcllm.launcher -np N CMD...`: run CMD in N ranks with the workstation defaults."""
+    """`python -m hpcllm.launcher -np N CMD...`: run CMD in N ranks with the workstation defaults;
+    SIGINT or SIGTERM asks the ranks to checkpoint and the exit code is theirs (75)."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -194,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, EnvironmentProblem) as exc:
         print(f"hpcllm.launcher: {exc}", file=sys.stderr)
         return exc.exit_code
-    os.execvpe(command[0], command, launch_env())
+    return supervise(command, launch_env())
 
 
 if __name__ == "__main__":
