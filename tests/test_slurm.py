@@ -67,7 +67,7 @@ def test_train_arguments_are_shell_quoted():
 
 
 @pytest.mark.parametrize("template", ["gpu", "gpu-mpirun", "cpu"])
-def test_templates_render_the_requested_resources(template):
+def test_templates_render_the_requested_resources(template, tmp_path):
     proc = run_hpcllm(
         [
             "slurm",
@@ -90,10 +90,14 @@ def test_templates_render_the_requested_resources(template):
             "--",
             "--tp",
             "2",
-        ]
+        ],
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
+    # Slurm does not create the folder of #SBATCH --output; render does, and says so.
+    assert "#SBATCH --output=runs/slurm-%x-%j.out" in script and (tmp_path / "runs").is_dir()
+    assert proc.stderr == "hpcllm slurm render: created runs/ for Slurm's log (#SBATCH --output)\n"
     if template == "cpu":  # a CPU partition rejects any GPU request, and its nodes are not GPU-shaped
         assert "--gpus-per-node" not in script and "--cpus-per-task" not in script
     else:
@@ -105,8 +109,11 @@ def test_templates_render_the_requested_resources(template):
         if template == "gpu":
             assert (
                 "--gpus-per-node" not in script
-                and "srun --mpi=pmix --kill-on-bad-exit=1 --gpus-per-task=1" in script
+                and "srun --mpi=pmix --kill-on-bad-exit=1 --gpus-per-task=1 --gpu-bind=closest" in script
             )
+        # Slurm 22.05 and later: srun does not inherit the batch script's --cpus-per-task.
+        if template != "gpu-mpirun":
+            assert "--cpus-per-task=8 hpcllm train" in script
     for line in (
         "#SBATCH --nodes=3",
         "#SBATCH --ntasks-per-node=4",
@@ -140,6 +147,7 @@ def test_gpu_templates_run_one_rank_per_gpu():
 def test_cpu_template_follows_what_the_user_passed():
     script = render(JobSpec(template="cpu", cpus_per_task=2))
     assert "#SBATCH --cpus-per-task=2" in script and "gpus" not in script
+    assert "srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task=2 hpcllm train" in script
     with pytest.raises(UsageError, match="--template cpu asks for no GPUs"):
         render(JobSpec(template="cpu", gpus_per_node=2))
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
         train_args=train_args,
     )
     if args.action == "render":
-        print(slurm.render(spec), end="")
+        script = slurm.render(spec)
+        if slurm.make_output_folder(spec):
+            print(
+                f"hpcllm slurm render: created {spec.out}/ for Slurm's log (#SBATCH --output)",
+                file=sys.stderr,
+            )
+        print(script, end="")
         return 0
     job, path = slurm.submit(spec)
     if spec.template == "array":

@@ -151,6 +151,21 @@ def render(spec: JobSpec) -> str:
     )
 
 
+def make_output_folder(spec: JobSpec) -> bool:
+    """Create --out, where `#SBATCH --output` points: Slurm does not create it, and a job whose log
+    folder is missing fails without a log. True when it was created now."""
+    out = Path(spec.out)
+    if out.is_dir():
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {spec.out}: cannot create the folder for Slurm's log ({exc.strerror})"
+        ) from exc
+    return True
+
+
 # ---- submitting and watching --------------------------------------------------------------
 
 
@@ -166,8 +181,8 @@ def submit(spec: JobSpec) -> tuple[str, Path]:
             "sbatch is not on PATH: run on a Slurm login node (or `module load slurm`), "
             "or use `hpcllm slurm render` and submit the script elsewhere"
         )
+    make_output_folder(spec)
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{spec.job_name}.sbatch"
     path.write_text(script)
     done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True, timeout=60)

@@ -56,7 +56,7 @@ class TrainConfig:
     micro_batch: int = 8  # sequences per forward/backward on one rank
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup: int = 40
+    warmup: int = 40  # when not given: a tenth of train.steps (40 of the default 400)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1337
@@ -214,6 +214,7 @@ def load(
     values.update(overrides or {})
     _renamed(values, given=set(values) - set(_flatten(base) if base else {}))
     defaults = Config()
+    _scale_warmup(values, defaults.train.steps)
     preset = values.get("model.preset", defaults.model.preset)
     if preset not in PRESETS:
         raise UsageError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -230,6 +231,23 @@ def load(
     )
     validate(config)
     return config
+
+
+def _scale_warmup(values: dict[str, Any], default_steps: int) -> None:
+    """Warmup not given (nor saved with a run): a tenth of the run, so a short run still decays.
+    Given, and as long as the run: the rate never decays, which is worth a warning."""
+    steps = values.get("train.steps", default_steps)
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        return  # _coerce names the bad value
+    if "train.warmup" not in values:
+        values["train.warmup"] = steps // 10
+    elif isinstance(values["train.warmup"], int) and values["train.warmup"] >= steps > 0:
+        log.warning(
+            "train.warmup (%d) is not shorter than train.steps (%d): the learning rate only rises and "
+            "never decays; leave train.warmup out to get a tenth of the run",
+            values["train.warmup"],
+            steps,
+        )
 
 
 def validate(config: Config) -> None:
