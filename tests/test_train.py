@@ -177,11 +177,15 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert picture.stat().st_size > 0
     table = proc.stdout.splitlines()
-    assert table[0].split()[:3] == ["run", "tp", "pp"] and [line.split()[0] for line in table[1:3]] == [
-        "full",
-        "crashed",
+    assert table[0].split()[:4] == ["run", "tp", "pp", "dp"] and [
+        line.split()[:4] for line in table[1:3]
+    ] == [
+        ["full", "1", "1", "1"],
+        ["crashed", "1", "1", "1"],
     ]
     assert f"{losses(full)[12]:.4f}" in table[1]
+    # The resumed run's curve is the uninterrupted one's: said, since the plot would hide it.
+    assert table[3] == "crashed: losses identical to full's (dashed in the plot)"
     assert_usage_error(run_hpcllm(["runs", "compare", full, "--out", picture]), "exists", "--force")
     assert_usage_error(
         run_hpcllm(["runs", "compare", tmp_path, "--out", tmp_path / "x.png"]), "metrics.jsonl"

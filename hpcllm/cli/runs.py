@@ -19,7 +19,8 @@ def add_parser(commands: Any) -> None:
         "compare",
         help="the loss curves of several runs in one PNG, and a table",
         description="Draw the train and validation loss of each run into one PNG and print a table "
-        "(layout, steps, last and best loss, median tokens/s and MFU, wall time).",
+        "(layout, steps, last and best loss, median tokens/s and MFU, wall time); runs with identical "
+        "losses are named as such and drawn dashed.",
     )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (hpcllm train --out)")
     compare.add_argument("--out", default="compare.png", help="the PNG to write (compare.png)")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: folder {out.parent} does not exist")
     runs = [compare.read(Path(path)) for path in args.runs]
     compare.plot(runs, out)
-    print(json.dumps([r.summary() for r in runs], indent=1) if args.json else compare.render(runs))
+    print(json.dumps(compare.summaries(runs), indent=1) if args.json else compare.render(runs))
     if not args.json:
         print(f"wrote {out}")
     return 0

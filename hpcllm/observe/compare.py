@@ -1,7 +1,9 @@
 """`hpcllm runs compare`: several runs side by side, from their metrics.jsonl and config.yaml.
 
 One PNG with the train (line) and validation (dots) loss of each run against step, and a table:
-layout, steps, last and best losses, median tokens/s and MFU, wall time.
+layout, steps, last and best losses, median tokens/s and MFU, wall time. Runs whose losses are
+identical (a layout against the single process, a resumed run against an uninterrupted one) would
+hide each other: the table says so and the plot draws the later ones dashed, with markers.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class RunMetrics:
         mfu = [v for _, v in self.series("mfu")]
         parallel = self.config.get("parallel", {})
         elapsed = [v for _, v in self.series("elapsed_s")]
+        dp = [v for _, v in self.series("dp")]
         return {
             "run": self.name,
             "tp": parallel.get("tp", 1),
             "pp": parallel.get("pp", 1),
+            "dp": dp[-1] if dp else None,  # not logged by runs from before wave 3
             "steps": train[-1][0] if train else 0,
             "last_loss": train[-1][1] if train else None,
             "best_val_loss": min(v for _, v in val) if val else None,
@@ -59,34 +63,67 @@ def read(run: Path) -> RunMetrics:
     return RunMetrics(run.name or str(run), rows, config or {})
 
 
+def same_losses(runs: list[RunMetrics]) -> dict[str, str]:
+    """For each run whose train and validation losses equal an earlier run's exactly: that run."""
+    first: dict[tuple[Any, ...], str] = {}
+    same: dict[str, str] = {}
+    for run in runs:
+        curves = (tuple(run.series("loss")), tuple(run.series("val_loss")))
+        if not curves[0]:
+            continue
+        if curves in first:
+            same[run.name] = first[curves]
+        else:
+            first[curves] = run.name
+    return same
+
+
+def summaries(runs: list[RunMetrics]) -> list[dict[str, Any]]:
+    same = same_losses(runs)
+    return [r.summary() | {"same_losses_as": same.get(r.name)} for r in runs]
+
+
 def render(runs: list[RunMetrics]) -> str:
     def number(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    rows = [r.summary() for r in runs]
+    rows = summaries(runs)
     width = max(len("run"), *(len(r["run"]) for r in rows))
     lines = [
-        f"{'run':<{width}} {'tp':>3} {'pp':>3} {'steps':>6} {'last loss':>9} {'best val':>9} "
+        f"{'run':<{width}} {'tp':>3} {'pp':>3} {'dp':>3} {'steps':>6} {'last loss':>9} {'best val':>9} "
         f"{'tokens/s':>10} {'MFU':>6} {'wall s':>7}"
     ]
     for r in rows:
         lines.append(
-            f"{r['run']:<{width}} {r['tp']:>3} {r['pp']:>3} {r['steps']:>6} {number(r['last_loss'], '9.4f')} "
-            f"{number(r['best_val_loss'], '9.4f')} {number(r['tokens_per_s'], '10,.0f')} "
-            f"{number(r['mfu'], '6.1%')} {number(r['wall_s'], '7.0f')}"
+            f"{r['run']:<{width}} {r['tp']:>3} {r['pp']:>3} {number(r['dp'], '>3')} {r['steps']:>6} "
+            f"{number(r['last_loss'], '9.4f')} {number(r['best_val_loss'], '9.4f')} "
+            f"{number(r['tokens_per_s'], '10,.0f')} {number(r['mfu'], '6.1%')} {number(r['wall_s'], '7.0f')}"
         )
+    for r in rows:
+        if r["same_losses_as"]:
+            lines.append(f"{r['run']}: losses identical to {r['same_losses_as']}'s (dashed in the plot)")
     return "\n".join(lines)
 
 
 def plot(runs: list[RunMetrics], path: Path) -> None:
     fig, ax = plots.figure(width=8, height=4.5)
+    same = same_losses(runs)
     for run in runs:
         train = run.series("loss")
-        if train:
-            (line,) = ax.plot(*zip(*train, strict=True), label=f"{run.name} train")
-            val = run.series("val_loss")
-            if val:
-                ax.plot(*zip(*val, strict=True), "o--", color=line.get_color(), label=f"{run.name} val")
+        if not train:
+            continue
+        copy = run.name in same
+        style = {"linestyle": "--", "marker": "x", "markevery": max(1, len(train) // 12)} if copy else {}
+        suffix = f" (= {same[run.name]})" if copy else ""
+        (line,) = ax.plot(*zip(*train, strict=True), label=f"{run.name} train{suffix}", **style)
+        val = run.series("val_loss")
+        if val:
+            ax.plot(
+                *zip(*val, strict=True),
+                "s:" if copy else "o--",
+                color=line.get_color(),
+                label=f"{run.name} val",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("loss by run")

@@ -279,6 +279,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
         if done % t.log_every == 0 or done == t.steps or done == start_step + 1 or result.skipped:
             row = {"step": done, "loss": loss, "lr": learning_rate(step, t), **speed.interval(done)}
             row |= {"grad_norm": result.grad_norm, "skipped_steps": trainer.skipped_steps}
+            row["dp"] = trainer.plan.layout.dp  # per row: a run resumed on fewer nodes changes it
             row["phase_ms"] = trainer.timer.take_ms_per_step()
             # Every rank logs its own breakdown: a straggler shows as the rank with little allreduce wait.
             log.debug("step %d: ms per step %s", done, {k: round(v, 1) for k, v in row["phase_ms"].items()})
