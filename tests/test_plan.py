@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import TINY, assert_usage_error, run_hpcllm
 
+from hpcllm.cli.plan import parse_model
 from hpcllm.cluster.launcher import launch_env
 from hpcllm.planner import calibrate, calibrate_runs, profiles, validate
 from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
@@ -88,6 +89,27 @@ def test_plan_ranks_layouts_that_fit_and_prints_json_rows():
     )
     one = run_hpcllm(["plan", "--model", "gpt2-350m", "--nodes", 2, "--layout", "tp=2,pp=2,recompute=full"])
     assert one.returncode == 0 and "compute / tp / bubble" in one.stdout
+
+
+def test_plan_models_the_micro_batch_on_gpus_ranks_distinct_grids_and_says_how_to_run_the_best():
+    """On an A100 a micro-batch of 1024 tokens leaves the GPU half idle and pays the fixed costs
+    per micro-batch 8 times as often: micro-batch 8 is faster, and the table lists each tp x pp x dp
+    once (its fastest setting), then the command that runs the first."""
+    model, a100 = parse_model("gpt2-124m"), profiles.load("a100")
+    step = {mb: predict(model, PlannedLayout(1, 1, 8, mb), a100, 512).step_s for mb in (1, 8)}
+    assert step[8] < 0.85 * step[1], step
+    proc = run_hpcllm(["plan", "--model", "gpt2-124m", "--cluster", "a100"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [line.split() for line in lines[2:] if line[:3].strip().isdigit()]
+    grids = [tuple(row[:3]) for row in rows]
+    assert len(rows) >= 5 and len(set(grids)) == len(grids), proc.stdout
+    assert int(rows[0][3]) > 1 and "-0.000" not in proc.stdout  # micro-batch, bubble
+    command = lines[lines.index("run the first:") + 1].strip()
+    assert command.startswith("python -m hpcllm.launcher -np 8 hpcllm train --data DATA --tp 1 --pp 1")
+    assert f"train.micro_batch={rows[0][3]}" in command and "--emit-slurm" in lines[-1]
+    every = run_hpcllm(["plan", "--model", "gpt2-124m", "--all-settings", "--top", 3])
+    assert [line.split()[:3] for line in every.stdout.splitlines()[2:5]] == [["1", "1", "8"]] * 3
 
 
 def test_plan_draws_the_breakdown_and_writes_the_batch_script_of_the_best(tmp_path):
@@ -182,7 +204,8 @@ def test_cpu_ranks_share_the_cores_and_keep_their_bubble():
         return pipeline.breakdown["bubble_s"] / busy
 
     equal_stages = ModelSpec(n_layer=8, n_embd=1024, n_head=8, block_size=128, vocab=8)  # 2 layers each
-    assert bubble_share(equal_stages, profiles.load("a100"), 8) == pytest.approx(3 / 4, rel=1e-3)
+    no_head_cost = dataclasses.replace(profiles.load("a100"), micro_batch_overhead_us=0)  # on the last stage
+    assert bubble_share(equal_stages, no_head_cost, 8) == pytest.approx(3 / 4, rel=1e-3)
     assert 0.1 < bubble_share(TINY_SPEC, CPU_NODE, 4) < 3 / 4  # the head's stage is the slowest
     assert (
         predict(TINY_SPEC, PlannedLayout(1, 1, 1, 8), profiles.load("a100"), 32).breakdown["optimizer_s"] == 0

@@ -60,6 +60,12 @@ def add_parser(commands: Any) -> None:
     me.add_argument("--global-batch", type=int, help="sequences per step (512; validate: 32)")
     me.add_argument("--layout", help="evaluate one layout only, e.g. tp=8,pp=2[,micro_batch=1,zero=1,...]")
     me.add_argument("--top", type=int, default=10, help="layouts to print (10)")
+    me.add_argument(
+        "--all-settings",
+        action="store_true",
+        help="list every micro-batch, ZeRO, recomputation and sequence-parallel setting of each "
+        "tp x pp x dp, not only the fastest",
+    )
     me.add_argument("--json", action="store_true", help="machine-readable rows")
     me.add_argument(
         "--plot", metavar="FILE", help="draw the step-time breakdown of the printed layouts (PNG)"
@@ -259,7 +265,8 @@ def predict_layouts(args: argparse.Namespace) -> int:
         layout = search.parse_layout(args.layout, args.global_batch, args.nodes * gpus_per_node)
         predictions = [predict(model, layout, cluster, args.global_batch, gpus_per_node)]
     else:
-        predictions = search.ranked(model, cluster, args.nodes, gpus_per_node, args.global_batch)[: args.top]
+        predictions = search.ranked(model, cluster, args.nodes, gpus_per_node, args.global_batch)
+        predictions = (predictions if args.all_settings else search.distinct(predictions))[: args.top]
     if args.emit_slurm:
         script = emit_slurm(Path(args.emit_slurm), model, predictions[0], args.nodes, gpus_per_node, args)
     if args.plot:
@@ -272,8 +279,11 @@ def predict_layouts(args: argparse.Namespace) -> int:
         f"global batch {args.global_batch} x {model.block_size} tokens"
     )
     print(render(predictions))
+    print(run_command(model, predictions[0], args.nodes, gpus_per_node, args.global_batch))
     if args.emit_slurm:
         print(f"batch script for the first layout: {script}  (sbatch it, or edit its site block first)")
+    else:
+        print("as a batch job: the same `hpcllm plan` with --emit-slurm DIR writes its Slurm script")
     if args.layout and not predictions[0].fits:
         print(
             f"does not fit: {predictions[0].memory_gib_per_rank:.1f} GiB per rank of {cluster.memory_gib:g}"
@@ -294,6 +304,20 @@ def train_arguments(model: Any, prediction: Any, global_batch: int) -> list[str]
         "train.dtype=bfloat16",
     ]
     return layout_arguments(prediction.layout) + [a for s in settings for a in ("--set", s)]
+
+
+def run_command(model: Any, prediction: Any, nodes: int, gpus_per_node: int, global_batch: int) -> str:
+    """The command line that trains the first layout: the workstation launcher on one node, a
+    Slurm submission on several (DATA is the user's prepared data)."""
+    import shlex
+
+    train = ["--data", "DATA", *train_arguments(model, prediction, global_batch)]
+    if nodes == 1:
+        start = ["python", "-m", "hpcllm.launcher", "-np", str(gpus_per_node), "hpcllm", "train"]
+    else:
+        start = ["hpcllm", "slurm", "submit", "--nodes", str(nodes), "--ntasks-per-node", str(gpus_per_node)]
+        start += ["--gpus-per-node", str(gpus_per_node), "--"]
+    return "run the first:\n  " + shlex.join(start + train)
 
 
 def emit_slurm(

@@ -54,6 +54,9 @@ class ClusterProfile:
     memory_gbps: float = 0.0  # device memory bandwidth for the optimizer step (0: not modelled)
     activation_bytes: int = 2  # bytes per activation element: 2 (bf16 on GPUs), 4 (fp32 on CPU)
     calibration_model: str = ""  # the shape `plan calibrate` ran its training runs with, n_layer=..,...
+    # GPUs: a micro-batch of few tokens gives GEMMs too small to fill the GPU; the sustained rate is
+    # scaled by tokens / (tokens + gemm_half_tokens), tokens = micro_batch x sequence. 0: no effect.
+    gemm_half_tokens: float = 0.0
 
     @property
     def large_gemm_flops(self) -> float:
@@ -61,10 +64,13 @@ class ClusterProfile:
         with one single-threaded rank per core."""
         return self.peak_flops * self.gemm_efficiency
 
-    def sustained_flops(self, hidden: int) -> float:
-        """FLOP/s a transformer layer's kernels sustain at this hidden size (larger GEMMs get closer
-        to the peak)."""
-        return self.large_gemm_flops * hidden / (hidden + self.gemm_half_size)
+    def sustained_flops(self, hidden: int, tokens: int | None = None) -> float:
+        """FLOP/s a transformer layer's kernels sustain at this hidden size and, on GPUs, this many
+        tokens per micro-batch (larger GEMMs get closer to the peak)."""
+        rate = self.large_gemm_flops * hidden / (hidden + self.gemm_half_size)
+        if tokens is not None and self.gemm_half_tokens:
+            rate *= tokens / (tokens + self.gemm_half_tokens)
+        return rate
 
 
 def shipped() -> list[str]:

@@ -9,7 +9,7 @@ from hpcllm.errors import UsageError
 from hpcllm.planner.profiles import ClusterProfile
 from hpcllm.planner.step_model import ModelSpec, PlannedLayout, Prediction, predict
 
-MICRO_BATCHES = (1, 2, 4, 8)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -58,6 +58,19 @@ def ranked(
         )
     # Fastest first; among equals (the micro-batch often changes nothing but memory) the smallest.
     return sorted(fitting, key=lambda p: (-round(p.tokens_per_s, 6), p.memory_gib_per_rank))
+
+
+def distinct(predictions: list[Prediction]) -> list[Prediction]:
+    """The fastest setting (micro-batch, ZeRO, recomputation, sequence parallelism) of each grid
+    (tp, pp, dp), in the order given: the choices a user weighs, not ten variants of one."""
+    seen: set[tuple[int, int, int]] = set()
+    kept = []
+    for prediction in predictions:
+        grid = (prediction.layout.tp, prediction.layout.pp, prediction.layout.dp)
+        if grid not in seen:
+            seen.add(grid)
+            kept.append(prediction)
+    return kept
 
 
 LAYOUT_KEYS = ("tp", "pp", "dp", "micro_batch", "zero", "recompute", "sequence_parallel")

@@ -4,7 +4,8 @@ Time (seconds per step, on the slowest rank of the critical path):
     compute       FLOPs of the rank's share of a micro-batch (attention included: 24bsh^2(1 + s/6h)
                   per layer forward, 2bshV for the logits; backward twice the forward; recomputation
                   adds a forward of the layers, or of the attention core for `selective`), at the
-                  rate the cluster sustains at this hidden size
+                  rate the cluster sustains at this hidden size and (GPUs) tokens per micro-batch,
+                  plus fixed costs per layer and per micro-batch (kernel launches, embedding, loss)
     tp            per layer and micro-batch, 2 allreduces forward and 2 backward of b*s*h bf16
                   elements over the TP group (2 more with full recomputation); with sequence
                   parallelism an all-gather plus a reduce-scatter each, the same bytes
@@ -201,7 +202,7 @@ def _stage_costs(
     the seconds of one micro-batch's activations crossing between two stages."""
     t, p, b = layout.tp, layout.pp, layout.micro_batch
     s, h, v = model.block_size, model.n_embd, model.vocab
-    rate = cluster.sustained_flops(h) * share
+    rate = cluster.sustained_flops(h, b * s) * share
     # ---- compute: one micro-batch on one rank, forward + backward (+ recomputation) ----------
     layer = layer_forward_flops(model, b)
     recomputed = {"full": layer, "selective": 4 * b * s * s * h, "none": 0.0}[layout.recompute]
@@ -252,7 +253,7 @@ def _pipeline_seconds(
     # drains from it: one micro-batch of every other stage, (m - 1) t_max + sum(t) in all, which is
     # (p - 1)/(m + p - 1) of the step when the stages are equal.
     others = sum(map(sum, per_stage)) - compute_micro - tp_micro + (p - 1) * p2p_micro
-    return compute, tp, p2p, slowdown * others * (1 - fill)
+    return compute, tp, p2p, max(0.0, slowdown * others * (1 - fill))  # not -0.0 from rounding
 
 
 def _data_parallel_seconds(
