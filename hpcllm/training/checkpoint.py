@@ -197,11 +197,17 @@ def save(
     return Path(root_decides(grid.world, publish))
 
 
+def replace_durably(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file, fsynced, renamed over it, the folder
+    fsynced. A kill at any moment leaves the old content or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_durably(tmp, data)
+    tmp.replace(path)
+    _fsync(path.parent)
+
+
 def _point_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    _write_durably(tmp, (name + "\n").encode())
-    tmp.replace(root / LATEST)
-    _fsync(root)
+    replace_durably(root / LATEST, (name + "\n").encode())
 
 
 def discard_partial(run_dir: Path) -> list[str]:

@@ -117,8 +117,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def dump(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def valid_keys() -> list[str]:

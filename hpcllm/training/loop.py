@@ -137,6 +137,14 @@ def _log_engines(plan: Plan, device: torch.device) -> None:
     )
 
 
+def _start_run_dir(out: Path, plan: Plan) -> None:
+    """config.yaml first, whole or not at all, then logs/: a job killed at any moment of its start
+    leaves an empty folder (a new start) or a run that --resume continues, never a dead end."""
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.replace_durably(out / "config.yaml", plan.config.to_yaml().encode())
+    (out / "logs").mkdir(exist_ok=True)
+
+
 def _set_tf32(plan: Plan, device: torch.device) -> None:
     """On CUDA, fp32 matmuls on TF32 tensor cores unless train.tf32 = false."""
     if device.type == "cuda":
@@ -181,7 +189,7 @@ def run_training(args: TrainArgs) -> Trainer:
     if folder is not None:
         runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data.primary))
     resumed_at = runtime.root_decides(rt.comm, lambda: resume_point(out, data)) if from_checkpoint else (0, 0)
-    runtime.root_decides(rt.comm, lambda: (out / "logs").mkdir(parents=True, exist_ok=True))
+    runtime.root_decides(rt.comm, lambda: _start_run_dir(out, plan))
     runtime.setup_logging(rt.rank, out)
     if args.resume:  # a checkpoint write that a crash interrupted is never read
         for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
@@ -191,7 +199,6 @@ def run_training(args: TrainArgs) -> Trainer:
     _set_tf32(plan, rt.device)
     _warn_about_placement(plan, rt)
     if rt.rank == 0:
-        plan.config.dump(out / "config.yaml")
         shutil.copyfile(data.primary.tokenizer_path, out / TOKENIZER)
     built = build_model(plan, data.primary.vocab_size, rt, grid)
     if folder is not None:
