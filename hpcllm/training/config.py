@@ -1,4 +1,4 @@
-"""Run configuration: defaults ← model preset ← YAML file ← `--set key=value` ← flags.
+"""Run configuration: defaults ← model preset ← HPCLLM_DEFAULTS ← YAML file ← `--set key=value` ← flags.
 
 Keys are `section.name` (model, train, parallel, horovod, data). An unknown key is bad input, answered with
 the nearest valid key. Values given on the command line are parsed as YAML scalars (`3e-4`, `true`).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -189,27 +190,38 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+DEFAULTS_VARIABLE = "HPCLLM_DEFAULTS"
+
+
+def _read_file(file: Path, what: str) -> dict[str, Any]:
+    """A YAML file of sections (model:, train:, ...), flattened to key: value."""
+    if not file.is_file():
+        raise UsageError(f"{what} {file} does not exist")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{what} {file} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise UsageError(f"{what} {file} must hold a mapping of sections (model:, train:, ...)")
+    return _flatten(tree)
+
+
 def load(
     path: str | Path | None = None,
     assignments: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Build and check the config, in this order of precedence (last wins): defaults, `base` (a saved
-    run's config, on resume), the YAML file, `--set` assignments, then `overrides` (typed values of
-    command-line flags). A preset fills the model's shape; explicit model keys override it."""
+    """Build and check the config, in this order of precedence (last wins): defaults, the file that
+    HPCLLM_DEFAULTS names (a site's or a user's own defaults; not on resume, whose `base` already
+    holds what they set), `base` (a saved run's config, on resume), the YAML file, `--set`
+    assignments, then `overrides` (typed values of command-line flags). A preset fills the
+    model's shape; explicit model keys override it."""
     values: dict[str, Any] = _flatten(base) if base else {}
+    if base is None and os.environ.get(DEFAULTS_VARIABLE):
+        values.update(_read_file(Path(os.environ[DEFAULTS_VARIABLE]), f"{DEFAULTS_VARIABLE} file"))
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"config file {file} does not exist")
-        try:
-            tree = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"config file {file} is not valid YAML: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise UsageError(f"config file {file} must hold a mapping of sections (model:, train:, ...)")
-        values.update(_flatten(tree))
+        values.update(_read_file(Path(path), "config file"))
     values.update(dict(parse_assignment(a) for a in assignments))
     values.update(overrides or {})
     _renamed(values, given=set(values) - set(_flatten(base) if base else {}))
