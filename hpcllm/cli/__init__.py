@@ -16,7 +16,7 @@ from hpcllm.cli import bench, export, generate, info, plan, prepare, runs, slurm
 from hpcllm.cli.common import Parser
 from hpcllm.cluster.launcher import detect
 from hpcllm.cluster.preemption import Preempted
-from hpcllm.errors import EnvironmentProblem, UsageError
+from hpcllm.errors import EnvironmentProblem, TrainingFailure, UsageError
 
 COMMANDS = (info, prepare, train, generate, export, runs, bench, slurm, plan)
 
@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         if speaks:
             print(f"hpcllm {command}: error: {exc}".replace("hpcllm : ", "hpcllm: "), file=sys.stderr)
+        return exc.exit_code
+    except TrainingFailure as exc:
+        if speaks:
+            print(f"hpcllm {command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except EnvironmentProblem as exc:
         if speaks:

@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
         help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline, memory, generate, "
-        "prepare",
+        "prepare, startup, checkpoint",
         description="Benchmarks whose results docs/benchmarks.md records, as ratios measured side by side.",
     )
     kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
@@ -134,6 +134,16 @@ def _add_startup(kinds: Any) -> None:
     st.add_argument("--workdir", help="where the synthetic data goes (default: the system temp directory)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=startup)
+
+    ck = kinds.add_parser(
+        "checkpoint", help="step time and memory a checkpoint costs: synchronous vs in the background"
+    )
+    ck.add_argument("--steps", type=int, default=24, help="steps per run (24)")
+    ck.add_argument("--every", type=int, default=6, help="a checkpoint every this many steps (6)")
+    ck.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (2)")
+    ck.add_argument("--data", help="prepared data (default: the default corpus)")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+    ck.set_defaults(func=checkpoint)
 
 
 def allreduce(args: argparse.Namespace) -> int:
@@ -281,6 +291,16 @@ def startup(args: argparse.Namespace) -> int:
         raise UsageError(
             f"bench startup: cannot write the synthetic data in {where} ({exc}); use --workdir"
         ) from exc
+    print(json.dumps(result, indent=1) if args.json else bench.render(result))
+    return 0
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    from hpcllm.bench import checkpoint as bench
+
+    if args.every < 2 or args.steps < 3 * args.every or args.repeat < 1:
+        raise UsageError("bench checkpoint needs --every >= 2, --steps >= 3 x --every and --repeat >= 1")
+    result = bench.run(prepared_data(args.data), args.steps, args.every, args.repeat)
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0
 

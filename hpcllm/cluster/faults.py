@@ -13,6 +13,8 @@ KIND is one of
     nan         rank R's loss of step S is multiplied by NaN: its gradients, and after the
                 reduction everyone's, are not finite (what an overflow looks like); without a
                 pipeline only (pp = 1)
+    corrupt     rank R flips one bit of its first parameter before step S (failing memory, a
+                non-deterministic kernel): its replica silently drifts from the others
 
 Unset (the normal case) every hook is a dictionary lookup.
 """
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from hpcllm.errors import UsageError
 
 ENV = "HPCLLM_FAULT"
-KINDS = ("raise", "kill", "hang", "checkpoint", "nan")
+KINDS = ("raise", "kill", "hang", "checkpoint", "nan", "corrupt")
 
 
 class InjectedFault(RuntimeError):
@@ -102,3 +104,11 @@ def during_checkpoint(fault: Fault | None, rank: int, node: int, step: int) -> N
     """Hook inside a checkpoint write, between this rank's shard and the checkpoint's completion."""
     if fault is not None and fault.kind == "checkpoint" and fault.hits(rank, node, step):
         _fire(fault, rank)
+
+
+def corrupts(fault: Fault | None, rank: int, node: int, step: int) -> bool:
+    """Whether this rank is to flip a bit of its parameters before training step `step`."""
+    if fault is not None and fault.kind == "corrupt" and fault.hits(rank, node, step):
+        sys.stderr.write(f"[rank {rank}] {ENV}: flipping a bit of a parameter before step {step}\n")
+        return True
+    return False

@@ -24,7 +24,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from hpcllm.cluster.runtime import root_decides
 from hpcllm.errors import UsageError
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import REPLICATED, Sharding, model_sharding, shard, unshard
-from hpcllm.training import shard_io
+from hpcllm.training import optimizer_state, shard_io
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -70,95 +70,69 @@ def _write_durably(path: Path, data: bytes) -> str:
 # ---- what goes into a shard ----------------------------------------------------------------
 
 
-def _optimizer_to_tensors(
-    optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Optimizer state keyed by parameter name (so it survives a change of layout), and its groups."""
-    tensors: dict[str, torch.Tensor] = {}
-    groups = []
-    for group in optimizer.param_groups:
-        groups.append(
-            {
-                **{k: v for k, v in group.items() if k != "params"},
-                "params": [names[p] for p in group["params"]],
-            }
-        )
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                tensors[f"optim.{names[param]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return tensors, groups
-
-
-def _tensors_to_optimizer(
-    optimizer: torch.optim.Optimizer,
-    tensors: dict[str, torch.Tensor],
-    groups: list[dict[str, Any]],
-    params_by_name: dict[str, torch.nn.Parameter],
-) -> None:
-    for group, saved in zip(optimizer.param_groups, groups, strict=True):
-        kept = {"fused", "capturable", "foreach"}  # how this run's optimizer executes, not the saved one's
-        group.update(
-            {
-                k: (tuple(v) if isinstance(v, list) else v)
-                for k, v in saved.items()
-                if k != "params" and k not in kept
-            }
-        )
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    for name, param in params_by_name.items():
-        prefix = f"optim.{name}."
-        group = group_of.get(id(param), {})
-        # Where PyTorch keeps it: the step counter stays on the CPU unless the fused or capturable
-        # kernels want it next to the parameter; everything else goes to the parameter's device.
-        step_on_device = bool(group.get("fused") or group.get("capturable"))
-        state = {
-            key[len(prefix) :]: value.to(param.device) if key != f"{prefix}step" or step_on_device else value
-            for key, value in tensors.items()
-            if key.startswith(prefix)
-        }
-        if state:
-            optimizer.state[param] = state
-
-
 # ---- save ---------------------------------------------------------------------------------
 
 
-def _write_shard(
-    staging: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid
-) -> dict[str, str]:
-    """This model partition's tensors and side file, written durably; their SHA-256 by file name."""
-    written: dict[str, str] = {}
+@dataclass
+class ShardSnapshot:
+    """One model partition's state, copied to host memory at a step boundary: what its shard
+    file and side file will hold, independent of the training that goes on."""
+
+    base: str  # shard-ppP-tpT
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _on_host(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    """The tensor on the host: a copy that later steps cannot change, or (copy=False, for a write
+    that finishes before training goes on) the tensor itself when it is already there."""
+    return tensor.detach().to("cpu", copy=copy).contiguous()
+
+
+def snapshot_shard(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid, copy: bool = True
+) -> ShardSnapshot:
+    """This partition's model, optimizer state and RNG state, copied to the host."""
     names = {p: n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    optim_tensors, groups = _optimizer_to_tensors(optimizer, names)
-    tensors.update(optim_tensors)
+    tensors = {f"model.{k}": _on_host(v, copy) for k, v in model.state_dict().items()}
+    optim_tensors, groups = optimizer_state.to_tensors(optimizer, names)
+    tensors.update({name: _on_host(t, copy) for name, t in optim_tensors.items()})
     # Training draws no random numbers (dropout masks are keyed, model.dropout); the generators are
     # kept so that anything else drawn from them continues alike after a resume.
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    base = shard_name(grid.pp_rank, grid.tp_rank)
-    written[f"{base}.safetensors"] = shard_io.write(staging / f"{base}.safetensors", tensors)
     split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
     meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
-    written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(meta).encode())
-    return written
+    return ShardSnapshot(shard_name(grid.pp_rank, grid.tp_rank), tensors, meta)
 
 
-def save(
-    run_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    grid: Grid,
-    manifest_extra: dict[str, Any],
-    keep: int,
-    after_shard: Callable[[], None] | None = None,
-) -> Path:
-    """Collective: every rank of the grid calls it. Returns the checkpoint directory.
-    `after_shard` runs between this rank's shard write and the checkpoint's completion."""
+def write_snapshot(staging: Path, snapshot: ShardSnapshot) -> dict[str, str]:
+    """The shard and side file, written durably; their SHA-256 by file name. No communication,
+    so it may run in a background thread."""
+    base = snapshot.base
+    return {
+        f"{base}.safetensors": shard_io.write(staging / f"{base}.safetensors", snapshot.tensors),
+        f"{base}.json": _write_durably(staging / f"{base}.json", json.dumps(snapshot.meta).encode()),
+    }
+
+
+def take_snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid, copy: bool = True
+) -> ShardSnapshot | None:
+    """Collective over DP when the optimizer is sharded (it gathers its state for the first
+    replica); the snapshot on the first replica of each partition, None on the others."""
+    with getattr(optimizer, "full_state", nullcontext)():
+        return snapshot_shard(model, optimizer, grid, copy) if grid.dp_rank == 0 else None
+
+
+def begin(run_dir: Path, step: int, grid: Grid) -> Path:
+    """Collective: the hidden staging directory of the checkpoint of `step`."""
     root = run_dir / "checkpoints"
-    final = root / step_name(step)
 
     def make_staging() -> str:
         root.mkdir(parents=True, exist_ok=True)
@@ -166,17 +140,19 @@ def save(
         staging.mkdir()
         return str(staging)
 
-    staging = Path(root_decides(grid.world, make_staging))
-    written: dict[str, str] = {}
-    # A sharded optimizer gathers its state (a collective over DP) for the first replica to write.
-    with getattr(optimizer, "full_state", nullcontext)():
-        if grid.dp_rank == 0:
-            written = _write_shard(staging, model, optimizer, grid)
-    if after_shard is not None:
-        after_shard()
-    gathered = grid.world.gather(written, root=0)
+    return Path(root_decides(grid.world, make_staging))
 
-    def publish() -> str:
+
+def publish(
+    staging: Path, step: int, grid: Grid, written: dict[str, str], manifest_extra: dict[str, Any], keep: int
+) -> Path:
+    """Collective: once every rank's files are on disk, rank 0 writes the manifest, renames the
+    staging directory to its final name, points `latest` at it and prunes old checkpoints."""
+    gathered = grid.world.gather(written, root=0)
+    root = staging.parent
+    final = root / step_name(step)
+
+    def complete() -> str:
         shards = {name: digest for part in gathered for name, digest in part.items()}
         manifest = {
             "format": FORMAT_VERSION,
@@ -194,7 +170,27 @@ def save(
         _prune(root, keep)
         return str(final)
 
-    return Path(root_decides(grid.world, publish))
+    return Path(root_decides(grid.world, complete))
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grid: Grid,
+    manifest_extra: dict[str, Any],
+    keep: int,
+    after_shard: Callable[[], None] | None = None,
+) -> Path:
+    """Collective: every rank of the grid calls it; the checkpoint is complete when it returns.
+    `after_shard` runs between this rank's shard write and the checkpoint's completion."""
+    staging = begin(run_dir, step, grid)
+    snapshot = take_snapshot(model, optimizer, grid, copy=False)  # written before training goes on
+    written = write_snapshot(staging, snapshot) if snapshot is not None else {}
+    if after_shard is not None:
+        after_shard()
+    return publish(staging, step, grid, written, manifest_extra, keep)
 
 
 def replace_durably(path: Path, data: bytes) -> None:
@@ -359,7 +355,9 @@ def load(
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     if optimizer is not None:
-        _tensors_to_optimizer(optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters()))
+        optimizer_state.from_tensors(
+            optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters())
+        )
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

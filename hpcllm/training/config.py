@@ -69,6 +69,8 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     peak_flops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start
     watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
+    async_checkpoint: bool = True  # copy to host memory at the step, write in the background
+    check_replicas_every: int = 100  # compare DP replicas bitwise (and before a checkpoint); 0 = off
     recompute: str = "none"  # none | selective (the attention core) | full (each block): in backward
     tf32: bool = True  # on CUDA, fp32 matmuls and convolutions on TF32 tensor cores
     tensorboard: bool = False  # also write the logged metrics as TensorBoard events in RUN/tensorboard
@@ -224,9 +226,10 @@ def load(
         values.update(_read_file(Path(path), "config file"))
     values.update(dict(parse_assignment(a) for a in assignments))
     values.update(overrides or {})
-    _renamed(values, given=set(values) - set(_flatten(base) if base else {}))
+    given = set(values) - set(_flatten(base) if base else {})
+    _renamed(values, given)
     defaults = Config()
-    _scale_warmup(values, defaults.train.steps)
+    _scale_warmup(values, defaults.train.steps, warn="train.warmup" in given)
     preset = values.get("model.preset", defaults.model.preset)
     if preset not in PRESETS:
         raise UsageError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -245,15 +248,15 @@ def load(
     return config
 
 
-def _scale_warmup(values: dict[str, Any], default_steps: int) -> None:
+def _scale_warmup(values: dict[str, Any], default_steps: int, warn: bool) -> None:
     """Warmup not given (nor saved with a run): a tenth of the run, so a short run still decays.
-    Given, and as long as the run: the rate never decays, which is worth a warning."""
+    Given now (`warn`), and as long as the run: the rate never decays, which is worth a warning."""
     steps = values.get("train.steps", default_steps)
     if not isinstance(steps, int) or isinstance(steps, bool):
         return  # _coerce names the bad value
     if "train.warmup" not in values:
         values["train.warmup"] = steps // 10
-    elif isinstance(values["train.warmup"], int) and values["train.warmup"] >= steps > 0:
+    elif warn and isinstance(values["train.warmup"], int) and values["train.warmup"] >= steps > 0:
         log.warning(
             "train.warmup (%d) is not shorter than train.steps (%d): the learning rate only rises and "
             "never decays; leave train.warmup out to get a tenth of the run",
@@ -288,6 +291,7 @@ def validate(config: Config) -> None:
         ("train.grad_clip", t.grad_clip),
         ("train.min_lr", t.min_lr),
         ("train.watchdog_s", t.watchdog_s),
+        ("train.check_replicas_every", t.check_replicas_every),
         ("horovod.fusion_threshold_mb", config.horovod.fusion_threshold_mb),
         ("parallel.reduce_every", config.parallel.reduce_every),
     ):

@@ -244,6 +244,7 @@ def _stop_if_asked(trainer: Trainer, done: int, saved: bool, bar: Any) -> None:
         return
     if not saved:
         trainer.save(done)
+    trainer.finish_checkpoint()  # exit 75 only once the checkpoint is complete
     bar.close()
     (log.warning if trainer.rt.rank == 0 else log.info)(
         "stopping after step %d on %s: checkpoint written; exit code %d (run again with --resume)",
@@ -280,6 +281,8 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
         done = step + 1
         watchdog.set_step(done)
         faults.before_step(trainer.fault, rt.rank, rt.node_index, done)
+        if faults.corrupts(trainer.fault, rt.rank, rt.node_index, done):
+            trainer.corrupt_a_parameter()
         result = trainer.train_step(step)
         loss = result.loss
         row: dict[str, Any] | None = None
@@ -302,11 +305,11 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
             log.debug("%s", row)
             if "val_loss" in row or done == t.steps:
                 metrics.plot(baseline)
-        saved = bool(t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps))
-        if saved:
-            trainer.save(done)
+        saved = _check_and_checkpoint(trainer, done)
+        trainer.poll_checkpoint()
         bar.advance()
         _stop_if_asked(trainer, done, saved, bar)
+    trainer.finish_checkpoint()
     bar.close()
     if board is not None:
         board.close()
@@ -316,6 +319,18 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
         _summary(
             trainer, metrics, baseline, seconds, (speed.flops_per_token, speed.peak_total), loss, val_loss
         )
+
+
+def _check_and_checkpoint(trainer: Trainer, done: int) -> bool:
+    """The checkpoint when due (it checks the replicas first), else the replica check when due;
+    whether a checkpoint was written."""
+    t = trainer.config.train
+    saved = bool(t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps))
+    if saved:
+        trainer.save(done)
+    elif t.check_replicas_every and done % t.check_replicas_every == 0:
+        trainer.check_replicas(done)
+    return saved
 
 
 def _log_start(trainer: Trainer) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from hpcllm.batch import Batch
-from hpcllm.cluster import faults, runtime
+from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import StopFlag
 from hpcllm.data.loader import micro_batches
 from hpcllm.data.mixture import Mixture, Sampler
@@ -29,12 +29,14 @@ from hpcllm.errors import UsageError
 from hpcllm.model.dropout import DropoutKeys
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
+from hpcllm.parallel import replica_check
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.gradient_finaliser import GradientFinaliser
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
 from hpcllm.parallel.sharding import Sharding
 from hpcllm.training import checkpoint
+from hpcllm.training.background_save import BackgroundSaver
 from hpcllm.training.config import Config
 from hpcllm.training.optim import clip_gradients_, gradient_pieces, gradient_square_sums, learning_rate
 from hpcllm.training.plan import Plan
@@ -76,6 +78,7 @@ class Trainer:
     micro_per_step: int = field(init=False)
     gradients: list[tuple[Sharding, torch.Tensor]] = field(init=False)  # what the norm and clipping read
     skipped_steps: int = 0  # steps whose gradient was not finite
+    saver: BackgroundSaver | None = field(init=False)  # with train.async_checkpoint
 
     def __post_init__(self) -> None:
         self.config = self.plan.config
@@ -91,6 +94,10 @@ class Trainer:
             self.val_sampler = None
         self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
         self.timer = PhaseTimer(self.rt.device)
+        keep = self.config.train.keep
+        self.saver = (
+            BackgroundSaver(self.run_dir, self.grid, keep) if self.config.train.async_checkpoint else None
+        )
 
     def samples_before(self, step: int) -> int:
         """Samples the run consumed before `step` (the global batch may differ before a resume)."""
@@ -210,7 +217,27 @@ class Trainer:
                     total += self._loss_sum(batch).float()
         return self.finaliser.loss_sum(total.item()) / count
 
-    def save(self, step: int) -> Path:
+    def check_replicas(self, step: int) -> None:
+        """Collective: the DP replicas hold bitwise the same parameters, or every rank raises
+        ReplicaDrift (hpcllm.parallel.replica_check)."""
+        if self.grid.layout.dp > 1:
+            with watchdog.waiting("replica check"):
+                named = list(self.model.named_parameters())
+                replica_check.check(named, self.grid.dp_comm, self.grid.world, self.rt.rank, step)
+
+    @torch.no_grad()
+    def corrupt_a_parameter(self) -> None:
+        """The `corrupt` fault (HPCLLM_FAULT): one bit of this rank's first parameter flipped."""
+        first = next(self.model.parameters()).data.view(-1)
+        bits = first.view(replica_check.BITS[first.element_size()])
+        bits[:1].bitwise_xor_(1 << 12)
+
+    def save(self, step: int) -> None:
+        """Collective: the replicas are checked first (when train.check_replicas_every is on), so
+        a drifted run never saves its damage; then the checkpoint, written in the background with
+        train.async_checkpoint (complete at a later step's `poll_checkpoint`)."""
+        if self.config.train.check_replicas_every:
+            self.check_replicas(step)
         sampler = {
             "step": step,
             "seed": self.config.train.seed,
@@ -218,13 +245,24 @@ class Trainer:
             "data_sha256": self.data.identity(),
         }
         extra = {"config": self.config.to_dict(), "sampler": sampler}
-        return checkpoint.save(
-            self.run_dir,
-            step,
-            self.model,
-            self.optimizer,
-            self.grid,
-            extra,
-            self.config.train.keep,
-            after_shard=lambda: faults.during_checkpoint(self.fault, self.rt.rank, self.rt.node_index, step),
-        )
+        fault = self.fault  # the hook may run in the writer thread: it reads nothing of the trainer's state
+        rank, node = self.rt.rank, self.rt.node_index
+
+        def after_shard() -> None:
+            faults.during_checkpoint(fault, rank, node, step)
+
+        if self.saver is not None:
+            self.saver.save(step, self.model, self.optimizer, extra, after_shard)
+            return
+        keep = self.config.train.keep
+        checkpoint.save(self.run_dir, step, self.model, self.optimizer, self.grid, extra, keep, after_shard)
+
+    def poll_checkpoint(self) -> None:
+        """Collective, at a step's end: complete a background checkpoint whose writes are done."""
+        if self.saver is not None:
+            self.saver.poll()
+
+    def finish_checkpoint(self) -> None:
+        """Collective: wait for a background checkpoint and complete it (the run is ending)."""
+        if self.saver is not None:
+            self.saver.wait()
