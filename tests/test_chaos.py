@@ -28,7 +28,8 @@ STEPS = 150  # long enough that no interruption comes too late; the tiny model r
 CKPT_EVERY = 5
 FLAGS = [
     *TINY,
-    *sets(f"train.ckpt_every={CKPT_EVERY}", "train.watchdog_s=30"),
+    # Checkpoints in the background, so that kills land during background writes too.
+    *sets(f"train.ckpt_every={CKPT_EVERY}", "train.watchdog_s=30", "train.async_checkpoint=true"),
     "--steps",
     str(STEPS),
     "--quiet",

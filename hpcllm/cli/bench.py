@@ -140,7 +140,7 @@ def _add_startup(kinds: Any) -> None:
     )
     ck.add_argument("--steps", type=int, default=24, help="steps per run (24)")
     ck.add_argument("--every", type=int, default=6, help="a checkpoint every this many steps (6)")
-    ck.add_argument("--repeat", type=int, default=2, help="interleaved runs per variant (2)")
+    ck.add_argument("--repeat", type=int, default=3, help="interleaved runs per variant (3)")
     ck.add_argument("--data", help="prepared data (default: the default corpus)")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.set_defaults(func=checkpoint)

@@ -13,6 +13,7 @@ the first; a preempted or finished run waits for the last.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +114,11 @@ class BackgroundSaver:
 
 def _write_files(write: _Write, snapshot: checkpoint.ShardSnapshot | None, after_shard: Any) -> None:
     """The background thread: this rank's files, or the reason they could not be written."""
+    try:
+        # Below the training threads: on a busy CPU node the write takes longer, not the steps.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux
+        pass
     try:
         if snapshot is not None:
             write.written = checkpoint.write_snapshot(write.staging, snapshot)

@@ -69,7 +69,9 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     peak_flops: float = 0.0  # per rank, for MFU; 0 = measure a matmul at start
     watchdog_s: float = 300.0  # end the job when a rank waits this long in a collective; 0 = off
-    async_checkpoint: bool = True  # copy to host memory at the step, write in the background
+    # auto: in the background on GPUs (the CPU is free while they compute), before training goes on
+    # on CPUs (the write needs the cores training uses: measured no faster, and it costs a host copy)
+    async_checkpoint: str = "auto"  # auto | true | false
     check_replicas_every: int = 100  # compare DP replicas bitwise (and before a checkpoint); 0 = off
     recompute: str = "none"  # none | selective (the attention core) | full (each block): in backward
     tf32: bool = True  # on CUDA, fp32 matmuls and convolutions on TF32 tensor cores
@@ -135,6 +137,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
+    elif kind is str and isinstance(value, bool):  # YAML reads true/false as booleans
+        return str(value).lower()
     elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     elif kind is float and isinstance(value, str):
@@ -308,6 +312,7 @@ def validate(config: Config) -> None:
     for key, value, choices in (
         ("train.dtype", t.dtype, ("float32", "bfloat16")),
         ("train.recompute", t.recompute, RECOMPUTE),
+        ("train.async_checkpoint", t.async_checkpoint, ("auto", "true", "false")),
         ("parallel.tp_backend", config.parallel.tp_backend, TP_BACKENDS),
         ("parallel.pp_backend", config.parallel.pp_backend, PP_BACKENDS),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),

@@ -94,10 +94,11 @@ class Trainer:
             self.val_sampler = None
         self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
         self.timer = PhaseTimer(self.rt.device)
+        background = self.config.train.async_checkpoint
+        if background == "auto":  # the CPU is free while a GPU computes; on a CPU node it is not
+            background = "true" if self.rt.device.type == "cuda" else "false"
         keep = self.config.train.keep
-        self.saver = (
-            BackgroundSaver(self.run_dir, self.grid, keep) if self.config.train.async_checkpoint else None
-        )
+        self.saver = BackgroundSaver(self.run_dir, self.grid, keep) if background == "true" else None
 
     def samples_before(self, step: int) -> int:
         """Samples the run consumed before `step` (the global batch may differ before a resume)."""
