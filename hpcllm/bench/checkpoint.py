@@ -46,7 +46,7 @@ def measure(data: Path, workdir: Path, steps: int, every: int, variant: str) -> 
     """One run of a variant: seconds from the end of step 1 to the end of the last, peak RSS."""
     out = workdir / f"{variant}-{len(list(workdir.iterdir()))}"
     command = [sys.executable, "-c", PEAK_RSS, *_train(data, out, steps, every, variant)]
-    stdout = run_launched(command, f"the {variant} checkpoint run")
+    stdout = run_launched(command, f"the {variant} checkpoint run", run_dir=out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = {r["step"]: r["elapsed_s"] for r in rows}
     size = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*.safetensors"))

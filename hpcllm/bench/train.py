@@ -104,6 +104,7 @@ def _hpcllm(data: Path, steps: int, sets: list[str], ranks: int, env: dict[str, 
         ],
         f"hpcllm train ({ranks} ranks)",
         env,
+        run_dir=out,
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Rows at steps 1, 10, 20, ...: the first two intervals hold start-up and warm-up.

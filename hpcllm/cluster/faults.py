@@ -109,6 +109,7 @@ def during_checkpoint(fault: Fault | None, rank: int, node: int, step: int) -> N
 def corrupts(fault: Fault | None, rank: int, node: int, step: int) -> bool:
     """Whether this rank is to flip a bit of its parameters before training step `step`."""
     if fault is not None and fault.kind == "corrupt" and fault.hits(rank, node, step):
-        sys.stderr.write(f"[rank {rank}] {ENV}: flipping a bit of a parameter before step {step}\n")
+        when = f"(t={time.time():.3f})"
+        sys.stderr.write(f"[rank {rank}] {ENV}: flipping a bit of a parameter before step {step} {when}\n")
         return True
     return False

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from hpcllm.errors import EnvironmentProblem, UsageError
 
@@ -163,10 +164,16 @@ def launch_command(ranks: int, launcher: str | None = None, nodes: int | None = 
 
 
 def run_launched(
-    command: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 1800
+    command: list[str],
+    what: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800,
+    run_dir: Path | None = None,
 ) -> str:
     """Run a benchmark's sub-run (one process, or ranks under `launch_command`) and return its
-    stdout; a failure or a timeout is an EnvironmentProblem naming `what`, with its stderr's end."""
+    stdout; a failure or a timeout is an EnvironmentProblem naming `what`, with its stderr's end.
+    A failed training run's `run_dir` (every rank's log: the watchdog's stacks) is copied out of
+    the benchmark's temporary directory first, and the message says where."""
     import subprocess
 
     try:
@@ -174,12 +181,37 @@ def run_launched(
             command, capture_output=True, text=True, env=launch_env() if env is None else env, timeout=timeout
         )
     except subprocess.TimeoutExpired as exc:
-        raise EnvironmentProblem(f"{what} did not finish in {timeout:g} s: {' '.join(command)}") from exc
+        kept = _keep_failed(run_dir)
+        late = f"{what} did not finish in {timeout:g} s: {' '.join(command)}{kept}"
+        raise EnvironmentProblem(late) from exc
     if proc.returncode != 0:
+        kept = _keep_failed(run_dir)
         raise EnvironmentProblem(
-            f"{what} failed (exit {proc.returncode}): {' '.join(command)}\n{proc.stderr[-2000:]}"
+            f"{what} failed (exit {proc.returncode}): {' '.join(command)}{kept}\n{proc.stderr[-2000:]}"
         )
     return proc.stdout
+
+
+def failed_runs_dir() -> Path:
+    """Where benchmarks keep the run directories of failed sub-runs (HPCLLM_FAILED_RUNS, else
+    ~/.cache/hpcllm/failed-runs)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hpcllm" / "failed-runs"
+    return Path(os.environ.get("HPCLLM_FAILED_RUNS", default))
+
+
+def _keep_failed(run_dir: Path | None) -> str:
+    """Copy a failed run's directory, checkpoints left out; the note for the error message."""
+    import shutil
+    import time
+
+    if run_dir is None or not run_dir.is_dir():
+        return ""
+    kept = failed_runs_dir() / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        shutil.copytree(run_dir, kept, ignore=shutil.ignore_patterns("checkpoints", "*.bin"))
+    except OSError as exc:
+        return f" (its run directory could not be kept: {exc})"
+    return f" (its run directory, with every rank's log, is kept in {kept})"
 
 
 def _die_with_parent() -> None:
