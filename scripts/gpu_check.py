@@ -4,7 +4,9 @@
     2. the GPU tests (`pytest -m gpu`): TP / PP / DP equivalence on the GPUs present, one rank per GPU;
     3. `hpcllm train` of gpt2-124m in bf16 on one GPU: tokens/s and MFU against the bf16 matmul peak
        measured here and against the vendor's dense bf16 peak;
-    4. `hpcllm bench allreduce` over NCCL across the GPUs (needs two or more).
+    4. `hpcllm bench allreduce` over NCCL across the GPUs (needs two or more);
+    5. `hpcllm bench checkpoint` on one GPU: what a checkpoint costs the steps, written before
+       training goes on or in the background (`train.async_checkpoint`, `auto` picks the latter on GPUs).
 
 Each part records what it found or why it was skipped; the script exits 1 when a part failed.
 Runs with the repository's .venv or any Python that has torch (PYTHONPATH is set to the checkout).
@@ -137,6 +139,15 @@ def allreduce_nccl(gpus: int, timeout: float) -> dict[str, Any]:
     return {"returncode": 0, "result": json.loads(proc.stdout)}
 
 
+def checkpoint_cost(timeout: float) -> dict[str, Any]:
+    proc = _run(
+        [sys.executable, "-m", "hpcllm.cli", "bench", "checkpoint", "--repeat", "2", "--json"], timeout
+    )
+    if proc.returncode != 0:
+        return {"returncode": proc.returncode, "stderr_tail": proc.stderr[-4000:]}
+    return {"returncode": 0, "result": json.loads(proc.stdout)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,6 +168,7 @@ def main() -> int:
         report["gpu_tests"] = gpu_tests(args.timeout)
         report["train_gpt2_124m_bf16"] = train_bf16(args.steps, args.micro_batch, args.timeout)
         report["allreduce_nccl"] = allreduce_nccl(torch.cuda.device_count(), args.timeout)
+        report["checkpoint_cost"] = checkpoint_cost(args.timeout)
     report["seconds"] = round(time.time() - started, 1)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
