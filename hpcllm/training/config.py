@@ -230,10 +230,9 @@ def load(
         values.update(_read_file(Path(path), "config file"))
     values.update(dict(parse_assignment(a) for a in assignments))
     values.update(overrides or {})
-    given = set(values) - set(_flatten(base) if base else {})
-    _renamed(values, given)
+    _renamed(values, given=set(values) - set(_flatten(base) if base else {}))
     defaults = Config()
-    _scale_warmup(values, defaults.train.steps, warn="train.warmup" in given)
+    _scale_warmup(values, defaults.train.steps)
     preset = values.get("model.preset", defaults.model.preset)
     if preset not in PRESETS:
         raise UsageError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -252,21 +251,11 @@ def load(
     return config
 
 
-def _scale_warmup(values: dict[str, Any], default_steps: int, warn: bool) -> None:
-    """Warmup not given (nor saved with a run): a tenth of the run, so a short run still decays.
-    Given now (`warn`), and as long as the run: the rate never decays, which is worth a warning."""
+def _scale_warmup(values: dict[str, Any], default_steps: int) -> None:
+    """Warmup not given (nor saved with a run): a tenth of the run, so that a short run decays too."""
     steps = values.get("train.steps", default_steps)
-    if not isinstance(steps, int) or isinstance(steps, bool):
-        return  # _coerce names the bad value
-    if "train.warmup" not in values:
+    if "train.warmup" not in values and isinstance(steps, int) and not isinstance(steps, bool):
         values["train.warmup"] = steps // 10
-    elif warn and isinstance(values["train.warmup"], int) and values["train.warmup"] >= steps > 0:
-        log.warning(
-            "train.warmup (%d) is not shorter than train.steps (%d): the learning rate only rises and "
-            "never decays; leave train.warmup out to get a tenth of the run",
-            values["train.warmup"],
-            steps,
-        )
 
 
 def validate(config: Config) -> None:

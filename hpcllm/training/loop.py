@@ -30,7 +30,7 @@ from hpcllm.parallel.grid import Grid
 from hpcllm.training import checkpoint, init_from
 from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
-from hpcllm.training.optim import learning_rate
+from hpcllm.training.optim import learning_rate, schedule_warning
 from hpcllm.training.plan import Plan, default_data_dir, make_plan
 from hpcllm.training.run_dir import ensure_data, has_checkpoint, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer
@@ -335,6 +335,9 @@ def _check_and_checkpoint(trainer: Trainer, done: int) -> bool:
 
 def _log_start(trainer: Trainer) -> None:
     config = trainer.config
+    warning = schedule_warning(config.train)
+    if warning and trainer.rt.rank == 0:
+        log.warning("%s", warning)
     log.info(
         "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
         "%d micro-batches of %d per rank per step",

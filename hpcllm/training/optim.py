@@ -21,6 +21,16 @@ def learning_rate(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (train.lr - train.min_lr)
 
 
+def schedule_warning(train: TrainConfig) -> str | None:
+    """What is worth a warning about the schedule: a warmup as long as the run never decays."""
+    if train.warmup >= train.steps:
+        return (
+            f"train.warmup ({train.warmup}) is not shorter than train.steps ({train.steps}): the learning "
+            "rate only rises and never decays; leave train.warmup out to get a tenth of the run"
+        )
+    return None
+
+
 BETAS = (0.9, 0.95)
 EPS = 1e-8
 
