@@ -22,13 +22,17 @@ from pathlib import Path
 
 from hpcllm.cluster.launcher import failed_runs_dir, launch_env
 
-TINY = [
-    "model.n_layer=2",
-    "model.n_head=4",
-    "model.n_embd=64",
-    "model.block_size=64",
-    "train.global_batch=16",
-]
+SHAPES = {
+    "small": [
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "model.block_size=64",
+        "train.global_batch=16",
+    ],
+    # the shape `plan validate` ran when the stall was seen: the tiny preset, global batch 32
+    "plan-validate": ["model.preset=tiny", "train.global_batch=32"],
+}
 BUCKETS_MB = (0.001, 0.01, 0.1, 25.0)
 CYCLE_MS = (0.1, 1.0, 5.0)
 
@@ -40,10 +44,10 @@ def _burn(seconds: float) -> None:
 
 
 def one_run(
-    data: Path, work: Path, index: int, layout: dict[str, int], rng: random.Random
+    data: Path, work: Path, index: int, layout: dict[str, int], shape: list[str], rng: random.Random
 ) -> tuple[int, str]:
     bucket, cycle, loaded = rng.choice(BUCKETS_MB), rng.choice(CYCLE_MS), rng.random() < 0.5
-    sets = [*TINY, f"train.micro_batch={layout['micro_batch']}", f"parallel.bucket_mb={bucket}"]
+    sets = [*shape, f"train.micro_batch={layout['micro_batch']}", f"parallel.bucket_mb={bucket}"]
     sets += [
         f"horovod.cycle_time_ms={cycle}",
         "train.watchdog_s=20",
@@ -80,6 +84,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--layout", default="tp=2,dp=2,micro_batch=4")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="small", help="the model and batch (small)"
+    )
     parser.add_argument("--data", help="prepared data (default: a small byte-level corpus made here)")
     args = parser.parse_args()
     layout = {"micro_batch": 4} | {k: int(v) for k, v in (item.split("=") for item in args.layout.split(","))}
@@ -89,7 +96,7 @@ def main() -> int:
         work = Path(tmp)
         data = Path(args.data) if args.data else _small_data(work)
         for index in range(args.runs):
-            code, line = one_run(data, work, index, layout, rng)
+            code, line = one_run(data, work, index, layout, SHAPES[args.shape], rng)
             failures += code != 0
             print(line, flush=True)
     print(f"{args.runs - failures} of {args.runs} runs ended normally; {failures} stalled or failed")
