@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from hpcllm.cluster.launcher import failed_runs_dir, launch_env
+from hpcllm.cluster.launcher import keep_failed_run, launch_env
 
 SHAPES = {
     "small": [
@@ -73,8 +72,7 @@ def one_run(
             burner.terminate()
     what = f"bucket {bucket} MB, cycle {cycle} ms, {'loaded' if loaded else 'idle'}"
     if code != 0:
-        kept = failed_runs_dir() / f"stress-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.copytree(out, kept, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+        kept = keep_failed_run(out)
         what += f": exit {code}, kept in {kept}"
     return code, f"run {index}: {time.time() - started:5.1f} s, {what}"
 

@@ -178,3 +178,22 @@ def copy_run_at(run, checkpoint_name, dest):
     shutil.copytree(run / "checkpoints" / checkpoint_name, dest / "checkpoints" / checkpoint_name)
     (dest / "checkpoints" / "latest").write_text(checkpoint_name)
     return dest
+
+
+def processes_of(run_dir, grace_s=0.0):
+    """Processes still running with `run_dir` on their command line (orphaned ranks), after giving
+    them up to `grace_s` seconds to exit."""
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if str(run_dir) in " ".join(proc.info["cmdline"] or []):
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)

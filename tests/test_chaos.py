@@ -18,7 +18,7 @@ import time
 
 import psutil
 import pytest
-from conftest import HPCLLM, TINY, sets
+from conftest import HPCLLM, TINY, processes_of, sets
 
 from hpcllm.cluster.launcher import launch_env
 from hpcllm.cluster.preemption import EXIT_PREEMPTED
@@ -95,22 +95,6 @@ def metrics(run):
     return {r["step"]: (r["loss"], r.get("val_loss")) for r in rows}
 
 
-def left_behind(run, seconds=10):
-    """Processes with the run directory on their command line, after giving them `seconds` to go."""
-    deadline = time.monotonic() + seconds
-    while True:
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if str(run) in " ".join(proc.info["cmdline"] or []):
-                    found.append(proc)
-            except psutil.Error:
-                pass
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
-
-
 def interrupt(kind, rng, data, run, log):
     """Start the job, interrupt it as `kind` at a random moment, and return (exit code, what)."""
     base = checkpoint_step(run)
@@ -169,9 +153,9 @@ def test_a_run_killed_at_random_moments_and_restarted_ends_bitwise_where_an_unin
             history,
             log.read_text()[-3000:],
         )
-        assert not left_behind(run), (history, left_behind(run))
+        assert not processes_of(run, grace_s=10), (history, processes_of(run))
     final = Job(data_dir, run, tmp_path / "final.log")
     assert final.wait() == 0, (history, (tmp_path / "final.log").read_text()[-3000:])
     assert metrics(run) == metrics(reference), history  # every step's loss and val loss, bitwise
-    assert checkpoint_step(run) == STEPS and not left_behind(run, seconds=0)
+    assert checkpoint_step(run) == STEPS and not processes_of(run)
     print("\n".join(history))  # which faults this seed drew, for the log

@@ -18,9 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import TINY, assert_usage_error, losses, run_hpcllm, sets, signal_training_after, train
+from conftest import (
+    TINY,
+    assert_usage_error,
+    losses,
+    processes_of,
+    run_hpcllm,
+    sets,
+    signal_training_after,
+    train,
+)
 
 from hpcllm.cluster.launcher import launch_command, launch_env
 from hpcllm.cluster.preemption import EXIT_PREEMPTED
@@ -50,18 +58,6 @@ def assert_job_refuses(proc, needle):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hpcllm train: error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def processes_of(run_dir):
-    """Processes still running with `run_dir` on their command line (orphaned ranks)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if str(run_dir) in " ".join(proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 def test_exception_on_rank_1_at_step_3_ends_every_rank_within_10s(data_dir, tmp_path):

@@ -181,11 +181,11 @@ def run_launched(
             command, capture_output=True, text=True, env=launch_env() if env is None else env, timeout=timeout
         )
     except subprocess.TimeoutExpired as exc:
-        kept = _keep_failed(run_dir)
+        kept = _kept_note(run_dir)
         late = f"{what} did not finish in {timeout:g} s: {' '.join(command)}{kept}"
         raise EnvironmentProblem(late) from exc
     if proc.returncode != 0:
-        kept = _keep_failed(run_dir)
+        kept = _kept_note(run_dir)
         raise EnvironmentProblem(
             f"{what} failed (exit {proc.returncode}): {' '.join(command)}{kept}\n{proc.stderr[-2000:]}"
         )
@@ -199,16 +199,23 @@ def failed_runs_dir() -> Path:
     return Path(os.environ.get("HPCLLM_FAILED_RUNS", default))
 
 
-def _keep_failed(run_dir: Path | None) -> str:
-    """Copy a failed run's directory, checkpoints left out; the note for the error message."""
+def keep_failed_run(run_dir: Path) -> Path:
+    """Copy a failed run's directory (every rank's log; checkpoints and token files left out) out of
+    a temporary one, into `failed_runs_dir()`; returns where it went."""
     import shutil
     import time
 
+    kept = failed_runs_dir() / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.copytree(run_dir, kept, ignore=shutil.ignore_patterns("checkpoints", "*.bin"), dirs_exist_ok=True)
+    return kept
+
+
+def _kept_note(run_dir: Path | None) -> str:
+    """Keep a failed run's directory, if there is one; the note for the error message."""
     if run_dir is None or not run_dir.is_dir():
         return ""
-    kept = failed_runs_dir() / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        shutil.copytree(run_dir, kept, ignore=shutil.ignore_patterns("checkpoints", "*.bin"))
+        kept = keep_failed_run(run_dir)
     except OSError as exc:
         return f" (its run directory could not be kept: {exc})"
     return f" (its run directory, with every rank's log, is kept in {kept})"
