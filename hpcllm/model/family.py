@@ -26,14 +26,15 @@ from typing import Any, ClassVar
 
 from hpcllm.parallel.pipeline.partition import StagePlan, balanced_stages, parse_stage_layers
 
-COLUMN, ROW, VOCAB, TIED_HEAD = "column", "row", "vocab", "tied_head"
+COLUMN, ROW, VOCAB, TIED_HEAD, VOCAB_HEAD = "column", "row", "vocab", "tied_head", "vocab_head"
 
 
 @dataclass(frozen=True)
 class TensorSplit:
     """How tensor parallelism cuts one module: `column` (output features), `row` (input features,
     summed after), `vocab` (an embedding's rows), `tied_head` (logits through the vocab-split
-    embedding, and the vocabulary-parallel loss). `blocks`: for a fused column layer, the sizes of
+    embedding, and the vocabulary-parallel loss), `vocab_head` (an untied output head, its rows split
+    by vocabulary like the embedding's, and the same loss). `blocks`: for a fused column layer, the sizes of
     the blocks stacked in its output (q, k, v; unequal with grouped-query attention), each split
     alike so that every rank gets whole heads."""
 
@@ -56,7 +57,7 @@ class ParameterCounts:
 
 class ModelFamily(ABC):
     name: ClassVar[str]
-    presets: ClassVar[dict[str, dict[str, int]]]
+    presets: ClassVar[dict[str, dict[str, Any]]]
     hf_model_type: ClassVar[str]  # config.json's model_type of its Hugging Face folders
 
     @abstractmethod
@@ -107,9 +108,10 @@ class ModelFamily(ABC):
     # ---- built on the above, the same for every family -----------------------------------------
 
     def flops_per_token(self, shape: Any) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·d·T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T (H heads of
+        width Q: n_embd unless a family's heads are wider or narrower)."""
         n = self.parameters(shape).total
-        return 6 * n + 12 * shape.n_layer * shape.n_embd * shape.block_size
+        return 6 * n + 12 * shape.n_layer * shape.n_head * shape.head_dim * shape.block_size
 
     def iteration_flops(self, shape: Any, global_batch: int, recompute: bool) -> float:
         """Narayanan et al. 2021, Eq. 3: three forwards' worth per layer (four with the recomputed

@@ -33,6 +33,7 @@ from hpcllm.model.dropout import (
 )
 from hpcllm.model.gpt2_shape import GPTShape
 from hpcllm.model.kv_cache import KVCache
+from hpcllm.model.rope import Rotary
 from hpcllm.parallel.sharding import Sharding, sequence_parallel_parameters
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.mappings import scatter_to_sequence
@@ -84,6 +85,7 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         keys: DropoutKeys | None = None,
+        rotary: Rotary | None = None,  # GPT-2's positions are learned: unused
     ) -> torch.Tensor:
         qkv = run(self.qkv, x)
         batch, time, _ = qkv.shape  # the whole sequence, also when x holds part of it (sequence parallel)
@@ -143,12 +145,14 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
         keys: DropoutKeys | None = None,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
+        """`rotary`: the (cos, sin) of rotary positions, for the families that rotate q and k."""
         if x.requires_grad:
-            x = x + self.attn(self.ln_1(x), cache, mask, keys)
+            x = x + self.attn(self.ln_1(x), cache, mask, keys, rotary)
             return x + self.mlp(self.ln_2(x), keys)
         # Outside autograd (decoding): the same, without nn.Module's call machinery (see `run`).
-        x = x + self.attn.forward(run(self.ln_1, x), cache, mask, keys)
+        x = x + self.attn.forward(run(self.ln_1, x), cache, mask, keys, rotary)
         return x + self.mlp.forward(run(self.ln_2, x), keys)
 
 
@@ -158,6 +162,20 @@ class TiedHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, embedding_weight)
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, targets)
+
+
+class UntiedHead(nn.Linear):
+    """An output head with its own weight [vocab, n_embd] (Llama's untied embeddings); tensor
+    parallelism swaps in a vocabulary-parallel version holding its rows' slice."""
+
+    def __init__(self, n_embd: int, vocab_size: int):
+        super().__init__(n_embd, vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss_sum(logits, targets)
@@ -183,23 +201,43 @@ class GPT(nn.Module):
         layers = range(shape.n_layer) if layers is None else layers
         # Parts a pipeline stage does not run are None on that stage; the last stage of several
         # holds a copy of the token embedding for the tied head.
-        self.wte: nn.Module | None = nn.Embedding(shape.vocab_size, shape.n_embd) if first or last else None
-        self.wpe: nn.Embedding | None = nn.Embedding(shape.block_size, shape.n_embd) if first else None
+        tied = shape.tie_embeddings
+        self.wte: nn.Module | None = (
+            nn.Embedding(shape.vocab_size, shape.n_embd) if first or (last and tied) else None
+        )
+        self.wpe: nn.Embedding | None = self._position_embedding() if first else None
         # Blocks keep their global index in parameter names, so checkpoints of any pipeline size
         # name a tensor alike.
         self.blocks = nn.ModuleList(
-            Block(shape, index) if index in layers else nn.Identity() for index in range(shape.n_layer)
+            self._block(index) if index in layers else nn.Identity() for index in range(shape.n_layer)
         )
-        self.ln_f: nn.LayerNorm | None = nn.LayerNorm(shape.n_embd) if last else None
-        self.lm_head: nn.Module = TiedHead()
+        self.ln_f: nn.Module | None = self._norm() if last else None
+        self.lm_head: nn.Module = (
+            TiedHead() if tied or not last else UntiedHead(shape.n_embd, shape.vocab_size)
+        )
         self.stage_layers = layers  # the blocks this model runs
-        self.holds_tied_copy = last and not first  # of the embedding the first stage owns
+        self.holds_tied_copy = tied and last and not first  # of the embedding the first stage owns
         self.recompute = "none"  # see set_recompute
         # Sequence parallelism: the residual stream holds this TP rank's part of the sequence, and
         # these modules (the family's list) see only that part.
         self.sequence_group: TensorCollectives | None = None
         self.sequence_parallel_modules: tuple[str, ...] = ()
         self._init_weights(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+
+    # ---- what a family changes (hpcllm.model.llama_net overrides these) -----------------------
+    def _position_embedding(self) -> nn.Embedding | None:
+        """Learned positions, added to the token embedding."""
+        return nn.Embedding(self.shape.block_size, self.shape.n_embd)
+
+    def _block(self, index: int) -> nn.Module:
+        return Block(self.shape, index)
+
+    def _norm(self) -> nn.Module:
+        return nn.LayerNorm(self.shape.n_embd)
+
+    def rotary(self, positions: torch.Tensor | None, hidden: torch.Tensor) -> Rotary | None:
+        """The blocks' rotary positions for this forward: none, GPT-2's are learned."""
+        return None
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
@@ -221,7 +259,7 @@ class GPT(nn.Module):
         block's forward again there; "selective" does that for the attention core only; "none"."""
         self.recompute = mode
         for block in self.blocks:
-            if isinstance(block, Block):
+            if not isinstance(block, nn.Identity):
                 block.attn.recompute_core = mode == "selective"
 
     def enable_sequence_parallel(self, group: TensorCollectives, modules: tuple[str, ...]) -> None:
@@ -250,16 +288,19 @@ class GPT(nn.Module):
     def embed(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None, keys: DropoutKeys | None = None
     ) -> torch.Tensor:
-        if positions is None:
-            positions = torch.arange(idx.shape[1], device=idx.device)
-        hidden = self.wte(idx) + self.wpe(positions)  # the whole sequence on every TP rank
+        hidden = self.wte(idx)  # the whole sequence on every TP rank
+        if self.wpe is not None:
+            if positions is None:
+                positions = torch.arange(idx.shape[1], device=idx.device)
+            hidden = hidden + self.wpe(positions)
         if self.training and self.shape.dropout:
             hidden = dropout(hidden, self.shape.dropout, True, keys, EMBEDDING, (hidden.shape[2], 1))
         return hidden if self.sequence_group is None else scatter_to_sequence(hidden, self.sequence_group)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from the last hidden state; the output weight is the token embedding (tied)."""
-        return self.lm_head(run(self.ln_f, hidden), self.wte.weight)
+        """Logits from the last hidden state, through the token embedding when the head is tied."""
+        tied = self.wte.weight if self.shape.tie_embeddings else None
+        return self.lm_head(run(self.ln_f, hidden), tied)
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The *sum* of next-token cross-entropies over the trained targets (not IGNORE), in fp32:
@@ -302,16 +343,17 @@ class GPT(nn.Module):
         if keys is not None:
             keys = replace(keys, sequence_parallel=self.sequence_group is not None)
         hidden = self.embed(inputs, positions, keys) if first else inputs
+        rotary = self.rotary(positions, hidden)
         recompute = self.recompute == "full" and torch.is_grad_enabled()
         for index in self.stage_layers:
             block = self.blocks[index]
             if recompute:
-                hidden = checkpoint(block, hidden, None, None, keys, use_reentrant=False)
+                hidden = checkpoint(block, hidden, None, None, keys, rotary, use_reentrant=False)
             else:
                 hidden = (
-                    block(hidden, cache, mask, keys)
+                    block(hidden, cache, mask, keys, rotary)
                     if hidden.requires_grad
-                    else block.forward(hidden, cache, mask, keys)
+                    else block.forward(hidden, cache, mask, keys, rotary)
                 )
         return self.head(hidden) if last else hidden
 
@@ -330,6 +372,8 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, module.weight, module.bias)
         if kind is nn.LayerNorm:
             return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        if kind is nn.RMSNorm:
+            return F.rms_norm(x, module.normalized_shape, module.weight, module.eps)
     return module(x)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from hpcllm.errors import UsageError
 from hpcllm.model.family import COLUMN, ROW, TIED_HEAD, VOCAB, ModelFamily, ParameterCounts, TensorSplit
 from hpcllm.model.gpt2_shape import GPTShape
+from hpcllm.model.llama_shape import LLAMA_KEYS
 
 
 class GPT2Family(ModelFamily):
@@ -29,6 +30,12 @@ class GPT2Family(ModelFamily):
         )
 
     def check(self, model: Any, tp: int) -> None:
+        for key, unset in LLAMA_KEYS.items():
+            if getattr(model, key, unset) != unset:
+                raise UsageError(
+                    f"model.{key} is a setting of the llama family, which GPT-2 does not have: "
+                    "set model.family=llama (or a llama preset), or leave it out"
+                )
         if model.n_embd % model.n_head:
             raise UsageError(f"model.n_embd {model.n_embd} is not divisible by model.n_head {model.n_head}")
         if model.n_head % tp:

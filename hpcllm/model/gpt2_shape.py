@@ -9,6 +9,7 @@ from typing import ClassVar
 @dataclass(frozen=True)
 class GPTShape:
     family_name: ClassVar[str] = "gpt2"  # its family in hpcllm.model.registry
+    tie_embeddings: ClassVar[bool] = True  # the output head is the token embedding
 
     vocab_size: int
     block_size: int

@@ -81,7 +81,7 @@ def generate(
 ) -> list[list[int]]:
     """The new tokens of each prompt (a batch, left-padded here). `generators`: one per prompt,
     so a row's samples do not depend on the batch it ran in."""
-    device = model.wpe.weight.device
+    device = model.wte.weight.device
     block = model.shape.block_size
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from hpcllm.model.family import COLUMN, ROW, TIED_HEAD, VOCAB, TensorSplit
+from hpcllm.model.family import COLUMN, ROW, TIED_HEAD, VOCAB, VOCAB_HEAD, TensorSplit
 from hpcllm.model.registry import family_of_shape
 from hpcllm.parallel.pipeline.partition import StagePlan
 from hpcllm.parallel.sharding import padded_size
@@ -45,6 +45,8 @@ def _parallel_layer(
         return VocabParallelHead(
             group, group.rank * padded_size(vocab_size, group.size) // group.size, vocab_size
         )
+    if split.kind == VOCAB_HEAD and isinstance(module, nn.Linear):
+        return VocabParallelHead.from_full(module, group)
     if split.kind == COLUMN and isinstance(module, nn.Linear):
         return ColumnParallelLinear.from_full(module, group, blocks=split.blocks or 1)
     if split.kind == ROW and isinstance(module, nn.Linear):

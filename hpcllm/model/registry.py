@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hpcllm.errors import UsageError
 from hpcllm.model import hf_folder
 from hpcllm.model.family import ModelFamily
 from hpcllm.model.gpt2 import GPT2
+from hpcllm.model.llama import LLAMA
 
-FAMILIES: dict[str, ModelFamily] = {GPT2.name: GPT2}
+FAMILIES: dict[str, ModelFamily] = {GPT2.name: GPT2, LLAMA.name: LLAMA}
 
 # Preset name -> (family, its shape keys); names are unique over all families.
-PRESETS: dict[str, tuple[str, dict[str, int]]] = {
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     preset: (family.name, keys) for family in FAMILIES.values() for preset, keys in family.presets.items()
 }
 

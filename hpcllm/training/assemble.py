@@ -86,7 +86,8 @@ def _gradients(
     dp = DataParallel(grid, strategy)
     # Summed over another group before their DP reduction (the gradient finaliser's steps 1, 2):
     # the tied embedding over the first and last stage, the sequence-parallel parameters over TP.
-    tied = model.wte.weight if grid.layout.pp > 1 and model.wte is not None else None
+    tied_over_stages = grid.layout.pp > 1 and model.shape.tie_embeddings and model.wte is not None
+    tied = model.wte.weight if tied_over_stages else None
     sequence_parallel = sequence_parallel_parameters(model)
     gradients = dp.bucket_gradients(
         model,

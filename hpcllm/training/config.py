@@ -21,7 +21,7 @@ from hpcllm.model import registry
 log = logging.getLogger("hpcllm.config")
 
 # Every family's presets, by name (shape keys only; model.family comes with the preset).
-PRESETS: dict[str, dict[str, int]] = {name: keys for name, (_, keys) in registry.PRESETS.items()}
+PRESETS: dict[str, dict[str, Any]] = {name: keys for name, (_, keys) in registry.PRESETS.items()}
 
 
 RECOMPUTE = ("none", "selective", "full")
@@ -48,6 +48,18 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # The Llama family's keys (model.family = llama); GPT-2 refuses any of them set otherwise.
+    n_kv_head: int = 0  # grouped-query attention: key/value heads (0 = n_head, plain multi-head)
+    head_dim: int = 0  # 0 = n_embd / n_head
+    ffn_hidden: int = 0  # SwiGLU width (0 = 8/3 n_embd, rounded up to a multiple of 64)
+    rope_theta: float = 10000.0
+    # Llama 3's RoPE frequency scaling, Hugging Face's rope_scaling keys: "factor=32,low_freq_factor=1,
+    # high_freq_factor=4,original_max_position_embeddings=8192"; "" = none
+    rope_scaling: str = ""
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output head is the token embedding (GPT-2 always)
+    attention_bias: bool = False  # biases on q, k, v and the output projection
+    mlp_bias: bool = False
 
 
 @dataclass(frozen=True)

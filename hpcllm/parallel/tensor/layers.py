@@ -154,20 +154,34 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """Logits for this rank's vocabulary slice through the tied (partitioned) embedding, and the
-    vocabulary-parallel loss over them."""
+    """Logits for this rank's vocabulary slice, through the tied (partitioned) embedding or, untied,
+    through its own slice of the head's rows (`weight`), and the vocabulary-parallel loss over them."""
 
-    def __init__(self, group: TensorCollectives, start: int, vocab_size: int):
+    def __init__(
+        self, group: TensorCollectives, start: int, vocab_size: int, weight: torch.Tensor | None = None
+    ):
         super().__init__()
         self.group = group
         self.start = start
         self.vocab_size = vocab_size
+        self.weight = _optional(weight)
         self.sequence_parallel = False  # the hidden state is this rank's part of the sequence
 
-    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_full(cls, full: nn.Linear, group: TensorCollectives) -> VocabParallelHead:
+        """An untied head [vocab, n_embd], cut by vocabulary rows as the embedding is."""
+        vocab_size = full.weight.shape[0]
+        weight = shard(full.weight, Sharding(dim=0, full_size=vocab_size), group.rank, group.size)
+        return cls(group, group.rank * padded_size(vocab_size, group.size) // group.size, vocab_size, weight)
+
+    def parameter_sharding(self) -> dict[str, Sharding]:
+        return {} if self.weight is None else {"weight": Sharding(dim=0, full_size=self.vocab_size)}
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = embedding_weight if self.weight is None else self.weight
         if self.sequence_parallel:
-            return _SequenceGatheredLinear.apply(hidden, embedding_weight, None, self.group)
-        return F.linear(copy_to_region(hidden, self.group), embedding_weight)
+            return _SequenceGatheredLinear.apply(hidden, weight, None, self.group)
+        return F.linear(copy_to_region(hidden, self.group), weight)
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The sum over the trained targets (not IGNORE), as the plain head's."""
