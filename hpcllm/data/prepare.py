@@ -108,7 +108,9 @@ def _tokenize_piece(
     piece = plan.pieces[index]
     stats = PieceStats(index, piece.file, piece.size, rank, {split: spools[split].tell() for split in SPLITS})
     found = corpus.Documents(Counter())
-    eot = np.array([tok.eot_id(tokenizer)], dtype=dtype)
+    boundaries = tok.document_tokens(tokenizer)
+    eot = np.array([boundaries.eos], dtype=dtype)
+    bos = np.array([] if boundaries.bos is None else [boundaries.bos], dtype=dtype)
     batch: list[tuple[int, str]] = []
     size = 0
 
@@ -116,10 +118,10 @@ def _tokenize_piece(
         written: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
         # encode_batch_fast: encode_batch's ids without the character offsets, about 1.4x faster
         for (offset, _), encoding in zip(
-            batch, tokenizer.encode_batch_fast([t for _, t in batch]), strict=True
+            batch, tokenizer.encode_batch_fast([t for _, t in batch], add_special_tokens=False), strict=True
         ):
             split = "val" if in_val(opts.seed, piece.file, offset, opts.val_ratio) else "train"
-            written[split] += [np.asarray(encoding.ids, dtype=dtype), eot]
+            written[split] += [bos, np.asarray(encoding.ids, dtype=dtype), eot]
             stats.documents[split] += 1
         for split, runs in written.items():
             if runs:

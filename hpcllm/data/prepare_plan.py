@@ -62,9 +62,7 @@ def check_options(opts: PrepareOptions) -> None:
         try:
             tok.eot_id(tok.load(given))
         except Exception as exc:  # the tokenizers library raises its own untyped errors
-            raise UsageError(
-                f"--tokenizer {given}: not a usable tokenizer.json with {tok.EOT} ({exc})"
-            ) from exc
+            raise UsageError(f"--tokenizer {given}: not a usable tokenizer.json ({exc})") from exc
     if opts.tokenizer == "bpe" and not 257 <= opts.vocab_size <= 1 << 22:
         raise UsageError(
             f"--vocab-size {opts.vocab_size} is out of range: a byte-level BPE needs 257..4194304"

@@ -166,13 +166,19 @@ def _manifest(
     written: Written,
 ) -> dict[str, Any]:
     skipped = Counter(s.skipped for s in stats if s.skipped)
-    vocab, eot = tokenizer.get_vocab_size(), tok.eot_id(tokenizer)
+    vocab, boundaries = tokenizer.get_vocab_size(), tok.document_tokens(tokenizer)
     not_utf8 = [plan.files[s.file] for s in stats if s.skipped == "not_utf8"]
     bad = {kind: sum(s.bad.get(kind, 0) for s in stats) for kind in corpus.BAD_KINDS}
     return {
         "format": FORMAT_VERSION,
         "created_by": f"hpcllm {hpcllm.__version__}",
-        "tokenizer": {"kind": opts.tokenizer, "vocab_size": vocab, "eot_id": eot, "file": TOKENIZER},
+        "tokenizer": {
+            "kind": opts.tokenizer,
+            "vocab_size": vocab,
+            "eot_id": boundaries.eos,
+            "bos_id": boundaries.bos,
+            "file": TOKENIZER,
+        },
         "dtype": dtype.name,
         "seed": opts.seed,
         "val_ratio": opts.val_ratio,

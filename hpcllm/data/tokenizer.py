@@ -1,7 +1,8 @@
 """Tokenizers through the HF `tokenizers` library: a byte-level BPE trained on the corpus, or plain bytes.
 
-Both are saved as `tokenizer.json` and loaded the same way. Every document ends with the
-end-of-text token, so documents never run into each other in the token stream.
+Both are saved as `tokenizer.json` and loaded the same way, as is a Hugging Face folder's. Every
+document ends with the end-of-document token (and starts with the beginning-of-document token of
+tokenizers that have one, Llama's), so documents never run into each other in the token stream.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -94,11 +96,46 @@ def given_file(text: str) -> Path | None:
     return path
 
 
+# The (beginning, end) of document tokens of the tokenizer families hpcllm knows, tried in order:
+# GPT-2's (also Qwen2's and SmolLM's) end-of-text alone, Llama 3's, then Llama 2's and Mistral's.
+BOUNDARIES = ((None, EOT), ("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>"))
+
+
+@dataclass(frozen=True)
+class DocumentTokens:
+    """The ids around every document: `bos` before it (None when the tokenizer has no such token) and
+    `eos` after it, so documents never run into each other in the token stream."""
+
+    bos: int | None
+    eos: int
+
+    def wrap(self, ids: list[int]) -> list[int]:
+        return ([] if self.bos is None else [self.bos]) + ids + [self.eos]
+
+
+def document_tokens(tokenizer: Tokenizer) -> DocumentTokens:
+    """The first pair of BOUNDARIES the tokenizer has both tokens of."""
+    for begin, end in BOUNDARIES:
+        eos = tokenizer.token_to_id(end)
+        bos = None if begin is None else tokenizer.token_to_id(begin)
+        if eos is not None and (begin is None or bos is not None):
+            return DocumentTokens(bos, eos)
+    ends = ", ".join(end for _, end in BOUNDARIES)
+    raise ValueError(f"the tokenizer has no end-of-document token (one of {ends})")
+
+
 def eot_id(tokenizer: Tokenizer) -> int:
-    token_id = tokenizer.token_to_id(EOT)
-    if token_id is None:
-        raise ValueError(f"the tokenizer has no {EOT} token")
-    return token_id
+    """The end-of-document token's id."""
+    return document_tokens(tokenizer).eos
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's ids as a document starts in the training data: after the beginning-of-document
+    token when the tokenizer has one (the tokenizer's own post-processor is not used, so no token
+    comes twice)."""
+    bos = document_tokens(tokenizer).bos
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return ids if bos is None else [bos, *ids]
 
 
 def load(path: str | Path) -> Tokenizer:

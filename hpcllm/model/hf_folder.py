@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from hpcllm.errors import UsageError
 
@@ -41,14 +42,17 @@ def weight_files(path: Path) -> list[Path]:
     raise UsageError(f"{path} has no {WEIGHTS}")
 
 
-def tokenizer_config(block_size: int, eot_token: str) -> dict:
-    """What `AutoTokenizer.from_pretrained` needs to take tokenizer.json as a fast tokenizer."""
+def tokenizer_config(block_size: int, tokenizer: Any, boundaries: Any) -> dict:
+    """What `AutoTokenizer.from_pretrained` needs to take tokenizer.json as a fast tokenizer, with
+    the document tokens (hpcllm.data.tokenizer.DocumentTokens) as its beginning and end."""
+    eos = tokenizer.id_to_token(boundaries.eos)
+    bos = eos if boundaries.bos is None else tokenizer.id_to_token(boundaries.bos)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": block_size,
-        "bos_token": eot_token,
-        "eos_token": eot_token,
-        "unk_token": eot_token,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": eos,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -83,7 +84,8 @@ def read_config(folder: str | Path) -> GPT2Folder:
         raise UsageError(f"{path / CONFIG} is not readable JSON ({exc})") from exc
     if config.get("model_type") != "gpt2":
         raise UsageError(
-            f"{path} holds a {config.get('model_type')!r} model; hpcllm reads GPT-2-shaped folders only"
+            f"{path} holds a {config.get('model_type')!r} model; hpcllm reads gpt2 and llama folders "
+            "(LlamaForCausalLM covers Llama 2/3, Mistral-shaped and Qwen2-style models)"
         )
     problems = []
     activation = config.get("activation_function", "gelu_new")
@@ -167,8 +169,10 @@ def to_hf(state: dict[str, torch.Tensor], shape: GPTShape) -> dict[str, torch.Te
     return out
 
 
-def config_json(shape: GPTShape, eot: int) -> dict:
-    """GPT-2's config.json for this shape: no dropout (inference and fine-tuning set their own)."""
+def config_json(shape: GPTShape, boundaries: Any) -> dict:
+    """GPT-2's config.json for this shape: no dropout (inference and fine-tuning set their own);
+    `boundaries`: the tokenizer's DocumentTokens (GPT-2's end-of-text begins and ends a text)."""
+    eot = boundaries.eos
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "gpt2",

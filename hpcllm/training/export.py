@@ -62,12 +62,13 @@ def write_hf_folder(model: GPT, tokenizer: Any, out: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        folder = adapter.config_json(shape, tok.eot_id(tokenizer))
+        boundaries = tok.document_tokens(tokenizer)
+        folder = adapter.config_json(shape, boundaries)
         (staging / hf_folder.CONFIG).write_text(json.dumps(folder, indent=2) + "\n")
         weights = adapter.to_hf(model.state_dict(), shape)
         save_file(weights, staging / hf_folder.WEIGHTS, {"format": "pt"})
         tokenizer.save(str(staging / hf_folder.TOKENIZER_FILE))
-        settings = hf_folder.tokenizer_config(shape.block_size, tok.EOT)
+        settings = hf_folder.tokenizer_config(shape.block_size, tokenizer, boundaries)
         (staging / hf_folder.TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked by the caller

@@ -203,7 +203,7 @@ def run_training(args: TrainArgs) -> Trainer:
     built = build_model(plan, data.primary.vocab_size, rt, grid)
     if folder is not None:
         runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(built[0], folder, grid))
-        log.info("initialised from %s: GPT-2 %s", folder.path, ", ".join(folder.model_settings()))
+        log.info("initialised from %s: %s", folder.path, ", ".join(folder.model_settings()))
     trainer, start_step = assemble_trainer(
         plan, rt, grid, data, out, built, fault, from_checkpoint, resumed_at
     )
