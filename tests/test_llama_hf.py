@@ -218,3 +218,21 @@ def test_bad_llama_settings_exit_2_without_a_run_directory(folders, data_dir, tm
         else:
             assert_usage_error(proc, needle)
         assert not run.exists(), needle
+
+
+def test_greedy_generation_equals_transformers_generate(folders):
+    """The same greedy tokens as `LlamaForCausalLM.generate`, prompts of several lengths batched
+    (left-padded, each row's rotary positions its own) through hpcllm's grouped KV cache."""
+    from hpcllm.model import inference
+
+    _, model = hpcllm_model(folders["a"])
+    hf = transformers.LlamaForCausalLM.from_pretrained(folders["a"]).eval()
+    rng = np.random.default_rng(3)
+    prompts = [[256, *rng.integers(0, 256, n).tolist()] for n in (2, 7, 12)]
+    expected = []
+    for prompt in prompts:
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=257, eos_token_id=None
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+    assert inference.generate(model, prompts, 10) == expected
