@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.model.gpt2 import GPT2
+from hpcllm.model.gpt import GPT
+from hpcllm.model.registry import family_of
 from hpcllm.observe.memory import saved_activation_bytes, tensor_bytes
 from hpcllm.training.config import RECOMPUTE, ZERO, Config
 from hpcllm.training.optim import make_optimizer
@@ -57,17 +58,18 @@ def _micro_batch(config: Config, vocab_size: int) -> torch.Tensor:
 
 def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, Any]]:
     m, t = config.model, config.train
-    shape = GPTShape(vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout)
+    family = family_of(m)
+    shape = family.shape(m, vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     idx = _micro_batch(config, vocab_size).to(device)
     rows = []
     for recompute in RECOMPUTE:
-        model = GPT(shape, seed=t.seed).to(device)
+        model = family.build(shape, t.seed, None, True, True).to(device)
         model.set_recompute(recompute)
         activations = saved_activation_bytes(model, idx, idx)
         step_ms, allocator_peak = _step(model, idx, steps, t)
         params = tensor_bytes(list(model.parameters()))
-        predicted = GPT2.predicted_activation_bytes(shape, t.micro_batch, recompute)
+        predicted = family.predicted_activation_bytes(shape, t.micro_batch, recompute)
         for zero in ZERO if dp > 1 else (0,):
             optimizer = 2 * params // (dp if zero else 1)
             grads = params + (params // dp if zero == 2 else 0)
@@ -124,20 +126,21 @@ def largest_models(config: Config, vocab_size: int, dp: int, budget_bytes: float
     parameters, gradients, optimizer state and one micro-batch's activations fit in `budget_bytes`
     per rank. Activations per layer and those outside the layers are measured, from models of one
     and two layers; parameters are counted exactly."""
-    m = config.model
+    family = family_of(config.model)
+    full = family.shape(config.model, vocab_size)
     idx = _micro_batch(config, vocab_size)
     rows = []
     for recompute in RECOMPUTE:
         kept = []
         for layers in (1, 2):
-            model = GPT(GPTShape(vocab_size, m.block_size, layers, m.n_head, m.n_embd, m.dropout), seed=0)
+            model = family.build(replace(full, n_layer=layers), 0, None, True, True)
             model.set_recompute(recompute)
             kept.append(saved_activation_bytes(model, idx, idx))
         per_layer_activations, outside_activations = kept[1] - kept[0], 2 * kept[0] - kept[1]
-        shape = GPTShape(vocab_size, m.block_size, 0, m.n_head, m.n_embd)
+        shape = replace(full, n_layer=0, dropout=0.0)
         for zero in (0, 1) if dp > 1 else (0,):
             per_parameter = 4 + 4 + 8 / (dp if zero else 1)  # fp32 weights, gradients, Adam moments
-            counts = GPT2.parameters(shape)
+            counts = family.parameters(shape)
             fixed = counts.total * per_parameter + outside_activations
             per_layer = counts.per_layer * per_parameter + per_layer_activations
             layers = max(0, int((budget_bytes - fixed) // per_layer))

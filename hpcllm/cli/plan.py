@@ -1,6 +1,7 @@
 """`hpcllm plan`: predict step time and memory of every layout of a model on a cluster, and rank them.
 
     hpcllm plan --model gpt2-350m --cluster a100 --nodes 2
+    hpcllm plan --model llama3-8b --cluster h100 --nodes 4
     hpcllm plan --model n_layer=48,n_embd=8192,n_head=64,block_size=2048,vocab=51200 \\
         --cluster h100 --nodes 64 --global-batch 1536 --layout tp=8,pp=2 --json
     hpcllm plan calibrate                  # measure this machine: the `local` profile
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.errors import UsageError
+from hpcllm.model.gpt2 import GPT2
 
-DEFAULT_VOCAB = 50304  # GPT-2's 50257, padded to a multiple of 64 as Megatron and nanoGPT do
+DEFAULT_VOCAB = GPT2.published_vocab  # for a --model given by its numbers
 
 
 def add_parser(commands: Any) -> None:
@@ -85,7 +87,7 @@ def parse_model(text: str, vocab_from_data: bool = False) -> Any:
     from hpcllm.training.config import PRESETS
 
     if text in PRESETS:
-        return ModelSpec(vocab=DEFAULT_VOCAB, **PRESETS[text])
+        return ModelSpec.of_preset(text)
     fields = _key_values("--model", text)
     allowed = ("n_layer", "n_embd", "n_head", "block_size", "vocab")
     needed = allowed[:-1] if vocab_from_data else allowed
@@ -206,7 +208,7 @@ def validate(args: argparse.Namespace) -> int:
     variants = [layout_variant(text, sets[1::2]) for text in texts]
     data = prepared_data(args.data)
     vocab = open_prepared(data, verify=False).vocab_size
-    model = ModelSpec(vocab=vocab, **PRESETS[preset])
+    model = ModelSpec.of_preset(preset, vocab)
     variants.append(check.reference_run(cluster))
     bench = bench_train.run(data, args.steps, sets, args.repeat, keys=(), layouts=variants)
     *rows, reference = bench["rows"]
@@ -295,14 +297,7 @@ def train_arguments(model: Any, prediction: Any, global_batch: int) -> list[str]
     """`hpcllm train` flags that run `prediction`'s layout of `model` (the vocabulary comes from the data)."""
     from hpcllm.planner.search import layout_arguments
 
-    settings = [
-        f"model.n_layer={model.n_layer}",
-        f"model.n_embd={model.n_embd}",
-        f"model.n_head={model.n_head}",
-        f"model.block_size={model.block_size}",
-        f"train.global_batch={global_batch}",
-        "train.dtype=bfloat16",
-    ]
+    settings = [*model.config_settings(), f"train.global_batch={global_batch}", "train.dtype=bfloat16"]
     return layout_arguments(prediction.layout) + [a for s in settings for a in ("--set", s)]
 
 

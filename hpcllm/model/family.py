@@ -59,6 +59,10 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
     hf_model_type: ClassVar[str]  # config.json's model_type of its Hugging Face folders
+    # The vocabulary `plan --model PRESET` assumes: the family's published tokenizer's (padded to a
+    # multiple of 64 where the published models pad it).
+    published_vocab: ClassVar[int]
+    norm_saved_tensors: ClassVar[int] = 2  # of [s, b, h] a norm keeps for backward (LayerNorm: in, out)
 
     @abstractmethod
     def shape(self, model: Any, vocab_size: int) -> Any:
@@ -128,14 +132,15 @@ class ModelFamily(ABC):
         applied to this implementation (None with dropout, whose masks and the unfused attention it
         needs are not modelled): the layers' share from `activation_bytes_per_layer`, and outside
         them the logits and their log-softmax (4*sbv/t, the head is vocabulary-parallel), the final
-        norm's input and output (8*sbh, /t with sequence parallelism) and the token ids (24*sb).
+        norm's tensors (4*sbh each, `norm_saved_tensors` of them: input and output for LayerNorm;
+        /t with sequence parallelism) and the token ids (24*sb).
         `hpcllm bench memory` measures against it."""
         if shape.dropout:
             return None
         s, b, h, v = shape.block_size, micro_batch, shape.n_embd, shape.vocab_size
         per_layer = self.activation_bytes_per_layer(shape, b, tp, recompute, sequence_parallel, 4)
         split = tp if sequence_parallel else 1  # the regions outside the TP layers
-        outside = 4 * s * b * v / tp + 8 * s * b * h / split + 24 * s * b
+        outside = 4 * s * b * v / tp + 4 * self.norm_saved_tensors * s * b * h / split + 24 * s * b
         return int(shape.n_layer * per_layer + outside)
 
     def plan_stages(self, shape: Any, pp: int, stage_layers: str = "") -> StagePlan:

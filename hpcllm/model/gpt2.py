@@ -14,6 +14,7 @@ from hpcllm.model.llama_shape import LLAMA_KEYS
 class GPT2Family(ModelFamily):
     name = "gpt2"
     hf_model_type = "gpt2"
+    published_vocab = 50304  # GPT-2's 50257, padded to a multiple of 64 as Megatron and nanoGPT do
     presets = {
         # trains in a few minutes on 2 CPU cores
         "tiny": {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128},

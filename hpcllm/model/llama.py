@@ -46,8 +46,8 @@ class LlamaFamily(ModelFamily):
             "ffn_hidden": 28672, "rope_theta": 500000.0, "tie_embeddings": False,
         },
     }  # fmt: skip
-    # The vocabulary of the published shapes' tokenizer (Llama 3's tiktoken-based one), for plan.
-    published_vocab = 128256
+    published_vocab = 128256  # Llama 3's tokenizer
+    norm_saved_tensors = 3  # torch's RMSNorm keeps its input, the normalised input and its output
 
     def shape(self, model: Any, vocab_size: int) -> LlamaShape:
         def key(name: str) -> Any:
@@ -135,11 +135,14 @@ class LlamaFamily(ModelFamily):
         sequence_parallel: bool,
         element_bytes: int,
     ) -> float:
-        """Korthikanti et al.'s method applied to this block (fused attention, `e` bytes an element):
-            none       e*(4sbh + sb(2q + 2kv)/t + 4sbf/t) + 4*(2sb + asb/t): the two RMSNorms' inputs
-                       and outputs (replicated over TP) and their statistics; rotated q, k, v and
-                       the attention output; SwiGLU's gate, up, their product and silu(gate);
-                       the attention's softmax statistics
+        """Korthikanti et al.'s method applied to this block (fused attention, `e` bytes an element),
+        as autograd keeps it (`bench memory` measures against it):
+            none       e*(6sbh + sb(3q + 3kv)/t + 4sbf/t) + 8sb + 4asb/t: the two RMSNorms' inputs,
+                       normalised inputs (for the weight's gradient) and outputs (replicated over
+                       TP: torch's RMSNorm keeps all three) and their fp32 statistics; the fused qkv
+                       output (v is a view of it), the rotated q and k, the attention output (the
+                       output projection's input is a view of it); SwiGLU's fused gate/up output,
+                       silu(gate) and the product; the attention's fp32 softmax statistics
             selective  the same without the softmax statistics (the core is recomputed)
             full       e*sbh (the block's input)
         With sequence parallelism the replicated terms are divided by t as well."""
@@ -148,9 +151,8 @@ class LlamaFamily(ModelFamily):
         if recompute == "full":
             return e * s * b * h / split
         q, kv, f = shape.q_width, shape.kv_width, shape.ffn_hidden
-        per_layer = (
-            e * (4 * s * b * h / split + s * b * (2 * q + 2 * kv) / t + 4 * s * b * f / t) + 8 * s * b / split
-        )
+        per_layer = e * (6 * s * b * h / split + s * b * (3 * q + 3 * kv) / t + 4 * s * b * f / t)
+        per_layer += 8 * s * b / split
         return per_layer + (4 * a * s * b / t if recompute == "none" else 0)
 
     def tensor_parallel_plan(self, shape: Any) -> dict[str, TensorSplit]:

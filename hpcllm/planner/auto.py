@@ -35,7 +35,7 @@ def choose(
     """The fastest predicted layout of `config`'s model for `world` ranks, `ranks_per_node` to a
     node, as configuration assignments (key=value), and the lines that explain the choice."""
     m = config.model
-    model = ModelSpec(m.n_layer, m.n_embd, m.n_head, m.block_size, vocab)
+    model = ModelSpec.of_model(m, vocab)
     nodes = -(-world // ranks_per_node)
     if nodes * ranks_per_node != world:
         raise UsageError(f"--layout auto: {world} ranks do not fill nodes of {ranks_per_node} evenly")

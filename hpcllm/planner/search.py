@@ -18,11 +18,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: int) -> list[PlannedLayout]:
-    """Layouts hpcllm can run: tp inside a node and dividing the heads, pp at most the layers,
+    """Layouts hpcllm can run: tp inside a node and splitting the model (its family says: heads,
+    key/value heads, MLP width), pp at most the layers,
     dp dividing the batch into whole micro-batches."""
     layouts = []
     for tp, pp in product(_divisors(gpus), _divisors(gpus)):
-        if gpus % (tp * pp) or tp > gpus_per_node or model.n_head % tp or pp > model.n_layer:
+        if gpus % (tp * pp) or tp > gpus_per_node or pp > model.n_layer or not model.cuts_over(tp):
             continue
         dp = gpus // (tp * pp)
         for micro, zero, recompute in product(MICRO_BATCHES, (0, 1, 2), RECOMPUTE):

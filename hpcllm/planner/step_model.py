@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from hpcllm.errors import UsageError
 from hpcllm.model.family import ModelFamily, ParameterCounts
-from hpcllm.model.registry import family_named
+from hpcllm.model.llama_shape import LLAMA_KEYS
+from hpcllm.model.registry import PRESETS, family_named
 from hpcllm.planner.profiles import ClusterProfile
 
 GIB = 1024**3
@@ -54,11 +56,50 @@ class ModelSpec:
     block_size: int
     vocab: int
     family: str = "gpt2"
+    settings: tuple[tuple[str, Any], ...] = ()  # the family's other `model.` keys (Llama's n_kv_head, ...)
+
+    @classmethod
+    def of_model(cls, model: Any, vocab: int) -> ModelSpec:
+        """From a `model.` config section (or any object with its keys: a preset's, say)."""
+        shape_keys = ("n_layer", "n_embd", "n_head", "block_size")
+        left_out = (*shape_keys, "family", "preset", "dropout")
+        settings = tuple(sorted((k, v) for k, v in vars(model).items() if k not in left_out))
+        family = getattr(model, "family", "gpt2")
+        return cls(*(getattr(model, key) for key in shape_keys), vocab, family, settings)
+
+    @classmethod
+    def of_preset(cls, name: str, vocab: int | None = None) -> ModelSpec:
+        """A preset's model; `vocab` by default its family's published tokenizer's."""
+        family, keys = PRESETS[name]
+        vocab = vocab if vocab is not None else family_named(family).published_vocab
+        return cls.of_model(SimpleNamespace(family=family, **keys), vocab)
+
+    def _section(self) -> SimpleNamespace:
+        """The model as a `model.` config section the family reads."""
+        section = {key: getattr(self, key) for key in ("n_layer", "n_embd", "n_head", "block_size")}
+        return SimpleNamespace(**section, **dict(self.settings), dropout=0.0)
 
     @property
     def shape(self) -> Any:
-        section = {key: value for key, value in asdict(self).items() if key not in ("vocab", "family")}
-        return self.model_family.shape(SimpleNamespace(**section, dropout=0.0), self.vocab)
+        return self.model_family.shape(self._section(), self.vocab)
+
+    def cuts_over(self, tp: int) -> bool:
+        """Whether the family can split the model over `tp` tensor-parallel ranks (heads, key/value
+        heads and the MLP's width divide by it)."""
+        try:
+            self.model_family.check(self._section(), tp)
+        except UsageError:
+            return False
+        return True
+
+    def config_settings(self) -> list[str]:
+        """`model.KEY=VALUE` assignments that train this model (the vocabulary comes from the data)."""
+        section = vars(self._section())
+        keys = ["n_layer", "n_embd", "n_head", "block_size"]
+        keys += [key for key, value in self.settings if LLAMA_KEYS.get(key, object()) != value]
+        family = [] if self.family == "gpt2" else [f"model.family={self.family}"]
+        text = {True: "true", False: "false"}
+        return family + [f"model.{key}={text.get(section[key], section[key])}" for key in keys]
 
     @property
     def model_family(self) -> ModelFamily:
@@ -205,7 +246,8 @@ def _stage_costs(
     rate = cluster.sustained_flops(h, b * s) * share
     # ---- compute: one micro-batch on one rank, forward + backward (+ recomputation) ----------
     layer = layer_forward_flops(model, b)
-    recomputed = {"full": layer, "selective": 4 * b * s * s * h, "none": 0.0}[layout.recompute]
+    attention_core = 4 * b * s * s * model.shape.n_head * model.shape.head_dim  # scores, weighted sum
+    recomputed = {"full": layer, "selective": attention_core, "none": 0.0}[layout.recompute]
     layer_s = (3 * layer + recomputed) / t / rate + cluster.layer_overhead_us * 1e-6
     # The vocabulary projection and the loss, on the last stage, with the fixed cost of a micro-batch;
     # the projection is one GEMM as wide as the vocabulary, so it runs at the large-GEMM rate.
