@@ -17,7 +17,8 @@ import torch
 
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.tokens import open_prepared
-from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+from hpcllm.model.gpt import lm_loss
+from hpcllm.model.registry import family_of
 from hpcllm.observe.timing import PhaseTimer
 from hpcllm.training import config as config_mod
 from hpcllm.training.optim import make_optimizer
@@ -49,8 +50,8 @@ def main() -> None:
     rank, world = _start_ddp() if args.variant == "ddp" else (0, 1)
 
     m, t = config.model, config.train
-    torch.manual_seed(t.seed)
-    model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.dropout))
+    family = family_of(m)
+    model = family.build(family.shape(m, prepared.vocab_size), t.seed, None, True, True)
     optimizer = make_optimizer(model, config.train)
     trained: torch.nn.Module = model
     if args.variant == "ddp":

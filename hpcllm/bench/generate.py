@@ -1,8 +1,10 @@
 """`hpcllm bench generate`: tokens/s of greedy generation with and without the KV cache, and
-against `transformers`' own `generate` on the same model exported as a GPT-2 folder.
+against `transformers`' own `generate` on the same model exported as a Hugging Face folder of its
+family (GPT2LMHeadModel, LlamaForCausalLM).
 
-The model is the tiny preset's shape (its block_size raised to hold the prompt and the new tokens,
-as both implementations need), seeded weights, and the default corpus's tokenizer. One prompt
+The model is the preset's shape (the tiny one by default; its block_size raised to hold the prompt
+and the new tokens, as both implementations need), seeded weights, and the default corpus's
+tokenizer. One prompt
 (batch 1, the latency case) and a batch of 8; each variant runs `repeat` times interleaved and
 reports its best run. The greedy tokens of all variants must agree, or the comparison is void.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,8 +23,8 @@ from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import open_prepared
 from hpcllm.errors import EnvironmentProblem
 from hpcllm.model import inference
-from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.training.config import PRESETS
+from hpcllm.model.gpt import GPT
+from hpcllm.model.registry import PRESETS, family_named
 from hpcllm.training.export import write_hf_folder
 
 PROMPT_TOKENS = 64
@@ -57,14 +60,17 @@ def run(data: Path, preset: str, new_tokens: int, batches: tuple[int, ...], repe
         ) from exc
     prepared = open_prepared(data, verify=False)
     tokenizer = tok.load(prepared.tokenizer_path)
-    shape = GPTShape(prepared.vocab_size, PROMPT_TOKENS + new_tokens, **_shape_of(preset))
-    model = GPT(shape, seed=0).eval()
+    family_name, keys = PRESETS[preset]
+    family = family_named(family_name)
+    section = SimpleNamespace(**(keys | {"block_size": PROMPT_TOKENS + new_tokens}), dropout=0.0)
+    shape = family.shape(section, prepared.vocab_size)
+    model = family.build(shape, 0, None, True, True).eval()
     generator = torch.Generator().manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-generate-") as tmp:
         folder = Path(tmp) / "model"
         write_hf_folder(model, tokenizer, folder)
-        theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+        theirs = getattr(transformers, family.hf().ARCHITECTURE).from_pretrained(folder).eval()
         theirs.generation_config.eos_token_id = None  # generate all the tokens, as hpcllm does
         theirs.generation_config.pad_token_id = 0
         for batch in batches:
@@ -96,10 +102,6 @@ def run(data: Path, preset: str, new_tokens: int, batches: tuple[int, ...], repe
         "rows": rows,
         "ratios": ratios,
     }
-
-
-def _shape_of(preset: str) -> dict[str, int]:
-    return {key: value for key, value in PRESETS[preset].items() if key != "block_size"}
 
 
 def render(result: dict[str, Any]) -> str:

@@ -32,8 +32,7 @@ import torch
 
 from hpcllm.cluster.launcher import launch_command, launch_env, run_launched
 from hpcllm.data.tokens import open_prepared
-from hpcllm.model.gpt import GPT, GPTShape
-from hpcllm.model.gpt2 import GPT2
+from hpcllm.model.registry import family_of
 from hpcllm.observe.metrics import measure_matmul_peak
 from hpcllm.training import config as config_mod
 
@@ -203,9 +202,8 @@ def _report(
     """Rows per variant (median tokens/s, MFU against a measured peak, scaling) and the ratios."""
     config = config_mod.load(assignments=sets[1::2])
     prepared = open_prepared(data, verify=False)
-    m = config.model
-    model = GPT(GPTShape(prepared.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd))
-    per_token = GPT2.flops_per_token(model.shape)
+    family = family_of(config.model)
+    per_token = family.flops_per_token(family.shape(config.model, prepared.vocab_size))
     # hpcllm's variants run on the GPU when there is one; MFU is then against its matmul peak in
     # the training dtype (bf16 tensor cores), as nanoGPT-class trainers report it.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
