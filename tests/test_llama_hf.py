@@ -190,30 +190,36 @@ def test_train_from_a_folder_at_tp_and_pp_then_export(folders, tmp_path):
 
 
 def test_bad_llama_settings_exit_2_without_a_run_directory(folders, data_dir, tmp_path):
+    """Settings a Llama cannot have are one line each when the config loads (as every command
+    loads it); a folder of another architecture and a tp the key/value heads do not divide go
+    through `hpcllm train`, which exits 2 and creates nothing."""
+    from hpcllm.training.config import load
+
+    llama = ["model.preset=llama-tiny", "model.n_layer=2", "model.n_embd=32"]
+    for extra, needle in (
+        (["model.n_kv_head=3"], "model.n_head 4 is not divisible by model.n_kv_head 3"),
+        (["model.rope_scaling=factor=8"], "model.rope_scaling 'factor=8': it lacks low_freq_factor"),
+        (["model.rope_scaling=scale=8"], "'scale=8' is not one of factor=N"),
+        (["model.dropout=0.1"], "the llama family trains without dropout"),
+        (["model.family=gpt2"], "model.n_kv_head is a setting of the llama family"),  # the preset's
+        (["model.preset=tiny", "model.tie_embeddings=false"], "model.tie_embeddings is a setting of"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            load(assignments=[*llama, *extra])
     mistral = tmp_path / "mistral"
     mistral.mkdir()
     for path in folders["b"].iterdir():
         (mistral / path.name).write_bytes(path.read_bytes())
     config = json.loads((mistral / "config.json").read_text())
     (mistral / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
-    llama = sets("model.preset=llama-tiny", "model.n_layer=2", "model.n_embd=32", *LLAMA_RUN[1::2])
-    cases = [
-        (["--init-from", f"hf:{mistral}"], 1, "'mistral' model"),
-        (sets("model.n_kv_head=3"), 1, "not divisible by model.n_kv_head 3"),
+    flags = sets(*llama, "model.block_size=32", "train.global_batch=8", "train.micro_batch=2")
+    for extra, ranks, needle in (
+        (["--init-from", f"hf:{mistral}"], None, "'mistral' model"),
         (["--tp", "4"], 4, "model.n_kv_head 2 is not divisible by tp 4"),
-        (sets("model.rope_scaling=factor=8"), 1, "model.rope_scaling"),
-        (
-            sets("model.family=gpt2", "model.n_kv_head=2"),
-            1,
-            "model.n_kv_head is a setting of the llama family",
-        ),
-    ]
-    for index, (extra, ranks, needle) in enumerate(cases):
-        run = tmp_path / f"run-{index}"
-        proc = run_hpcllm(
-            ["train", "--data", data_dir, "--out", run, *llama, *extra], ranks=ranks if ranks > 1 else None
-        )
-        if ranks > 1:
+    ):
+        run = tmp_path / f"run-{ranks}"
+        proc = run_hpcllm(["train", "--data", data_dir, "--out", run, *flags, *extra], ranks=ranks)
+        if ranks:  # under mpirun, rank 0 speaks for all: exit 2 and the line
             assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
         else:
             assert_usage_error(proc, needle)
