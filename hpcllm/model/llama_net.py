@@ -21,7 +21,7 @@ from hpcllm.model.dropout import DropoutKeys
 from hpcllm.model.gpt import GPT, Block, run
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.model.llama_shape import LlamaShape
-from hpcllm.model.rope import Rotary, apply_rotary, inverse_frequencies, rotary_tables
+from hpcllm.model.rope import Rotary, angle_table, apply_rotary, inverse_frequencies, rotary_at
 
 
 class GroupedQueryAttention(nn.Module):
@@ -55,12 +55,10 @@ class GroupedQueryAttention(nn.Module):
         heads = width // self.head_dim
         q_heads = round(heads * self.query_share)
         kv_heads = (heads - q_heads) // 2
-        q, k, v = (
-            qkv.view(batch, time, heads, self.head_dim)
-            .transpose(1, 2)
-            .split((q_heads, kv_heads, kv_heads), dim=1)
-        )
-        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        # q and k are rotated together (one set of operators: decoding steps are overhead-bound).
+        heads_first = qkv.view(batch, time, heads, self.head_dim).transpose(1, 2)
+        rotated = apply_rotary(heads_first[:, : q_heads + kv_heads], rotary)
+        q, k, v = rotated[:, :q_heads], rotated[:, q_heads:], heads_first[:, q_heads + kv_heads :]
         if cache is not None:
             k, v = cache.extend(self.index, k, v)
         if self.recompute_core and torch.is_grad_enabled():
@@ -102,8 +100,10 @@ class Llama(GPT):
         last: bool = True,
     ):
         super().__init__(shape, seed, layers, first, last)
-        # Kept in float32 outside the module's tensors, so casting the model never rounds them.
+        # Kept in float32 outside the module's tensors, so casting the model never rounds them, and
+        # not in checkpoints: they follow from the shape.
         self._inverse_frequencies = inverse_frequencies(shape.head_dim, shape.rope_theta, shape.rope_scaling)
+        self._angles: dict[torch.device, Rotary] = {}  # per device: cos, sin of every position
 
     def _position_embedding(self) -> None:
         return None  # rotary: the attention rotates q and k instead
@@ -117,7 +117,11 @@ class Llama(GPT):
     def rotary(self, positions: torch.Tensor | None, hidden: torch.Tensor) -> Rotary:
         """Positions 0..T-1 of the whole sequence in training (with sequence parallelism `hidden`
         holds this rank's part, but attention sees all of it), or decoding's own per row."""
-        if positions is None:
-            parts = 1 if self.sequence_group is None else self.sequence_group.size
-            positions = torch.arange(hidden.shape[1] * parts, device=hidden.device)
-        return rotary_tables(self._inverse_frequencies, positions)
+        parts = 1 if self.sequence_group is None else self.sequence_group.size
+        wanted: torch.Tensor | int = hidden.shape[1] * parts if positions is None else positions
+        length = wanted if isinstance(wanted, int) else int(wanted.max()) + 1
+        table = self._angles.get(hidden.device)
+        if table is None or table[0].shape[0] < length:
+            size = max(length, self.shape.block_size)
+            table = self._angles[hidden.device] = angle_table(self._inverse_frequencies, size, hidden.device)
+        return rotary_at(table, wanted)

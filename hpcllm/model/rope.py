@@ -9,7 +9,7 @@ import math
 
 import torch
 
-Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), [batch or 1, time, head_dim], float32
+Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), float32
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: tuple[float, ...] = ()) -> torch.Tensor:
@@ -29,15 +29,21 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: tuple[float, ...] 
     return torch.where(medium, smoothed, scaled)
 
 
-def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> Rotary:
-    """cos and sin of every position's angles [rows, time, head_dim], in float32 whatever autocast
-    says; `positions` is [time] or [rows, time] (decoding: each row its own)."""
-    if positions.dim() == 1:
-        positions = positions[None]
-    with torch.autocast(positions.device.type, enabled=False):
-        angles = positions[..., None].float() * inv_freq.to(positions.device)
+def angle_table(inv_freq: torch.Tensor, length: int, device: torch.device) -> Rotary:
+    """cos and sin of positions 0 .. length-1 [length, head_dim], float32: computed once, then read
+    by position (a forward or a decoding step only indexes it)."""
+    with torch.autocast(device.type, enabled=False):
+        angles = torch.arange(length, device=device).float()[:, None] * inv_freq.to(device)
         both = torch.cat((angles, angles), dim=-1)
         return both.cos(), both.sin()
+
+
+def rotary_at(table: Rotary, positions: torch.Tensor | int) -> Rotary:
+    """The table's rows for `positions` as [rows, 1 (heads), time, head_dim]: an int T means 0 .. T-1
+    for every row (training), a tensor [rows, time] each row's own (decoding)."""
+    if isinstance(positions, int):
+        return table[0][None, None, :positions], table[1][None, None, :positions]
+    return table[0][positions][:, None], table[1][positions][:, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,5 +53,5 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     """Rotate the features of x [batch, heads, time, head_dim] by their positions' angles."""
-    cos, sin = (table.to(x.dtype)[:, None] for table in rotary)
-    return x * cos + _rotate_half(x) * sin
+    cos, sin = rotary
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
