@@ -201,9 +201,16 @@ def _report(
 ) -> dict[str, Any]:
     """Rows per variant (median tokens/s, MFU against a measured peak, scaling) and the ratios."""
     config = config_mod.load(assignments=sets[1::2])
-    prepared = open_prepared(data, verify=False)
-    family = family_of(config.model)
-    per_token = family.flops_per_token(family.shape(config.model, prepared.vocab_size))
+    vocab = open_prepared(data, verify=False).vocab_size
+
+    def flops_per_token(extra: list[str]) -> float:
+        """Of the model a variant trains: the common settings and its own (a sweep of presets)."""
+        own = [value for flag, value in zip(extra, extra[1:], strict=False) if flag == "--set"]
+        model = config_mod.load(assignments=[*sets[1::2], *own]).model
+        family = family_of(model)
+        return family.flops_per_token(family.shape(model, vocab))
+
+    per_token = flops_per_token([])
     # hpcllm's variants run on the GPU when there is one; MFU is then against its matmul peak in
     # the training dtype (bf16 tensor cores), as nanoGPT-class trainers report it.
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -224,7 +231,7 @@ def _report(
             "tokens_per_s": v.median,
             "min": min(v.rates),
             "max": max(v.rates),
-            "mfu": v.median * per_token / peak,
+            "mfu": v.median * flops_per_token(v.sets) / peak,
             "scaling_efficiency": scaling(v),
             "phase_ms": v.phase_medians(),
             "intervals": len(v.rates),
