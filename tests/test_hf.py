@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_usage_error, losses, run_hpcllm, train
+from conftest import assert_usage_error, losses, run_hpcllm, sets, train
 
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.loader import BatchSampler, read_sequences
@@ -149,3 +149,44 @@ def test_folders_that_are_not_gpt2_shaped_are_one_line(gpt2_folder, data_dir, tm
         assert_usage_error(proc, needle)
         assert not (tmp_path / f"run-{folder.name}").exists(), folder.name
     assert_usage_error(train(data_dir, tmp_path / "r", "--init-from", str(gpt2_folder)), "takes hf:DIR")
+
+
+def test_init_from_an_hpcllm_run_at_another_layout_with_a_fresh_optimizer(data_dir, tmp_path):
+    """run:DIR@STEP: the new run's first loss is that checkpoint's model on the new run's first
+    batch (so its weights, resharded from tp 2 to tp 1), its schedule starts again (warmup's first
+    learning rate), and a run or step that is not there is one line."""
+    base = tmp_path / "base"
+    proc = train(
+        data_dir, base, "--steps", "4", "--tp", "2", *sets("train.ckpt_every=2", "train.keep=5"), ranks=2
+    )
+    assert proc.returncode == 0, proc.stderr
+    tuned = tmp_path / "tuned"
+    proc = train(data_dir, tuned, "--init-from", f"run:{base}@2", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert losses(tuned)[1] == pytest.approx(
+        first_batch_loss_of_run(base, "step-00000002", data_dir), rel=1e-5
+    )
+    first = json.loads((tuned / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == json.loads((base / "metrics.jsonl").read_text().splitlines()[0])["lr"]
+    for source, needle in (
+        (f"run:{tmp_path / 'none'}", "is not an hpcllm run directory"),
+        (f"run:{base}@9", "has no checkpoint step-00000009"),
+        (f"run:{base}@x", "the step after @ must be a number"),
+    ):
+        assert_usage_error(train(data_dir, tmp_path / "r", "--init-from", source), needle)
+        assert not (tmp_path / "r").exists()
+
+
+def first_batch_loss_of_run(run, step_name, data_dir):
+    """hpcllm's loss, from a run's checkpoint, on the batch `hpcllm train` takes first."""
+    from hpcllm.cluster import runtime
+    from hpcllm.training.checkpoint import run_checkpoint
+    from hpcllm.training.generate import load_model
+
+    tokens = open_prepared(data_dir, verify=False).tokens("train")
+    indices = BatchSampler(len(tokens), BLOCK, SEED).global_indices(0, GLOBAL_BATCH)
+    inputs, targets = read_sequences(tokens, indices, BLOCK)
+    model, _, _, _ = load_model(run, run_checkpoint(run, step_name), runtime.init())
+    with torch.no_grad():
+        logits = model(torch.as_tensor(inputs))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(targets).reshape(-1)).item()

@@ -72,7 +72,9 @@ LAYOUTS = {
     "tp2-sequence-parallel-selective": (
         2, ["--tp", "2", *sets("parallel.sequence_parallel=true", "train.recompute=selective")], "fp32"
     ),
-    "pp2xdp2-zero2-full": (4, ["--pp", "2", *sets("parallel.zero=2", "train.recompute=full")], "fp32"),
+    "3d-pp2xdp2xtp2-zero2-full-sp": (
+        8, ["--pp", "2", "--tp", "2", *sets("parallel.zero=2", "train.recompute=full", "parallel.sequence_parallel=true")], "fp32"
+    ),
     "dp2xtp2-zero1-bf16": (4, ["--tp", "2", *sets("parallel.zero=1", "train.dtype=bfloat16")], "bf16"),
     "pp2-tied": (2, ["--pp", "2", *sets("model.tie_embeddings=true")], "tied"),
 }  # fmt: skip

@@ -34,8 +34,9 @@ def add_parser(commands: Any) -> None:
     )
     tr.add_argument(
         "--init-from",
-        metavar="hf:DIR",
-        help="start from a Hugging Face GPT-2 folder (train.init_from): its shape and weights, at any "
+        metavar="hf:DIR|run:DIR[@STEP]",
+        help="start from a Hugging Face GPT-2 or Llama folder, or an hpcllm run's checkpoint (its "
+        "latest, or step STEP) with a fresh optimizer (train.init_from): its shape and weights, at any "
         "tp/pp; the data must be prepared with its tokenizer (hpcllm prepare --tokenizer DIR)",
     )
     tr.add_argument(

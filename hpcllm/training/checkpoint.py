@@ -337,9 +337,14 @@ def load_whole_model(
 
 
 def load(
-    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, grid: Grid
+    checkpoint: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    grid: Grid,
+    restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load this rank's partition (and optimizer state); a checkpoint of another layout is resharded."""
+    """Load this rank's partition (and optimizer state); a checkpoint of another layout is resharded.
+    `restore_rng`: also the random generators' state (a resumed run; not a new run started from it)."""
     refuse_pickles(checkpoint)
     manifest = read_manifest(checkpoint)
     saved = manifest["layout"]
@@ -358,8 +363,21 @@ def load(
         optimizer_state.from_tensors(
             optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters())
         )
-    if "rng.torch" in tensors:
+    if restore_rng and "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
+    if restore_rng and "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return manifest
+
+
+def run_checkpoint(run: Path, name: str | None, given_as: str = "--run ") -> Path:
+    """The run's checkpoint called `name` (under RUN/checkpoints), else its latest complete one;
+    `given_as`: how the errors name the run (the flag or key that gave it)."""
+    if not (run / "config.yaml").is_file():
+        raise UsageError(f"{given_as}{run} is not an hpcllm run directory (config.yaml missing)")
+    ckpt = run / "checkpoints" / name if name else latest(run)
+    if ckpt is None or not (ckpt / MANIFEST).is_file():
+        which = f"checkpoint {name}" if name else "complete checkpoint"
+        raise UsageError(f"{given_as}{run} has no {which}; train it first (or name one under checkpoints/)")
+    refuse_pickles(ckpt)
+    return ckpt

@@ -88,7 +88,9 @@ class TrainConfig:
     recompute: str = "none"  # none | selective (the attention core) | full (each block): in backward
     tf32: bool = True  # on CUDA, fp32 matmuls and convolutions on TF32 tensor cores
     tensorboard: bool = False  # also write the logged metrics as TensorBoard events in RUN/tensorboard
-    init_from: str = ""  # hf:DIR: start from a Hugging Face GPT-2 or Llama folder (its shape and weights)
+    # hf:DIR (a Hugging Face GPT-2 or Llama folder) or run:DIR[@STEP] (an hpcllm run's checkpoint, with
+    # a fresh optimizer): the new run's shape and weights
+    init_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from hpcllm.model import hf_folder
 from hpcllm.model.gpt import GPT
 from hpcllm.model.registry import family_of_shape
 from hpcllm.training import checkpoint
-from hpcllm.training.generate import load_model, run_checkpoint
+from hpcllm.training.checkpoint import run_checkpoint
+from hpcllm.training.generate import load_model
 
 FORMATS = ("hf",)
 

@@ -32,6 +32,7 @@ from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.tasks import dynamic_map, largest_first
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.training import checkpoint
+from hpcllm.training.checkpoint import run_checkpoint
 from hpcllm.training.config import Config
 from hpcllm.training.config import load as load_config
 
@@ -78,18 +79,6 @@ def _check(args: GenerateArgs, world: int) -> tuple[Path, list[str]]:
     else:
         prompts = [args.prompt or ""]
     return ckpt, prompts
-
-
-def run_checkpoint(run: Path, name: str | None) -> Path:
-    """The run's checkpoint called `name` (under RUN/checkpoints), else its latest complete one."""
-    if not (run / "config.yaml").is_file():
-        raise UsageError(f"--run {run} is not an hpcllm run directory (config.yaml missing)")
-    ckpt = run / "checkpoints" / name if name else checkpoint.latest(run)
-    if ckpt is None or not (ckpt / checkpoint.MANIFEST).is_file():
-        which = f"checkpoint {name}" if name else "complete checkpoint"
-        raise UsageError(f"--run {run} has no {which}; train it first (or name one under checkpoints/)")
-    checkpoint.refuse_pickles(ckpt)
-    return ckpt
 
 
 def load_model(
