@@ -67,13 +67,16 @@ LLAMA_TINY = sets(
     "train.ckpt_every=10",
     "train.keep=5",
 )
+SEQUENCE_PARALLEL = sets("parallel.sequence_parallel=true")
 # name -> (ranks, flags, reference): each layout against the single-process run of its reference.
 LAYOUTS = {
     "tp2-sequence-parallel-selective": (
         2, ["--tp", "2", *sets("parallel.sequence_parallel=true", "train.recompute=selective")], "fp32"
     ),
     "3d-pp2xdp2xtp2-zero2-full-sp": (
-        8, ["--pp", "2", "--tp", "2", *sets("parallel.zero=2", "train.recompute=full", "parallel.sequence_parallel=true")], "fp32"
+        8,
+        ["--pp", "2", "--tp", "2", *sets("parallel.zero=2", "train.recompute=full"), *SEQUENCE_PARALLEL],
+        "fp32",
     ),
     "dp2xtp2-zero1-bf16": (4, ["--tp", "2", *sets("parallel.zero=1", "train.dtype=bfloat16")], "bf16"),
     "pp2-tied": (2, ["--pp", "2", *sets("model.tie_embeddings=true")], "tied"),
