@@ -56,6 +56,12 @@ def _parallel_layer(
     raise TypeError(f"the tensor-parallel plan says {split.kind} for a {type(module).__name__}")
 
 
+def _holds_it(module: nn.Module, split: TensorSplit) -> bool:
+    """Whether this stage holds the module the plan cuts: a pipeline stage before the last holds
+    only a weightless stand-in for an untied output head."""
+    return split.kind != VOCAB_HEAD or any(True for _ in module.parameters())
+
+
 def partition_tensor_parallel(
     model: nn.Module, group: TensorCollectives, sequence_parallel: bool = False
 ) -> nn.Module:
@@ -73,7 +79,11 @@ def partition_tensor_parallel(
         )
     family = family_of_shape(shape)
     plan = family.tensor_parallel_plan(shape)
-    chosen = [(name, split) for name, _ in model.named_modules() if (split := _split_of(name, plan))]
+    chosen = [
+        (name, split)
+        for name, module in model.named_modules()
+        if (split := _split_of(name, plan)) and _holds_it(module, split)
+    ]
     for name, split in chosen:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)
