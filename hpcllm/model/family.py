@@ -29,6 +29,12 @@ from hpcllm.parallel.pipeline.partition import StagePlan, balanced_stages, parse
 COLUMN, ROW, VOCAB, TIED_HEAD, VOCAB_HEAD = "column", "row", "vocab", "tied_head", "vocab_head"
 
 
+def model_setting(key: str, value: Any) -> str:
+    """`model.KEY=VALUE` as `--set` takes it (booleans as YAML's true/false)."""
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return f"model.{key}={shown}"
+
+
 @dataclass(frozen=True)
 class TensorSplit:
     """How tensor parallelism cuts one module: `column` (output features), `row` (input features,

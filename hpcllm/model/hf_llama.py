@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from hpcllm.errors import UsageError
+from hpcllm.model.family import model_setting
 from hpcllm.model.hf_folder import CONFIG, TOKENIZER_FILE, weight_files
 from hpcllm.model.llama_shape import ROPE_SCALING_KEYS, LlamaShape, rope_scaling_text
 
@@ -61,10 +62,10 @@ class LlamaFolder:
         keys: dict[str, Any] = {"family": "llama", "n_layer": s.n_layer, "n_embd": s.n_embd}
         keys |= {"n_head": s.n_head, "n_kv_head": s.n_kv_head, "head_dim": s.head_dim}
         keys |= {"ffn_hidden": s.ffn_hidden, "rope_theta": s.rope_theta, "norm_eps": s.norm_eps}
-        keys |= {"tie_embeddings": str(s.tie_embeddings).lower()}
-        keys |= {"attention_bias": str(s.attention_bias).lower(), "mlp_bias": str(s.mlp_bias).lower()}
+        keys |= {"tie_embeddings": s.tie_embeddings, "attention_bias": s.attention_bias}
+        keys |= {"mlp_bias": s.mlp_bias}
         keys["rope_scaling"] = rope_scaling_text(s.rope_scaling) if s.rope_scaling else ""
-        return [f"model.{key}={value}" for key, value in keys.items()]
+        return [model_setting(key, value) for key, value in keys.items()]
 
 
 def _name_map(shape: LlamaShape) -> dict[str, tuple[str, ...]]:

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from hpcllm.errors import UsageError
-from hpcllm.model.family import ModelFamily, ParameterCounts
+from hpcllm.model.family import ModelFamily, ParameterCounts, model_setting
 from hpcllm.model.llama_shape import LLAMA_KEYS
 from hpcllm.model.registry import PRESETS, family_named
 from hpcllm.planner.profiles import ClusterProfile
@@ -98,8 +98,7 @@ class ModelSpec:
         keys = ["n_layer", "n_embd", "n_head", "block_size"]
         keys += [key for key, value in self.settings if LLAMA_KEYS.get(key, object()) != value]
         family = [] if self.family == "gpt2" else [f"model.family={self.family}"]
-        text = {True: "true", False: "false"}
-        return family + [f"model.{key}={text.get(section[key], section[key])}" for key in keys]
+        return family + [model_setting(key, section[key]) for key in keys]
 
     @property
     def model_family(self) -> ModelFamily:

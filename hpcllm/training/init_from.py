@@ -23,6 +23,7 @@ from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import Prepared
 from hpcllm.errors import UsageError
 from hpcllm.model import hf_folder
+from hpcllm.model.family import model_setting
 from hpcllm.model.registry import family_of_hf_folder, family_of_shape
 from hpcllm.parallel.grid import Grid
 from hpcllm.training import checkpoint
@@ -44,9 +45,8 @@ class RunCheckpoint:
 
     def model_settings(self) -> list[str]:
         """The run's model as configuration assignments (`model.KEY=VALUE`)."""
-        text = {True: "true", False: "false"}
         kept = {key: value for key, value in self.model.items() if key not in _NOT_THE_SHAPE}
-        return [f"model.{key}={text.get(value, value)}" for key, value in kept.items()]
+        return [model_setting(key, value) for key, value in kept.items()]
 
 
 def source(config: Config) -> Any:
