@@ -2,8 +2,8 @@
 
     1. the build: torch, CUDA, NCCL, the GPUs, bf16, whether Horovod is there and built with NCCL;
     2. the GPU tests (`pytest -m gpu`): TP / PP / DP equivalence on the GPUs present, one rank per GPU;
-    3. `hpcllm train` of gpt2-124m in bf16 on one GPU: tokens/s and MFU against the bf16 matmul peak
-       measured here and against the vendor's dense bf16 peak;
+    3. `hpcllm train` of gpt2-124m, then of llama3.2-1b (block 2048), in bf16 on one GPU: tokens/s
+       and MFU against the bf16 matmul peak measured here and against the vendor's dense bf16 peak;
     4. `hpcllm bench allreduce` over NCCL across the GPUs (needs two or more);
     5. `hpcllm bench checkpoint` on one GPU: what a checkpoint costs the steps, written before
        training goes on or in the background (`train.async_checkpoint`, `auto` picks the latter on GPUs).
@@ -87,7 +87,9 @@ def gpu_tests(timeout: float) -> dict[str, Any]:
     return {"returncode": proc.returncode, "summary": summary, "output_tail": proc.stdout[-4000:]}
 
 
-def train_bf16(steps: int, micro_batch: int, timeout: float) -> dict[str, Any]:
+def train_bf16(
+    steps: int, micro_batch: int, timeout: float, preset: str = "gpt2-124m", extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     import torch
 
     from hpcllm.observe.metrics import measure_matmul_peak
@@ -99,7 +101,8 @@ def train_bf16(steps: int, micro_batch: int, timeout: float) -> dict[str, Any]:
         out = Path(work) / "run"
         command = [sys.executable, "-m", "hpcllm.cli", "train", "--out", str(out), "--steps", str(steps)]
         for setting in (
-            "model.preset=gpt2-124m",
+            f"model.preset={preset}",
+            *extra,
             "train.dtype=bfloat16",
             f"train.micro_batch={micro_batch}",
             f"train.global_batch={micro_batch * 4}",
@@ -167,6 +170,11 @@ def main() -> int:
     else:
         report["gpu_tests"] = gpu_tests(args.timeout)
         report["train_gpt2_124m_bf16"] = train_bf16(args.steps, args.micro_batch, args.timeout)
+        # The Llama family at a published shape (at a 2048-token context, the default corpus's
+        # vocabulary): its rotary attention, RMSNorm and SwiGLU on the GPU.
+        report["train_llama3_2_1b_bf16"] = train_bf16(
+            args.steps, 4, args.timeout, "llama3.2-1b", ("model.block_size=2048",)
+        )
         report["allreduce_nccl"] = allreduce_nccl(torch.cuda.device_count(), args.timeout)
         report["checkpoint_cost"] = checkpoint_cost(args.timeout)
     report["seconds"] = round(time.time() - started, 1)
