@@ -82,6 +82,20 @@ def data_dir(tmp_path_factory):
     return root / "prepared"
 
 
+def folder_variant(source, folder, edit_config=None, drop=()):
+    """A copy of the Hugging Face folder `source` at `folder`, without the files named in `drop`,
+    its config.json changed in place by `edit_config(config)`: a folder with one thing wrong."""
+    folder.mkdir()
+    for path in source.iterdir():
+        if path.name not in drop:
+            (folder / path.name).write_bytes(path.read_bytes())
+    if edit_config:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def train(data, out, *extra, ranks=None):
     return run_hpcllm(["train", "--data", data, "--out", out, *TINY, *extra], ranks=ranks)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_usage_error, losses, run_hpcllm, sets, train
+from conftest import assert_usage_error, folder_variant, losses, run_hpcllm, sets, train
 
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.loader import BatchSampler, read_sequences
@@ -115,16 +115,7 @@ def test_init_from_hf_at_tp_and_pp_then_export_round_trip(gpt2_folder, data_dir,
 
 def test_folders_that_are_not_gpt2_shaped_are_one_line(gpt2_folder, data_dir, tmp_path):
     def variant(name, edit_config=None, drop=()):
-        folder = tmp_path / name
-        folder.mkdir()
-        for path in gpt2_folder.iterdir():
-            if path.name not in drop:
-                (folder / path.name).write_bytes(path.read_bytes())
-        if edit_config:
-            config = json.loads((folder / "config.json").read_text())
-            edit_config(config)
-            (folder / "config.json").write_text(json.dumps(config))
-        return folder
+        return folder_variant(gpt2_folder, tmp_path / name, edit_config, drop)
 
     cases = [
         (variant("llama", lambda c: c.update(model_type="llama")), "'llama' model"),

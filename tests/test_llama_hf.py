@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import assert_usage_error, losses, run_hpcllm, sets, write_corpus
+from conftest import assert_usage_error, folder_variant, losses, run_hpcllm, sets, write_corpus
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
@@ -123,15 +123,8 @@ def test_every_supported_option_round_trips_with_transformers_logits(folders, na
 
 
 def test_folders_hpcllm_cannot_run_are_one_line(folders, tmp_path):
-    def variant(name, edit=None):
-        folder = tmp_path / name
-        folder.mkdir()
-        for path in folders["a"].iterdir():
-            (folder / path.name).write_bytes(path.read_bytes())
-        config = json.loads((folder / "config.json").read_text())
-        edit(config)
-        (folder / "config.json").write_text(json.dumps(config))
-        return folder
+    def variant(name, edit):
+        return folder_variant(folders["a"], tmp_path / name, edit)
 
     cases = [
         (variant("gelu", lambda c: c.update(hidden_act="gelu")), "hidden_act 'gelu'"),
@@ -206,12 +199,7 @@ def test_bad_llama_settings_exit_2_without_a_run_directory(folders, data_dir, tm
     ):
         with pytest.raises(UsageError, match=re.escape(needle)):
             load(assignments=[*llama, *extra])
-    mistral = tmp_path / "mistral"
-    mistral.mkdir()
-    for path in folders["b"].iterdir():
-        (mistral / path.name).write_bytes(path.read_bytes())
-    config = json.loads((mistral / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
+    mistral = folder_variant(folders["b"], tmp_path / "mistral", lambda c: c.update(model_type="mistral"))
     flags = sets(*llama, "model.block_size=32", "train.global_batch=8", "train.micro_batch=2")
     for extra, ranks, needle in (
         (["--init-from", f"hf:{mistral}"], None, "'mistral' model"),

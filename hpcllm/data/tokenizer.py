@@ -129,13 +129,15 @@ def eot_id(tokenizer: Tokenizer) -> int:
     return document_tokens(tokenizer).eos
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """A prompt's ids as a document starts in the training data: after the beginning-of-document
+def encode_prompts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Prompts' ids as a document starts in the training data: after the beginning-of-document
     token when the tokenizer has one (the tokenizer's own post-processor is not used, so no token
-    comes twice)."""
-    bos = document_tokens(tokenizer).bos
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    return ids if bos is None else [bos, *ids]
+    comes twice); an empty prompt without one is the end-of-document token (the model needs a
+    position to start from)."""
+    boundaries = document_tokens(tokenizer)
+    start = [] if boundaries.bos is None else [boundaries.bos]
+    encoded = [start + tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    return [ids or [boundaries.eos] for ids in encoded]
 
 
 def load(path: str | Path) -> Tokenizer:

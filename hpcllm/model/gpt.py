@@ -132,12 +132,12 @@ def residual_dropout(x: torch.Tensor, p: float, keys: DropoutKeys | None, site: 
 
 
 class Block(nn.Module):
-    def __init__(self, shape: GPTShape, index: int):
+    """A pre-norm transformer block of a family's parts (GPT-2's: LayerNorms, attention with
+    learned positions, a GELU MLP; hpcllm.model.llama_net passes Llama's)."""
+
+    def __init__(self, ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(shape.n_embd)
-        self.attn = CausalSelfAttention(shape, index)
-        self.ln_2 = nn.LayerNorm(shape.n_embd)
-        self.mlp = MLP(shape, index)
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
     def forward(
         self,
@@ -212,9 +212,10 @@ class GPT(nn.Module):
             self._block(index) if index in layers else nn.Identity() for index in range(shape.n_layer)
         )
         self.ln_f: nn.Module | None = self._norm() if last else None
-        self.lm_head: nn.Module = (
-            TiedHead() if tied or not last else UntiedHead(shape.n_embd, shape.vocab_size)
-        )
+        # The head on the last stage only: through the token embedding, or with its own weight.
+        self.lm_head: nn.Module | None = None
+        if last:
+            self.lm_head = TiedHead() if tied else UntiedHead(shape.n_embd, shape.vocab_size)
         self.stage_layers = layers  # the blocks this model runs
         self.holds_tied_copy = tied and last and not first  # of the embedding the first stage owns
         self.recompute = "none"  # see set_recompute
@@ -230,7 +231,8 @@ class GPT(nn.Module):
         return nn.Embedding(self.shape.block_size, self.shape.n_embd)
 
     def _block(self, index: int) -> nn.Module:
-        return Block(self.shape, index)
+        shape = self.shape
+        return Block(self._norm(), CausalSelfAttention(shape, index), self._norm(), MLP(shape, index))
 
     def _norm(self) -> nn.Module:
         return nn.LayerNorm(self.shape.n_embd)

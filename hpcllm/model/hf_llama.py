@@ -49,7 +49,6 @@ _BIASES |= {"mlp.gate_up.bias": "mlp", "mlp.proj.bias": "mlp"}
 class LlamaFolder:
     path: Path
     shape: LlamaShape  # its vocabulary the folder's
-    max_positions: int
 
     @property
     def vocab_size(self) -> int:
@@ -153,7 +152,7 @@ def read_config(folder: str | Path) -> LlamaFolder:
             f"{path} has no {TOKENIZER_FILE}; save the tokenizer as a fast tokenizer "
             "(tokenizer.save_pretrained) next to the model"
         )
-    folder_ = LlamaFolder(path, shape, shape.block_size)
+    folder_ = LlamaFolder(path, shape)
     _check_weights(folder_)
     return folder_
 

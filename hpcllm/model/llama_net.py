@@ -29,7 +29,8 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.index = index  # the block's global index: its slot in a KV cache
         self.head_dim = shape.head_dim
-        self.query_share = shape.n_head / (shape.n_head + 2 * shape.n_kv_head)  # of qkv's heads
+        # q's share of qkv's heads: n_head of n_head + 2 n_kv_head (on every TP rank alike)
+        self.q_heads_of = (shape.n_head, shape.n_head + 2 * shape.n_kv_head)
         self.qkv = nn.Linear(shape.n_embd, shape.q_width + 2 * shape.kv_width, bias=shape.attention_bias)
         self.proj = nn.Linear(shape.q_width, shape.n_embd, bias=shape.attention_bias)
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
@@ -53,7 +54,7 @@ class GroupedQueryAttention(nn.Module):
         batch, time, width = qkv.shape  # the whole sequence, also with sequence parallelism
         # This rank's heads (all of them without TP): q's, then k's and v's, as the plan splits them.
         heads = width // self.head_dim
-        q_heads = round(heads * self.query_share)
+        q_heads = heads * self.q_heads_of[0] // self.q_heads_of[1]
         kv_heads = (heads - q_heads) // 2
         # q and k are rotated together (one set of operators: decoding steps are overhead-bound).
         heads_first = qkv.view(batch, time, heads, self.head_dim).transpose(1, 2)
@@ -79,15 +80,6 @@ class SwiGLU(nn.Module):
         return run(self.proj, F.silu(gate) * up)
 
 
-class LlamaBlock(Block):
-    def __init__(self, shape: LlamaShape, index: int):
-        nn.Module.__init__(self)
-        self.ln_1 = nn.RMSNorm(shape.n_embd, eps=shape.norm_eps)
-        self.attn = GroupedQueryAttention(shape, index)
-        self.ln_2 = nn.RMSNorm(shape.n_embd, eps=shape.norm_eps)
-        self.mlp = SwiGLU(shape)
-
-
 class Llama(GPT):
     shape: LlamaShape
 
@@ -109,19 +101,20 @@ class Llama(GPT):
         return None  # rotary: the attention rotates q and k instead
 
     def _block(self, index: int) -> nn.Module:
-        return LlamaBlock(self.shape, index)
+        shape = self.shape
+        return Block(self._norm(), GroupedQueryAttention(shape, index), self._norm(), SwiGLU(shape))
 
     def _norm(self) -> nn.Module:
         return nn.RMSNorm(self.shape.n_embd, eps=self.shape.norm_eps)
 
     def rotary(self, positions: torch.Tensor | None, hidden: torch.Tensor) -> Rotary:
         """Positions 0..T-1 of the whole sequence in training (with sequence parallelism `hidden`
-        holds this rank's part, but attention sees all of it), or decoding's own per row."""
-        parts = 1 if self.sequence_group is None else self.sequence_group.size
-        wanted: torch.Tensor | int = hidden.shape[1] * parts if positions is None else positions
-        length = wanted if isinstance(wanted, int) else int(wanted.max()) + 1
+        holds this rank's part, but attention sees all of it), or decoding's own per row. Both stay
+        below block_size (forward refuses longer sequences, decoding slides its window), so one
+        table of block_size positions per device serves every forward."""
         table = self._angles.get(hidden.device)
-        if table is None or table[0].shape[0] < length:
-            size = max(length, self.shape.block_size)
-            table = self._angles[hidden.device] = angle_table(self._inverse_frequencies, size, hidden.device)
-        return rotary_at(table, wanted)
+        if table is None:
+            table = angle_table(self._inverse_frequencies, self.shape.block_size, hidden.device)
+            self._angles[hidden.device] = table
+        parts = 1 if self.sequence_group is None else self.sequence_group.size
+        return rotary_at(table, hidden.shape[1] * parts if positions is None else positions)

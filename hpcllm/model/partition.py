@@ -23,6 +23,7 @@ from hpcllm.parallel.tensor.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelHead,
+    vocab_start,
 )
 
 log = logging.getLogger("hpcllm.model")
@@ -42,9 +43,7 @@ def _parallel_layer(
     module: nn.Module, split: TensorSplit, group: TensorCollectives, vocab_size: int
 ) -> nn.Module:
     if split.kind == TIED_HEAD:  # logits through the vocabulary-parallel embedding's slice
-        return VocabParallelHead(
-            group, group.rank * padded_size(vocab_size, group.size) // group.size, vocab_size
-        )
+        return VocabParallelHead(group, vocab_start(vocab_size, group), vocab_size)
     if split.kind == VOCAB_HEAD and isinstance(module, nn.Linear):
         return VocabParallelHead.from_full(module, group)
     if split.kind == COLUMN and isinstance(module, nn.Linear):
@@ -54,12 +53,6 @@ def _parallel_layer(
     if split.kind == VOCAB and isinstance(module, nn.Embedding):
         return VocabParallelEmbedding.from_full(module, group)
     raise TypeError(f"the tensor-parallel plan says {split.kind} for a {type(module).__name__}")
-
-
-def _holds_it(module: nn.Module, split: TensorSplit) -> bool:
-    """Whether this stage holds the module the plan cuts: a pipeline stage before the last holds
-    only a weightless stand-in for an untied output head."""
-    return split.kind != VOCAB_HEAD or any(True for _ in module.parameters())
 
 
 def partition_tensor_parallel(
@@ -79,11 +72,7 @@ def partition_tensor_parallel(
         )
     family = family_of_shape(shape)
     plan = family.tensor_parallel_plan(shape)
-    chosen = [
-        (name, split)
-        for name, module in model.named_modules()
-        if (split := _split_of(name, plan)) and _holds_it(module, split)
-    ]
+    chosen = [(name, split) for name, _ in model.named_modules() if (split := _split_of(name, plan))]
     for name, split in chosen:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -126,7 +126,7 @@ def generate(args: GenerateArgs) -> int:
         log.info(
             "tp %d: %.2f MB of weights on each rank, of %.2f MB in all", args.tp, mine / 1e6, whole / 1e6
         )
-    encoded = [tok.encode_prompt(tokenizer, p) or [tok.eot_id(tokenizer)] for p in prompts]
+    encoded = tok.encode_prompts(tokenizer, prompts)
 
     def complete(batch: list[int]) -> list[tuple[int, str]]:
         # Seeded per prompt: the text does not depend on which rank or batch ran it.

@@ -126,6 +126,19 @@ class RowParallelLinear(nn.Module):
         return summed if self.bias is None else summed + self.bias
 
 
+def _vocabulary_rows(full: torch.Tensor, group: TensorCollectives) -> tuple[torch.Tensor, int]:
+    """This rank's rows of a [vocab, n_embd] weight (the vocabulary padded to a multiple of the
+    group) and the id of its first row."""
+    vocab_size = full.shape[0]
+    weight = shard(full, Sharding(dim=0, full_size=vocab_size), group.rank, group.size)
+    return weight, vocab_start(vocab_size, group)
+
+
+def vocab_start(vocab_size: int, group: TensorCollectives) -> int:
+    """The first vocabulary id of this rank's slice."""
+    return group.rank * padded_size(vocab_size, group.size) // group.size
+
+
 class VocabParallelEmbedding(nn.Module):
     """Each rank owns rows [start, start + rows) of the (padded) vocabulary; other ids give zeros
     here and their embedding arrives through the sum over the group."""
@@ -139,9 +152,8 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_full(cls, full: nn.Embedding, group: TensorCollectives) -> VocabParallelEmbedding:
-        vocab_size = full.weight.shape[0]
-        weight = shard(full.weight, Sharding(dim=0, full_size=vocab_size), group.rank, group.size)
-        return cls(weight, group.rank * padded_size(vocab_size, group.size) // group.size, vocab_size, group)
+        weight, start = _vocabulary_rows(full.weight, group)
+        return cls(weight, start, full.weight.shape[0], group)
 
     def parameter_sharding(self) -> dict[str, Sharding]:
         return {"weight": Sharding(dim=0, full_size=self.vocab_size)}
@@ -170,9 +182,8 @@ class VocabParallelHead(nn.Module):
     @classmethod
     def from_full(cls, full: nn.Linear, group: TensorCollectives) -> VocabParallelHead:
         """An untied head [vocab, n_embd], cut by vocabulary rows as the embedding is."""
-        vocab_size = full.weight.shape[0]
-        weight = shard(full.weight, Sharding(dim=0, full_size=vocab_size), group.rank, group.size)
-        return cls(group, group.rank * padded_size(vocab_size, group.size) // group.size, vocab_size, weight)
+        weight, start = _vocabulary_rows(full.weight, group)
+        return cls(group, start, full.weight.shape[0], weight)
 
     def parameter_sharding(self) -> dict[str, Sharding]:
         return {} if self.weight is None else {"weight": Sharding(dim=0, full_size=self.vocab_size)}
