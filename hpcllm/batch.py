@@ -2,9 +2,9 @@
 
 `tokens` [batch, time] are the inputs and `targets` the next tokens; a target equal to `IGNORE`
 is not trained on (a prompt's tokens in fine-tuning, padding): the loss mask is the ignore index,
-as in torch's cross-entropy. `positions` and `documents` leave room for packed sequences (position
-ids restarting at every document, a document id per token for attention masks); None means one
-document per row, positions 0..time-1.
+as in torch's cross-entropy. `positions` and `documents` describe packed sequences (position ids
+restarting at every document, a document index per token): a token attends only to the earlier
+tokens of its own document (`attention_mask`). None means one document per row, positions 0..time-1.
 
 The loss of a step is the sum of the per-token losses over every trained target of the global
 batch, divided by the number of trained targets in it (all micro-batches, all data-parallel
@@ -29,6 +29,7 @@ class Batch:
     positions: Any = None  # [batch, time] position ids, None = 0..time-1 in every row
     documents: Any = None  # [batch, time] document index per token, None = one document per row
     dropout: Any = None  # the rows' model.dropout.DropoutKeys, when the model drops out in training
+    attention: Any = None  # [batch, 1, time, time] bool, from `documents` on the device (to_device)
 
     def trained_tokens(self) -> int:
         """How many targets the loss counts (read on the host, before the batch moves)."""
@@ -46,10 +47,23 @@ class Batch:
                 return tensor.pin_memory().to(device, non_blocking=True)
             return tensor.to(device)
 
+        documents = move(self.documents)
         return replace(
             self,  # dropout keys are made on the device
             tokens=move(self.tokens),
             targets=move(self.targets),
             positions=move(self.positions),
-            documents=move(self.documents),
+            documents=documents,
+            attention=None if documents is None else attention_mask(documents),
         )
+
+
+def attention_mask(documents: Any) -> Any:
+    """[batch, 1, time, time] bool, True where query i may attend key j: j <= i in the same
+    document (scaled_dot_product_attention's boolean mask; the 1 broadcasts over heads)."""
+    import torch
+
+    time = documents.shape[1]
+    causal = torch.ones(time, time, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]
+    return (same & causal)[:, None]

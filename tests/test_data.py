@@ -8,7 +8,8 @@ import pytest
 import zstandard
 from conftest import assert_usage_error, run_hpcllm
 
-from hpcllm.data.loader import BatchSampler, micro_batches
+from hpcllm.data.loader import BatchSampler, micro_batches, sequences_in
+from hpcllm.data.sequences import TokenWindows
 from hpcllm.data.tokens import choose_dtype, open_prepared
 from hpcllm.errors import UsageError
 
@@ -144,7 +145,7 @@ def test_checksum_mismatch_is_detected(corpus_dir, tmp_path):
 
 def test_corpus_smaller_than_one_sequence():
     with pytest.raises(UsageError, match="fewer than one sequence of block_size \\+ 1 = 65"):
-        BatchSampler(n_tokens=50, block_size=64, seed=0)
+        sequences_in(n_tokens=50, block_size=64)
 
 
 # ---- the sampler ---------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def _slices(sampler, step, dp, global_batch=G):
 
 @pytest.mark.parametrize("dp", [1, 2, 4])
 def test_rank_slices_partition_the_global_batch(dp):
-    sampler = BatchSampler(n_tokens=10_000, block_size=16, seed=3)
+    sampler = BatchSampler(sequences_in(10_000, 16), seed=3)
     for step in (0, 1, 7, 77, 78):  # 624 sequences: step 77/78 straddle the first epoch boundary
         slices = _slices(sampler, step, dp)
         union = np.concatenate(slices)
@@ -168,7 +169,7 @@ def test_rank_slices_partition_the_global_batch(dp):
 
 @pytest.mark.parametrize("n_sequences", [1, 2, 3, 64, 1000, 4097])
 def test_an_epoch_visits_every_sequence_once(n_sequences):
-    sampler = BatchSampler(n_tokens=16 * n_sequences + 1, block_size=16, seed=1)
+    sampler = BatchSampler(sequences_in(16 * n_sequences + 1, 16), seed=1)
     seen = sampler.global_indices(0, n_sequences)
     assert sorted(seen.tolist()) == list(range(n_sequences))
     if n_sequences >= 64:  # shuffled, and differently in the next epoch
@@ -179,7 +180,7 @@ def test_an_epoch_visits_every_sequence_once(n_sequences):
 def test_the_shuffle_needs_no_memory_that_grows_with_the_data():
     """A trillion sequences: the batch at any position comes at once, distinct and in range (a
     permutation array would need 8 TB)."""
-    sampler = BatchSampler(n_tokens=16 * 10**12 + 1, block_size=16, seed=5)
+    sampler = BatchSampler(sequences_in(16 * 10**12 + 1, 16), seed=5)
     batch = sampler.global_indices(987_654_321_000, 4096)
     assert len(set(batch.tolist())) == 4096 and 0 <= batch.min() and batch.max() < 10**12
 
@@ -188,11 +189,11 @@ def test_resume_continues_at_samples_consumed_even_with_another_global_batch():
     """The state is the number of samples consumed: a restarted sampler gives the same batches, and
     a run that ramps its global batch from 8 to 16 reads exactly the samples an unchanged run reads,
     with none repeated or skipped. Other seeds give other batches."""
-    used = BatchSampler(n_tokens=5000, block_size=16, seed=9)
+    used = BatchSampler(sequences_in(5000, 16), seed=9)
     for step in range(5):
         used.global_indices(step * G, G)
-    fresh = BatchSampler(n_tokens=5000, block_size=16, seed=9)
-    other_seed = BatchSampler(n_tokens=5000, block_size=16, seed=10)
+    fresh = BatchSampler(sequences_in(5000, 16), seed=9)
+    other_seed = BatchSampler(sequences_in(5000, 16), seed=10)
     for step in range(5, 12):
         for r in range(2):
             assert np.array_equal(used.rank_indices(step * G, G, r, 2), fresh.rank_indices(step * G, G, r, 2))
@@ -204,7 +205,7 @@ def test_resume_continues_at_samples_consumed_even_with_another_global_batch():
 
 def test_micro_batches_are_shifted_targets():
     tokens = np.arange(1000, dtype=np.uint16)
-    batches = micro_batches(tokens, np.array([0, 3, 5, 7]), block_size=8, micro_batch=2)
+    batches = micro_batches(TokenWindows(tokens, block_size=8), np.array([0, 3, 5, 7]), micro_batch=2)
     assert len(batches) == 2
     x, y = batches[0].tokens, batches[0].targets
     assert (

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from conftest import assert_usage_error, folder_variant, losses, run_hpcllm, sets, train
 
 from hpcllm.data import tokenizer as tok
-from hpcllm.data.loader import BatchSampler, read_sequences
+from hpcllm.data.loader import BatchSampler
+from hpcllm.data.sequences import TokenWindows, read_windows
 from hpcllm.data.tokens import open_prepared
 from hpcllm.errors import UsageError
 from hpcllm.model import hf_gpt2
@@ -46,11 +47,16 @@ def hf_logits(folder, ids):
         return model(torch.as_tensor(ids)).logits
 
 
+def first_batch(data_dir):
+    """The inputs and targets `hpcllm train` takes first (same sampler, seed and shapes)."""
+    windows = TokenWindows(open_prepared(data_dir, verify=False).tokens("train"), BLOCK)
+    indices = BatchSampler(windows.n_sequences, SEED).global_indices(0, GLOBAL_BATCH)
+    return read_windows(windows.tokens, indices, BLOCK)
+
+
 def first_batch_loss(folder, data_dir):
     """transformers' loss on the batch `hpcllm train` takes first (same sampler, seed and shapes)."""
-    tokens = open_prepared(data_dir, verify=False).tokens("train")
-    indices = BatchSampler(len(tokens), BLOCK, SEED).global_indices(0, GLOBAL_BATCH)
-    inputs, targets = read_sequences(tokens, indices, BLOCK)
+    inputs, targets = first_batch(data_dir)
     logits = hf_logits(folder, inputs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(targets).reshape(-1)).item()
 
@@ -174,9 +180,7 @@ def first_batch_loss_of_run(run, step_name, data_dir):
     from hpcllm.training.checkpoint import run_checkpoint
     from hpcllm.training.generate import load_model
 
-    tokens = open_prepared(data_dir, verify=False).tokens("train")
-    indices = BatchSampler(len(tokens), BLOCK, SEED).global_indices(0, GLOBAL_BATCH)
-    inputs, targets = read_sequences(tokens, indices, BLOCK)
+    inputs, targets = first_batch(data_dir)
     model, _, _, _ = load_model(run, run_checkpoint(run, step_name), runtime.init())
     with torch.no_grad():
         logits = model(torch.as_tensor(inputs))

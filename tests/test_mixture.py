@@ -11,7 +11,7 @@ from hpcllm.errors import UsageError
 
 
 def mixture(weights, sequences=(1000, 37, 500), seed=0):
-    samplers = [BatchSampler(16 * n + 1, 16, seed + j) for j, n in enumerate(sequences[: len(weights)])]
+    samplers = [BatchSampler(n, seed + j) for j, n in enumerate(sequences[: len(weights)])]
     return MixtureSampler(samplers, weights, seed)
 
 

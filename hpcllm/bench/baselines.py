@@ -16,6 +16,7 @@ import time
 import torch
 
 from hpcllm.data.loader import BatchSampler, micro_batches
+from hpcllm.data.sequences import TokenWindows
 from hpcllm.data.tokens import open_prepared
 from hpcllm.model.gpt import lm_loss
 from hpcllm.model.registry import family_of
@@ -56,7 +57,8 @@ def main() -> None:
     trained: torch.nn.Module = model
     if args.variant == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)
-    sampler = BatchSampler(len(tokens), m.block_size, t.seed)
+    windows = TokenWindows(tokens, m.block_size)
+    sampler = BatchSampler(windows.n_sequences, t.seed)
     per_rank = t.global_batch // world
     n_micro = per_rank // t.micro_batch
 
@@ -69,7 +71,7 @@ def main() -> None:
             indices = sampler.rank_indices(step * t.global_batch, t.global_batch, rank, world)
             batches = [
                 (torch.from_numpy(batch.tokens), torch.from_numpy(batch.targets))
-                for batch in micro_batches(tokens, indices, m.block_size, t.micro_batch)
+                for batch in micro_batches(windows, indices, t.micro_batch)
             ]
         for i, (x, y) in enumerate(batches):
             sync = args.variant != "ddp" or i == n_micro - 1

@@ -67,12 +67,52 @@ def add_parser(commands: Any) -> None:
     prep.add_argument(
         "--json", action="store_true", help="print the summary as JSON (seconds, tokens, phases, memory)"
     )
+    _add_sft_arguments(prep)
     prep.set_defaults(func=run)
+
+
+def _add_sft_arguments(prep: Any) -> None:
+    from hpcllm.data import sft
+
+    group = prep.add_argument_group(
+        "fine-tuning data (--format sft)",
+        'JSONL records {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]} '
+        "into samples with loss masks; --tokenizer names the base model's tokenizer (docs/training.md)",
+    )
+    group.add_argument(
+        "--format", default="text", choices=("text", "sft"), help="text: pretraining documents (default)"
+    )
+    group.add_argument(
+        "--train-on",
+        default="assistant",
+        choices=sft.TRAIN_ON,
+        help="tokens the loss counts: assistant (completions and every reply; default), last, all",
+    )
+    group.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja2 chat template (default: the tokenizer folder's own, else a built-in one)",
+    )
+    group.add_argument(
+        "--too-long",
+        default="truncate",
+        choices=sft.TOO_LONG,
+        help="a sample over --max-tokens is cut to it (truncate; default) or left out (drop)",
+    )
+    group.add_argument(
+        "--max-tokens", type=int, default=sft.DEFAULT_MAX_TOKENS, help="tokens per sample at most (2048)"
+    )
+    defaults = sft.SftFields()
+    for name in ("prompt", "completion", "messages"):
+        group.add_argument(
+            f"--{name}-field", default=getattr(defaults, name), help=f"the records' {name} field ({name})"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     from hpcllm.cluster import runtime
     from hpcllm.data import prepare
+    from hpcllm.data.sft import SftFields
 
     options = prepare.PrepareOptions(
         sources=args.sources,
@@ -87,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         bpe_sample_bytes=int(args.bpe_sample_mb * (1 << 20)),
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
+        format=args.format,
+        train_on=args.train_on,
+        chat_template=args.chat_template,
+        too_long=args.too_long,
+        max_tokens=args.max_tokens,
+        fields=SftFields(args.prompt_field, args.completion_field, args.messages_field),
     )
     prepare.check_options(options)
     rt = runtime.init(seed=args.seed, model=False)

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from hpcllm.errors import UsageError
 
@@ -147,6 +147,20 @@ def _lines(path: Path, piece: Piece) -> Iterator[tuple[int, bytes]]:
             position += len(line)
 
 
+def read_records(path: Path, piece: Piece, found: Documents) -> Iterator[tuple[int, Any]]:
+    """(offset, parsed JSON) of each record of a JSONL piece, streamed; lines that are not UTF-8 or
+    not JSON are counted in `found`."""
+    for offset, line in _lines(path, piece):
+        if not line.strip():
+            continue
+        try:
+            yield offset, json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            found.bad["not_utf8"] += 1
+        except json.JSONDecodeError:
+            found.bad["not_json"] += 1
+
+
 def read_piece(path: Path, piece: Piece, text_field: str, found: Documents) -> Iterator[tuple[int, str]]:
     """(offset, text) of each document in the piece, streamed; bad records are counted in `found`."""
     if not is_jsonl(path):
@@ -160,17 +174,7 @@ def read_piece(path: Path, piece: Piece, text_field: str, found: Documents) -> I
             return
         yield 0, text
         return
-    for offset, line in _lines(path, piece):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            found.bad["not_utf8"] += 1
-            continue
-        except json.JSONDecodeError:
-            found.bad["not_json"] += 1
-            continue
+    for offset, record in read_records(path, piece, found):
         text = record.get(text_field) if isinstance(record, dict) else None
         if isinstance(text, str) and text.strip():
             yield offset, text

@@ -1,7 +1,8 @@
 """Deterministic batches: sample k of a run is a function of (seed, k) alone.
 
-The token stream is cut into non-overlapping sequences of `block_size + 1` tokens (inputs and
-next-token targets). Each epoch visits every sequence once, in an order drawn from (seed, epoch).
+A dataset is a number of sequences (hpcllm.data.sequences reads them: windows of `block_size + 1`
+tokens of a token stream, or packed fine-tuning samples). Each epoch visits every sequence once,
+in an order drawn from (seed, epoch).
 The run reads positions 0, 1, 2, ... of that endless sequence of epochs: a step of global batch G
 that starts at sample k takes positions [k, k + G), so
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,22 +62,22 @@ def permute(positions: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     return out.astype(np.int64)
 
 
+def sequences_in(n_tokens: int, block_size: int) -> int:
+    """Non-overlapping sequences of block_size + 1 tokens (inputs and targets) in a token stream;
+    fewer than one is bad input."""
+    n = max(0, (n_tokens - 1) // block_size)
+    if n < 1:
+        raise UsageError(
+            f"the data has {n_tokens} tokens, fewer than one sequence of block_size + 1 = "
+            f"{block_size + 1}; use more text or a smaller model.block_size"
+        )
+    return n
+
+
 @dataclass(frozen=True)
 class BatchSampler:
-    n_tokens: int
-    block_size: int
+    n_sequences: int
     seed: int
-
-    def __post_init__(self) -> None:
-        if self.n_sequences < 1:
-            raise UsageError(
-                f"the data has {self.n_tokens} tokens, fewer than one sequence of block_size + 1 = "
-                f"{self.block_size + 1}; use more text or a smaller model.block_size"
-            )
-
-    @property
-    def n_sequences(self) -> int:
-        return max(0, (self.n_tokens - 1) // self.block_size)
 
     def _keys(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).integers(0, 2**63, size=ROUNDS, dtype=np.uint64)
@@ -109,21 +111,11 @@ def rank_slice(
     return global_indices(first + dp_rank * per_rank, per_rank)
 
 
-def read_sequences(tokens: np.ndarray, indices: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and targets (int64, shape [len(indices), block_size]) for the given sequences."""
-    rows = np.stack([tokens[i * block_size : i * block_size + block_size + 1] for i in indices]).astype(
-        np.int64
-    )
-    return rows[:, :-1], rows[:, 1:]
-
-
-def micro_batches(tokens: np.ndarray, indices: np.ndarray, block_size: int, micro_batch: int) -> list[Batch]:
-    """Split this rank's sequences into micro-batches of `micro_batch` rows, in order."""
+def micro_batches(reader: Any, indices: np.ndarray, micro_batch: int) -> list[Batch]:
+    """Split this rank's sequences into micro-batches of `micro_batch` rows, in order, read by
+    `reader.rows(indices)` (hpcllm.data.sequences)."""
     if len(indices) % micro_batch:
         raise UsageError(
             f"{len(indices)} sequences per rank are not divisible by micro_batch = {micro_batch}"
         )
-    return [
-        Batch(*read_sequences(tokens, indices[i : i + micro_batch], block_size))
-        for i in range(0, len(indices), micro_batch)
-    ]
+    return [reader.rows(indices[i : i + micro_batch]) for i in range(0, len(indices), micro_batch)]

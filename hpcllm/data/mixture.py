@@ -23,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from hpcllm.batch import Batch
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.loader import BatchSampler, rank_slice
+from hpcllm.data.packing import PackedSamples
+from hpcllm.data.sequences import TokenWindows
 from hpcllm.data.tokens import Prepared, split_digest
 from hpcllm.errors import UsageError
 
@@ -88,27 +91,46 @@ def integer_weights(weights: Sequence[float]) -> np.ndarray:
     return out
 
 
-class MixedTokens:
-    """The datasets' token streams seen as one: sequence i of the mixture is sequence
-    i - first[j] of dataset j. Only sequence reads (loader.read_sequences) are supported."""
+class MixedRows:
+    """The datasets' sequences seen as one: sequence i of the mixture is sequence i - first[j] of
+    dataset j, read by that dataset's reader (hpcllm.data.sequences)."""
 
-    def __init__(self, streams: Sequence[np.ndarray], sequences: Sequence[int], block_size: int):
-        self.streams, self.block_size = list(streams), block_size
-        self.first = np.concatenate([[0], np.cumsum(sequences)]).astype(np.int64)
+    def __init__(self, readers: Sequence[Any]):
+        self.readers = list(readers)
+        self.first = np.concatenate([[0], np.cumsum([r.n_sequences for r in readers])]).astype(np.int64)
 
-    def __len__(self) -> int:
-        return int(self.first[-1]) * self.block_size + 1
+    @property
+    def n_sequences(self) -> int:
+        return int(self.first[-1])
 
-    def __getitem__(self, where: slice) -> np.ndarray:
-        sequence = where.start // self.block_size
-        j = int(np.searchsorted(self.first, sequence, side="right")) - 1
-        shift = int(self.first[j]) * self.block_size
-        return self.streams[j][where.start - shift : where.stop - shift]
+    def rows(self, indices: np.ndarray) -> Batch:
+        owner = np.searchsorted(self.first, indices, side="right") - 1
+        parts = {int(j): self.readers[j].rows(indices[owner == j] - self.first[j]) for j in np.unique(owner)}
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        packed = any(part.documents is not None for part in parts.values())
+        fields = ("tokens", "targets", "positions", "documents") if packed else ("tokens", "targets")
+        out, width = {}, next(iter(parts.values())).tokens.shape[1]
+        for name in fields:
+            column = np.empty((len(indices), width), dtype=np.int64)
+            for j, part in parts.items():
+                column[owner == j] = _field(part, name)
+            out[name] = column
+        return Batch(**out)
+
+
+def _field(batch: Batch, name: str) -> np.ndarray:
+    """A batch's field, with the defaults of one document per row where it has none."""
+    value = getattr(batch, name)
+    if value is not None:
+        return value
+    rows, time = batch.tokens.shape
+    return np.broadcast_to(np.arange(time), (rows, time)) if name == "positions" else np.zeros((rows, time))
 
 
 class MixtureSampler:
     """BatchSampler's interface over several datasets: global_indices and rank_indices return
-    sequence indices of MixedTokens."""
+    sequence indices of MixedRows."""
 
     def __init__(self, samplers: Sequence[BatchSampler], weights: Sequence[float], seed: int):
         self.samplers = list(samplers)
@@ -155,16 +177,25 @@ Sampler = BatchSampler | MixtureSampler
 
 @dataclass(frozen=True)
 class Mixture:
-    """The datasets a run trains on, with their weights (one dataset: weight 1)."""
+    """The datasets a run trains on, with their weights (one dataset: weight 1), and how their
+    sequences are read: `packing` for fine-tuning samples, `document_mask` for token streams."""
 
     datasets: list[Prepared]
     weights: list[float]
+    packing: bool = True
+    document_mask: bool = False
 
     @property
     def loss_masked(self) -> bool:
-        """Whether some targets are not trained on (data.batch.IGNORE). Pretraining token files
-        train every target; fine-tuning data with loss masks will say so in its manifest."""
-        return False
+        """Whether some targets are not trained on (hpcllm.batch.IGNORE): fine-tuning data's loss
+        masks and padding, or document-masked token streams' ends of documents."""
+        return self.document_mask or any(d.is_sft for d in self.datasets)
+
+    def reader(self, data: Prepared, split: str, block_size: int) -> Any:
+        """How one dataset's split is read (hpcllm.data.sequences)."""
+        if data.is_sft:
+            return PackedSamples.of_split(data, split, block_size, self.packing)
+        return TokenWindows(data.tokens(split), block_size, data.eot_id if self.document_mask else None)
 
     @property
     def primary(self) -> Prepared:
@@ -172,15 +203,13 @@ class Mixture:
         return self.datasets[0]
 
     def stream(self, split: str, block_size: int, seed: int) -> tuple[Sampler, Any]:
-        """(sampler, tokens) of the split: the plain sampler for one dataset, else the mixture's.
+        """(sampler, reader) of the split: the plain sampler for one dataset, else the mixture's.
         A split shorter than one sequence in any dataset is a UsageError."""
-        if len(self.datasets) == 1:
-            tokens = self.primary.tokens(split)
-            return BatchSampler(len(tokens), block_size, seed), tokens
-        streams = [d.tokens(split) for d in self.datasets]
-        samplers = [BatchSampler(len(t), block_size, seed + 1000 * j) for j, t in enumerate(streams)]
-        mixed = MixedTokens(streams, [s.n_sequences for s in samplers], block_size)
-        return MixtureSampler(samplers, self.weights, seed), mixed
+        readers = [self.reader(d, split, block_size) for d in self.datasets]
+        if len(readers) == 1:
+            return BatchSampler(readers[0].n_sequences, seed), readers[0]
+        samplers = [BatchSampler(r.n_sequences, seed + 1000 * j) for j, r in enumerate(readers)]
+        return MixtureSampler(samplers, self.weights, seed), MixedRows(readers)
 
     def identity(self) -> str:
         """What a resumed run must find again: the train split's checksum (and weights, if mixed)."""

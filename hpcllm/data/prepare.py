@@ -20,7 +20,6 @@ laid out in piece order, so the output is byte-identical whatever the number of 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -42,10 +41,12 @@ from hpcllm.data.prepare_plan import (
     Plan,
     PrepareOptions,
     check_options,
+    in_val,
     plan_pieces,
     spool_dir,
     spool_path,
 )
+from hpcllm.data.prepare_sft import no_samples, sft_encoder, summary_lines, tokenize_sft_piece
 from hpcllm.data.prepare_write import cut_token_stream, finish, no_documents, write_in_parallel
 from hpcllm.data.tokens import SPLITS, choose_dtype
 from hpcllm.errors import UsageError
@@ -88,12 +89,6 @@ def bpe_sample(plan: Plan, text_field: str, sample_bytes: int) -> Iterator[str]:
                 break
 
 
-def in_val(seed: int, file_index: int, doc_index: int, val_ratio: float) -> bool:
-    """A document's split, from a hash: independent of which rank reads it, or when."""
-    digest = hashlib.blake2b(f"{seed}:{file_index}:{doc_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < val_ratio
-
-
 def _tokenize_piece(
     index: int,
     plan: Plan,
@@ -106,7 +101,7 @@ def _tokenize_piece(
 ) -> PieceStats:
     """Tokenize one piece, streaming its documents in batches onto the end of this rank's spools."""
     piece = plan.pieces[index]
-    stats = PieceStats(index, piece.file, piece.size, rank, {split: spools[split].tell() for split in SPLITS})
+    stats = PieceStats(index, piece.file, piece.size, rank, {name: f.tell() for name, f in spools.items()})
     found = corpus.Documents(Counter())
     boundaries = tok.document_tokens(tokenizer)
     eot = np.array([boundaries.eos], dtype=dtype)
@@ -170,12 +165,19 @@ class Summary:
         bad = ", ".join(
             f"{n} {kind.replace('_', ' ')}" for kind, n in files["bad_jsonl_by_kind"].items() if n
         )
+        records = "bad records" if m.get("kind") == "sft" else "bad JSONL records"
         lines = [
             f"read {files['read']} files in {files['pieces']} pieces; skipped {skipped} "
             f"({files['skipped_not_utf8']} not UTF-8, {files['skipped_empty']} empty); "
-            f"{files['bad_jsonl_records']} bad JSONL records" + (f" ({bad})" if bad else ""),
-            f"train: {train['tokens']:,} tokens in {train['documents']:,} documents; "
-            f"val: {val['tokens']:,} tokens in {val['documents']:,} documents (split by {m['split_by']})",
+            f"{files['bad_jsonl_records']} {records}" + (f" ({bad})" if bad else ""),
+            *(
+                summary_lines(m)
+                if m.get("kind") == "sft"
+                else [
+                    f"train: {train['tokens']:,} tokens in {train['documents']:,} documents; val: "
+                    f"{val['tokens']:,} tokens in {val['documents']:,} documents (split by {m['split_by']})"
+                ]
+            ),
             f"tokenizer: {m['tokenizer']['kind']}, vocabulary {m['tokenizer']['vocab_size']:,}, {m['dtype']}",
             f"{total:,} tokens in {self.seconds:.1f} s = {total / max(self.seconds, 1e-9):,.0f} tokens/s "
             f"on {self.ranks} rank(s): "
@@ -204,7 +206,11 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
     stats, counts = _tokenize_all(comm, opts, plan, tokenizer, dtype, progress and rank == 0, start)
     phases.lap("tokenize")
     documents = {split: sum(s.documents[split] for s in stats) for split in SPLITS}
-    if not all(documents.values()):  # no documents at all, or too few for a document split
+    if opts.format == "sft" and not documents["train"]:
+        root_decides(comm, lambda: shutil.rmtree(staging, ignore_errors=True))
+        raise no_samples(stats)  # every rank has every piece's statistics: the same error on each
+    # Text with no documents at all, or too few for a document split:
+    if opts.format == "text" and not all(documents.values()):
 
         def serially() -> dict[str, Any]:
             try:
@@ -218,7 +224,7 @@ def prepare(opts: PrepareOptions, comm: Any, progress: bool = True) -> Summary:
 
         manifest = root_decides(comm, serially)
     else:
-        written = write_in_parallel(comm, plan, stats, dtype, counts, documents)
+        written = write_in_parallel(comm, opts, plan, stats, dtype, counts, documents)
         phases.lap("write")
         manifest = root_decides(comm, lambda: finish(opts, plan, stats, tokenizer, dtype, written))
     phases.lap("finish")
@@ -248,14 +254,17 @@ def _tokenize_all(
             bar.refresh()
 
     counts = {split: np.zeros(vocab, dtype=np.int64) for split in SPLITS}
+    encoder = sft_encoder(opts, tokenizer) if opts.format == "sft" else None
 
     order = largest_first([piece.size for piece in plan.pieces])
     with ExitStack() as stack:
         spools = {
-            split: stack.enter_context(open(spool_path(staging, rank, split), "wb")) for split in SPLITS
+            name: stack.enter_context(open(spool_path(staging, rank, name), "wb")) for name in opts.streams
         }
 
         def work(index: int) -> PieceStats:
+            if encoder is not None:
+                return tokenize_sft_piece(index, plan, opts, encoder, dtype, rank, spools, counts)
             return _tokenize_piece(index, plan, opts, tokenizer, dtype, rank, spools, counts)
 
         mine = [stats for _, stats in dynamic_map(comm, order, work, on_done)]

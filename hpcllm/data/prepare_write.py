@@ -25,9 +25,11 @@ import hpcllm
 from hpcllm.data import corpus
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.prepare_plan import PieceStats, Plan, PrepareOptions, spool_dir, spool_path
+from hpcllm.data.prepare_sft import add_sft_parts
 from hpcllm.data.tokens import (
     FORMAT_VERSION,
     MANIFEST,
+    SIDE_FILES,
     SPLITS,
     TOKENIZER,
     block_digests,
@@ -68,8 +70,17 @@ class Written:
     counts: dict[str, np.ndarray]
 
 
+def _stream_bytes(stream: str, piece: PieceStats, dtype: np.dtype) -> int:
+    """Bytes of one piece's part of a stream: tokens, or a fine-tuning split's mask or lengths."""
+    split, _, what = stream.partition(".")
+    if what == "lengths":
+        return piece.documents[split] * SIDE_FILES["lengths"].itemsize
+    return piece.tokens[split] * (SIDE_FILES["mask"] if what == "mask" else dtype).itemsize
+
+
 def write_in_parallel(
     comm: Any,
+    opts: PrepareOptions,
     plan: Plan,
     stats: list[PieceStats],
     dtype: np.dtype,
@@ -81,18 +92,18 @@ def write_in_parallel(
     staging = Path(plan.staging)
     rank = comm.Get_rank()
     checksums = {}
-    for split in SPLITS:
-        sizes = [s.tokens[split] * dtype.itemsize for s in stats]
-        spool = spool_path(staging, rank, split)
+    for stream in opts.streams:
+        sizes = [_stream_bytes(stream, s, dtype) for s in stats]
+        spool = spool_path(staging, rank, stream)
         runs = [
-            Run(spool, s.start[split], size, offset)
+            Run(spool, s.start[stream], size, offset)
             for s, size, offset in zip(stats, sizes, prefix_offsets(sizes), strict=True)
             if s.rank == rank
         ]
-        path = staging / f"{split}.bin"
+        path = staging / f"{stream}.bin"
         write_runs(comm, path, sum(sizes), runs)
         digests = round_robin_map(comm, n_blocks(sum(sizes)), partial(block_digests, path))
-        checksums[split] = checksum_entry(combine_digests(digests))
+        checksums[stream] = checksum_entry(combine_digests(digests))
         spool.unlink()
     totals = {split: np.zeros_like(counts[split]) for split in SPLITS}
     for split in SPLITS:
@@ -152,6 +163,8 @@ def finish(
     shutil.rmtree(spool_dir(staging))
     tokenizer.save(str(staging / TOKENIZER))
     manifest = _manifest(opts, plan, stats, tokenizer, dtype, written)
+    if opts.format == "sft":
+        add_sft_parts(manifest, opts, stats, written.checksums, staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _move_into_place(staging, opts.out)
     return manifest

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.cluster.runtime import every_rank_checks
-from hpcllm.data.tokens import MANIFEST, SPLITS, TOKENIZER, Prepared
+from hpcllm.data.tokens import MANIFEST, Prepared
 from hpcllm.errors import UsageError
 
 
@@ -30,7 +30,7 @@ def _already_staged(source: Prepared, target: Path) -> bool:
     manifest = target / MANIFEST
     if not manifest.is_file() or manifest.read_text() != (source.path / MANIFEST).read_text():
         return False
-    names = [source.manifest["splits"][split]["file"] for split in SPLITS] + [TOKENIZER]
+    names = source.files()
     return all(
         (target / name).is_file() and (target / name).stat().st_size == (source.path / name).stat().st_size
         for name in names
@@ -43,8 +43,7 @@ def _copy(source: Prepared, target: Path) -> bool:
         return False
     try:
         target.mkdir(parents=True, exist_ok=True)
-        names = [source.manifest["splits"][split]["file"] for split in SPLITS] + [TOKENIZER, MANIFEST]
-        for name in names:  # the manifest last: its presence marks a complete copy
+        for name in [*source.files(), MANIFEST]:  # the manifest last: its presence marks a complete copy
             partial = target / f".{name}.partial"
             shutil.copyfile(source.path / name, partial)
             partial.replace(target / name)

@@ -4,6 +4,12 @@ A prepared directory holds `train.bin`, `val.bin`, `tokenizer.json` and `manifes
 manifest records the tokenizer, the dtype, token and document counts, the sources and a checksum of
 each binary; `open_prepared` refuses a directory whose binaries do not match it.
 
+Fine-tuning data (`hpcllm prepare --format sft`, manifest kind "sft") has per split two more
+binaries (SIDE_FILES): `SPLIT.mask.bin`, one uint8 per token, 1 where the token is a trained
+target (predicted from the tokens before it in its sample), and `SPLIT.lengths.bin`, the tokens of
+each sample in order (uint32): the samples' boundaries. The template it was rendered with, if any,
+is `chat_template.jinja` beside them.
+
 The checksum is a SHA-256 over blocks: the SHA-256 of the concatenated SHA-256 digests of the
 file's consecutive `BLOCK_BYTES` blocks. Blocks hash independently, so `hpcllm prepare` spreads
 them over its ranks instead of one rank re-reading the whole output; the result does not depend
@@ -25,7 +31,9 @@ from hpcllm.errors import UsageError
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 SPLITS = ("train", "val")
+SIDE_FILES = {"mask": np.dtype(np.uint8), "lengths": np.dtype(np.uint32)}  # of fine-tuning data
 FORMAT_VERSION = 2
 BLOCK_BYTES = 16 << 20  # of a token file, hashed independently (and by different ranks)
 
@@ -117,12 +125,42 @@ class Prepared:
     def tokenizer_path(self) -> Path:
         return self.path / TOKENIZER
 
+    @property
+    def is_sft(self) -> bool:
+        """Fine-tuning samples with loss masks (`prepare --format sft`), not a pretraining stream."""
+        return self.manifest.get("kind", "tokens") == "sft"
+
+    def files(self) -> list[str]:
+        """The data files besides the manifest: binaries, tokenizer, chat template if any."""
+        names = [name for split in SPLITS for name, _, _ in _binaries(self.manifest, split)] + [TOKENIZER]
+        return names + ([CHAT_TEMPLATE] if (self.path / CHAT_TEMPLATE).is_file() else [])
+
     def tokens(self, split: str) -> np.memmap:
         """The split's tokens, memory-mapped read-only (pages load on demand)."""
         info = self.manifest["splits"][split]
-        if info["tokens"] == 0:
-            return np.zeros(0, dtype=self.dtype)  # np.memmap refuses empty files
-        return np.memmap(self.path / info["file"], dtype=self.dtype, mode="r")
+        return _memmap(self.path / info["file"], self.dtype, info["tokens"])
+
+    def side(self, split: str, what: str) -> np.ndarray:
+        """A fine-tuning split's `mask` or `lengths` (SIDE_FILES), memory-mapped read-only."""
+        info = self.manifest["splits"][split]
+        count = info["tokens"] if what == "mask" else info["samples"]
+        return _memmap(self.path / info[what]["file"], SIDE_FILES[what], count)
+
+
+def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=dtype)  # np.memmap refuses empty files
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _binaries(manifest: dict[str, Any], split: str) -> list[tuple[str, int, dict[str, Any]]]:
+    """(file name, expected bytes, manifest entry) of each binary of a split."""
+    info = manifest["splits"][split]
+    out = [(info["file"], info["tokens"] * np.dtype(manifest["dtype"]).itemsize, info)]
+    if manifest.get("kind", "tokens") == "sft":
+        counts = {"mask": info["tokens"], "lengths": info["samples"]}
+        out += [(info[w]["file"], counts[w] * dtype.itemsize, info[w]) for w, dtype in SIDE_FILES.items()]
+    return out
 
 
 def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
@@ -135,19 +173,17 @@ def open_prepared(path: str | Path, verify: bool = True) -> Prepared:
         )
     try:
         manifest = json.loads(manifest_path.read_text())
-        dtype = np.dtype(manifest["dtype"])
-        splits = {name: manifest["splits"][name] for name in SPLITS}
+        binaries = [entry for name in SPLITS for entry in _binaries(manifest, name)]
         for name in SPLITS:
             split_digest(manifest, name)  # a manifest with no checksum is not one of ours
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UsageError(
             f"{manifest_path} is not a valid hpcllm manifest ({exc}); prepare the data again"
         ) from exc
-    for info in splits.values():
-        binary = root / info["file"]
+    for name, expected_bytes, info in binaries:
+        binary = root / name
         if not binary.is_file():
             raise UsageError(f"{binary} is missing; prepare the data again")
-        expected_bytes = info["tokens"] * dtype.itemsize
         if binary.stat().st_size != expected_bytes:
             raise UsageError(
                 f"{binary} has {binary.stat().st_size} bytes but the manifest says {expected_bytes}; "

@@ -58,22 +58,25 @@ class CausalSelfAttention(nn.Module):
         keys: DropoutKeys | None = None,
     ) -> torch.Tensor:
         """Scores, causal softmax, dropout and the weighted sum: the part whose activations grow with
-        the square of the sequence, and the cheapest to recompute. `mask` (decoding padded rows)
-        replaces the causal rule; one new query over a cache sees every key. With keyed dropout
-        the attention is written out (the fused kernel draws its own mask)."""
+        the square of the sequence, and the cheapest to recompute. `mask` (decoding padded rows,
+        packed documents) replaces the causal rule; one new query over a cache sees every key.
+        With keyed dropout the attention is written out (the fused kernel draws its own mask)."""
         causal = mask is None and q.shape[2] > 1
         if self.training and self.dropout and keys is not None:
-            return self._keyed_dropout_core(q, k, v, keys)
+            return self._keyed_dropout_core(q, k, v, keys, mask)
         dropout = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
     def _keyed_dropout_core(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: DropoutKeys
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: DropoutKeys, mask: torch.Tensor | None
     ) -> torch.Tensor:
         heads, time = q.shape[1], q.shape[2]
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        future = torch.ones(time, time, dtype=torch.bool, device=q.device).triu(1)
-        probs = F.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
+        if mask is None:
+            hidden = torch.ones(time, time, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            hidden = ~mask
+        probs = F.softmax(scores.masked_fill(hidden, float("-inf")).float(), dim=-1).to(q.dtype)
         # An element is (global head, query, key): this rank's heads follow the other TP ranks'.
         site, strides = block_site(self.index, ATTENTION), (time * time, time, 1)
         probs = keyed_dropout(probs, self.dropout, keys, site, strides, keys.tp_rank * heads * time * time)
@@ -341,7 +344,8 @@ class GPT(nn.Module):
         """This stage's part of the forward: ids -> hidden (first), hidden -> hidden, -> logits (last).
         Decoding passes the new positions' ids with their `positions`, the `cache` of the keys and
         values before them, and a `mask` when rows are padded (model.inference). Training passes
-        the batch's dropout `keys` (model.dropout)."""
+        the batch's dropout `keys` (model.dropout), and its positions and attention `mask` when
+        documents are packed into a row (hpcllm.batch)."""
         if keys is not None:
             keys = replace(keys, sequence_parallel=self.sequence_group is not None)
         hidden = self.embed(inputs, positions, keys) if first else inputs
@@ -350,7 +354,7 @@ class GPT(nn.Module):
         for index in self.stage_layers:
             block = self.blocks[index]
             if recompute:
-                hidden = checkpoint(block, hidden, None, None, keys, rotary, use_reentrant=False)
+                hidden = checkpoint(block, hidden, None, mask, keys, rotary, use_reentrant=False)
             else:
                 hidden = (
                     block(hidden, cache, mask, keys, rotary)

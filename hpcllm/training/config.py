@@ -123,6 +123,10 @@ class DataConfig:
     path: str = ""  # a prepared directory; empty = the default corpus, prepared on first use
     mix: str = ""  # instead of path: prepared directories with weights, "DIR:0.7,DIR:0.3" (data/mixture.py)
     stage_dir: str = ""  # copy the data here once per node first ({node} = node index; $VARS expanded)
+    # Fine-tuning samples: several per row, each attending only to itself (false: one per row, padded)
+    packing: bool = True
+    # Token streams: each document attends only to itself, positions restarting (Llama 3's way)
+    document_mask: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import EXIT_PREEMPTED, Preempted
 from hpcllm.data.mixture import components_of, is_mix
-from hpcllm.data.tokens import TOKENIZER, unigram_loss
+from hpcllm.data.tokens import CHAT_TEMPLATE, TOKENIZER, unigram_loss
 from hpcllm.errors import UsageError
 from hpcllm.observe.metrics import MetricsLog, Throughput, measure_matmul_peak
 from hpcllm.observe.progress import Progress
@@ -198,8 +198,10 @@ def run_training(args: TrainArgs) -> Trainer:
     _log_engines(plan, rt.device)
     _set_tf32(plan, rt.device)
     _warn_about_placement(plan, rt)
-    if rt.rank == 0:
-        shutil.copyfile(data.primary.tokenizer_path, out / TOKENIZER)
+    if rt.rank == 0:  # what generation reads: the tokenizer, and the chat template of fine-tuning data
+        for name in (TOKENIZER, CHAT_TEMPLATE):
+            if (data.primary.path / name).is_file():
+                shutil.copyfile(data.primary.path / name, out / name)
     built = build_model(plan, data.primary.vocab_size, rt, grid)
     if folder is not None:
         runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(built[0], folder, grid))
@@ -339,11 +341,11 @@ def _log_start(trainer: Trainer) -> None:
     if warning and trainer.rt.rank == 0:
         log.warning("%s", warning)
     log.info(
-        "model: %.2fM parameters, %s; data: %s train tokens; %d ranks (%s), "
+        "model: %.2fM parameters, %s; data: %s train sequences; %d ranks (%s), "
         "%d micro-batches of %d per rank per step",
         trainer.full_parameters / 1e6,
         config.model.preset,
-        f"{len(trainer.train_tokens):,}",
+        f"{trainer.train_rows.n_sequences:,}",
         trainer.rt.size,
         trainer.grid.layout,
         trainer.micro_per_step,

@@ -80,7 +80,7 @@ def ensure_data(plan: Plan, rt: runtime.Runtime, node_comm: Any) -> Mixture:
         datasets.append(_open_dataset(Path(component.path), where, rt, node_comm))
     if len(datasets) > 1:
         runtime.root_decides(rt.comm, lambda: check_shared_tokenizer(datasets))
-    return Mixture(datasets, [c.weight for c in components])
+    return Mixture(datasets, [c.weight for c in components], data.packing, data.document_mask)
 
 
 def _prepare_default_corpus(path: Path, rt: runtime.Runtime) -> None:

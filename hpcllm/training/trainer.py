@@ -85,10 +85,16 @@ class Trainer:
         self.micro_per_step = self.plan.micro_batches
         self.gradients = self.dp.gradient_pieces(self.model, gradient_pieces(self.model))
         t, m = self.config.train, self.config.model
-        self.sampler, self.train_tokens = self.data.stream("train", m.block_size, t.seed)
+        self.sampler, self.train_rows = self.data.stream("train", m.block_size, t.seed)
+        if getattr(self.train_rows, "truncated", 0):
+            log.warning(
+                "%d fine-tuning samples are longer than block_size + 1 = %d tokens: each is cut to it",
+                self.train_rows.truncated,
+                m.block_size + 1,
+            )
         self.val_sampler: Sampler | None
         try:
-            self.val_sampler, self.val_tokens = self.data.stream("val", m.block_size, t.seed + 1)
+            self.val_sampler, self.val_rows = self.data.stream("val", m.block_size, t.seed + 1)
         except UsageError:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
@@ -105,13 +111,13 @@ class Trainer:
         resumed_step, resumed_samples = self.resumed_at
         return resumed_samples + (step - resumed_step) * self.config.train.global_batch
 
-    def _batches(self, sampler: Sampler, tokens: Any, first: int) -> tuple[list[Batch], int]:
+    def _batches(self, sampler: Sampler, reader: Any, first: int) -> tuple[list[Batch], int]:
         """This rank's micro-batches of the global batch starting at sample `first`, on the device,
         and the number of trained targets in the whole global batch."""
         g = self.config.train.global_batch
         indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
         t, block = self.config.train, self.config.model.block_size
-        batches = micro_batches(tokens, indices, block, t.micro_batch)
+        batches = micro_batches(reader, indices, t.micro_batch)
         if self.config.model.dropout:  # keyed by each row's place in the run's sample stream
             start = first + self.grid.dp_rank * len(indices)
             batches = [
@@ -129,7 +135,7 @@ class Trainer:
         return DropoutKeys(self.config.train.seed, samples, self.grid.tp_rank)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(batch.tokens, batch.positions, keys=batch.dropout)
+        logits = self.model(batch.tokens, batch.positions, mask=batch.attention, keys=batch.dropout)
         return self.model.loss_sum(logits, batch.targets)
 
     def _forward_backward(
@@ -158,7 +164,7 @@ class Trainer:
         self.dp.zero_grad()
         timer = self.timer
         with timer.phase("data"):
-            batches, trained = self._batches(self.sampler, self.train_tokens, self.samples_before(step))
+            batches, trained = self._batches(self.sampler, self.train_rows, self.samples_before(step))
         # Each loss sum's share of the global mean; the DP reduction averages (Horovod's Average),
         # so a replica's share is counted dp times here and divided by dp there.
         scale = self.grid.layout.dp / trained
@@ -208,7 +214,7 @@ class Trainer:
         total, count = torch.zeros((), device=self.rt.device), 0  # added on the device, read once
         for index in range(self.config.train.eval_steps):  # the same batches at every evaluation
             first = index * self.config.train.global_batch
-            batches, trained = self._batches(self.val_sampler, self.val_tokens, first)
+            batches, trained = self._batches(self.val_sampler, self.val_rows, first)
             count += trained
             if self.pipeline is not None:
                 total += self.pipeline.eval_step(batches)

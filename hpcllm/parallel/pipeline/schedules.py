@@ -42,6 +42,7 @@ class StageModel(Protocol):
         last: bool,
         positions: torch.Tensor | None = None,
         *,
+        mask: torch.Tensor | None = None,
         keys: Any = None,
     ) -> torch.Tensor: ...
 
@@ -82,7 +83,7 @@ class PipelineStage:
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
             output = self.model.forward_stage(
-                inputs, self.first, self.last, batch.positions, keys=batch.dropout
+                inputs, self.first, self.last, batch.positions, mask=batch.attention, keys=batch.dropout
             )
             if self.last:
                 output = self.model.loss_sum(output, batch.targets)
