@@ -1,0 +1,64 @@
+"""Training on fine-tuning samples of very different lengths: the loss counts trained tokens only,
+normalised over the global batch, so packed and padded runs give the single-process losses at any
+micro-batch size, dp, tp, pp and sequence parallelism; document-masked pretraining likewise."""
+
+import pytest
+from conftest import assert_same_losses, losses, run_hpcllm, sets
+from test_sft import write_records
+
+BLOCK = 64
+COMMON = sets(
+    "model.n_layer=2",
+    "model.n_embd=32",
+    "model.n_head=4",
+    f"model.block_size={BLOCK}",
+    "train.global_batch=8",
+    "train.log_every=1",
+    "train.eval_every=100",
+    "train.warmup=2",
+    "train.peak_flops=1e9",
+)
+LLAMA = sets("model.preset=llama-tiny", "model.n_kv_head=2", "model.ffn_hidden=64")
+GPT2 = sets("model.preset=tiny")
+SP = sets("parallel.sequence_parallel=true")
+PADDED = sets("data.packing=false")
+
+
+@pytest.fixture(scope="module")
+def sft_dir(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    source = write_records(root / "records.jsonl", n=300)
+    out = root / "data"
+    args = ["prepare", source, "--format", "sft", "--tokenizer", data_dir, "--out", out]
+    proc = run_hpcllm([*args, "--max-tokens", BLOCK + 1])
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def train(data, out, flags, ranks=None):
+    proc = run_hpcllm(["train", "--data", data, "--out", out, *COMMON, "--steps", 6, *flags], ranks=ranks)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses(out)
+
+
+# name -> (ranks, flags): each against the single-process run at micro-batch 8 of its own model.
+PACKED_LAYOUTS = {
+    "micro-batch-1": (None, sets("train.micro_batch=1")),
+    "dp4": (4, sets("train.micro_batch=2")),
+    "pp2xtp2-sp": (4, ["--pp", 2, "--tp", 2, *sets("train.micro_batch=1"), *SP]),
+}
+PADDED_LAYOUTS = {"dp2-micro-batch-1": (2, sets("train.micro_batch=1"))}
+DOCUMENT_MASK_LAYOUTS = {"pp2xtp2-sp": (4, ["--pp", 2, "--tp", 2, *sets("train.micro_batch=2"), *SP])}
+
+
+def test_packed_and_padded_samples_train_alike_at_every_layout(sft_dir, data_dir, tmp_path):
+    groups = (
+        ("packed-llama", sft_dir, LLAMA, PACKED_LAYOUTS),
+        ("padded-gpt2", sft_dir, [*GPT2, *PADDED], PADDED_LAYOUTS),
+        ("document-mask-gpt2", data_dir, [*GPT2, *sets("data.document_mask=true")], DOCUMENT_MASK_LAYOUTS),
+    )
+    for group, data, model, layouts in groups:
+        reference = train(data, tmp_path / group, [*model, *sets("train.micro_batch=8")])
+        for name, (ranks, flags) in layouts.items():
+            got = train(data, tmp_path / f"{group}-{name}", [*model, *flags], ranks)
+            assert_same_losses(reference, got, f"{group} {name}")
