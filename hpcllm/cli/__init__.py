@@ -12,13 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from hpcllm import __version__
-from hpcllm.cli import bench, export, generate, info, plan, prepare, runs, slurm, train
+from hpcllm.cli import bench, evaluate, export, generate, info, plan, prepare, runs, slurm, train
 from hpcllm.cli.common import Parser
 from hpcllm.cluster.launcher import detect
 from hpcllm.cluster.preemption import Preempted
 from hpcllm.errors import EnvironmentProblem, TrainingFailure, UsageError
 
-COMMANDS = (info, prepare, train, generate, export, runs, bench, slurm, plan)
+COMMANDS = (info, prepare, train, generate, evaluate, export, runs, bench, slurm, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,13 @@ def add_parser(commands: Any) -> None:
     gen.add_argument(
         "--no-cache", action="store_true", help="recompute the whole context for every token (no KV cache)"
     )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user's message, rendered with the run's chat template (its fine-tuning "
+        "data's); the assistant's reply is printed, ended at the end-of-turn token",
+    )
+    gen.add_argument("--system", help="with --chat: a system message before each prompt")
     gen.set_defaults(func=run)
 
 

@@ -144,3 +144,20 @@ def chat_template(folder: Path | None, template_file: str | None, bos: str | Non
     )
     _ = template.compiled
     return template
+
+
+def encode_chat_prompts(
+    tokenizer: Any, template: ChatTemplate, prompts: list[str], system: str | None = None
+) -> list[list[int]]:
+    """Each prompt as a user's message (after a system message, if given), rendered with the
+    generation prompt: the ids a fine-tuned model continues with its reply."""
+    head = [{"role": "system", "content": system}] if system else []
+    conversations = [[*head, {"role": "user", "content": prompt}] for prompt in prompts]
+    texts = [template.render(messages, add_generation_prompt=True) for messages in conversations]
+    return [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+
+
+def stop_ids(tokenizer: Any, eos: int) -> frozenset[int]:
+    """Where a reply ends: the end-of-document token and any end-of-turn token the tokenizer has."""
+    found = (tokenizer.token_to_id(token) for token in END_OF_TURN)
+    return frozenset([eos, *(i for i in found if i is not None)])

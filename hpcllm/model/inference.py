@@ -78,9 +78,11 @@ def generate(
     generators: list[torch.Generator] | None = None,
     use_cache: bool = True,
     tp_group: TensorCollectives | None = None,
+    stop: frozenset[int] = frozenset(),
 ) -> list[list[int]]:
     """The new tokens of each prompt (a batch, left-padded here). `generators`: one per prompt,
-    so a row's samples do not depend on the batch it ran in."""
+    so a row's samples do not depend on the batch it ran in. A row ends before the first token in
+    `stop` (an end of turn or of document); the batch ends when every row has."""
     device = model.wte.weight.device
     block = model.shape.block_size
     width = max(len(p) for p in prompts)
@@ -94,6 +96,8 @@ def generate(
     cache = KVCache(block) if use_cache else None
     pending = ids  # positions the model has not seen yet
     out: list[torch.Tensor] = []
+    stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         logits = next_logits(model, ids if cache is None else pending, valid, cache, tp_group)
         if generators is None:
@@ -103,6 +107,10 @@ def generate(
                 [choose(logits[r : r + 1], temperature, top_k, g) for r, g in enumerate(generators)]
             )
         out.append(token)
+        if stop:  # one host read per token, only when there is something to stop at
+            stopped |= torch.isin(token[:, 0], stop_ids)
+            if bool(stopped.all()):
+                break
         ids = torch.cat([ids, token], dim=1)
         valid = torch.cat([valid, torch.ones_like(token, dtype=torch.bool)], dim=1)
         pending = token
@@ -110,4 +118,9 @@ def generate(
             ids, valid = ids[:, -block:], valid[:, -block:]
             cache = KVCache(block) if use_cache else None
             pending = ids
-    return torch.cat(out, dim=1).tolist()
+    rows = torch.cat(out, dim=1).tolist()
+    return [_before_stop(row, stop) for row in rows] if stop else rows
+
+
+def _before_stop(row: list[int], stop: frozenset[int]) -> list[int]:
+    return next((row[:i] for i, token in enumerate(row) if token in stop), row)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hpcllm.cluster import runtime
+from hpcllm.data import chat
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import TOKENIZER
 from hpcllm.errors import UsageError
@@ -53,6 +54,8 @@ class GenerateArgs:
     tp: int = 1
     batch_size: int = 8
     no_cache: bool = False
+    chat: bool = False  # prompts are a user's messages; the reply is what is printed
+    system: str | None = None  # with chat: a system message before each prompt
 
 
 def _check(args: GenerateArgs, world: int) -> tuple[Path, list[str]]:
@@ -90,19 +93,46 @@ def load_model(
 
     config = load_config(base=yaml.safe_load((run / "config.yaml").read_text()))
     tokenizer = tok.load(run / TOKENIZER)
+
+    def weights(model: GPT, layout: Grid) -> None:
+        checkpoint.load(ckpt, model, None, layout)  # resharded to this TP rank's part
+
+    model, group = build_for_inference(config, tokenizer.get_vocab_size(), rt, grid, weights)
+    return model, tokenizer, config, group
+
+
+def build_for_inference(
+    config: Config, vocab_size: int, rt: runtime.Runtime, grid: Grid | None, weights: Any
+) -> tuple[GPT, TensorCollectives | None]:
+    """The config's model in eval mode, whole on every rank, or this rank's tensor-parallel part
+    with a `grid` of tp > 1 (and the TP group); `weights(model, grid)` loads its tensors."""
     family = family_of(config.model)
-    shape = family.shape(replace(config.model, dropout=0.0), tokenizer.get_vocab_size())
+    shape = family.shape(replace(config.model, dropout=0.0), vocab_size)
     model = family.build(shape, None, None, True, True).to(rt.device)
     group = None
     if grid is not None and grid.layout.tp > 1:
         family.check(config.model, grid.layout.tp)
         group = TensorCollectives(grid.tp_comm, "mpi4py")
         partition_tensor_parallel(model, group)
-        checkpoint.load(ckpt, model, None, grid)  # resharded to this TP rank's part
+        weights(model, grid)
     else:  # every rank holds the whole model: the tp=pp=1 shard on a one-rank grid
-        checkpoint.load(ckpt, model, None, Grid(rt.comm.Split(rt.rank, 0)))
+        weights(model, Grid(rt.comm.Split(rt.rank, 0)))
     model.eval()
-    return model, tokenizer, config, group
+    return model, group
+
+
+def _encode(args: GenerateArgs, tokenizer: Any, prompts: list[str]) -> tuple[list[list[int]], frozenset[int]]:
+    """The prompts' ids, and the tokens that end a completion: with --chat, each prompt is a user's
+    message rendered by the run's chat template (its fine-tuning data's, else the built-in one)
+    and the reply ends at an end of turn or of document; else plain text, to the length asked."""
+    if not args.chat:
+        return tok.encode_prompts(tokenizer, prompts), frozenset()
+    boundaries = tok.document_tokens(tokenizer)
+    bos = None if boundaries.bos is None else tokenizer.id_to_token(boundaries.bos)
+    template = chat.chat_template(Path(args.run), None, bos, tokenizer.id_to_token(boundaries.eos))
+    return chat.encode_chat_prompts(tokenizer, template, prompts, args.system), chat.stop_ids(
+        tokenizer, boundaries.eos
+    )
 
 
 def _batches(lengths: list[int], size: int) -> list[list[int]]:
@@ -126,7 +156,7 @@ def generate(args: GenerateArgs) -> int:
         log.info(
             "tp %d: %.2f MB of weights on each rank, of %.2f MB in all", args.tp, mine / 1e6, whole / 1e6
         )
-    encoded = tok.encode_prompts(tokenizer, prompts)
+    encoded, stop = _encode(args, tokenizer, prompts)
 
     def complete(batch: list[int]) -> list[tuple[int, str]]:
         # Seeded per prompt: the text does not depend on which rank or batch ran it.
@@ -140,6 +170,7 @@ def generate(args: GenerateArgs) -> int:
             generators,
             use_cache=not args.no_cache,
             tp_group=group,
+            stop=stop,
         )
         return [(i, tokenizer.decode(tokens)) for i, tokens in zip(batch, new, strict=True)]
 
@@ -147,7 +178,7 @@ def generate(args: GenerateArgs) -> int:
         if grid.coords.dp == 0:  # the first replica (its TP ranks together)
             text = complete([0])[0][1]
             if rt.rank == 0:
-                print(prompts[0] + text)
+                print(text if args.chat else prompts[0] + text)
         return 0
     batches = _batches([len(ids) for ids in encoded], args.batch_size)
     done = dynamic_map(rt.comm, list(range(len(batches))), lambda b: complete(batches[b]), team=grid.tp_comm)
