@@ -2,8 +2,11 @@
 normalised over the global batch, so packed and padded runs give the single-process losses at any
 micro-batch size, dp, tp, pp and sequence parallelism; document-masked pretraining likewise."""
 
+import json
+
 import pytest
 from conftest import assert_same_losses, losses, run_hpcllm, sets
+from test_eval import write_choices
 from test_sft import write_records
 
 BLOCK = 64
@@ -52,8 +55,9 @@ DOCUMENT_MASK_LAYOUTS = {"pp2xtp2-sp": (4, ["--pp", 2, "--tp", 2, *sets("train.m
 
 
 def test_packed_and_padded_samples_train_alike_at_every_layout(sft_dir, data_dir, tmp_path):
+    tasks = sets(f"train.eval_tasks={write_choices(tmp_path / 'choices.jsonl', n=10)}", "train.eval_every=6")
     groups = (
-        ("packed-llama", sft_dir, LLAMA, PACKED_LAYOUTS),
+        ("packed-llama", sft_dir, [*LLAMA, *tasks], PACKED_LAYOUTS),
         ("padded-gpt2", sft_dir, [*GPT2, *PADDED], PADDED_LAYOUTS),
         ("document-mask-gpt2", data_dir, [*GPT2, *sets("data.document_mask=true")], DOCUMENT_MASK_LAYOUTS),
     )
@@ -62,3 +66,32 @@ def test_packed_and_padded_samples_train_alike_at_every_layout(sft_dir, data_dir
         for name, (ranks, flags) in layouts.items():
             got = train(data, tmp_path / f"{group}-{name}", [*model, *flags], ranks)
             assert_same_losses(reference, got, f"{group} {name}")
+
+    # The tasks' accuracy is logged beside the loss, alike at every layout (within one example of
+    # ten: the losses agree to 1e-3, so two endings of nearly equal likelihood may swap).
+    def accuracy(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(row["accuracy"] for row in rows if "accuracy" in row)
+
+    reference = accuracy(tmp_path / "packed-llama")
+    for name in PACKED_LAYOUTS:
+        assert abs(accuracy(tmp_path / f"packed-llama-{name}") - reference) <= 0.1 + 1e-9, name
+    # `hpcllm eval` reads the pp2 x tp2 run's checkpoint whole, or at tp 2: the same loss.
+    results = []
+    for ranks, tp in ((None, 1), (2, 2)):
+        out = tmp_path / f"eval-{tp}.json"
+        args = [
+            "eval",
+            "--run",
+            tmp_path / "packed-llama-pp2xtp2-sp",
+            "--data",
+            sft_dir,
+            "--tp",
+            tp,
+            "--out",
+            out,
+        ]
+        proc = run_hpcllm(args, ranks=ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5) and results[0]["tokens"] > 0

@@ -313,6 +313,10 @@ class GPT(nn.Module):
         Vocabulary-parallel when the head is partitioned."""
         return self.lm_head.loss_sum(logits, targets)
 
+    def row_loss_sums(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[rows]: each row's loss sum (scoring choices: minus each ending's log-likelihood)."""
+        return torch.stack([self.loss_sum(logits[r : r + 1], targets[r : r + 1]) for r in range(len(logits))])
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean over the trained targets of this batch alone."""
         return self.loss_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)

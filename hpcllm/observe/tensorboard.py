@@ -18,6 +18,8 @@ TAGS = {
     "skipped_steps": "train/skipped_steps",
     "tokens_per_s": "speed/tokens_per_s",
     "mfu": "speed/mfu",
+    "accuracy": "eval/accuracy",
+    "accuracy_norm": "eval/accuracy_norm",
 }
 
 

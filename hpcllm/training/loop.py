@@ -300,6 +300,10 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
             val_loss = trainer.evaluate() or float("nan")
             bar.validated(done, val_loss)
             row = (row or {"step": done, "loss": loss}) | {"val_loss": val_loss}
+            scored = trainer.evaluate_tasks()
+            if scored:
+                log.info("step %d: eval_tasks accuracy %.3f (length-normalised %.3f)", done, *scored.values())
+                row |= scored
         if row is not None and metrics is not None:
             metrics.append(row)
             if board is not None:

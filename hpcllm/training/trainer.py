@@ -18,14 +18,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from hpcllm.batch import Batch
+from hpcllm.batch import IGNORE, Batch
 from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import StopFlag
+from hpcllm.data import tokenizer as tok
 from hpcllm.data.loader import micro_batches
 from hpcllm.data.mixture import Mixture, Sampler
 from hpcllm.errors import UsageError
+from hpcllm.evaluation import choices
 from hpcllm.model.dropout import DropoutKeys
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
@@ -98,6 +101,7 @@ class Trainer:
         except UsageError:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
+        self.tasks = self._read_tasks()
         self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
         self.timer = PhaseTimer(self.rt.device)
         background = self.config.train.async_checkpoint
@@ -223,6 +227,47 @@ class Trainer:
                 with self.autocast():
                     total += self._loss_sum(batch).float()
         return self.finaliser.loss_sum(total.item()) / count
+
+    def _read_tasks(self) -> tuple[list[choices.Example], list[Batch]]:
+        """Collective: train.eval_tasks' examples (checked by rank 0: bad input ends every rank
+        alike) and their rows in micro-batches, the last filled with rows that train nothing."""
+        path = self.config.train.eval_tasks
+        if not path:
+            return [], []
+        examples = runtime.root_decides(self.rt.comm, lambda: choices.read_examples(path))
+        tokenizer = tok.load(self.data.primary.tokenizer_path)
+        rows = choices.example_rows(tokenizer, examples, self.config.model.block_size)
+        size = self.config.train.micro_batch
+        rows += [(rows[0][0], np.full_like(rows[0][1], IGNORE))] * (-len(rows) % size)
+        return examples, choices.batches_of(rows, size)
+
+    @torch.no_grad()
+    def evaluate_tasks(self) -> dict[str, float] | None:
+        """Collective: accuracy on train.eval_tasks (hpcllm.evaluation.choices). DP replica r scores
+        micro-batches r, r + dp, ...; the last stage's first TP rank of each holds the rows' loss sums."""
+        examples, batches = self.tasks
+        if not examples:
+            return None
+        self.model.eval()
+        mine = list(range(self.grid.dp_rank, len(batches), self.grid.layout.dp))
+        on_device = [batches[i].to_device(self.rt.device) for i in mine]
+        with self.autocast():
+            if self.pipeline is not None:
+                sums = self.pipeline.eval_step(on_device, per_row=True)
+            else:
+                parts = [self.model.row_loss_sums(self.model(b.tokens), b.targets) for b in on_device]
+                sums = torch.cat(parts) if parts else torch.zeros(0)
+        holds = self.grid.is_last_stage and self.grid.tp_rank == 0
+        gathered = self.grid.world.gather((mine, sums.float().tolist()) if holds else None, root=0)
+        if self.rt.rank != 0:
+            return {}
+        by_batch = {}
+        for part in filter(None, gathered):
+            size = len(part[1]) // max(1, len(part[0]))
+            by_batch |= {i: part[1][k * size : (k + 1) * size] for k, i in enumerate(part[0])}
+        row_sums = [x for i in range(len(batches)) for x in by_batch[i]]
+        scored = choices.score(examples, row_sums)
+        return {"accuracy": scored["accuracy"], "accuracy_norm": scored["accuracy_norm"]}
 
     def check_replicas(self, step: int) -> None:
         """Collective: the DP replicas hold bitwise the same parameters, or every rank raises

@@ -48,6 +48,8 @@ class StageModel(Protocol):
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
+    def row_loss_sums(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
 
 class PipelineStage:
     """Runs one training or evaluation step of this stage over a list of micro-batches."""
@@ -75,7 +77,7 @@ class PipelineStage:
         self.link = p2p.link(backend, grid.pp_comm, grid.pp_world_ranks)
 
     # one micro-batch each way
-    def _forward(self, micro: int, batch: Batch, scale: float) -> Any:
+    def _forward(self, micro: int, batch: Batch, scale: float, per_row: bool = False) -> Any:
         if self.first:
             inputs = batch.tokens
         else:
@@ -86,7 +88,8 @@ class PipelineStage:
                 inputs, self.first, self.last, batch.positions, mask=batch.attention, keys=batch.dropout
             )
             if self.last:
-                output = self.model.loss_sum(output, batch.targets)
+                loss = self.model.row_loss_sums if per_row else self.model.loss_sum
+                output = loss(output, batch.targets)
         if not self.last:
             self.link.send(output, self.stage + 1, tag(micro, False))
         return inputs, output, scale
@@ -151,12 +154,17 @@ class PipelineStage:
         return StepStats(total, most_live, self.link.waited_s)
 
     @torch.no_grad()
-    def eval_step(self, batches: list[Batch]) -> torch.Tensor:
-        """The loss sum over `batches` on the last stage, on the device (0 elsewhere)."""
-        total = torch.zeros((), device=self.device)
+    def eval_step(self, batches: list[Batch], per_row: bool = False) -> torch.Tensor:
+        """The loss sum over `batches` on the last stage, on the device (0 elsewhere); `per_row`:
+        each row's loss sum instead, in order (empty elsewhere)."""
+        total, rows = torch.zeros((), device=self.device), []
         for micro, batch in enumerate(batches):
-            _, output, _ = self._forward(micro, batch, 1.0)
-            if self.last:
+            _, output, _ = self._forward(micro, batch, 1.0, per_row)
+            if self.last and per_row:
+                rows.append(output.float())
+            elif self.last:
                 total += output.float()
         self.link.finish()
+        if per_row:
+            return torch.cat(rows) if rows else torch.zeros(0, device=self.device)
         return total
