@@ -20,7 +20,7 @@ def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
         help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline, memory, generate, "
-        "prepare, startup, checkpoint",
+        "prepare, startup, checkpoint, packing",
         description="Benchmarks whose results docs/benchmarks.md records, as ratios measured side by side.",
     )
     kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
@@ -144,6 +144,17 @@ def _add_startup(kinds: Any) -> None:
     ck.add_argument("--data", help="prepared data (default: the default corpus)")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.set_defaults(func=checkpoint)
+
+    pk = kinds.add_parser(
+        "packing", help="trained tokens/s of fine-tuning samples of mixed lengths: packed vs padded"
+    )
+    pk.add_argument("--steps", type=int, default=20, help="steps per run (20)")
+    pk.add_argument("--repeat", type=int, default=3, help="interleaved runs per variant (3)")
+    pk.add_argument("--block", type=int, default=256, help="model.block_size (256)")
+    pk.add_argument("--records", type=int, default=4000, help="synthetic records (4000)")
+    add_set_option(pk, "model or train override for both runs (repeat)")
+    pk.add_argument("--json", action="store_true", help="machine-readable output")
+    pk.set_defaults(func=packing)
 
 
 def allreduce(args: argparse.Namespace) -> int:
@@ -343,4 +354,14 @@ def memory(args: argparse.Namespace) -> int:
     print(bench.render(rows))
     if largest:
         print(bench.render_largest(largest, args.budget_gb, config, args.dp))
+    return 0
+
+
+def packing(args: argparse.Namespace) -> int:
+    from hpcllm.bench import packing as bench
+
+    if args.steps < 3 or args.repeat < 1 or args.block < 16 or args.records < 1:
+        raise UsageError("bench packing needs --steps >= 3, --repeat >= 1, --block >= 16 and --records >= 1")
+    result = bench.run(args.steps, args.repeat, args.block, args.records, args.set)
+    print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0

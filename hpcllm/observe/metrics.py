@@ -81,13 +81,19 @@ class Throughput:
     last_step: int
     started: float = field(default_factory=time.perf_counter)
     last_time: float = field(init=False)
+    trained: int | None = None  # targets the loss counted since the last interval, when some are masked
 
     def __post_init__(self) -> None:
         self.last_time = self.started
 
     def interval(self, done: int) -> dict[str, float]:
         now = time.perf_counter()
-        tokens_per_s = (done - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
+        seconds = max(now - self.last_time, 1e-9)
+        tokens_per_s = (done - self.last_step) * self.tokens_per_step / seconds
         self.last_time, self.last_step = now, done
         mfu = tokens_per_s * self.flops_per_token / self.peak_total
-        return {"tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": now - self.started}
+        row = {"tokens_per_s": tokens_per_s, "mfu": mfu, "elapsed_s": now - self.started}
+        if self.trained is not None:  # fine-tuning: the tokens that teach, padding and prompts aside
+            row["trained_tokens_per_s"] = self.trained / seconds
+            self.trained = 0
+        return row

@@ -236,6 +236,7 @@ def _speed(trainer: Trainer, start_step: int) -> Throughput:
         flops_per_token=trainer.plan.family.flops_per_token(trainer.model.shape),
         peak_total=rt.comm.allreduce(peak),
         last_step=start_step,
+        trained=0 if trainer.data.loss_masked else None,
     )
 
 
@@ -287,6 +288,8 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
             trainer.corrupt_a_parameter()
         result = trainer.train_step(step)
         loss = result.loss
+        if speed.trained is not None:
+            speed.trained += result.trained
         row: dict[str, Any] | None = None
         if done % t.log_every == 0 or done == t.steps or done == start_step + 1 or result.skipped:
             row = {"step": done, "loss": loss, "lr": learning_rate(step, t), **speed.interval(done)}

@@ -58,6 +58,7 @@ class StepResult:
     loss: float  # mean over the global batch
     grad_norm: float  # of the full model's gradient, before clipping
     skipped: bool  # the gradient was not finite: the optimizer did not step
+    trained: int  # targets the loss counted over the global batch
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Trainer:
                     clip_gradients_([grad for _, grad in self.gradients], norm, self.config.train.grad_clip)
                 self.optimizer.step()
         timer.step_done()
-        return StepResult(loss, norm, skipped)
+        return StepResult(loss, norm, skipped, trained)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
