@@ -12,9 +12,9 @@ from test_llama_hf import OPTIONS, make_folder
 
 from hpcllm.batch import IGNORE
 from hpcllm.data import tokenizer as tok
+from hpcllm.data.choices import example_rows, read_examples
 from hpcllm.data.sequences import TokenWindows
 from hpcllm.data.tokens import open_prepared
-from hpcllm.evaluation.choices import example_rows, read_examples
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (make setup)")
 

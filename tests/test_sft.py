@@ -298,3 +298,17 @@ def test_prepare_sft_refuses_what_it_cannot_read_and_writes_nothing(tmp_path):
         proc = run_hpcllm(["prepare", *args, "--format", "sft", "--out", str(out)])
         assert_usage_error(proc, needle)
         assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_generation_stops_at_an_end_of_turn_token():
+    from hpcllm.model.inference import generate
+
+    family, shape = _gpt2_shape()
+    model = family.build(shape, 0, None, True, True).eval()
+    prompts = [[1, 2, 3], [4, 5]]
+    free = generate(model, prompts, 6)
+    stop = frozenset([free[0][-1]])  # a token the first row produces ends its reply
+    stopped = generate(model, prompts, 6, stop=stop)
+    for row, whole in zip(stopped, free, strict=True):
+        assert row == next((whole[:i] for i, token in enumerate(whole) if token in stop), whole)
+    assert len(stopped[0]) < len(free[0])

@@ -95,3 +95,11 @@ def test_packed_and_padded_samples_train_alike_at_every_layout(sft_dir, data_dir
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(json.loads(out.read_text()))
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5) and results[0]["tokens"] > 0
+
+    # The run kept its data's chat template; generate --chat renders a prompt with it and prints
+    # the reply only.
+    run = tmp_path / "packed-llama"
+    assert (run / "chat_template.jinja").read_text() == (sft_dir / "chat_template.jinja").read_text()
+    args = ["generate", "--run", run, "--chat", "--prompt", "What is 2 plus 3?", "--temperature", 0]
+    proc = run_hpcllm([*args, "--max-new-tokens", 8])
+    assert proc.returncode == 0 and "What is" not in proc.stdout, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""`hpcllm eval`: the command line of evaluation; the work is hpcllm.evaluation.evaluate."""
+"""`hpcllm eval`: the command line of evaluation; the work is hpcllm.training.evaluate."""
 
 from __future__ import annotations
 
@@ -37,6 +37,6 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcllm.evaluation import evaluate
+    from hpcllm.training import evaluate
 
     return evaluate.evaluate(from_args(evaluate.EvalArgs, args))

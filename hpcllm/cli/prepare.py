@@ -141,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
     if rt.rank == 0 and args.json:
         print(json.dumps(summary.to_dict()))
     elif rt.rank == 0:
-        wrote = f"wrote {options.out}/ (train.bin, val.bin, tokenizer.json, manifest.json)"
+        wrote = f"wrote {options.out}/ ({', '.join(sorted(p.name for p in options.out.iterdir()))})"
         print("\n".join([*summary.lines(), wrote]))
     return 0

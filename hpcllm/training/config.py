@@ -91,7 +91,7 @@ class TrainConfig:
     # hf:DIR (a Hugging Face GPT-2 or Llama folder) or run:DIR[@STEP] (an hpcllm run's checkpoint, with
     # a fresh optimizer): the new run's shape and weights
     init_from: str = ""
-    # multiple-choice examples (JSONL, hpcllm.evaluation.choices) scored at every eval_every step
+    # multiple-choice examples (JSONL, hpcllm.data.choices) scored at every eval_every step
     eval_tasks: str = ""
 
 

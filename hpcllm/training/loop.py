@@ -27,10 +27,10 @@ from hpcllm.observe.progress import Progress
 from hpcllm.observe.tensorboard import TensorBoardLog
 from hpcllm.parallel import torch_dist
 from hpcllm.parallel.grid import Grid
-from hpcllm.training import checkpoint, init_from
+from hpcllm.training import checkpoint, init_from, report
 from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
-from hpcllm.training.optim import learning_rate, schedule_warning
+from hpcllm.training.optim import learning_rate
 from hpcllm.training.plan import Plan, default_data_dir, make_plan
 from hpcllm.training.run_dir import ensure_data, has_checkpoint, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer
@@ -273,7 +273,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
     t = config.train
     speed = _speed(trainer, start_step)
     baseline = _baseline(trainer) if rt.rank == 0 else None
-    _log_start(trainer)
+    report.log_start(trainer)
     metrics = MetricsLog(trainer.run_dir, resume) if rt.rank == 0 else None
     if metrics is not None and resume:
         metrics.truncate_after(start_step)
@@ -325,7 +325,7 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
     if metrics is not None:
         metrics.plot(baseline)
         seconds = time.perf_counter() - speed.started
-        _summary(
+        report.summary(
             trainer, metrics, baseline, seconds, (speed.flops_per_token, speed.peak_total), loss, val_loss
         )
 
@@ -340,69 +340,3 @@ def _check_and_checkpoint(trainer: Trainer, done: int) -> bool:
     elif t.check_replicas_every and done % t.check_replicas_every == 0:
         trainer.check_replicas(done)
     return saved
-
-
-def _log_start(trainer: Trainer) -> None:
-    config = trainer.config
-    warning = schedule_warning(config.train)
-    if warning and trainer.rt.rank == 0:
-        log.warning("%s", warning)
-    log.info(
-        "model: %.2fM parameters, %s; data: %s train sequences; %d ranks (%s), "
-        "%d micro-batches of %d per rank per step",
-        trainer.full_parameters / 1e6,
-        config.model.preset,
-        f"{trainer.train_rows.n_sequences:,}",
-        trainer.rt.size,
-        trainer.grid.layout,
-        trainer.micro_per_step,
-        config.train.micro_batch,
-    )
-
-
-def _summary(
-    trainer: Trainer,
-    metrics: MetricsLog,
-    baseline: float | None,
-    seconds: float,
-    flops: tuple[float, float],  # per token, and the peak of all ranks together
-    loss: float,
-    val_loss: float,
-) -> None:
-    rows = [r for r in metrics.rows if "tokens_per_s" in r]
-    speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)  # the first interval includes start-up
-    tokens_per_s = speeds[len(speeds) // 2] if speeds else float("nan")
-    flops_token, peak_total = flops
-    mfu = tokens_per_s * flops_token / peak_total
-    out = trainer.run_dir
-    latest = checkpoint.latest(out)
-    steps, first = trainer.config.train.steps, trainer.resumed_at[0]
-    # After a resume the time covers this session's steps only: say which.
-    took = (
-        f"in {seconds / 60:.1f} min"
-        if not first
-        else f"(steps {first + 1}-{steps} in {seconds / 60:.1f} min)"
-    )
-    lines = [
-        f"done: {steps} steps {took} on {trainer.rt.size} rank(s) ({trainer.grid.layout})",
-        f"  final train loss {loss:.3f}, val loss {val_loss:.3f}  "
-        f"(unigram baseline {baseline:.3f} nats/token)",
-        f"  throughput {tokens_per_s:,.0f} tokens/s (median), MFU {mfu:.1%} "
-        f"of {peak_total / 1e9:.0f} GFLOP/s measured matmul peak",
-        f"  run directory {out}/: metrics.jsonl, loss.png, logs/, "
-        f"checkpoints/{latest.name if latest else '-'}",
-        f"  sample from it: hpcllm generate --run {out} --prompt 'def '",
-    ]
-    mixed = trainer.data
-    if len(mixed.datasets) > 1:
-        samples = trainer.samples_before(trainer.config.train.steps)
-        shares = trainer.sampler.proportions(samples)
-        lines.insert(
-            2,
-            f"  mixture over {samples:,} samples: "
-            + ", ".join(
-                f"{d.path.name} {share:.1%} (weight {w:.1%})"
-                for d, share, w in zip(mixed.datasets, shares, mixed.weights, strict=True)
-            ),
-        )
-    print("\n".join(lines), flush=True)

@@ -24,11 +24,11 @@ import torch
 from hpcllm.batch import IGNORE, Batch
 from hpcllm.cluster import faults, runtime, watchdog
 from hpcllm.cluster.preemption import StopFlag
+from hpcllm.data import choices
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.loader import micro_batches
 from hpcllm.data.mixture import Mixture, Sampler
 from hpcllm.errors import UsageError
-from hpcllm.evaluation import choices
 from hpcllm.model.dropout import DropoutKeys
 from hpcllm.model.gpt import GPT
 from hpcllm.observe.timing import PhaseTimer
@@ -244,7 +244,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float] | None:
-        """Collective: accuracy on train.eval_tasks (hpcllm.evaluation.choices). DP replica r scores
+        """Collective: accuracy on train.eval_tasks (hpcllm.data.choices). DP replica r scores
         micro-batches r, r + dp, ...; the last stage's first TP rank of each holds the rows' loss sums."""
         examples, batches = self.tasks
         if not examples:

@@ -23,11 +23,11 @@ import torch
 
 from hpcllm.batch import Batch
 from hpcllm.cluster import runtime
+from hpcllm.data import choices as mc
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.mixture import Mixture
 from hpcllm.data.tokens import SPLITS, Prepared, open_prepared
 from hpcllm.errors import UsageError
-from hpcllm.evaluation import choices as mc
 from hpcllm.model.registry import family_of_hf_folder
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.tasks import SharedCounters, dynamic_map

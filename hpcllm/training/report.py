@@ -1,0 +1,80 @@
+"""What a run tells its user at the start (model, data, layout) and at the end (losses, speed,
+where the results are, how to sample from it)."""
+
+from __future__ import annotations
+
+import logging
+
+from hpcllm.observe.metrics import MetricsLog
+from hpcllm.training import checkpoint
+from hpcllm.training.optim import schedule_warning
+from hpcllm.training.trainer import Trainer
+
+log = logging.getLogger("hpcllm.training")
+
+
+def log_start(trainer: Trainer) -> None:
+    config = trainer.config
+    warning = schedule_warning(config.train)
+    if warning and trainer.rt.rank == 0:
+        log.warning("%s", warning)
+    log.info(
+        "model: %.2fM parameters, %s; data: %s train sequences; %d ranks (%s), "
+        "%d micro-batches of %d per rank per step",
+        trainer.full_parameters / 1e6,
+        config.model.preset,
+        f"{trainer.train_rows.n_sequences:,}",
+        trainer.rt.size,
+        trainer.grid.layout,
+        trainer.micro_per_step,
+        config.train.micro_batch,
+    )
+
+
+def summary(
+    trainer: Trainer,
+    metrics: MetricsLog,
+    baseline: float | None,
+    seconds: float,
+    flops: tuple[float, float],  # per token, and the peak of all ranks together
+    loss: float,
+    val_loss: float,
+) -> None:
+    rows = [r for r in metrics.rows if "tokens_per_s" in r]
+    speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)  # the first interval includes start-up
+    tokens_per_s = speeds[len(speeds) // 2] if speeds else float("nan")
+    flops_token, peak_total = flops
+    mfu = tokens_per_s * flops_token / peak_total
+    out = trainer.run_dir
+    latest = checkpoint.latest(out)
+    steps, first = trainer.config.train.steps, trainer.resumed_at[0]
+    # After a resume the time covers this session's steps only: say which.
+    took = (
+        f"in {seconds / 60:.1f} min"
+        if not first
+        else f"(steps {first + 1}-{steps} in {seconds / 60:.1f} min)"
+    )
+    lines = [
+        f"done: {steps} steps {took} on {trainer.rt.size} rank(s) ({trainer.grid.layout})",
+        f"  final train loss {loss:.3f}, val loss {val_loss:.3f}  "
+        f"(unigram baseline {baseline:.3f} nats/token)",
+        f"  throughput {tokens_per_s:,.0f} tokens/s (median), MFU {mfu:.1%} "
+        f"of {peak_total / 1e9:.0f} GFLOP/s measured matmul peak",
+        f"  run directory {out}/: metrics.jsonl, loss.png, logs/, "
+        f"checkpoints/{latest.name if latest else '-'}",
+        f"  sample from it: hpcllm generate --run {out} "
+        + ("--chat --prompt 'Hello!'" if any(d.is_sft for d in trainer.data.datasets) else "--prompt 'def '"),
+    ]
+    mixed = trainer.data
+    if len(mixed.datasets) > 1:
+        samples = trainer.samples_before(trainer.config.train.steps)
+        shares = trainer.sampler.proportions(samples)
+        lines.insert(
+            2,
+            f"  mixture over {samples:,} samples: "
+            + ", ".join(
+                f"{d.path.name} {share:.1%} (weight {w:.1%})"
+                for d, share, w in zip(mixed.datasets, shares, mixed.weights, strict=True)
+            ),
+        )
+    print("\n".join(lines), flush=True)
