@@ -14,13 +14,18 @@ Each row carries the activation bytes predicted by `ModelFamily.predicted_activa
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hpcllm.cluster.launcher import launch_command, run_launched
 from hpcllm.model.gpt import GPT
 from hpcllm.model.registry import family_of
 from hpcllm.observe.memory import saved_activation_bytes, tensor_bytes
@@ -158,4 +163,48 @@ def render_largest(rows: list[dict[str, Any]], budget_gb: float, config: Config,
     ]
     for r in rows:
         lines.append(f"{r['recompute']:<10} {r['zero']:>4} {r['n_layer']:>8} {r['parameters'] / 1e6:>11.1f}M")
+    return "\n".join(lines)
+
+
+# ---- peak memory as the processes saw it ---------------------------------------------------
+
+
+def measure(sets: list[str], dp: int, steps: int, data: str | None) -> list[dict[str, Any]]:
+    """For each zero level: `hpcllm train` at `dp` ranks for `steps` steps with a checkpoint at the
+    end, and every rank's peak resident memory (`ru_maxrss`, RUN/memory.json): what the tensor
+    accounting above leaves out (allocator caches, copies, communication buffers, checkpoints)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hpcllm-memory-") as tmp:
+        for zero in ZERO if dp > 1 else (0,):
+            out = Path(tmp) / f"zero{zero}"
+            keys = [*sets, f"parallel.zero={zero}", f"train.ckpt_every={steps}", "train.eval_every=0"]
+            command = [sys.executable, "-m", "hpcllm.cli", "train", "--out", str(out), "--steps", str(steps)]
+            command += [
+                "--quiet",
+                *(["--data", data] if data else []),
+                *[a for k in keys for a in ("--set", k)],
+            ]
+            run_launched(launch_command(dp) + command if dp > 1 else command, f"bench memory: zero={zero}")
+            peaks = json.loads((out / "memory.json").read_text())["peak_rss_mib"]
+            rows.append({"zero": zero, "dp": dp, "peak_rss_mib": peaks})
+    return rows
+
+
+def render_measured(measured: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    accounted = {r["zero"]: r["peak_bytes"] for r in rows if r["recompute"] == "none"}
+    base = max(measured[0]["peak_rss_mib"])
+    lines = [
+        f"peak resident memory per rank, measured (train at dp {measured[0]['dp']}, a checkpoint at the end)",
+        f"{'zero':>4} {'ranks MiB':>22} {'max MiB':>8} {'vs zero=0':>10} {'accounted MB':>13}",
+    ]
+    for r in measured:
+        peaks = r["peak_rss_mib"]
+        ranks = ", ".join(f"{p:,.0f}" for p in peaks)
+        lines.append(
+            f"{r['zero']:>4} {ranks:>22} {max(peaks):>8,.0f} {max(peaks) - base:>+10,.0f} "
+            f"{accounted.get(r['zero'], float('nan')) / MB:>13.1f}"
+        )
+    lines.append(
+        "accounted: the tensor sum of the table above (parameters, gradients, Adam state, activations)"
+    )
     return "\n".join(lines)

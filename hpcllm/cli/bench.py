@@ -110,6 +110,13 @@ def _add_memory_and_generate(kinds: Any) -> None:
     me.add_argument("--vocab", type=int, default=4096, help="vocabulary size (4096: the default corpus)")
     me.add_argument("--steps", type=int, default=5, help="timed steps per mode (5)")
     me.add_argument("--budget-gb", type=float, help="also: the most layers that fit in this many GB per rank")
+    me.add_argument(
+        "--measure",
+        action="store_true",
+        help="also: train --steps at dp ranks for each zero level, a checkpoint at the end, and report "
+        "each rank's peak resident memory as the process saw it (RUN/memory.json)",
+    )
+    me.add_argument("--data", help="with --measure: prepared data (default: the default corpus)")
     add_set_option(me, "config override (repeat), e.g. model.preset=small")
     me.add_argument("--json", action="store_true", help="machine-readable output")
     me.set_defaults(func=memory)
@@ -348,12 +355,16 @@ def memory(args: argparse.Namespace) -> int:
     largest = None
     if args.budget_gb:
         largest = bench.largest_models(config, args.vocab, args.dp, args.budget_gb * 1e9)
+    measured = bench.measure(args.set, args.dp, args.steps, args.data) if args.measure else None
     if args.json:
-        print(json.dumps({"rows": rows, "largest": largest} if largest else rows, indent=1))
+        extra = {"largest": largest, "measured": measured}
+        print(json.dumps({"rows": rows, **extra} if largest or measured else rows, indent=1))
         return 0
     print(bench.render(rows))
     if largest:
         print(bench.render_largest(largest, args.budget_gb, config, args.dp))
+    if measured:
+        print(bench.render_measured(measured, rows))
     return 0
 
 

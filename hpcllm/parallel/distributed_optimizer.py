@@ -48,18 +48,27 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.hvd, self.process_set = gradients.hvd, gradients.process_set
         grads = gradients.buffer
         self.param_buffer = torch.zeros_like(grads)
-        decay = torch.zeros(grads.numel(), dtype=torch.float64, device=grads.device)
-        self.views: list[tuple[torch.nn.Parameter, int, int]] = []
+        self.views: list[tuple[torch.nn.Parameter, int, int, float]] = []
         for group in self.param_groups:
             for param in group["params"]:
                 start, end = gradients.offsets[id(param)]
                 self.param_buffer[start:end].copy_(param.detach().reshape(-1))
                 param.data = self.param_buffer[start:end].view_as(param)
-                decay[start:end] = group["weight_decay"]
-                self.views.append((param, start, end))
+                self.views.append((param, start, end, group["weight_decay"]))
+        # This rank's range of each bucket, and where it sits in the concatenated shard (the
+        # moments and, with zero = 2, the reduced gradients are laid out that way).
         self.shares = gradients.shares()
-        self.decay = torch.cat([decay[lo:hi] for lo, hi in self.shares])
-        self.exp_avg = torch.zeros(self.decay.numel(), dtype=torch.float32, device=grads.device)
+        sizes = [hi - lo for lo, hi in self.shares]
+        self.share_starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        # Weight decay as ranges of the parameter buffer, not as a value per element: a float64
+        # per element was as large as both Adam moments together.
+        self.decayed = [
+            (max(start, lo), min(end, hi), decay)
+            for lo, hi in self.shares
+            for _, start, end, decay in self.views
+            if decay and max(start, lo) < min(end, hi)
+        ]
+        self.exp_avg = torch.zeros(sum(sizes), dtype=torch.float32, device=grads.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.steps = 0
 
@@ -71,34 +80,36 @@ class ShardedAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = False) -> None:
         self.gradients.zero_()  # the gradients are views into its buffer: they must stay allocated
 
-    def _shard_of(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's shares of a buffer laid out like the gradients, concatenated (a copy)."""
-        return torch.cat([full[lo:hi] for lo, hi in self.shares])
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         self._adopt_loaded_state()
         self.steps += 1
         group = self.param_groups[0]  # lr, betas and eps are the same in every group
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        shard = self.gradients.shard
-        grad = shard if shard is not None else self._shard_of(self.gradients.buffer)
-        param = self._shard_of(self.param_buffer)
-        # torch.optim.AdamW's update (single-tensor form), with the weight decay per element.
-        param.mul_((1 - lr * self.decay).to(param.dtype))
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        for lo, hi, decay in self.decayed:  # torch.optim.AdamW's decoupled weight decay
+            self.param_buffer[lo:hi].mul_(1 - lr * decay)
         step_size = lr / (1 - beta1**self.steps)
-        denom = (self.exp_avg_sq.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(eps)
-        param.addcdiv_(self.exp_avg, denom, value=-step_size)
-        self._gather_into(self.param_buffer, param, "params")
+        bias_correction2 = (1 - beta2**self.steps) ** 0.5
+        shard = self.gradients.shard
+        # Share by share, on views of the buffers: no copy of the parameters or gradients, and
+        # temporaries of one share at a time.
+        for (lo, hi), first in zip(self.shares, self.share_starts, strict=True):
+            last = first + hi - lo
+            grad = shard[first:last] if shard is not None else self.gradients.buffer[lo:hi]
+            exp_avg, exp_avg_sq = self.exp_avg[first:last], self.exp_avg_sq[first:last]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2).add_(eps)
+            self.param_buffer[lo:hi].addcdiv_(exp_avg, denom, value=-step_size)
+        self._gather_into(self.param_buffer, None, "params")
 
-    def _gather_into(self, full: torch.Tensor, shard: torch.Tensor, what: str) -> None:
-        """Collective: every rank's shares of each bucket, into `full` (laid out like the buffers)."""
-        handles, offset = [], 0
-        for index, (lo, hi) in enumerate(self.shares):
-            piece = shard[offset : offset + hi - lo].clone()
-            offset += hi - lo
+    def _gather_into(self, full: torch.Tensor, shard: torch.Tensor | None, what: str) -> None:
+        """Collective: every rank's shares of each bucket, into `full` (laid out like the buffers),
+        from `shard` (the shares concatenated) or, when None, from `full`'s own ranges."""
+        handles = []
+        for index, ((lo, hi), first) in enumerate(zip(self.shares, self.share_starts, strict=True)):
+            # A view, sent as it is: nothing writes to it before its allgather is synchronised.
+            piece = full[lo:hi] if shard is None else shard[first : first + hi - lo]
             handles.append(
                 self.hvd.allgather_async(
                     piece, name=f"hpcllm.zero.{what}.{index}", process_set=self.process_set
@@ -120,7 +131,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             moments[key] = torch.empty_like(self.param_buffer)
             self._gather_into(moments[key], shard, key)
         if self.steps:
-            for param, start, end in self.views:
+            for param, start, end, _ in self.views:
                 self.state[param] = {
                     "step": torch.tensor(float(self.steps)),
                     **{key: full[start:end].view_as(param) for key, full in moments.items()},
@@ -136,9 +147,11 @@ class ShardedAdamW(torch.optim.Optimizer):
         if not self.state:
             return
         for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            full = torch.zeros_like(self.param_buffer)
-            for param, start, end in self.views:
-                full[start:end] = self.state[param][key].reshape(-1)
-            shard.copy_(self._shard_of(full))
+            for param, start, end, _ in self.views:
+                loaded = self.state[param][key].reshape(-1)
+                for (lo, hi), first in zip(self.shares, self.share_starts, strict=True):
+                    a, b = max(start, lo), min(end, hi)
+                    if a < b:  # this rank's part of the parameter
+                        shard[first + a - lo : first + b - lo].copy_(loaded[a - start : b - start])
         self.steps = int(next(iter(self.state.values()))["step"])
         self.state.clear()

@@ -320,14 +320,14 @@ def _loop(trainer: Trainer, start_step: int, resume: bool, quiet: bool = False) 
         _stop_if_asked(trainer, done, saved, bar)
     trainer.finish_checkpoint()
     bar.close()
+    peaks = report.peak_memory(trainer)  # collective; the checkpoints' cost included
     if board is not None:
         board.close()
     if metrics is not None:
         metrics.plot(baseline)
         seconds = time.perf_counter() - speed.started
-        report.summary(
-            trainer, metrics, baseline, seconds, (speed.flops_per_token, speed.peak_total), loss, val_loss
-        )
+        flops = (speed.flops_per_token, speed.peak_total)
+        report.summary(trainer, metrics, baseline, seconds, flops, loss, val_loss, peaks)
 
 
 def _check_and_checkpoint(trainer: Trainer, done: int) -> bool:

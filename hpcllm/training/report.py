@@ -3,7 +3,9 @@ where the results are, how to sample from it)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import resource
 
 from hpcllm.observe.metrics import MetricsLog
 from hpcllm.training import checkpoint
@@ -39,6 +41,7 @@ def summary(
     flops: tuple[float, float],  # per token, and the peak of all ranks together
     loss: float,
     val_loss: float,
+    peaks: list[float],
 ) -> None:
     rows = [r for r in metrics.rows if "tokens_per_s" in r]
     speeds = sorted(r["tokens_per_s"] for r in rows[1:] or rows)  # the first interval includes start-up
@@ -60,7 +63,8 @@ def summary(
         f"(unigram baseline {baseline:.3f} nats/token)",
         f"  throughput {tokens_per_s:,.0f} tokens/s (median), MFU {mfu:.1%} "
         f"of {peak_total / 1e9:.0f} GFLOP/s measured matmul peak",
-        f"  run directory {out}/: metrics.jsonl, loss.png, logs/, "
+        f"  peak memory per rank (resident, as each process saw it): {min(peaks):,.0f}-{max(peaks):,.0f} MiB",
+        f"  run directory {out}/: metrics.jsonl, memory.json, loss.png, logs/, "
         f"checkpoints/{latest.name if latest else '-'}",
         f"  sample from it: hpcllm generate --run {out} "
         + ("--chat --prompt 'Hello!'" if any(d.is_sft for d in trainer.data.datasets) else "--prompt 'def '"),
@@ -78,3 +82,16 @@ def summary(
             ),
         )
     print("\n".join(lines), flush=True)
+
+
+def peak_memory(trainer: Trainer) -> list[float]:
+    """Collective: every rank's peak resident memory so far (MiB, `ru_maxrss`: what the process
+    held at its highest, allocator caches, communication buffers and checkpoints included), on
+    rank 0, which also writes them to RUN/memory.json; empty elsewhere."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peaks = trainer.rt.comm.gather(peak, root=0)
+    if trainer.rt.rank != 0:
+        return []
+    row = {"step": trainer.config.train.steps, "peak_rss_mib": peaks, "layout": str(trainer.grid.layout)}
+    (trainer.run_dir / "memory.json").write_text(json.dumps(row) + "\n")
+    return peaks
