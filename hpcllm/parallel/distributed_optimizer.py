@@ -17,15 +17,13 @@ all-gathered back into every replica's parameter buffer. Per rank that is 4 byte
 Communication goes through Horovod on the DP process set. The update is torch's AdamW, element by
 element, so a step gives the same parameters as `torch.optim.AdamW` up to the order of the reduction.
 
-Checkpoints stay layout-free: `full_state()` gathers the moments and presents them per parameter,
-as AdamW's state, for the duration of a save; a state loaded that way is cut into this rank's
-shares at the next step.
+Checkpoints: every DP rank writes its own shares of the moments (`state_parts`), with no gather;
+a load joins them into AdamW's per-parameter state (training.checkpoint), which this rank cuts
+into its shares at the next step, so a checkpoint resumes at any other dp, tp, pp or zero level.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -119,27 +117,27 @@ class ShardedAdamW(torch.optim.Optimizer):
             for bucket, handle in zip(self.gradients.buckets, handles, strict=True):
                 full[bucket.start : bucket.start + bucket.length].copy_(self.hvd.synchronize(handle))
 
-    # ---- checkpoints: AdamW's per-parameter state, gathered for a save ---------------------
+    # ---- checkpoints: each rank's own shares, no gather -------------------------------------
 
-    @contextmanager
-    def full_state(self) -> Iterator[None]:
-        """Collective over the DP group: `self.state` holds every parameter's full Adam state (as
-        torch's AdamW names it) inside the block, and nothing after it."""
+    def state_parts(
+        self, names: dict[torch.nn.Parameter, str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's shares of the Adam state, per parameter: `optim.NAME.exp_avg` and
+        `.exp_avg_sq` (views: the checkpoint copies them), and which elements of the flattened
+        parameter they are (`parts`: NAME -> [first, end]) with the step count. No communication:
+        every DP rank writes its own, and a load joins them (training.checkpoint)."""
         self._adopt_loaded_state()
-        moments = {}
-        for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            moments[key] = torch.empty_like(self.param_buffer)
-            self._gather_into(moments[key], shard, key)
-        if self.steps:
-            for param, start, end, _ in self.views:
-                self.state[param] = {
-                    "step": torch.tensor(float(self.steps)),
-                    **{key: full[start:end].view_as(param) for key, full in moments.items()},
-                }
-        try:
-            yield
-        finally:
-            self.state.clear()
+        tensors: dict[str, torch.Tensor] = {}
+        parts: dict[str, list[int]] = {}
+        for param, start, end, _ in self.views if self.steps else ():
+            for (lo, hi), first in zip(self.shares, self.share_starts, strict=True):
+                a, b = max(start, lo), min(end, hi)
+                if a < b:  # a parameter lies in one bucket: at most one share of it is this rank's
+                    name = names[param]
+                    parts[name] = [a - start, b - start]
+                    for key, moment in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                        tensors[f"optim.{name}.{key}"] = moment[first + a - lo : first + b - lo]
+        return tensors, {"step": self.steps, "parts": parts}
 
     def _adopt_loaded_state(self) -> None:
         """A checkpoint load fills `self.state` with full per-parameter tensors: keep this rank's

@@ -66,10 +66,10 @@ class BackgroundSaver:
         """Snapshot now, write in the background (after the previous write is complete)."""
         self.wait()
         staging = checkpoint.begin(self.run_dir, step, self.grid)
-        snapshot = checkpoint.take_snapshot(model, optimizer, self.grid)
-        write = _Write(step, staging, extra, snapshot.nbytes if snapshot is not None else 0)
+        snapshots = checkpoint.take_snapshot(model, optimizer, self.grid)
+        write = _Write(step, staging, extra, sum(s.nbytes for s in snapshots))
         write.thread = threading.Thread(
-            target=_write_files, args=(write, snapshot, after_shard), name=f"checkpoint-{step}", daemon=True
+            target=_write_files, args=(write, snapshots, after_shard), name=f"checkpoint-{step}", daemon=True
         )
         write.thread.start()
         self.pending = write
@@ -112,7 +112,7 @@ class BackgroundSaver:
         return path
 
 
-def _write_files(write: _Write, snapshot: checkpoint.ShardSnapshot | None, after_shard: Any) -> None:
+def _write_files(write: _Write, snapshots: list[checkpoint.ShardSnapshot], after_shard: Any) -> None:
     """The background thread: this rank's files, or the reason they could not be written."""
     try:
         # Below the training threads: on a busy CPU node the write takes longer, not the steps.
@@ -120,8 +120,7 @@ def _write_files(write: _Write, snapshot: checkpoint.ShardSnapshot | None, after
     except (AttributeError, OSError):  # not Linux
         pass
     try:
-        if snapshot is not None:
-            write.written = checkpoint.write_snapshot(write.staging, snapshot)
+        write.written = checkpoint.write_snapshot(write.staging, snapshots)
         if after_shard is not None:
             after_shard()
     except Exception as exc:  # reported on the main thread, by every rank alike

@@ -23,7 +23,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,11 @@ def step_name(step: int) -> str:
 
 def shard_name(pp_rank: int, tp_rank: int) -> str:
     return f"shard-pp{pp_rank}-tp{tp_rank}"
+
+
+def part_name(pp_rank: int, tp_rank: int, dp_rank: int) -> str:
+    """A sharded optimizer's state of one DP rank, for the partition `shard_name` names."""
+    return f"{shard_name(pp_rank, tp_rank)}-dp{dp_rank}"
 
 
 def _fsync(path: Path) -> None:
@@ -108,26 +112,34 @@ def snapshot_shard(
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
     meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
+    if hasattr(optimizer, "state_parts"):  # its state is in the DP ranks' part files
+        meta["optimizer_parts"] = grid.layout.dp
     return ShardSnapshot(shard_name(grid.pp_rank, grid.tp_rank), tensors, meta)
 
 
-def write_snapshot(staging: Path, snapshot: ShardSnapshot) -> dict[str, str]:
-    """The shard and side file, written durably; their SHA-256 by file name. No communication,
-    so it may run in a background thread."""
-    base = snapshot.base
-    return {
-        f"{base}.safetensors": shard_io.write(staging / f"{base}.safetensors", snapshot.tensors),
-        f"{base}.json": _write_durably(staging / f"{base}.json", json.dumps(snapshot.meta).encode()),
-    }
+def write_snapshot(staging: Path, snapshots: list[ShardSnapshot]) -> dict[str, str]:
+    """Each snapshot's shard and side file, written durably; their SHA-256 by file name. No
+    communication, so it may run in a background thread."""
+    written = {}
+    for snapshot in snapshots:
+        base = snapshot.base
+        written[f"{base}.safetensors"] = shard_io.write(staging / f"{base}.safetensors", snapshot.tensors)
+        written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(snapshot.meta).encode())
+    return written
 
 
 def take_snapshot(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid, copy: bool = True
-) -> ShardSnapshot | None:
-    """Collective over DP when the optimizer is sharded (it gathers its state for the first
-    replica); the snapshot on the first replica of each partition, None on the others."""
-    with getattr(optimizer, "full_state", nullcontext)():
-        return snapshot_shard(model, optimizer, grid, copy) if grid.dp_rank == 0 else None
+) -> list[ShardSnapshot]:
+    """What this rank writes: the partition's shard on its first replica; with a sharded optimizer,
+    also every DP rank's own shares of its state (no gather: a state never comes together on one
+    rank, and no communication)."""
+    out = [snapshot_shard(model, optimizer, grid, copy)] if grid.dp_rank == 0 else []
+    if hasattr(optimizer, "state_parts"):
+        tensors, meta = optimizer.state_parts({p: n for n, p in model.named_parameters()})
+        base = part_name(grid.pp_rank, grid.tp_rank, grid.dp_rank)
+        out.append(ShardSnapshot(base, {k: _on_host(t, copy) for k, t in tensors.items()}, meta))
+    return out
 
 
 def begin(run_dir: Path, step: int, grid: Grid) -> Path:
@@ -186,8 +198,7 @@ def save(
     """Collective: every rank of the grid calls it; the checkpoint is complete when it returns.
     `after_shard` runs between this rank's shard write and the checkpoint's completion."""
     staging = begin(run_dir, step, grid)
-    snapshot = take_snapshot(model, optimizer, grid, copy=False)  # written before training goes on
-    written = write_snapshot(staging, snapshot) if snapshot is not None else {}
+    written = write_snapshot(staging, take_snapshot(model, optimizer, grid, copy=False))
     if after_shard is not None:
         after_shard()
     return publish(staging, step, grid, written, manifest_extra, keep)
@@ -263,11 +274,44 @@ def _read_shard(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     base = shard_name(pp_rank, tp_rank)
     path = _verified(checkpoint, f"{base}.safetensors", manifest)
+    tensors = _read_safetensors(path)
+    meta = _side_file(checkpoint, base, manifest)
+    if meta.get("optimizer_parts"):
+        tensors.update(
+            _joined_parts(checkpoint, manifest, pp_rank, tp_rank, meta["optimizer_parts"], tensors)
+        )
+    return tensors, meta
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:  # a manifest can be rewritten along with the shard: the format is checked too
-        tensors = shard_io.read(path)
+        return shard_io.read(path)
     except SafetensorError as exc:
         raise UsageError(f"checkpoint shard {path} is not a safetensors file ({exc}); refusing it") from exc
-    return tensors, _side_file(checkpoint, base, manifest)
+
+
+def _joined_parts(
+    checkpoint: Path,
+    manifest: dict[str, Any],
+    pp_rank: int,
+    tp_rank: int,
+    dp: int,
+    model: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """A sharded optimizer's state of one partition as AdamW's per-parameter tensors, joined from
+    the DP ranks' part files (each moment shaped as the partition's `model.NAME`)."""
+    joined: dict[str, torch.Tensor] = {}
+    for dp_rank in range(dp):
+        base = part_name(pp_rank, tp_rank, dp_rank)
+        parts = _read_safetensors(_verified(checkpoint, f"{base}.safetensors", manifest))
+        meta = _side_file(checkpoint, base, manifest)
+        for name, (first, end) in meta["parts"].items():
+            shape = model[f"model.{name}"].shape
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole = joined.setdefault(f"optim.{name}.{key}", torch.zeros(shape))
+                whole.view(-1)[first:end] = parts[f"optim.{name}.{key}"]
+            joined[f"optim.{name}.step"] = torch.tensor(float(meta["step"]))
+    return joined
 
 
 def refuse_pickles(checkpoint: Path) -> None:
