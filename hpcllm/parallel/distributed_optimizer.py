@@ -24,12 +24,15 @@ into its shares at the next step, so a checkpoint resumes at any other dp, tp, p
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
 
 from hpcllm.cluster import watchdog
 from hpcllm.parallel.grad_buckets import GradientBuckets
+
+GATHERS_IN_FLIGHT = 2  # bucket allgathers outstanding at once: overlap, at two buckets of memory
 
 
 class ShardedAdamW(torch.optim.Optimizer):
@@ -99,23 +102,28 @@ class ShardedAdamW(torch.optim.Optimizer):
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2).add_(eps)
             self.param_buffer[lo:hi].addcdiv_(exp_avg, denom, value=-step_size)
-        self._gather_into(self.param_buffer, None, "params")
+        self._gather_into(self.param_buffer, "params")
 
-    def _gather_into(self, full: torch.Tensor, shard: torch.Tensor | None, what: str) -> None:
-        """Collective: every rank's shares of each bucket, into `full` (laid out like the buffers),
-        from `shard` (the shares concatenated) or, when None, from `full`'s own ranges."""
-        handles = []
-        for index, ((lo, hi), first) in enumerate(zip(self.shares, self.share_starts, strict=True)):
-            # A view, sent as it is: nothing writes to it before its allgather is synchronised.
-            piece = full[lo:hi] if shard is None else shard[first : first + hi - lo]
-            handles.append(
-                self.hvd.allgather_async(
-                    piece, name=f"hpcllm.zero.{what}.{index}", process_set=self.process_set
-                )
-            )
+    def _gather_into(self, full: torch.Tensor, what: str) -> None:
+        """Collective: every rank's share of each bucket of `full` (laid out like the buffers),
+        gathered into it. At most GATHERS_IN_FLIGHT buckets at a time: each gather's output is a
+        bucket-sized tensor, and all of them at once would cost as much as the parameters again."""
+        pending: deque[tuple[int, Any]] = deque()
         with watchdog.waiting(f"allgather of the updated {what} (distributed optimizer)"):
-            for bucket, handle in zip(self.gradients.buckets, handles, strict=True):
-                full[bucket.start : bucket.start + bucket.length].copy_(self.hvd.synchronize(handle))
+            for index, (lo, hi) in enumerate(self.shares):
+                # A view, sent as it is: nothing writes to it before its allgather is synchronised.
+                name = f"hpcllm.zero.{what}.{index}"
+                pending.append(
+                    (index, self.hvd.allgather_async(full[lo:hi], name=name, process_set=self.process_set))
+                )
+                if len(pending) >= GATHERS_IN_FLIGHT:
+                    self._land(full, *pending.popleft())
+            while pending:
+                self._land(full, *pending.popleft())
+
+    def _land(self, full: torch.Tensor, index: int, handle: Any) -> None:
+        bucket = self.gradients.buckets[index]
+        full[bucket.start : bucket.start + bucket.length].copy_(self.hvd.synchronize(handle))
 
     # ---- checkpoints: each rank's own shares, no gather -------------------------------------
 
