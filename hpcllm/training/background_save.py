@@ -28,6 +28,7 @@ from hpcllm.cluster import watchdog
 from hpcllm.errors import TrainingFailure
 from hpcllm.parallel.grid import Grid
 from hpcllm.training import checkpoint
+from hpcllm.training.snapshot import ShardSnapshot, take_snapshot
 
 log = logging.getLogger("hpcllm.training")
 
@@ -66,7 +67,7 @@ class BackgroundSaver:
         """Snapshot now, write in the background (after the previous write is complete)."""
         self.wait()
         staging = checkpoint.begin(self.run_dir, step, self.grid)
-        snapshots = checkpoint.take_snapshot(model, optimizer, self.grid)
+        snapshots = take_snapshot(model, optimizer, self.grid)
         write = _Write(step, staging, extra, sum(s.nbytes for s in snapshots))
         write.thread = threading.Thread(
             target=_write_files, args=(write, snapshots, after_shard), name=f"checkpoint-{step}", daemon=True
@@ -112,7 +113,7 @@ class BackgroundSaver:
         return path
 
 
-def _write_files(write: _Write, snapshots: list[checkpoint.ShardSnapshot], after_shard: Any) -> None:
+def _write_files(write: _Write, snapshots: list[ShardSnapshot], after_shard: Any) -> None:
     """The background thread: this rank's files, or the reason they could not be written."""
     try:
         # Below the training threads: on a busy CPU node the write takes longer, not the steps.

@@ -6,9 +6,12 @@ Layout of a run's `checkpoints/`:
         manifest.json                 step, config, layout, sampler position, sha256 of every shard
         shard-pp0-tp0.safetensors     model + optimizer tensors + RNG state of one model partition
         shard-pp0-tp0.json            what is not a tensor: optimizer hyperparameters, tensor names
+        shard-pp0-tp0-dp1.safetensors with a sharded optimizer (parallel.zero): DP rank 1's shares
+        shard-pp0-tp0-dp1.json          of the Adam state, and which elements of each parameter they are
     latest                            the name of the newest complete checkpoint
 
 One DP replica (dp rank 0) of each (pp, tp) partition writes its shard; replicas are identical.
+A sharded optimizer's state is written by every DP rank, its own shares (training.snapshot).
 A checkpoint is written under a hidden temporary name and renamed when every shard and the
 manifest are on disk, then `latest` is replaced by rename: a crash at any point leaves `latest`
 naming the previous complete checkpoint. Loading checks every shard against its checksum and
@@ -23,7 +26,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from hpcllm.errors import UsageError
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import REPLICATED, Sharding, model_sharding, shard, unshard
 from hpcllm.training import optimizer_state, shard_io
+from hpcllm.training.snapshot import ShardSnapshot, part_name, shard_name, take_snapshot
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -44,15 +48,6 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib"}
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def shard_name(pp_rank: int, tp_rank: int) -> str:
-    return f"shard-pp{pp_rank}-tp{tp_rank}"
-
-
-def part_name(pp_rank: int, tp_rank: int, dp_rank: int) -> str:
-    """A sharded optimizer's state of one DP rank, for the partition `shard_name` names."""
-    return f"{shard_name(pp_rank, tp_rank)}-dp{dp_rank}"
 
 
 def _fsync(path: Path) -> None:
@@ -71,50 +66,7 @@ def _write_durably(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# ---- what goes into a shard ----------------------------------------------------------------
-
-
 # ---- save ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardSnapshot:
-    """One model partition's state, copied to host memory at a step boundary: what its shard
-    file and side file will hold, independent of the training that goes on."""
-
-    base: str  # shard-ppP-tpT
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-def _on_host(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
-    """The tensor on the host: a copy that later steps cannot change, or (copy=False, for a write
-    that finishes before training goes on) the tensor itself when it is already there."""
-    return tensor.detach().to("cpu", copy=copy).contiguous()
-
-
-def snapshot_shard(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid, copy: bool = True
-) -> ShardSnapshot:
-    """This partition's model, optimizer state and RNG state, copied to the host."""
-    names = {p: n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": _on_host(v, copy) for k, v in model.state_dict().items()}
-    optim_tensors, groups = optimizer_state.to_tensors(optimizer, names)
-    tensors.update({name: _on_host(t, copy) for name, t in optim_tensors.items()})
-    # Training draws no random numbers (dropout masks are keyed, model.dropout); the generators are
-    # kept so that anything else drawn from them continues alike after a resume.
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
-    meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
-    if hasattr(optimizer, "state_parts"):  # its state is in the DP ranks' part files
-        meta["optimizer_parts"] = grid.layout.dp
-    return ShardSnapshot(shard_name(grid.pp_rank, grid.tp_rank), tensors, meta)
 
 
 def write_snapshot(staging: Path, snapshots: list[ShardSnapshot]) -> dict[str, str]:
@@ -126,20 +78,6 @@ def write_snapshot(staging: Path, snapshots: list[ShardSnapshot]) -> dict[str, s
         written[f"{base}.safetensors"] = shard_io.write(staging / f"{base}.safetensors", snapshot.tensors)
         written[f"{base}.json"] = _write_durably(staging / f"{base}.json", json.dumps(snapshot.meta).encode())
     return written
-
-
-def take_snapshot(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grid: Grid, copy: bool = True
-) -> list[ShardSnapshot]:
-    """What this rank writes: the partition's shard on its first replica; with a sharded optimizer,
-    also every DP rank's own shares of its state (no gather: a state never comes together on one
-    rank, and no communication)."""
-    out = [snapshot_shard(model, optimizer, grid, copy)] if grid.dp_rank == 0 else []
-    if hasattr(optimizer, "state_parts"):
-        tensors, meta = optimizer.state_parts({p: n for n, p in model.named_parameters()})
-        base = part_name(grid.pp_rank, grid.tp_rank, grid.dp_rank)
-        out.append(ShardSnapshot(base, {k: _on_host(t, copy) for k, t in tensors.items()}, meta))
-    return out
 
 
 def begin(run_dir: Path, step: int, grid: Grid) -> Path:
