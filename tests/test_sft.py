@@ -272,7 +272,8 @@ def test_prepare_sft_is_byte_identical_over_ranks_and_counts_what_it_left_out(tm
     lengths = np.frombuffer(outputs[None]["train.lengths.bin"], dtype=np.uint32)
     mask = np.frombuffer(outputs[None]["train.mask.bin"], dtype=np.uint8)
     assert lengths.sum() == manifest["splits"]["train"]["tokens"] and lengths.max() == 200
-    assert mask.sum() == manifest["splits"]["train"]["trained_tokens"] > 0
+    train = manifest["splits"]["train"]
+    assert mask.sum() == train["trained_tokens"] > 0 and train["masked_tokens"] == mask.size - mask.sum()
 
 
 def test_prepare_sft_refuses_what_it_cannot_read_and_writes_nothing(tmp_path):

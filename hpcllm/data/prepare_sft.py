@@ -92,7 +92,7 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         s = manifest["splits"][split]
         parts.append(
             f"{split}: {s['samples']:,} samples, {s['tokens']:,} tokens "
-            f"({s['trained_tokens']:,} trained, {s['tokens'] - s['trained_tokens']:,} masked)"
+            f"({s['trained_tokens']:,} trained, {s['masked_tokens']:,} masked)"
         )
     return [
         "; ".join(parts),
@@ -117,6 +117,7 @@ def add_sft_parts(
         info = manifest["splits"][split]
         info["samples"] = info["documents"]
         info["trained_tokens"] = sum(s.trained[split] for s in stats)
+        info["masked_tokens"] = info["tokens"] - info["trained_tokens"]
         for what in SIDE_FILES:
             info[what] = {"file": f"{split}.{what}.bin", "checksum": checksums[f"{split}.{what}"]}
     kinds = corpus.BAD_KINDS + tuple(k for k in BAD_KINDS if k not in corpus.BAD_KINDS)
