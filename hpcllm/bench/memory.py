@@ -170,14 +170,17 @@ def render_largest(rows: list[dict[str, Any]], budget_gb: float, config: Config,
 
 
 def measure(sets: list[str], dp: int, steps: int, data: str | None) -> list[dict[str, Any]]:
-    """For each zero level: `hpcllm train` at `dp` ranks for `steps` steps with a checkpoint at the
-    end, and every rank's peak resident memory (`ru_maxrss`, RUN/memory.json): what the tensor
-    accounting above leaves out (allocator caches, copies, communication buffers, checkpoints)."""
+    """For each zero level, with glibc's adaptive mmap threshold and with train.mmap_mb = 1 (freed
+    tensors returned to the system, so the peak is what was live): `hpcllm train` at `dp` ranks for
+    `steps` steps with a checkpoint at the end, and every rank's peak resident memory (`ru_maxrss`,
+    RUN/memory.json): what the tensor accounting above leaves out (allocator caches, copies,
+    communication buffers, checkpoints)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="hpcllm-memory-") as tmp:
-        for zero in ZERO if dp > 1 else (0,):
-            out = Path(tmp) / f"zero{zero}"
+        for zero, mmap_mb in ((z, m) for m in (0, 1) for z in (ZERO if dp > 1 else (0,))):
+            out = Path(tmp) / f"zero{zero}-mmap{mmap_mb}"
             keys = [*sets, f"parallel.zero={zero}", f"train.ckpt_every={steps}", "train.eval_every=0"]
+            keys.append(f"train.mmap_mb={mmap_mb}")
             command = [sys.executable, "-m", "hpcllm.cli", "train", "--out", str(out), "--steps", str(steps)]
             command += [
                 "--quiet",
@@ -186,24 +189,25 @@ def measure(sets: list[str], dp: int, steps: int, data: str | None) -> list[dict
             ]
             run_launched(launch_command(dp) + command if dp > 1 else command, f"bench memory: zero={zero}")
             peaks = json.loads((out / "memory.json").read_text())["peak_rss_mib"]
-            rows.append({"zero": zero, "dp": dp, "peak_rss_mib": peaks})
+            rows.append({"zero": zero, "mmap_mb": mmap_mb, "dp": dp, "peak_rss_mib": peaks})
     return rows
 
 
 def render_measured(measured: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     accounted = {r["zero"]: r["peak_bytes"] for r in rows if r["recompute"] == "none"}
-    base = max(measured[0]["peak_rss_mib"])
+    base = {r["mmap_mb"]: max(r["peak_rss_mib"]) for r in measured if r["zero"] == 0}
     lines = [
         f"peak resident memory per rank, measured (train at dp {measured[0]['dp']}, a checkpoint at the end)",
-        f"{'zero':>4} {'ranks MiB':>22} {'max MiB':>8} {'vs zero=0':>10} {'accounted MB':>13}",
+        f"{'zero':>4} {'mmap_mb':>7} {'ranks MiB':>22} {'max MiB':>8} {'vs zero=0':>10} {'accounted MB':>13}",
     ]
     for r in measured:
         peaks = r["peak_rss_mib"]
         ranks = ", ".join(f"{p:,.0f}" for p in peaks)
         lines.append(
-            f"{r['zero']:>4} {ranks:>22} {max(peaks):>8,.0f} {max(peaks) - base:>+10,.0f} "
-            f"{accounted.get(r['zero'], float('nan')) / MB:>13.1f}"
+            f"{r['zero']:>4} {r['mmap_mb']:>7} {ranks:>22} {max(peaks):>8,.0f} "
+            f"{max(peaks) - base[r['mmap_mb']]:>+10,.0f} {accounted.get(r['zero'], float('nan')) / MB:>13.1f}"
         )
+    lines.append("mmap_mb 0: glibc keeps freed tensors' memory for reuse; 1: it returns them (train.mmap_mb)")
     lines.append(
         "accounted: the tensor sum of the table above (parameters, gradients, Adam state, activations)"
     )

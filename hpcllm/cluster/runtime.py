@@ -222,6 +222,24 @@ def choose_device(local: Any, node: int) -> tuple[torch.device, int]:
     return torch.device("cuda", index), threads
 
 
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def map_large_allocations(megabytes: float) -> bool:
+    """glibc: allocations of `megabytes` or more are mapped from the system, and returned to it
+    when freed (setting it also stops glibc raising the threshold as large blocks are freed, the
+    adaptive rule that keeps freed tensors' memory resident for reuse). False when the C library is
+    not glibc; nothing changes then."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(megabytes * (1 << 20))))
+    except (OSError, AttributeError):
+        return False
+
+
 def seed_everything(seed: int, torch_too: bool = True) -> None:
     """Same seed on every rank: the model's tensors get the same values everywhere, then are partitioned."""
     import numpy as np

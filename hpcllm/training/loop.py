@@ -153,6 +153,13 @@ def _set_tf32(plan: Plan, device: torch.device) -> None:
         log.info("TF32 for fp32 matmuls: %s (train.tf32)", "on" if plan.config.train.tf32 else "off")
 
 
+def _set_mmap(plan: Plan) -> None:
+    """train.mmap_mb: large allocations returned to the system when freed (runtime.map_large_allocations)."""
+    megabytes = plan.config.train.mmap_mb
+    if megabytes and not runtime.map_large_allocations(megabytes):
+        log.warning("train.mmap_mb = %g needs the GNU C library (glibc): no effect here", megabytes)
+
+
 def _warn_about_placement(plan: Plan, rt: runtime.Runtime) -> None:
     """TP groups belong inside a node: their allreduces run in every layer's forward and backward."""
     across = plan.layout.tp_groups_across_nodes(rt.node_of_rank)
@@ -197,6 +204,7 @@ def run_training(args: TrainArgs) -> Trainer:
     log.info("%s", rt.describe())
     _log_engines(plan, rt.device)
     _set_tf32(plan, rt.device)
+    _set_mmap(plan)
     _warn_about_placement(plan, rt)
     if rt.rank == 0:  # what generation reads: the tokenizer, and the chat template of fine-tuning data
         for name in (TOKENIZER, CHAT_TEMPLATE):
