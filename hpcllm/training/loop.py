@@ -266,8 +266,11 @@ def _stop_if_asked(trainer: Trainer, done: int, saved: bool, bar: Any) -> None:
     raise Preempted(done)
 
 
-def _baseline(trainer: Trainer) -> float:
-    """The unigram loss recorded at prepare time; data prepared by an older hpcllm is measured now."""
+def _baseline(trainer: Trainer) -> float | None:
+    """The unigram loss recorded at prepare time; data prepared by an older hpcllm is measured now.
+    None for fine-tuning data: it counts every token, the loss only the trained ones."""
+    if any(d.is_sft for d in trainer.data.datasets):
+        return None
     recorded = trainer.data.unigram_loss()
     if recorded is not None:
         return recorded

@@ -57,10 +57,13 @@ def summary(
         if not first
         else f"(steps {first + 1}-{steps} in {seconds / 60:.1f} min)"
     )
+    # Fine-tuning data has no unigram baseline: its loss counts the trained tokens only.
+    reference = " (per trained token)"
+    if baseline is not None:
+        reference = f"  (unigram baseline {baseline:.3f} nats/token)"
     lines = [
         f"done: {steps} steps {took} on {trainer.rt.size} rank(s) ({trainer.grid.layout})",
-        f"  final train loss {loss:.3f}, val loss {val_loss:.3f}  "
-        f"(unigram baseline {baseline:.3f} nats/token)",
+        f"  final train loss {loss:.3f}, val loss {val_loss:.3f}{reference}",
         f"  throughput {tokens_per_s:,.0f} tokens/s (median), MFU {mfu:.1%} "
         f"of {peak_total / 1e9:.0f} GFLOP/s measured matmul peak",
         f"  peak memory per rank (resident, as each process saw it): {min(peaks):,.0f}-{max(peaks):,.0f} MiB",
