@@ -89,15 +89,24 @@ def test_templates_render_as_transformers_does_and_train_exactly_the_replies(tem
     assert everything.mask[0] == 0 and everything.mask[1:].all()
 
 
-def test_a_token_merging_template_text_and_reply_is_trained(bpe):
-    """The BPE merges '\\n' with the reply's first digits: that token is trained (the model must
-    produce it), so no reply character is left out at the edge."""
-    template = ChatTemplate(CHATML, "", "<|endoftext|>")
-    sample = SftEncoder(bpe, template, document_tokens(bpe)).encode({"messages": CONVERSATION[:3]})
-    pieces = [bpe.decode([int(i)], skip_special_tokens=False) for i in sample.ids]
+def test_a_token_merging_template_text_and_reply_is_trained():
+    """A template whose generation prompt ends in a space: byte-level BPE joins that space with the
+    reply's digits into one token (" 42"), which starts before the reply. It is trained (the model
+    must produce it), so no reply character is left out at the edge."""
+    tokenizer = train_bpe([f"assistant: {a}{b}\n" * 3 for a in range(10) for b in range(10)], 400)
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}",
+        "",
+        "<|endoftext|>",
+    )
+    sample = SftEncoder(tokenizer, template, document_tokens(tokenizer)).encode(
+        {"messages": CONVERSATION[:3]}
+    )
+    pieces = [tokenizer.decode([int(i)]) for i in sample.ids]
+    assert " 42" in pieces, pieces  # the merge across the reply's edge happened
     trained = [p for p, m in zip(pieces, sample.mask, strict=True) if m]
-    assert "".join(trained).startswith(("\n42", "42", "\n4")) and "".join(trained).endswith("\n")
-    assert any(p.startswith("\n") and "4" in p for p in pieces) or trained[0].startswith("4")
+    assert trained == [" 42", "\n"]
 
 
 def test_prompt_completion_records_and_what_cannot_be_a_sample(bpe):
@@ -279,21 +288,18 @@ def test_prepare_sft_is_byte_identical_over_ranks_and_counts_what_it_left_out(tm
 def test_prepare_sft_refuses_what_it_cannot_read_and_writes_nothing(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("plain text")
+    records = str(write_records(tmp_path / "r.jsonl", n=5))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }\n")
     for args, needle in (
         ([str(text), "--tokenizer", "byte"], "reads JSONL records"),
-        ([str(write_records(tmp_path / "r.jsonl", n=5)), "--tokenizer", "bpe"], "tokenizer of the model"),
+        ([records, "--tokenizer", "bpe"], "tokenizer of the model"),
         (
-            [
-                str(write_records(tmp_path / "r.jsonl", n=5)),
-                "--tokenizer",
-                "byte",
-                "--prompt-field",
-                "q",
-                "--messages-field",
-                "m",
-            ],
-            "no record became a training sample",
+            [records, "--tokenizer", "byte", "--prompt-field", "q", "--messages-field", "m"],
+            "no record became",
         ),
+        ([records, "--tokenizer", "byte", "--chat-template", str(tmp_path / "none.jinja")], "does not exist"),
+        ([records, "--tokenizer", "byte", "--chat-template", str(broken)], "does not parse"),
     ):
         out = tmp_path / "out"
         proc = run_hpcllm(["prepare", *args, "--format", "sft", "--out", str(out)])
@@ -313,3 +319,13 @@ def test_generation_stops_at_an_end_of_turn_token():
     for row, whole in zip(stopped, free, strict=True):
         assert row == next((whole[:i] for i, token in enumerate(whole) if token in stop), whole)
     assert len(stopped[0]) < len(free[0])
+
+
+def test_a_chat_template_that_cannot_render_a_prompt_is_a_usage_error():
+    from hpcllm.data.chat import encode_chat_prompts
+    from hpcllm.data.tokenizer import byte_tokenizer
+    from hpcllm.errors import UsageError
+
+    failing = ChatTemplate("{{ raise_exception('no system role') }}", "", "<|endoftext|>")
+    with pytest.raises(UsageError, match="cannot render a prompt \\(no system role\\)"):
+        encode_chat_prompts(byte_tokenizer(), failing, ["hi"], system="be brief")

@@ -174,13 +174,13 @@ def measure(sets: list[str], dp: int, steps: int, data: str | None) -> list[dict
     tensors returned to the system, so the peak is what was live): `hpcllm train` at `dp` ranks for
     `steps` steps with a checkpoint at the end, and every rank's peak resident memory (`ru_maxrss`,
     RUN/memory.json): what the tensor accounting above leaves out (allocator caches, copies,
-    communication buffers, checkpoints)."""
+    communication buffers, checkpoints); with the median tokens/s of the steps after the first."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="hpcllm-memory-") as tmp:
         for zero, mmap_mb in ((z, m) for m in (0, 1) for z in (ZERO if dp > 1 else (0,))):
             out = Path(tmp) / f"zero{zero}-mmap{mmap_mb}"
             keys = [*sets, f"parallel.zero={zero}", f"train.ckpt_every={steps}", "train.eval_every=0"]
-            keys.append(f"train.mmap_mb={mmap_mb}")
+            keys += [f"train.mmap_mb={mmap_mb}", "train.log_every=1"]
             command = [sys.executable, "-m", "hpcllm.cli", "train", "--out", str(out), "--steps", str(steps)]
             command += [
                 "--quiet",
@@ -189,7 +189,11 @@ def measure(sets: list[str], dp: int, steps: int, data: str | None) -> list[dict
             ]
             run_launched(launch_command(dp) + command if dp > 1 else command, f"bench memory: zero={zero}")
             peaks = json.loads((out / "memory.json").read_text())["peak_rss_mib"]
-            rows.append({"zero": zero, "mmap_mb": mmap_mb, "dp": dp, "peak_rss_mib": peaks})
+            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            speed = statistics.median(r["tokens_per_s"] for r in logged[1:] or logged)
+            rows.append(
+                {"zero": zero, "mmap_mb": mmap_mb, "dp": dp, "peak_rss_mib": peaks, "tokens_per_s": speed}
+            )
     return rows
 
 
@@ -198,14 +202,16 @@ def render_measured(measured: list[dict[str, Any]], rows: list[dict[str, Any]]) 
     base = {r["mmap_mb"]: max(r["peak_rss_mib"]) for r in measured if r["zero"] == 0}
     lines = [
         f"peak resident memory per rank, measured (train at dp {measured[0]['dp']}, a checkpoint at the end)",
-        f"{'zero':>4} {'mmap_mb':>7} {'ranks MiB':>22} {'max MiB':>8} {'vs zero=0':>10} {'accounted MB':>13}",
+        f"{'zero':>4} {'mmap_mb':>7} {'ranks MiB':>22} {'max MiB':>8} {'vs zero=0':>10} {'accounted MB':>13} "
+        f"{'tokens/s':>9}",
     ]
     for r in measured:
         peaks = r["peak_rss_mib"]
         ranks = ", ".join(f"{p:,.0f}" for p in peaks)
+        tensors = accounted.get(r["zero"], float("nan")) / MB
         lines.append(
             f"{r['zero']:>4} {r['mmap_mb']:>7} {ranks:>22} {max(peaks):>8,.0f} "
-            f"{max(peaks) - base[r['mmap_mb']]:>+10,.0f} {accounted.get(r['zero'], float('nan')) / MB:>13.1f}"
+            f"{max(peaks) - base[r['mmap_mb']]:>+10,.0f} {tensors:>13.1f} {r['tokens_per_s']:>9,.0f}"
         )
     lines.append("mmap_mb 0: glibc keeps freed tensors' memory for reuse; 1: it returns them (train.mmap_mb)")
     lines.append(

@@ -153,7 +153,12 @@ def encode_chat_prompts(
     generation prompt: the ids a fine-tuned model continues with its reply."""
     head = [{"role": "system", "content": system}] if system else []
     conversations = [[*head, {"role": "user", "content": prompt}] for prompt in prompts]
-    texts = [template.render(messages, add_generation_prompt=True) for messages in conversations]
+    try:
+        texts = [template.render(messages, add_generation_prompt=True) for messages in conversations]
+    except Exception as exc:  # noqa: BLE001 - the template's own error (raise_exception, undefined, sandbox)
+        raise UsageError(
+            f"the chat template cannot render a prompt ({exc}); check --system and the template"
+        ) from exc
     return [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
 
 

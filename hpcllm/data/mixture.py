@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,7 +124,9 @@ def _field(batch: Batch, name: str) -> np.ndarray:
     if value is not None:
         return value
     rows, time = batch.tokens.shape
-    return np.broadcast_to(np.arange(time), (rows, time)) if name == "positions" else np.zeros((rows, time))
+    if name == "positions":
+        return np.broadcast_to(np.arange(time), (rows, time))
+    return np.zeros((rows, time), dtype=np.int64)
 
 
 class MixtureSampler:
@@ -228,15 +229,10 @@ class Mixture:
 
 def check_shared_tokenizer(datasets: Sequence[Prepared]) -> None:
     """Every dataset of a mixture must have been prepared with the first one's tokenizer."""
-    first = _vocabulary(datasets[0].tokenizer_path)
+    first = tok.vocabulary(datasets[0].tokenizer_path)
     for other in datasets[1:]:
-        if _vocabulary(other.tokenizer_path) != first:
+        if tok.vocabulary(other.tokenizer_path) != first:
             raise UsageError(
                 f"data.mix: {other.path} was prepared with another tokenizer than {datasets[0].path}; "
                 f"prepare it again with `hpcllm prepare --tokenizer {datasets[0].tokenizer_path}`"
             )
-
-
-def _vocabulary(path: Path) -> dict[str, int]:
-    """Token ids by string: two tokenizers that agree on it give every id the same meaning."""
-    return tok.load(path).get_vocab(with_added_tokens=True)

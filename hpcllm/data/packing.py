@@ -64,7 +64,6 @@ class PackedSamples:
     block_size: int
     pad_id: int
     packing: bool
-    loss_masked: bool = True
 
     def __post_init__(self) -> None:
         lengths = np.diff(self.starts)

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcllm.data import corpus, sft
+from hpcllm.data import chat, corpus, sft
 from hpcllm.data import tokenizer as tok
 from hpcllm.data.tokens import SIDE_FILES, SPLITS
 from hpcllm.errors import UsageError
@@ -37,6 +37,12 @@ class PrepareOptions:
     too_long: str = "truncate"  # sft: a sample over max_tokens is cut or dropped (sft.TOO_LONG)
     max_tokens: int = sft.DEFAULT_MAX_TOKENS
     fields: sft.SftFields = field(default_factory=sft.SftFields)
+
+    @property
+    def tokenizer_folder(self) -> Path | None:
+        """The folder of a given tokenizer (where its chat template would be); None for bpe, byte."""
+        given = tok.given_file(self.tokenizer)
+        return None if given is None else given.parent
 
     @property
     def streams(self) -> list[str]:
@@ -112,6 +118,9 @@ def _check_sft_options(opts: PrepareOptions) -> None:
             raise UsageError(f"{flag} takes {' | '.join(allowed)}, not {value}")
     if opts.max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2 (a token and its target), not {opts.max_tokens}")
+    # The template is found and parsed here, before anything is written.
+    text, _ = chat.template_of(opts.tokenizer_folder, opts.chat_template)
+    _ = chat.ChatTemplate(text, "", "").compiled
 
 
 def plan_pieces(opts: PrepareOptions) -> Plan:

@@ -22,17 +22,11 @@ from hpcllm.data.tokens import CHAT_TEMPLATE, SIDE_FILES, SPLITS
 from hpcllm.errors import UsageError
 
 
-def tokenizer_folder(opts: PrepareOptions) -> Path | None:
-    """The folder of a given tokenizer (where its chat template would be); None for `byte`."""
-    given = tok.given_file(opts.tokenizer)
-    return None if given is None else given.parent
-
-
 def sft_encoder(opts: PrepareOptions, tokenizer: Any) -> SftEncoder:
     boundaries = tok.document_tokens(tokenizer)
     bos = None if boundaries.bos is None else tokenizer.id_to_token(boundaries.bos)
     eos = tokenizer.id_to_token(boundaries.eos)
-    template = chat_template(tokenizer_folder(opts), opts.chat_template, bos, eos)
+    template = chat_template(opts.tokenizer_folder, opts.chat_template, bos, eos)
     return SftEncoder(
         tokenizer, template, boundaries, opts.train_on, opts.too_long, opts.max_tokens, opts.fields
     )
@@ -110,7 +104,7 @@ def add_sft_parts(
 ) -> None:
     """Rank 0: a fine-tuning manifest's own entries (kind, the side files, samples and trained
     tokens per split, records left out by kind, the options), and the chat template beside it."""
-    text, source = template_of(tokenizer_folder(opts), opts.chat_template)
+    text, source = template_of(opts.tokenizer_folder, opts.chat_template)
     (staging / CHAT_TEMPLATE).write_text(text)
     manifest["kind"] = "sft"
     for split in SPLITS:

@@ -46,10 +46,6 @@ class TokenWindows:
     def n_sequences(self) -> int:
         return sequences_in(len(self.tokens), self.block_size)
 
-    @property
-    def loss_masked(self) -> bool:
-        return self.eos is not None
-
     def rows(self, indices: np.ndarray) -> Batch:
         inputs, targets = read_windows(self.tokens, indices, self.block_size)
         if self.eos is None:

@@ -142,3 +142,10 @@ def encode_prompts(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 def load(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
+
+
+def vocabulary(source: Tokenizer | str | Path) -> dict[str, int]:
+    """Token ids by string (a tokenizer, or the tokenizer.json at a path): two tokenizers that agree
+    on it give every id the same meaning."""
+    tokenizer = source if isinstance(source, Tokenizer) else load(source)
+    return tokenizer.get_vocab(with_added_tokens=True)

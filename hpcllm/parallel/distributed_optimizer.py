@@ -49,25 +49,26 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.hvd, self.process_set = gradients.hvd, gradients.process_set
         grads = gradients.buffer
         self.param_buffer = torch.zeros_like(grads)
-        self.views: list[tuple[torch.nn.Parameter, int, int, float]] = []
+        views: list[tuple[torch.nn.Parameter, int, int, float]] = []
         for group in self.param_groups:
             for param in group["params"]:
                 start, end = gradients.offsets[id(param)]
                 self.param_buffer[start:end].copy_(param.detach().reshape(-1))
                 param.data = self.param_buffer[start:end].view_as(param)
-                self.views.append((param, start, end, group["weight_decay"]))
+                views.append((param, start, end, group["weight_decay"]))
         # This rank's range of each bucket, and where it sits in the concatenated shard (the
         # moments and, with zero = 2, the reduced gradients are laid out that way).
         self.shares = gradients.shares()
         sizes = [hi - lo for lo, hi in self.shares]
         self.share_starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        # Weight decay as ranges of the parameter buffer, not as a value per element: a float64
-        # per element was as large as both Adam moments together.
-        self.decayed = [
-            (max(start, lo), min(end, hi), decay)
-            for lo, hi in self.shares
-            for _, start, end, decay in self.views
-            if decay and max(start, lo) < min(end, hi)
+        # What this rank owns of each parameter: (parameter, its decay, where it starts in the
+        # buffers, the owned range [a, b) of them, where that range starts in the shard). A
+        # parameter lies in one bucket, so in at most one of this rank's shares.
+        self.owned = [
+            (param, decay, start, a, b, first + a - lo)
+            for param, start, end, decay in views
+            for (lo, hi), first in zip(self.shares, self.share_starts, strict=True)
+            if (a := max(start, lo)) < (b := min(end, hi))
         ]
         self.exp_avg = torch.zeros(sum(sizes), dtype=torch.float32, device=grads.device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
@@ -87,8 +88,10 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.steps += 1
         group = self.param_groups[0]  # lr, betas and eps are the same in every group
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        for lo, hi, decay in self.decayed:  # torch.optim.AdamW's decoupled weight decay
-            self.param_buffer[lo:hi].mul_(1 - lr * decay)
+        # torch.optim.AdamW's decoupled weight decay, by ranges (no value per element)
+        for _, decay, _, a, b, _ in self.owned:
+            if decay:
+                self.param_buffer[a:b].mul_(1 - lr * decay)
         step_size = lr / (1 - beta1**self.steps)
         bias_correction2 = (1 - beta2**self.steps) ** 0.5
         shard = self.gradients.shard
@@ -102,28 +105,29 @@ class ShardedAdamW(torch.optim.Optimizer):
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2).add_(eps)
             self.param_buffer[lo:hi].addcdiv_(exp_avg, denom, value=-step_size)
-        self._gather_into(self.param_buffer, "params")
+        self._gather_parameters()
 
-    def _gather_into(self, full: torch.Tensor, what: str) -> None:
-        """Collective: every rank's share of each bucket of `full` (laid out like the buffers),
-        gathered into it. At most GATHERS_IN_FLIGHT buckets at a time: each gather's output is a
-        bucket-sized tensor, and all of them at once would cost as much as the parameters again."""
+    def _gather_parameters(self) -> None:
+        """Collective: every rank's updated share of each bucket, into every replica's parameter
+        buffer. At most GATHERS_IN_FLIGHT buckets at a time: each gather returns a bucket-sized
+        tensor, and all of them at once would cost as much as the parameters again."""
         pending: deque[tuple[int, Any]] = deque()
-        with watchdog.waiting(f"allgather of the updated {what} (distributed optimizer)"):
+        with watchdog.waiting("allgather of the updated parameters (distributed optimizer)"):
             for index, (lo, hi) in enumerate(self.shares):
                 # A view, sent as it is: nothing writes to it before its allgather is synchronised.
-                name = f"hpcllm.zero.{what}.{index}"
+                share = self.param_buffer[lo:hi]
+                name = f"hpcllm.zero.params.{index}"
                 pending.append(
-                    (index, self.hvd.allgather_async(full[lo:hi], name=name, process_set=self.process_set))
+                    (index, self.hvd.allgather_async(share, name=name, process_set=self.process_set))
                 )
                 if len(pending) >= GATHERS_IN_FLIGHT:
-                    self._land(full, *pending.popleft())
+                    self._land(*pending.popleft())
             while pending:
-                self._land(full, *pending.popleft())
+                self._land(*pending.popleft())
 
-    def _land(self, full: torch.Tensor, index: int, handle: Any) -> None:
+    def _land(self, index: int, handle: Any) -> None:
         bucket = self.gradients.buckets[index]
-        full[bucket.start : bucket.start + bucket.length].copy_(self.hvd.synchronize(handle))
+        self.param_buffer[bucket.start : bucket.start + bucket.length].copy_(self.hvd.synchronize(handle))
 
     # ---- checkpoints: each rank's own shares, no gather -------------------------------------
 
@@ -137,27 +141,24 @@ class ShardedAdamW(torch.optim.Optimizer):
         self._adopt_loaded_state()
         tensors: dict[str, torch.Tensor] = {}
         parts: dict[str, list[int]] = {}
-        for param, start, end, _ in self.views if self.steps else ():
-            for (lo, hi), first in zip(self.shares, self.share_starts, strict=True):
-                a, b = max(start, lo), min(end, hi)
-                if a < b:  # a parameter lies in one bucket: at most one share of it is this rank's
-                    name = names[param]
-                    parts[name] = [a - start, b - start]
-                    for key, moment in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-                        tensors[f"optim.{name}.{key}"] = moment[first + a - lo : first + b - lo]
+        for param, _, start, a, b, at in self.owned if self.steps else ():
+            name = names[param]
+            parts[name] = [a - start, b - start]
+            for key, moment in self._moments():
+                tensors[f"optim.{name}.{key}"] = moment[at : at + b - a]
         return tensors, {"step": self.steps, "parts": parts}
+
+    def _moments(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """The Adam moments as torch's AdamW names them."""
+        return (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))
 
     def _adopt_loaded_state(self) -> None:
         """A checkpoint load fills `self.state` with full per-parameter tensors: keep this rank's
         shard of them and drop the rest."""
         if not self.state:
             return
-        for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            for param, start, end, _ in self.views:
-                loaded = self.state[param][key].reshape(-1)
-                for (lo, hi), first in zip(self.shares, self.share_starts, strict=True):
-                    a, b = max(start, lo), min(end, hi)
-                    if a < b:  # this rank's part of the parameter
-                        shard[first + a - lo : first + b - lo].copy_(loaded[a - start : b - start])
+        for key, shard in self._moments():
+            for param, _, start, a, b, at in self.owned:
+                shard[at : at + b - a].copy_(self.state[param][key].reshape(-1)[a - start : b - start])
         self.steps = int(next(iter(self.state.values()))["step"])
         self.state.clear()

@@ -208,13 +208,15 @@ def _side_file(checkpoint: Path, base: str, manifest: dict[str, Any]) -> dict[st
 
 
 def _read_shard(
-    checkpoint: Path, manifest: dict[str, Any], pp_rank: int, tp_rank: int
+    checkpoint: Path, manifest: dict[str, Any], pp_rank: int, tp_rank: int, optimizer: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One partition's tensors and side file; with `optimizer`, its sharded optimizer's state
+    joined from the DP ranks' part files (not read when only the weights are wanted)."""
     base = shard_name(pp_rank, tp_rank)
     path = _verified(checkpoint, f"{base}.safetensors", manifest)
     tensors = _read_safetensors(path)
     meta = _side_file(checkpoint, base, manifest)
-    if meta.get("optimizer_parts"):
+    if optimizer and meta.get("optimizer_parts"):
         tensors.update(
             _joined_parts(checkpoint, manifest, pp_rank, tp_rank, meta["optimizer_parts"], tensors)
         )
@@ -273,7 +275,7 @@ def _param_name(key: str) -> str:
 
 
 def _resharded(
-    checkpoint: Path, manifest: dict[str, Any], grid: Grid, model: torch.nn.Module
+    checkpoint: Path, manifest: dict[str, Any], grid: Grid, model: torch.nn.Module, optimizer: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's tensors from a checkpoint saved with another (pp, tp). Each saved stage's JSON
     side file names its parameters and how they were split; only the stages holding a parameter
@@ -293,7 +295,7 @@ def _resharded(
         if saved["tp"] > 1 and "sharding" not in stage_meta:
             raise UsageError(f"{checkpoint} predates recorded sharding; resume it at tp = {saved['tp']}")
         saved_split = {n: Sharding.from_json(s) for n, s in stage_meta.get("sharding", {}).items()}
-        shards = [_read_shard(checkpoint, manifest, stage, t)[0] for t in range(saved["tp"])]
+        shards = [_read_shard(checkpoint, manifest, stage, t, optimizer)[0] for t in range(saved["tp"])]
         for key in shards[0]:
             name = _param_name(key)
             if key in tensors or (name and name not in current):
@@ -331,9 +333,9 @@ def load(
     manifest = read_manifest(checkpoint)
     saved = manifest["layout"]
     if (saved["pp"], saved["tp"]) == (grid.layout.pp, grid.layout.tp):
-        tensors, meta = _read_shard(checkpoint, manifest, grid.pp_rank, grid.tp_rank)
+        tensors, meta = _read_shard(checkpoint, manifest, grid.pp_rank, grid.tp_rank, optimizer is not None)
     else:
-        tensors, meta = _resharded(checkpoint, manifest, grid, model)
+        tensors, meta = _resharded(checkpoint, manifest, grid, model, optimizer is not None)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     if missing or unexpected:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from hpcllm.data import tokenizer as tok
 from hpcllm.data.mixture import Mixture
 from hpcllm.data.tokens import SPLITS, Prepared, open_prepared
 from hpcllm.errors import UsageError
+from hpcllm.model import hf_folder
 from hpcllm.model.registry import family_of_hf_folder
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.tasks import SharedCounters, dynamic_map
@@ -57,6 +59,7 @@ class Inputs:
     source: Any  # the run's checkpoint (Path) or the Hugging Face folder
     examples: list[mc.Example] | None
     out: Path | None
+    data: Prepared | None
 
 
 def _check(args: EvalArgs, world: int) -> Inputs:
@@ -72,16 +75,15 @@ def _check(args: EvalArgs, world: int) -> Inputs:
         raise UsageError("--batch-size must be at least 1 and --limit not negative")
     if args.split not in SPLITS:
         raise UsageError(f"--split takes {' or '.join(SPLITS)}, not {args.split}")
-    if args.data is not None:
-        open_prepared(args.data, verify=False)
+    data = open_prepared(args.data, verify=False) if args.data is not None else None
     examples = mc.read_examples(args.choices) if args.choices else None
     out = Path(args.out) if args.out else None
     if args.run is not None:
         name = None if args.step is None else checkpoint.step_name(args.step)
         ckpt = checkpoint.run_checkpoint(Path(args.run), name)
-        return Inputs(ckpt, examples, out or Path(args.run) / f"eval-{ckpt.name}.json")
+        return Inputs(ckpt, examples, out or Path(args.run) / f"eval-{ckpt.name}.json", data)
     path = Path(args.hf)
-    return Inputs(family_of_hf_folder(path).hf().read_config(path), examples, out)
+    return Inputs(family_of_hf_folder(path).hf().read_config(path), examples, out, data)
 
 
 def _load(args: EvalArgs, inputs: Inputs, rt: runtime.Runtime, grid: Grid) -> tuple[Any, Any, int, Any]:
@@ -91,7 +93,7 @@ def _load(args: EvalArgs, inputs: Inputs, rt: runtime.Runtime, grid: Grid) -> tu
         return model, tokenizer, config.model.block_size, group
     folder = inputs.source
     config = load_config(assignments=folder.model_settings())
-    tokenizer = tok.load(folder.path / "tokenizer.json")
+    tokenizer = tok.load(folder.path / hf_folder.TOKENIZER_FILE)
 
     def weights(model: Any, layout: Grid) -> None:
         init_from.load_weights(model, folder, layout)
@@ -101,8 +103,7 @@ def _load(args: EvalArgs, inputs: Inputs, rt: runtime.Runtime, grid: Grid) -> tu
 
 
 def _same_tokenizer(data: Prepared, tokenizer: Any) -> None:
-    ours = tok.load(data.tokenizer_path).get_vocab(with_added_tokens=True)
-    if ours != tokenizer.get_vocab(with_added_tokens=True):
+    if tok.vocabulary(data.tokenizer_path) != tok.vocabulary(tokenizer):
         raise UsageError(
             f"the data in {data.path} was prepared with another tokenizer than the model's; prepare it "
             "with `hpcllm prepare CORPUS --tokenizer RUN_OR_FOLDER --out DIR`"
@@ -116,13 +117,13 @@ def evaluate(args: EvalArgs) -> int:
     grid = Grid(rt.comm, tp=args.tp)
     model, tokenizer, block, group = runtime.every_rank_checks(rt.comm, lambda: _load(args, inputs, rt, grid))
     results: dict[str, Any] = {}
-    if args.data is not None:
-        data = open_prepared(args.data, verify=False)
+    data = inputs.data
+    if data is not None:
         runtime.root_decides(rt.comm, lambda: _same_tokenizer(data, tokenizer))
         results.update(_perplexity(args, data, model, block, rt, grid))
     if inputs.examples is not None:
-        rows = mc.example_rows(tokenizer, inputs.examples, block)
-        sums = _over_batches(mc.batches_of(rows, args.batch_size), model, rt, grid, "choices", per_row=True)
+        batches = mc.batches_of(mc.example_rows(tokenizer, inputs.examples, block), args.batch_size)
+        sums = _over_batches(len(batches), batches.__getitem__, model, rt, grid, "choices", per_row=True)
         if rt.rank == 0:
             results.update(mc.score(inputs.examples, [x for part in sums for x in part]))
     results.update(ranks=rt.size, tp=args.tp, seconds=round(time.perf_counter() - start, 3))
@@ -139,10 +140,12 @@ def _perplexity(
     same per-token losses as alone, hpcllm.data.packing)."""
     reader = Mixture([data], [1.0]).reader(data, args.split, block)
     count = reader.n_sequences if not args.limit else min(args.limit, reader.n_sequences)
-    batches = [
-        reader.rows(np.arange(i, min(i + args.batch_size, count))) for i in range(0, count, args.batch_size)
-    ]
-    sums = _over_batches(batches, model, rt, grid, f"{args.split} loss", per_row=False)
+    size = args.batch_size
+
+    def batch(index: int) -> Batch:  # read by the replica that takes it, when it takes it
+        return reader.rows(np.arange(index * size, min((index + 1) * size, count)))
+
+    sums = _over_batches(-(-count // size), batch, model, rt, grid, f"{args.split} loss", per_row=False)
     if rt.rank != 0:
         return {}
     total = math.fsum(s for s, _ in sums)
@@ -152,23 +155,22 @@ def _perplexity(
 
 
 def _over_batches(
-    batches: list[Batch], model: Any, rt: Any, grid: Grid, label: str, per_row: bool
+    count: int, batch_at: Callable[[int], Batch], model: Any, rt: Any, grid: Grid, label: str, per_row: bool
 ) -> list[Any]:
-    """Every batch's loss sums (per row, or the sum and trained-target count), by the replicas over
-    the work queue; in batch order on rank 0 (empty elsewhere)."""
+    """The loss sums of batches 0..count-1 (`batch_at(i)`; per row, or the sum and trained-target
+    count), by the replicas over the work queue; in batch order on rank 0 (empty elsewhere)."""
 
     @torch.no_grad()
     def work(index: int) -> Any:
-        batch = batches[index].to_device(rt.device)
+        host = batch_at(index)
+        batch = host.to_device(rt.device)
         logits = model(batch.tokens, batch.positions, mask=batch.attention)
         if per_row:
-            return [
-                model.loss_sum(logits[r : r + 1], batch.targets[r : r + 1]).item() for r in range(len(logits))
-            ]
-        return model.loss_sum(logits, batch.targets).item(), batches[index].trained_tokens()
+            return model.row_loss_sums(logits, batch.targets).tolist()
+        return model.loss_sum(logits, batch.targets).item(), host.trained_tokens()
 
     done = SharedCounters(rt.comm)
-    bar = _bar(len(batches), label) if rt.rank == 0 and len(batches) > 1 else None
+    bar = _bar(count, label) if rt.rank == 0 and count > 1 else None
 
     def on_done(_: int, __: Any) -> None:
         finished = done.fetch_add() + 1 if grid.tp_rank == 0 else 0
@@ -176,16 +178,16 @@ def _over_batches(
             bar.n = finished
             bar.refresh()
 
-    mine = [pair for pair in dynamic_map(rt.comm, list(range(len(batches))), work, on_done, grid.tp_comm)]
+    mine = list(dynamic_map(rt.comm, list(range(count)), work, on_done, grid.tp_comm))
     gathered = rt.comm.gather(mine if grid.tp_rank == 0 else [], root=0)
     done.free()
     if bar is not None:
-        bar.n = len(batches)
+        bar.n = count
         bar.close()
     if rt.rank != 0:
         return []
     found = dict(pair for part in gathered for pair in part)
-    return [found[i] for i in range(len(batches))]
+    return [found[i] for i in range(count)]
 
 
 def _bar(total: int, label: str) -> Any:

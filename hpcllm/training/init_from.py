@@ -81,9 +81,8 @@ def _run_checkpoint(text: str) -> RunCheckpoint:
 
 def check_tokenizer(folder: Any, data: Prepared) -> None:
     """The data's token ids must be the folder's."""
-    ours = tok.load(data.tokenizer_path).get_vocab(with_added_tokens=True)
-    theirs = tok.load(folder.path / hf_folder.TOKENIZER_FILE).get_vocab(with_added_tokens=True)
-    if ours != theirs or data.vocab_size != folder.vocab_size:
+    theirs = tok.vocabulary(folder.path / hf_folder.TOKENIZER_FILE)
+    if tok.vocabulary(data.tokenizer_path) != theirs or data.vocab_size != folder.vocab_size:
         raise UsageError(
             f"the data in {data.path} was prepared with another tokenizer than {folder.path}'s "
             f"(vocabulary {data.vocab_size:,} vs {folder.vocab_size:,}); prepare it with "

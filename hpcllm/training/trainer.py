@@ -262,10 +262,10 @@ class Trainer:
         gathered = self.grid.world.gather((mine, sums.float().tolist()) if holds else None, root=0)
         if self.rt.rank != 0:
             return {}
+        size = self.config.train.micro_batch  # rows per batch, the last one filled (_read_tasks)
         by_batch = {}
-        for part in filter(None, gathered):
-            size = len(part[1]) // max(1, len(part[0]))
-            by_batch |= {i: part[1][k * size : (k + 1) * size] for k, i in enumerate(part[0])}
+        for indices, sums_of_rows in filter(None, gathered):
+            by_batch |= {i: sums_of_rows[k * size : (k + 1) * size] for k, i in enumerate(indices)}
         row_sums = [x for i in range(len(batches)) for x in by_batch[i]]
         scored = choices.score(examples, row_sums)
         return {"accuracy": scored["accuracy"], "accuracy_norm": scored["accuracy_norm"]}
