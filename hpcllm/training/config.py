@@ -89,7 +89,7 @@ class TrainConfig:
     tf32: bool = True  # on CUDA, fp32 matmuls and convolutions on TF32 tensor cores
     # glibc: allocations of this many MB or more are mapped from the system and returned to it when
     # freed, so the resident memory follows what is live (0 = glibc's own, adaptive threshold, which
-    # keeps freed tensors' memory for reuse: faster, and up to ~20% more resident memory)
+    # keeps freed tensors' memory for reuse: faster, with up to a third more resident memory)
     mmap_mb: float = 0.0
     tensorboard: bool = False  # also write the logged metrics as TensorBoard events in RUN/tensorboard
     # hf:DIR (a Hugging Face GPT-2 or Llama folder) or run:DIR[@STEP] (an hpcllm run's checkpoint, with
