@@ -85,17 +85,21 @@ def test_bench_memory_rows():
     proc = run_hpcllm(["bench", "memory", "--dp", 4, "--vocab", 64, "--steps", 1, "--json", *TINY])
     assert proc.returncode == 0, proc.stderr
     rows = {(r["recompute"], r["zero"]): r for r in json.loads(proc.stdout)}
-    assert set(rows) == {(mode, zero) for mode in ("none", "selective", "full") for zero in (0, 1, 2)}
+    assert set(rows) == {(mode, zero) for mode in ("none", "selective", "full") for zero in (0, 1, 2, 3)}
     assert all(set(r) == MEMORY_ROW for r in rows.values())
     for row in rows.values():  # the formula holds to 10% (it is within 1% on these shapes)
         assert abs(row["activation_bytes"] / row["predicted_activation_bytes"] - 1) < 0.1, row
     none, full = rows["none", 0], rows["full", 0]
     assert full["activation_bytes"] < none["activation_bytes"]
     assert rows["none", 1]["optimizer_bytes"] * 4 == none["optimizer_bytes"] == 2 * none["params_bytes"]
+    # Fully sharded: a quarter of the weights and gradients, plus the units whole at once.
+    assert rows["none", 3]["params_bytes"] < none["params_bytes"]
+    assert rows["none", 3]["peak_bytes"] < rows["none", 1]["peak_bytes"]
     bad = run_hpcllm(["bench", "memory", "--dp", 0])
     assert bad.returncode == 2 and "--dp >= 1" in bad.stderr
     budget = ["bench", "memory", "--dp", 4, "--vocab", 64, "--steps", 1, "--json", *TINY, "--budget-gb", 0.01]
     largest = {(r["recompute"], r["zero"]): r for r in json.loads(run_hpcllm(budget).stdout)["largest"]}
     # Sharding the optimizer state and recomputing activations each leave room for more layers.
     assert largest["none", 0]["n_layer"] < largest["none", 1]["n_layer"] < largest["full", 1]["n_layer"]
+    assert largest["none", 1]["n_layer"] < largest["none", 3]["n_layer"]
     assert largest["none", 0]["n_layer"] <= largest["full", 0]["n_layer"]

@@ -39,9 +39,9 @@ def test_tp_groups_that_span_nodes_are_found():
 
 
 def test_layouts_across_two_nodes_match_one_process(slurm_cluster, data_dir, tmp_path):
-    """dp4, dp2 x tp2 and pp2 x dp2 on 2 virtual nodes x 2 ranks (srun, PMIx, TCP between the
-    nodes) give the single-process losses; `hpcllm info` shows the node map; dp4 reads data staged
-    once per node into per-node directories."""
+    """dp4, dp2 x tp2, pp2 x dp2 and dp4 with hybrid sharding (zero=3, shard_group=node) on 2
+    virtual nodes x 2 ranks (srun, PMIx, TCP between the nodes) give the single-process losses;
+    `hpcllm info` shows the node map; dp4 reads data staged once per node into per-node directories."""
     cluster = slurm_cluster(nodes=2)
     env = launch_env(cluster.env)
     srun = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks=4"]
@@ -60,7 +60,9 @@ def test_layouts_across_two_nodes_match_one_process(slurm_cluster, data_dir, tmp
     reference = tmp_path / "one"
     assert run_hpcllm(["train", "--data", data_dir, "--out", reference, *TINY, *steps]).returncode == 0
     staged = ["--set", f"data.stage_dir={tmp_path}/stage-{{node}}"]
-    for name, flags in (("dp4", staged), ("dp2xtp2", ["--tp", "2"]), ("pp2xdp2", ["--pp", "2"])):
+    hybrid = ["--set", "parallel.zero=3", "--set", "parallel.shard_group=node"]
+    layouts = (("dp4", staged), ("dp2xtp2", ["--tp", "2"]), ("pp2xdp2", ["--pp", "2"]), ("dp4-hsdp", hybrid))
+    for name, flags in layouts:
         out = tmp_path / name
         command = [*srun, sys.executable, "-m", "hpcllm.cli", "train", "--data", str(data_dir)]
         command += ["--out", str(out), *map(str, TINY), *steps, *flags]
@@ -69,6 +71,11 @@ def test_layouts_across_two_nodes_match_one_process(slurm_cluster, data_dir, tmp
         assert_same_losses(losses(reference), losses(out), name)
         assert "(node 1, local rank 0/2)" in (out / "logs" / "rank-2.log").read_text()
         assert "span nodes" not in (out / "logs" / "rank-0.log").read_text()  # TP pairs inside a node
+    # Hybrid sharding: shards over each node's 2 ranks (gathers on the node), copies across the 2 nodes.
+    assert (
+        "over 2 DP ranks of a node, replicated over 2 nodes"
+        in (tmp_path / "dp4-hsdp" / "logs" / "rank-0.log").read_text()
+    )
     source = (data_dir / "train.bin").read_bytes()
     for node in (0, 1):  # one copy per node, made by the node's first rank
         assert (tmp_path / f"stage-{node}" / "train.bin").read_bytes() == source

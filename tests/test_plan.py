@@ -303,6 +303,25 @@ def test_validation_statistics():
     assert layout_arguments(layout)[:4] == ["--tp", "2", "--pp", "1"]
 
 
+def test_fully_sharded_and_hybrid_layouts_in_the_step_model():
+    """zero=3 holds 16/dp bytes per parameter plus the units whole at once, and moves 1.5x the
+    allreduce's bytes per micro-batch; hybrid sharding keeps its gathers inside a node (a100: 8
+    GPUs a node, dp 16 over 2 nodes), so its gathers take less time than the world's."""
+    spec = ModelSpec.of_preset("gpt2-350m")
+    cluster = profiles.load("a100")
+
+    def at(**fields):
+        return predict(spec, PlannedLayout(1, 1, 16, 1, **fields), cluster, 16, ranks_per_node=8)
+
+    zero1, world, node = at(zero=1), at(zero=3), at(zero=3, shard_group="node")
+    assert world.breakdown["states_gib"] < zero1.breakdown["states_gib"] < at().breakdown["states_gib"]
+    assert node.breakdown["states_gib"] > world.breakdown["states_gib"]  # sharded over 8, not 16
+    assert node.breakdown["zero_gather_s"] < world.breakdown["zero_gather_s"]
+    layout = parse_layout("tp=1,pp=1,dp=16,micro_batch=1,zero=3,shard_group=node", 16)
+    assert layout.shard_group == "node" and parse_layout(layout_text(layout), 16) == layout
+    assert "parallel.shard_group=node" in layout_arguments(layout)
+
+
 def test_peak_memory_of_a_layout_is_what_bench_memory_measures():
     """Every recomputation and ZeRO mode of the tiny model at dp = 4: the planner's bytes per rank
     (fp32 activations on a CPU profile) within 15% of `hpcllm bench memory`'s measured sum."""

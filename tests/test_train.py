@@ -246,7 +246,8 @@ def test_resume_may_ramp_the_batch_but_not_change_seed_or_data(data_dir, tmp_pat
 def test_checkpoint_round_trip_of_model_and_optimizer(mpi_tmp_path, comm):
     import torch
 
-    from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+    from hpcllm.model.gpt import GPT, GPTShape
+    from hpcllm.model.heads import lm_loss
     from hpcllm.parallel.grid import Grid
     from hpcllm.training import checkpoint
 

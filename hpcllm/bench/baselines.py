@@ -18,7 +18,7 @@ import torch
 from hpcllm.data.loader import BatchSampler, micro_batches
 from hpcllm.data.sequences import TokenWindows
 from hpcllm.data.tokens import open_prepared
-from hpcllm.model.gpt import lm_loss
+from hpcllm.model.heads import lm_loss
 from hpcllm.model.registry import family_of
 from hpcllm.observe.timing import PhaseTimer
 from hpcllm.training import config as config_mod

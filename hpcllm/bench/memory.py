@@ -6,7 +6,9 @@ Activations are measured: the bytes autograd keeps for backward during one micro
 (observe.memory). Parameters and gradients are those of the model built here; the optimizer's are
 AdamW's two fp32 moments per parameter, divided over `dp` with parallel.zero=1 and 2 (what the
 distributed optimizer allocates; its tests check the layout); zero=2 adds the rank's shard of the
-reduced gradients (4/dp bytes per parameter) next to the local accumulation buffer. Step time is
+reduced gradients (4/dp bytes per parameter) next to the local accumulation buffer; zero=3 holds
+1/dp of the weights and gradients, plus the units whole at once (the embedding and head, two
+blocks' weights and one block's gradients: parallel.fully_sharded.whole_bytes). Step time is
 the median of forward + backward + AdamW over `steps` steps. `peak_bytes` is the sum of the kinds
 on CPU, and on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) over those steps.
 Each row carries the activation bytes predicted by `ModelFamily.predicted_activation_bytes`.
@@ -29,6 +31,7 @@ from hpcllm.cluster.launcher import launch_command, run_launched
 from hpcllm.model.gpt import GPT
 from hpcllm.model.registry import family_of
 from hpcllm.observe.memory import saved_activation_bytes, tensor_bytes
+from hpcllm.parallel.fully_sharded import whole_bytes
 from hpcllm.training.config import RECOMPUTE, ZERO, Config
 from hpcllm.training.optim import make_optimizer
 
@@ -75,19 +78,23 @@ def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, 
         step_ms, allocator_peak = _step(model, idx, steps, t)
         params = tensor_bytes(list(model.parameters()))
         predicted = family.predicted_activation_bytes(shape, t.micro_batch, recompute)
+        kept, block = whole_bytes(model.shard_units())
         for zero in ZERO if dp > 1 else (0,):
             optimizer = 2 * params // (dp if zero else 1)
             grads = params + (params // dp if zero == 2 else 0)
-            total = params + grads + optimizer + activations
+            weights = params
+            if zero == 3:  # shares, plus the units whole at once (parallel.fully_sharded)
+                weights, grads = params // dp + kept + 2 * block, params // dp + block
+            total = weights + grads + optimizer + activations
             if allocator_peak is not None:  # measured at zero=0; sharding changes the states only
-                total = allocator_peak - (2 * params - optimizer) + (grads - params)
+                total = allocator_peak - 4 * params + weights + grads + optimizer
             rows.append(
                 {
                     "layout": f"dp={dp}",
                     "zero": zero,
                     "recompute": recompute,
                     "sequence_parallel": False,
-                    "params_bytes": params,
+                    "params_bytes": weights,
                     "grads_bytes": grads,
                     "optimizer_bytes": optimizer,
                     "activation_bytes": activations,
@@ -143,10 +150,13 @@ def largest_models(config: Config, vocab_size: int, dp: int, budget_bytes: float
             kept.append(saved_activation_bytes(model, idx, idx))
         per_layer_activations, outside_activations = kept[1] - kept[0], 2 * kept[0] - kept[1]
         shape = replace(full, n_layer=0, dropout=0.0)
-        for zero in (0, 1) if dp > 1 else (0,):
+        for zero in (0, 1, 3) if dp > 1 else (0,):
             per_parameter = 4 + 4 + 8 / (dp if zero else 1)  # fp32 weights, gradients, Adam moments
             counts = family.parameters(shape)
             fixed = counts.total * per_parameter + outside_activations
+            if zero == 3:  # all sharded; the embedding and head, two blocks and a gradient whole
+                per_parameter = 16 / dp
+                fixed = counts.total * (per_parameter + 4) + 12 * counts.per_layer + outside_activations
             per_layer = counts.per_layer * per_parameter + per_layer_activations
             layers = max(0, int((budget_bytes - fixed) // per_layer))
             parameters = counts.total + layers * counts.per_layer
@@ -158,7 +168,7 @@ def render_largest(rows: list[dict[str, Any]], budget_gb: float, config: Config,
     m, t = config.model, config.train
     lines = [
         f"largest model in {budget_gb:g} GB per rank: width {m.n_embd}, sequence {m.block_size}, "
-        f"micro-batch {t.micro_batch}, dp {dp} (zero=1 shards the Adam state over it)",
+        f"micro-batch {t.micro_batch}, dp {dp} (zero=1 shards the Adam state over it, zero=3 everything)",
         f"{'recompute':<10} {'zero':>4} {'n_layer':>8} {'parameters':>12}",
     ]
     for r in rows:

@@ -32,8 +32,10 @@ from hpcllm.model.dropout import (
     keyed_dropout,
 )
 from hpcllm.model.gpt2_shape import GPTShape
+from hpcllm.model.heads import TiedHead, UntiedHead
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.model.rope import Rotary
+from hpcllm.model.unit_gate import NO_GATE
 from hpcllm.parallel.sharding import Sharding, sequence_parallel_parameters
 from hpcllm.parallel.tensor.collectives import TensorCollectives
 from hpcllm.parallel.tensor.mappings import scatter_to_sequence
@@ -159,31 +161,6 @@ class Block(nn.Module):
         return x + self.mlp.forward(run(self.ln_2, x), keys)
 
 
-class TiedHead(nn.Module):
-    """Output logits through the token embedding's weight (passed in, so it is not registered twice),
-    and the loss over them. Tensor parallelism swaps in a vocabulary-parallel version."""
-
-    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, embedding_weight)
-
-    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss_sum(logits, targets)
-
-
-class UntiedHead(nn.Linear):
-    """An output head with its own weight [vocab, n_embd] (Llama's untied embeddings); tensor
-    parallelism swaps in a vocabulary-parallel version holding its rows' slice."""
-
-    def __init__(self, n_embd: int, vocab_size: int):
-        super().__init__(n_embd, vocab_size, bias=False)
-
-    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
-
-    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss_sum(logits, targets)
-
-
 class GPT(nn.Module):
     """The model, or one pipeline stage of it: `layers` (the blocks it runs), `first` (it embeds the
     tokens) and `last` (it has the head). A stage builds only its own parts, and every tensor is
@@ -226,6 +203,7 @@ class GPT(nn.Module):
         # these modules (the family's list) see only that part.
         self.sequence_group: TensorCollectives | None = None
         self.sequence_parallel_modules: tuple[str, ...] = ()
+        self.gate = NO_GATE  # fully sharded parameters: see shard_units
         self._init_weights(int(torch.randint(2**62, ()).item()) if seed is None else seed)
 
     # ---- what a family changes (hpcllm.model.llama_net overrides these) -----------------------
@@ -290,6 +268,20 @@ class GPT(nn.Module):
     def sequence_parallel_parameters(self) -> list[nn.Parameter]:
         return sequence_parallel_parameters(self)
 
+    def shard_units(self) -> list[tuple[str, list[nn.Module]]]:
+        """The units whose parameters are gathered together when they are fully sharded, in the
+        order the forward runs them; the token embedding is one alone, so that the tied copy on the
+        last pipeline stage is laid out as on the first."""
+        units: list[tuple[str, list[nn.Module]]] = []
+        if self.wte is not None:
+            units.append(("embedding", [self.wte]))
+        if self.wpe is not None:
+            units.append(("positions", [self.wpe]))
+        units += [(f"block{index}", [self.blocks[index]]) for index in self.stage_layers]
+        if self.ln_f is not None and self.lm_head is not None:
+            units.append(("head", [self.ln_f, self.lm_head]))
+        return units
+
     def embed(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None, keys: DropoutKeys | None = None
     ) -> torch.Tensor:
@@ -352,11 +344,17 @@ class GPT(nn.Module):
         documents are packed into a row (hpcllm.batch)."""
         if keys is not None:
             keys = replace(keys, sequence_parallel=self.sequence_group is not None)
-        hidden = self.embed(inputs, positions, keys) if first else inputs
+        gate = self.gate
+        if first:
+            gate.before("embedding", "positions")
+            hidden = gate.after(self.embed(inputs, positions, keys), "embedding", "positions")
+        else:
+            hidden = inputs
         rotary = self.rotary(positions, hidden)
         recompute = self.recompute == "full" and torch.is_grad_enabled()
         for index in self.stage_layers:
-            block = self.blocks[index]
+            block, unit = self.blocks[index], f"block{index}"
+            gate.before(unit)
             if recompute:
                 hidden = checkpoint(block, hidden, None, mask, keys, rotary, use_reentrant=False)
             else:
@@ -365,7 +363,12 @@ class GPT(nn.Module):
                     if hidden.requires_grad
                     else block.forward(hidden, cache, mask, keys, rotary)
                 )
-        return self.head(hidden) if last else hidden
+            hidden = gate.after(hidden, unit)
+        if not last:
+            return hidden
+        head_units = ("head", "embedding") if self.shape.tie_embeddings else ("head",)
+        gate.before(*head_units)
+        return gate.after(self.head(hidden), *head_units)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -385,14 +388,3 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if kind is nn.RMSNorm:
             return F.rms_norm(x, module.normalized_shape, module.weight, module.eps)
     return module(x)
-
-
-def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of the next-token cross-entropies over the targets that are not IGNORE, in fp32."""
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the trained targets (for one batch on its own)."""
-    return lm_loss_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)

@@ -3,8 +3,11 @@
 Gradients are averaged over the DP process set of the grid (Horovod is started by the grid) in
 buckets whose reductions start from backward hooks (`GradientBuckets`), after every
 `allreduce_every` micro-batches; when the strategy (parallel.dp_strategy) shards gradients they are
-reduce-scattered for the distributed optimizer instead. Initial parameters and optimizer state are
-broadcast from the group's first rank. With dp = 1 nothing is communicated.
+reduce-scattered for the distributed optimizer instead; when it shards parameters (zero = 3) the
+model's units are sharded instead (`FullyShardedUnits`), which gather and reduce-scatter from the
+model's gate and backward hooks. Initial parameters and optimizer state are broadcast from the
+group's first rank (except fully sharded: each rank cut its shares from the same seeded values).
+With dp = 1 nothing is communicated.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Any
 
 import torch
 
-from hpcllm.parallel.distributed_optimizer import ShardedAdamW
+from hpcllm.parallel.distributed_optimizer import FullyShardedAdamW, ShardedAdamW
 from hpcllm.parallel.dp_strategy import REPLICATED, DataParallelStrategy
+from hpcllm.parallel.fully_sharded import FullyShardedUnits, UnitValues
 from hpcllm.parallel.grad_buckets import GradientBuckets
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import Sharding, model_sharding
@@ -29,7 +33,7 @@ class DataParallel:
         self.strategy = strategy
         self.size = grid.layout.dp
         self.hvd = grid.hvd if self.size > 1 else None
-        self.gradients: GradientBuckets | None = None
+        self.gradients: GradientBuckets | FullyShardedUnits | None = None
 
     def bucket_gradients(
         self,
@@ -55,11 +59,35 @@ class DataParallel:
         )
         return self.gradients
 
+    def fully_shard(
+        self, model: Any, reduce_every: int, values: UnitValues | None, device: torch.device
+    ) -> FullyShardedUnits:
+        """Shard the model's units (`model.shard_units()`) over the DP group (zero = 3) and make them
+        its gate; `values`: each unit's whole parameters, for a model built on the meta device."""
+        assert self.hvd is not None, "the plan refuses zero with dp = 1"
+        shard_rank, shard_size, shard_set = self.grid.dp_shard
+        units = FullyShardedUnits(
+            model.shard_units(),
+            model,
+            shard_size,
+            shard_rank,
+            self.hvd,
+            shard_set,
+            reduce_every,
+            values,
+            device,
+            replicas=self.grid.dp_replicas[1],
+        )
+        model.gate = self.gradients = units
+        return units
+
     def sharded_optimizer(
         self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float
     ) -> ShardedAdamW:
         """AdamW with its state sharded over the DP group (the strategy shards the optimizer)."""
         assert self.hvd is not None and self.gradients is not None, "the plan refuses zero with dp = 1"
+        if isinstance(self.gradients, FullyShardedUnits):
+            return FullyShardedAdamW(groups, self.gradients, lr, betas, eps)
         return ShardedAdamW(groups, self.gradients, lr, betas, eps)
 
     def gradient_pieces(
@@ -76,7 +104,7 @@ class DataParallel:
     def broadcast_initial_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Every replica starts from its group's first rank (they agree already when seeded alike;
         this makes it true by construction, and carries resumed optimizer state)."""
-        if self.hvd is None:
+        if self.hvd is None or self.strategy.shards_parameters:
             return
         root = self.grid.layout.dp_group(self.grid.rank)[0]
         process_set = self.grid.dp_process_set
@@ -87,6 +115,19 @@ class DataParallel:
             tensors += [v for _, v in sorted(optimizer.state.get(param, {}).items()) if torch.is_tensor(v)]
         for index, tensor in enumerate(tensors):
             self.hvd.broadcast_(tensor, root_rank=root, name=f"hpcllm.init.{index}", process_set=process_set)
+
+    def memory_figures(self) -> dict[str, int]:
+        """Fully sharded: the parameter storage this rank holds (FullyShardedUnits.memory_figures)."""
+        return self.gradients.memory_figures() if isinstance(self.gradients, FullyShardedUnits) else {}
+
+    def late_gradient(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        """What a sum over another group (TP, the tied stages) adds up for `param`: its gradient, or,
+        fully sharded, this rank's share of it after the DP reduction (None if it holds none)."""
+        if isinstance(self.gradients, FullyShardedUnits):
+            return self.gradients.late_piece(param)
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        return param.grad.detach()
 
     def zero_grad(self) -> None:
         assert self.gradients is not None

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from hpcllm.cluster import watchdog
+from hpcllm.parallel.fully_sharded import FullyShardedUnits
 from hpcllm.parallel.grad_buckets import GradientBuckets
 
 GATHERS_IN_FLIGHT = 2  # bucket allgathers outstanding at once: overlap, at two buckets of memory
@@ -47,15 +48,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.gradients = gradients
         self.hvd, self.process_set = gradients.hvd, gradients.process_set
-        grads = gradients.buffer
-        self.param_buffer = torch.zeros_like(grads)
-        views: list[tuple[torch.nn.Parameter, int, int, float]] = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                start, end = gradients.offsets[id(param)]
-                self.param_buffer[start:end].copy_(param.detach().reshape(-1))
-                param.data = self.param_buffer[start:end].view_as(param)
-                views.append((param, start, end, group["weight_decay"]))
+        params = [(param, group["weight_decay"]) for group in self.param_groups for param in group["params"]]
+        self._hold_parameters([param for param, _ in params])
         # This rank's range of each bucket, and where it sits in the concatenated shard (the
         # moments and, with zero = 2, the reduced gradients are laid out that way).
         self.shares = gradients.shares()
@@ -66,13 +60,35 @@ class ShardedAdamW(torch.optim.Optimizer):
         # parameter lies in one bucket, so in at most one of this rank's shares.
         self.owned = [
             (param, decay, start, a, b, first + a - lo)
-            for param, start, end, decay in views
+            for param, decay in params
+            for start, end in [gradients.offsets[id(param)]]
             for (lo, hi), first in zip(self.shares, self.share_starts, strict=True)
             if (a := max(start, lo)) < (b := min(end, hi))
         ]
-        self.exp_avg = torch.zeros(sum(sizes), dtype=torch.float32, device=grads.device)
+        self.exp_avg = torch.zeros(
+            sum(sizes), dtype=torch.float32, device=self.param_groups[0]["params"][0].device
+        )
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.steps = 0
+
+    def _hold_parameters(self, params: list[torch.nn.Parameter]) -> None:
+        """The parameters become views into one flat buffer laid out like the gradients'."""
+        grads = self.gradients.buffer
+        self.param_buffer = torch.zeros_like(grads)
+        for param in params:
+            start, end = self.gradients.offsets[id(param)]
+            self.param_buffer[start:end].copy_(param.detach().reshape(-1))
+            param.data = self.param_buffer[start:end].view_as(param)
+
+    def _parameters_at(self, lo: int, hi: int, at: int) -> torch.Tensor:
+        """The parameters of the range [lo, hi) of the buffers' layout (at `at` in the shard)."""
+        return self.param_buffer[lo:hi]
+
+    @property
+    def parts(self) -> tuple[int, int]:
+        """(which, of how many): the part of the state this rank's checkpoint file holds (its place
+        in the group the state is sharded over)."""
+        return self.gradients.dp_rank, self.gradients.dp
 
     @property
     def state_bytes(self) -> int:
@@ -89,9 +105,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         group = self.param_groups[0]  # lr, betas and eps are the same in every group
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         # torch.optim.AdamW's decoupled weight decay, by ranges (no value per element)
-        for _, decay, _, a, b, _ in self.owned:
+        for _, decay, _, a, b, at in self.owned:
             if decay:
-                self.param_buffer[a:b].mul_(1 - lr * decay)
+                self._parameters_at(a, b, at).mul_(1 - lr * decay)
         step_size = lr / (1 - beta1**self.steps)
         bias_correction2 = (1 - beta2**self.steps) ** 0.5
         shard = self.gradients.shard
@@ -104,7 +120,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2).add_(eps)
-            self.param_buffer[lo:hi].addcdiv_(exp_avg, denom, value=-step_size)
+            self._parameters_at(lo, hi, first).addcdiv_(exp_avg, denom, value=-step_size)
         self._gather_parameters()
 
     def _gather_parameters(self) -> None:
@@ -162,3 +178,32 @@ class ShardedAdamW(torch.optim.Optimizer):
                 shard[at : at + b - a].copy_(self.state[param][key].reshape(-1)[a - start : b - start])
         self.steps = int(next(iter(self.state.values()))["step"])
         self.state.clear()
+
+
+class FullyShardedAdamW(ShardedAdamW):
+    """The distributed optimizer of parallel.zero = 3: the parameters' shares are the units'
+    (`FullyShardedUnits.param_shard`), updated in place and gathered by the units when they next
+    compute, so nothing is gathered after the step. Checkpoints carry the parameters' shares too."""
+
+    gradients: FullyShardedUnits
+
+    def _hold_parameters(self, params: list[torch.nn.Parameter]) -> None:
+        pass  # the units hold them
+
+    def _parameters_at(self, lo: int, hi: int, at: int) -> torch.Tensor:
+        return self.gradients.param_shard[at : at + hi - lo]
+
+    def _gather_parameters(self) -> None:
+        pass
+
+    def state_parts(
+        self, names: dict[torch.nn.Parameter, str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The Adam state's shares, and this rank's shares of the parameters (`model.NAME`) with
+        every parameter's shape (no rank holds a whole one to read it from)."""
+        tensors, meta = super().state_parts(names)
+        for param, _, start, a, b, at in self.owned:
+            meta["parts"][names[param]] = [a - start, b - start]
+            tensors[f"model.{names[param]}"] = self._parameters_at(a, b, at)
+        meta["shapes"] = {names[param]: list(param.shape) for param in names}
+        return tensors, meta

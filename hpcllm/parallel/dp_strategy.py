@@ -5,8 +5,7 @@ integer branched on in each of them.
     replicated                  zero = 0: every replica holds and updates everything; gradients allreduced
     sharded optimizer           zero = 1: Adam state sharded over DP, gradients allreduced
     sharded optimizer+gradients zero = 2: and gradients reduce-scattered into each rank's share
-
-Fully sharded parameters (zero = 3) is one more strategy here.
+    fully sharded               zero = 3: and parameters sharded, gathered unit by unit (FSDP)
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ class DataParallelStrategy:
     zero: int  # the parallel.zero value that chooses it
     shards_optimizer: bool  # each DP rank keeps and updates its share of the Adam state
     shards_gradients: bool  # gradients are reduce-scattered: a rank holds only its share, reduced
+    shards_parameters: bool = False  # a rank keeps 1/dp of each parameter (parallel.fully_sharded)
 
     @property
     def reduction(self) -> str:
@@ -39,7 +39,12 @@ SHARDED_OPTIMIZER = DataParallelStrategy(
 SHARDED_GRADIENTS = DataParallelStrategy(
     "sharded optimizer and gradients", 2, shards_optimizer=True, shards_gradients=True
 )
-STRATEGIES = {strategy.zero: strategy for strategy in (REPLICATED, SHARDED_OPTIMIZER, SHARDED_GRADIENTS)}
+FULLY_SHARDED = DataParallelStrategy(
+    "fully sharded", 3, shards_optimizer=True, shards_gradients=True, shards_parameters=True
+)
+STRATEGIES = {
+    strategy.zero: strategy for strategy in (REPLICATED, SHARDED_OPTIMIZER, SHARDED_GRADIENTS, FULLY_SHARDED)
+}
 
 
 def strategy_for(zero: int) -> DataParallelStrategy:

@@ -69,9 +69,9 @@ class GradientFinaliser:
         comm, weight = self.grid.embedding_comm, self.tied_weight
         if self.grid.layout.pp == 1 or comm is None or weight is None:
             return
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        grad = weight.grad.detach()  # contiguous: a view of the gradient buffer
+        grad = self.dp.late_gradient(weight)  # contiguous: a view of the gradient buffer or shard
+        if grad is None:
+            return
         with watchdog.waiting("tied-embedding gradient allreduce"):
             if self.pp_backend == "torch":
                 import torch.distributed as dist
@@ -83,19 +83,27 @@ class GradientFinaliser:
                 comm.Allreduce(MPI.IN_PLACE, mpi_buffer(grad), op=MPI.SUM)
 
     def _sum_sequence_parallel_gradients(self) -> None:
-        parameters = self.sequence_parallel
-        if not parameters:
+        # Fully sharded, a rank holds shares of some of them, alike on every rank of its TP group.
+        grads = [g for g in map(self.dp.late_gradient, self.sequence_parallel) if g is not None]
+        if not grads:
             return
-        flat = self.tp_group.allreduce_(torch.cat([p.grad.reshape(-1) for p in parameters]))
-        for param, summed in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
-            param.grad.copy_(summed.view_as(param.grad))
+        flat = self.tp_group.allreduce_(torch.cat([g.reshape(-1) for g in grads]))
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(summed.view_as(grad))
 
     def step_numbers(self, loss_sum: torch.Tensor, squares: torch.Tensor) -> tuple[float, float]:
         """(the global batch's loss sum, the full model's gradient norm) from this rank's loss sum
         and its (partitioned, replicated) sums of squares: one device read, one collective per axis."""
         values = np.array(torch.cat([loss_sum.double().reshape(1), squares.double()]).tolist())
-        sums_over_dp = (True, self.dp.strategy.norm_from_shares, self.dp.strategy.norm_from_shares)
-        values = reduce_entries(self.grid.dp_comm, values, sums_over_dp, "loss and norm allreduce over DP")
+        shares = self.dp.strategy.norm_from_shares
+        if self.grid.hybrid:  # the shares are split over one node's DP ranks, and copied on the others
+            values = reduce_entries(
+                self.grid.dp_shard_comm, values, (False, shares, shares), "norm over a node"
+            )
+            shares = False
+        values = reduce_entries(
+            self.grid.dp_comm, values, (True, shares, shares), "loss and norm allreduce over DP"
+        )
         values = reduce_entries(self.grid.tp_comm, values, (False, True, False), "norm allreduce over TP")
         values = reduce_entries(
             self.grid.pp_comm, values, (True, True, True), "loss and norm allreduce over stages"

@@ -35,8 +35,11 @@ class Grid:
         horovod_env: Mapping[str, str] | None = None,
         torch_device: str | None = None,
         timeout_s: float = 300.0,
+        shard_nodes: list[int] | None = None,
     ):
-        """`torch_device`: start torch.distributed for this device type ("cuda": NCCL, "cpu": gloo)."""
+        """`torch_device`: start torch.distributed for this device type ("cuda": NCCL, "cpu": gloo).
+        `shard_nodes` (every rank's node): hybrid sharding, the DP group cut by node into shard
+        groups, with replica groups across the nodes (Layout.hybrid_dp_groups)."""
         from mpi4py import MPI
 
         self.world = comm
@@ -55,6 +58,15 @@ class Grid:
         holds_embedding = layout.pp > 1 and c.pp in (0, layout.pp - 1)
         embedding = self.pp_comm.Split(0 if holds_embedding else MPI.UNDEFINED, c.pp)
         self.embedding_comm: Any = embedding if holds_embedding else None
+        # Hybrid sharding: the DP ranks of this node (fully sharded parameters are split over them).
+        self.hybrid = shard_nodes is not None
+        self.replica_index = 0  # which copy of the shares this rank holds (hybrid: its node's place)
+        self.dp_shard_comm = self.dp_comm
+        if shard_nodes is not None:
+            _, replica_groups = layout.hybrid_dp_groups(shard_nodes)
+            self.replica_index = next(g.index(self.rank) for g in replica_groups if self.rank in g)
+            self.dp_shard_comm = self.dp_comm.Split(color=shard_nodes[self.rank], key=c.dp)
+        self.shard_nodes = shard_nodes
         self.hvd: Any = None
         self._sets: dict[str, Any] = {}
         if horovod:
@@ -70,6 +82,8 @@ class Grid:
 
     def _start_horovod(self, with_tp: bool, env: dict[str, str]) -> None:
         axes = {"dp": self.layout.all_dp_groups()}
+        if self.shard_nodes is not None:
+            axes["dp_shard"], axes["dp_replica"] = self.layout.hybrid_dp_groups(self.shard_nodes)
         if with_tp:
             axes["tp"] = self.layout.all_tp_groups()
         # A group of one rank needs no set; a group of every rank is Horovod's global set.
@@ -119,13 +133,28 @@ class Grid:
     def tp_process_set(self) -> Any:
         return self.process_set("tp")
 
+    @property
+    def dp_shard(self) -> tuple[int, int, Any]:
+        """(this rank's place, size, Horovod set) of the group fully sharded parameters are split
+        over: the DP group, or with hybrid sharding its ranks on this node."""
+        if not self.hybrid:
+            return self.dp_rank, self.layout.dp, self._sets.get("dp")
+        return self.dp_shard_comm.Get_rank(), self.dp_shard_comm.Get_size(), self._sets.get("dp_shard")
+
+    @property
+    def dp_replicas(self) -> tuple[int, Any]:
+        """With hybrid sharding: (this rank's node among the replicas, the Horovod set of the ranks
+        holding the same shares on the other nodes, or None on one node); else (0, None)."""
+        return self.replica_index, self._sets.get("dp_replica") if self.hybrid else None
+
     def close(self) -> None:
         """Free the communicators and stop Horovod (collective); the grid is unusable afterwards."""
         if self.hvd is not None:
             self.hvd.shutdown()
             self.hvd, self._sets = None, {}
         self.torch_groups = {}  # torch.distributed itself stays up: it starts once per process
-        for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.node_comm, self.embedding_comm):
+        shard = self.dp_shard_comm if self.hybrid else None
+        for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.node_comm, self.embedding_comm, shard):
             if sub is not None:
                 sub.Free()
 

@@ -77,5 +77,24 @@ class Layout:
         """The TP groups whose ranks are not all on one node (`node_of_rank`: every rank's node)."""
         return [g for g in self.all_tp_groups() if len({node_of_rank[r] for r in g}) > 1]
 
+    def hybrid_dp_groups(self, node_of_rank: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Hybrid sharding (parallel.shard_group=node): every DP group cut into its ranks on each node
+        (shard groups, in DP order) and the ranks at the same place of each node's part (replica
+        groups). Every node must hold as many ranks of a DP group as the others."""
+        shards: list[list[int]] = []
+        replicas: list[list[int]] = []
+        for group in self.all_dp_groups():
+            by_node: dict[int, list[int]] = {}
+            for rank in group:
+                by_node.setdefault(node_of_rank[rank], []).append(rank)
+            parts = list(by_node.values())
+            if len({len(part) for part in parts}) != 1:
+                raise ValueError(
+                    f"the data-parallel group {group} has {[len(p) for p in parts]} ranks on its nodes"
+                )
+            shards += parts
+            replicas += [list(column) for column in zip(*parts, strict=True)]
+        return shards, replicas
+
     def __str__(self) -> str:
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"

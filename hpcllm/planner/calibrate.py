@@ -64,7 +64,8 @@ def _median_seconds(work: Callable[[], Any], seconds: float) -> float:
 
 def model_seconds(hidden: int, tokens: int, layers: int, seconds: float) -> float:
     """Median forward + loss + backward time of hpcllm's GPT on `tokens` tokens."""
-    from hpcllm.model.gpt import GPT, GPTShape, lm_loss
+    from hpcllm.model.gpt import GPT, GPTShape
+    from hpcllm.model.heads import lm_loss
 
     shape = GPTShape(VOCAB, SEQUENCE, layers, n_head=hidden // HEAD_DIM, n_embd=hidden)
     model = GPT(shape, seed=0)

@@ -26,7 +26,7 @@ def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: in
         if gpus % (tp * pp) or tp > gpus_per_node or pp > model.n_layer or not model.cuts_over(tp):
             continue
         dp = gpus // (tp * pp)
-        for micro, zero, recompute in product(MICRO_BATCHES, (0, 1, 2), RECOMPUTE):
+        for micro, zero, recompute in product(MICRO_BATCHES, (0, 1, 2, 3), RECOMPUTE):
             if global_batch % (dp * micro) or (zero and dp == 1):
                 continue
             for sequence_parallel in (False, True) if tp > 1 and model.block_size % tp == 0 else (False,):
@@ -74,11 +74,11 @@ def distinct(predictions: list[Prediction]) -> list[Prediction]:
     return kept
 
 
-LAYOUT_KEYS = ("tp", "pp", "dp", "micro_batch", "zero", "recompute", "sequence_parallel")
+LAYOUT_KEYS = ("tp", "pp", "dp", "micro_batch", "zero", "recompute", "sequence_parallel", "shard_group")
 
 
 def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> PlannedLayout:
-    """`tp=8,pp=2[,dp=..,micro_batch=..,zero=..,recompute=..,sequence_parallel=..]`: dp is what
+    """`tp=8,pp=2[,dp=..,micro_batch=..,zero=..,recompute=..,sequence_parallel=..,shard_group=..]`: dp is what
     is left of `gpus`, or given (then `gpus` is tp * pp * dp). Bad text is one UsageError."""
     fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
     for key, value in (item.partition("=")[::2] for item in text.split(",")):
@@ -91,6 +91,8 @@ def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Plann
             fields[key] = value
         elif key == "sequence_parallel" and value in ("true", "false"):
             fields[key] = value == "true"
+        elif key == "shard_group" and value in ("world", "node"):
+            fields[key] = value
         else:
             raise UsageError(f"--layout: unknown {key}={value}; use {', '.join(LAYOUT_KEYS)}")
     for key in ("tp", "pp", "dp", "micro_batch"):
@@ -126,6 +128,8 @@ def layout_text(layout: PlannedLayout) -> str:
         parts.append(f"recompute={layout.recompute}")
     if layout.sequence_parallel:
         parts.append("sequence_parallel=true")
+    if layout.shard_group != "world":
+        parts.append(f"shard_group={layout.shard_group}")
     return ",".join(parts)
 
 
@@ -138,6 +142,7 @@ def layout_settings(layout: PlannedLayout) -> list[str]:
         f"train.recompute={layout.recompute}",
         f"parallel.zero={layout.zero}",
         f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
+        *([f"parallel.shard_group={layout.shard_group}"] if layout.shard_group != "world" else []),
     ]
 
 

@@ -13,14 +13,16 @@ Time (seconds per step, on the slowest rank of the critical path):
                   other stage, (m - 1) t_max + sum(t) in all (layers split as hpcllm splits them),
                   which is (p - 1)/(m + p - 1) of the step when the stages are equal
     dp            ring allreduce of the rank's gradients over DP (2(n-1)/n of the bytes; reduce-
-                  scatter alone at zero = 2), across nodes when the DP group spans them, of which
-                  `dp_overlap` hides behind backward
-    zero          zero >= 1: the all-gather of the updated parameters ((n-1)/n of the bytes)
+                  scatter alone at zero = 2 and 3), across nodes when the DP group spans them, of
+                  which `dp_overlap` hides behind backward (hpcllm.planner.sharding_model)
+    zero          zero 1, 2: the all-gather of the updated parameters ((n-1)/n of the bytes); zero 3:
+                  two all-gathers of the weights per micro-batch, `dp_overlap` of them prefetched
     optimizer     AdamW's 28 bytes per updated parameter through `memory_gbps`
 On a CPU node the ranks share the cores, and the profile's fixed costs and `step_scale` apply
 (profiles.ClusterProfile says what each is; `plan calibrate` measures them).
 Memory (bytes per rank): weights, gradients and optimizer state as hpcllm holds them (fp32
-weights and gradients, two fp32 Adam moments: 16 bytes per parameter, sharded by ZeRO), and
+weights and gradients, two fp32 Adam moments: 16 bytes per parameter, sharded by ZeRO as
+hpcllm.planner.sharding_model counts), and
 activations after Korthikanti et al. 2022 for 16-bit activations: s*b*h*(34 + 5*a*s/h) per layer,
 split by tp, sequence parallelism and recomputation as the paper shows, for the micro-batches a
 stage holds at once (1F1B: p - i on stage i; GPipe: all m), on the fullest stage.
@@ -39,7 +41,9 @@ from hpcllm.errors import UsageError
 from hpcllm.model.family import ModelFamily, ParameterCounts, model_setting
 from hpcllm.model.llama_shape import LLAMA_KEYS
 from hpcllm.model.registry import PRESETS, family_named
+from hpcllm.planner.links import link, ring_seconds
 from hpcllm.planner.profiles import ClusterProfile
+from hpcllm.planner.sharding_model import data_parallel_seconds, shard_ranks, state_bytes
 
 GIB = 1024**3
 MEMORY_HEADROOM = 0.9  # the allocator's fragmentation and the CUDA context
@@ -135,6 +139,7 @@ class PlannedLayout:
     recompute: str = "none"  # none | selective | full
     sequence_parallel: bool = False
     schedule: str = "1f1b"
+    shard_group: str = "world"  # zero = 3: world, or node (hybrid sharding)
 
     @property
     def gpus(self) -> int:
@@ -163,14 +168,6 @@ class Prediction:
             "mfu": self.mfu,
             "breakdown": self.breakdown,
         }
-
-
-def _ring_seconds(nbytes: float, ranks: int, gbps: float, latency_us: float, efficiency: float) -> float:
-    """A ring allreduce of `nbytes` over `ranks`: 2(n-1)/n of the bytes at the link rate, 2(n-1) steps."""
-    if ranks == 1:
-        return 0.0
-    steps = 2 * (ranks - 1)
-    return steps / ranks * nbytes / (gbps * 1e9 * efficiency) + steps * latency_us * 1e-6
 
 
 def layer_forward_flops(model: ModelSpec, micro_batch: int) -> float:
@@ -228,13 +225,6 @@ def _stage_parameters(model: ModelSpec, stage: int, layers: int, pp: int) -> flo
     return held
 
 
-def _link(cluster: ClusterProfile, inside_node: bool) -> tuple[float, float]:
-    """GB/s and latency of the links a group uses: NVLink (or shared memory) inside a node."""
-    if inside_node:
-        return cluster.intra_node_gbps, cluster.intra_node_latency_us
-    return cluster.inter_node_gbps, cluster.inter_node_latency_us
-
-
 def _stage_costs(
     model: ModelSpec, layout: PlannedLayout, cluster: ClusterProfile, share: float, ranks_per_node: int
 ) -> tuple[list[tuple[float, float]], float]:
@@ -253,9 +243,9 @@ def _stage_costs(
     head_rate = cluster.large_gemm_flops * share * cluster.head_efficiency
     head_s = 3 * 2 * b * s * h * v / t / head_rate + cluster.micro_batch_overhead_us * 1e-6
     # ---- tensor parallelism: inside a node when it fits -----------------------------------
-    tp_gbps, tp_latency = _link(cluster, t <= ranks_per_node)
+    tp_gbps, tp_latency = link(cluster, t <= ranks_per_node)
     collectives = 4 + (2 if layout.recompute == "full" else 0)
-    one = _ring_seconds(
+    one = ring_seconds(
         b * s * h * cluster.activation_bytes, t, tp_gbps, tp_latency, cluster.collective_efficiency
     )
     if t > 1:
@@ -263,7 +253,7 @@ def _stage_costs(
     # ---- pipeline: activations between stages ------------------------------------------------
     p2p_micro = 0.0
     if p > 1:
-        p2p_gbps, p2p_latency = _link(cluster, t * p <= ranks_per_node)
+        p2p_gbps, p2p_latency = link(cluster, t * p <= ranks_per_node)
         nbytes = b * s * h * cluster.activation_bytes / t
         p2p_micro = 2 * (nbytes / (p2p_gbps * 1e9 * cluster.collective_efficiency) + p2p_latency * 1e-6)
         p2p_micro += cluster.pp_micro_batch_us * 1e-6  # the schedule's own cost per micro-batch
@@ -297,45 +287,28 @@ def _pipeline_seconds(
     return compute, tp, p2p, max(0.0, slowdown * others * (1 - fill))  # not -0.0 from rounding
 
 
-def _data_parallel_seconds(
+def _memory_per_rank(
+    model: ModelSpec,
     layout: PlannedLayout,
     cluster: ClusterProfile,
+    stage_parameters: list[float],
+    m: int,
     ranks_per_node: int,
-    rank_parameters: float,
-    slowdown: float,
-) -> tuple[float, float, float]:
-    """(exposed DP reduction, ZeRO's all-gather, optimizer) seconds of a step."""
-    t, p, d = layout.tp, layout.pp, layout.dp
-    dp_gbps, dp_latency = _link(cluster, t * p * d <= ranks_per_node)
-    gradient_bytes = rank_parameters * 4  # fp32 gradients
-    reduction = _ring_seconds(gradient_bytes, d, dp_gbps, dp_latency, cluster.collective_efficiency)
-    if layout.zero == 2:
-        reduction /= 2  # a reduce-scatter is half an allreduce
-    dp = reduction * (1 - cluster.dp_overlap)
-    zero = reduction / 2 if layout.zero else 0.0  # the all-gather of the updated parameters
-    # AdamW reads weight, gradient and two moments and writes three of them: 28 bytes per parameter
-    # it updates, through memory bandwidth the node's ranks share on a CPU.
-    optimizer = 0.0
-    if cluster.memory_gbps:
-        updated = rank_parameters / (d if layout.zero else 1)
-        optimizer = updated * 28 * slowdown / (cluster.memory_gbps * 1e9)
-    return dp, zero, optimizer
-
-
-def _memory_per_rank(
-    model: ModelSpec, layout: PlannedLayout, cluster: ClusterProfile, stage_parameters: list[float], m: int
 ) -> tuple[float, float, float]:
     """(states, activations, logits) bytes on the fullest stage's ranks."""
     t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
-    states_per_parameter = {0: 16.0, 1: 8 + 8 / d, 2: 8 + 12 / d}[layout.zero]
+    s = shard_ranks(layout.zero, layout.shard_group, d, t, ranks_per_node)
     per_layer = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
     logits = 4 * b * model.block_size * model.vocab / t  # fp32 logits and their softmax on the last stage
+    block = model.block_parameters / t
     memory = []
     for i, n in enumerate(stage_layers(model, p)):
         in_flight = min(p - i, m) if layout.schedule == "1f1b" else m  # 1F1B: stage i holds p - i
+        outside = (stage_parameters[i] - n * model.block_parameters) / t  # embedding, head
+        whole = outside + min(n, 2) * block
         memory.append(
             (
-                stage_parameters[i] / t * states_per_parameter,
+                state_bytes(layout.zero, stage_parameters[i] / t, whole, block, s),
                 per_layer * n * in_flight,
                 logits if i == p - 1 else 0.0,
             )
@@ -361,7 +334,14 @@ def predict(
     stages = stage_layers(model, layout.pp)
     stage_parameters = [_stage_parameters(model, i, n, layout.pp) for i, n in enumerate(stages)]
     rank_parameters = max(stage_parameters) / layout.tp
-    dp, zero, optimizer = _data_parallel_seconds(layout, cluster, ranks_per_node, rank_parameters, slowdown)
+    dp, zero, optimizer = data_parallel_seconds(
+        (layout.zero, layout.shard_group, layout.tp, layout.pp, layout.dp),
+        cluster,
+        ranks_per_node,
+        rank_parameters,
+        slowdown,
+        m,
+    )
     # What the benchmarks miss of a real training step (the loop, data, hooks), measured once.
     seconds = {
         "compute_s": compute,
@@ -374,7 +354,9 @@ def predict(
     }
     seconds = {name: x * cluster.step_scale for name, x in seconds.items()}
     step = sum(seconds.values())
-    states, activations, logits = _memory_per_rank(model, layout, cluster, stage_parameters, m)
+    states, activations, logits = _memory_per_rank(
+        model, layout, cluster, stage_parameters, m, ranks_per_node
+    )
     total = states + activations + logits
     gpus = layout.gpus
     recompute_flops = iteration_flops(model, global_batch, recompute=layout.recompute == "full")

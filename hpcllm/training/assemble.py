@@ -5,6 +5,7 @@ resumed state and the pipeline schedule, handed to the Trainer."""
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from hpcllm.model.gpt import GPT
 from hpcllm.model.partition import partition_tensor_parallel
 from hpcllm.observe.memory import tensor_bytes
 from hpcllm.parallel.data_parallel import DataParallel
+from hpcllm.parallel.fully_sharded import UnitValues
 from hpcllm.parallel.gradient_finaliser import GradientFinaliser
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.pipeline.schedules import PipelineStage
@@ -38,8 +40,14 @@ def build_model(
     shape = plan.model_shape(vocab_size)
     stages = plan.stages(vocab_size)
     layers = stages.layer_range(grid.pp_rank) if grid.layout.pp > 1 else None
-    model = plan.family.build(shape, plan.config.train.seed, layers, grid.is_first_stage, grid.is_last_stage)
-    model = model.to(rt.device)
+    # Fully sharded, the model is a skeleton on the meta device: its units are made one at a time
+    # when they are sharded (_unit_builder), so no rank ever holds the whole partition.
+    meta = plan.dp_strategy.shards_parameters
+    with torch.device("meta") if meta else nullcontext():
+        model = plan.family.build(
+            shape, plan.config.train.seed, layers, grid.is_first_stage, grid.is_last_stage
+        )
+    model = model if meta else model.to(rt.device)
     tp_group = TensorCollectives(
         grid.tp_comm,
         plan.tp_backend,
@@ -79,16 +87,34 @@ def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> Pipel
 
 
 def _gradients(
-    plan: Plan, grid: Grid, model: GPT, tp_group: TensorCollectives
+    plan: Plan, grid: Grid, model: GPT, tp_group: TensorCollectives, device: torch.device
 ) -> tuple[DataParallel, GradientFinaliser]:
-    """The data-parallel strategy's gradient buckets and the finaliser around them."""
+    """The data-parallel strategy's gradient buckets (or fully sharded units) and the finaliser
+    around them."""
     config, strategy = plan.config, plan.dp_strategy
     dp = DataParallel(grid, strategy)
+    if strategy.shards_parameters:  # first: it replaces the meta parameters
+        units = dp.fully_shard(
+            model, plan.allreduce_every, _unit_builder(plan, model, tp_group, device), device
+        )
+        shard_size, copies = grid.dp_shard[1], grid.layout.dp // grid.dp_shard[1]
+        log.info(
+            "fully sharded: %d units over %d DP ranks%s, %.1f MB of parameter shares on this rank; "
+            "gradients reduce-scattered every %d micro-batch(es)",
+            len(units.units),
+            shard_size,
+            f" of a node, replicated over {copies} nodes (hybrid)" if grid.hybrid else "",
+            units.param_shard.numel() * 4 / 1e6,
+            plan.allreduce_every,
+        )
     # Summed over another group before their DP reduction (the gradient finaliser's steps 1, 2):
     # the tied embedding over the first and last stage, the sequence-parallel parameters over TP.
     tied_over_stages = grid.layout.pp > 1 and model.shape.tie_embeddings and model.wte is not None
     tied = model.wte.weight if tied_over_stages else None
     sequence_parallel = sequence_parallel_parameters(model)
+    finaliser = GradientFinaliser(grid, dp, tp_group, tied, sequence_parallel, plan.pp_backend)
+    if strategy.shards_parameters:
+        return dp, finaliser
     gradients = dp.bucket_gradients(
         model,
         ([tied] if tied is not None else []) + sequence_parallel,
@@ -103,7 +129,30 @@ def _gradients(
         "by reduce-scatter" if strategy.shards_gradients else "by allreduce",
         strategy.name,
     )
-    return dp, GradientFinaliser(grid, dp, tp_group, tied, sequence_parallel, plan.pp_backend)
+    return dp, finaliser
+
+
+def _unit_builder(
+    plan: Plan, model: GPT, tp_group: TensorCollectives, device: torch.device
+) -> UnitValues | None:
+    """For a model built on the meta device: each unit's single-process values, cut for this TP
+    rank, from a model of that unit's parts alone (every tensor is seeded by its name, so they are
+    the whole model's values); the last one built is reused for the units it holds too."""
+    if not next(model.parameters()).is_meta:
+        return None
+    built: dict[tuple[range, bool, bool], dict[str, torch.Tensor]] = {}
+
+    def values(key: str) -> dict[str, torch.Tensor]:
+        parts = (range(int(key[5:]), int(key[5:]) + 1) if key.startswith("block") else range(0),)
+        parts += (key in ("embedding", "positions"), key == "head")
+        if parts not in built:
+            built.clear()  # one unit's model at a time
+            unit = plan.family.build(model.shape, plan.config.train.seed, *parts).to(device)
+            partition_tensor_parallel(unit, tp_group, plan.config.parallel.sequence_parallel)
+            built[parts] = {name: param.detach() for name, param in unit.named_parameters()}
+        return built[parts]
+
+    return values
 
 
 def _optimizer(
@@ -160,7 +209,7 @@ def assemble_trainer(
         grid.layout.tp,
         grid.layout.pp,
     )
-    dp, finaliser = _gradients(plan, grid, model, tp_group)
+    dp, finaliser = _gradients(plan, grid, model, tp_group, rt.device)
     optimizer = _optimizer(plan, grid, model, dp, rank_bytes)
     if resume:
         _resume(rt, grid, out, model, optimizer, resumed_at)

@@ -7,7 +7,8 @@ Layout of a run's `checkpoints/`:
         shard-pp0-tp0.safetensors     model + optimizer tensors + RNG state of one model partition
         shard-pp0-tp0.json            what is not a tensor: optimizer hyperparameters, tensor names
         shard-pp0-tp0-dp1.safetensors with a sharded optimizer (parallel.zero): DP rank 1's shares
-        shard-pp0-tp0-dp1.json          of the Adam state, and which elements of each parameter they are
+        shard-pp0-tp0-dp1.json          of the Adam state (fully sharded: and of the parameters), and
+                                        which elements of each parameter they are
     latest                            the name of the newest complete checkpoint
 
 One DP replica (dp rank 0) of each (pp, tp) partition writes its shard; replicas are identical.
@@ -35,6 +36,7 @@ from safetensors import SafetensorError
 
 from hpcllm.cluster.runtime import root_decides
 from hpcllm.errors import UsageError
+from hpcllm.parallel.fully_sharded import units_of
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import REPLICATED, Sharding, model_sharding, shard, unshard
 from hpcllm.training import optimizer_state, shard_io
@@ -216,9 +218,11 @@ def _read_shard(
     path = _verified(checkpoint, f"{base}.safetensors", manifest)
     tensors = _read_safetensors(path)
     meta = _side_file(checkpoint, base, manifest)
-    if optimizer and meta.get("optimizer_parts"):
+    if meta.get("optimizer_parts") and (optimizer or meta.get("parameter_parts")):
         tensors.update(
-            _joined_parts(checkpoint, manifest, pp_rank, tp_rank, meta["optimizer_parts"], tensors)
+            _joined_parts(
+                checkpoint, manifest, (pp_rank, tp_rank), meta["optimizer_parts"], tensors, optimizer
+            )
         )
     return tensors, meta
 
@@ -233,24 +237,29 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _joined_parts(
     checkpoint: Path,
     manifest: dict[str, Any],
-    pp_rank: int,
-    tp_rank: int,
+    partition: tuple[int, int],
     dp: int,
     model: dict[str, torch.Tensor],
+    optimizer: bool,
 ) -> dict[str, torch.Tensor]:
-    """A sharded optimizer's state of one partition as AdamW's per-parameter tensors, joined from
-    the DP ranks' part files (each moment shaped as the partition's `model.NAME`)."""
+    """One partition's tensors that the DP ranks wrote in shares, joined whole: a sharded
+    optimizer's state as AdamW's per-parameter tensors (with `optimizer`) and, fully sharded, the
+    parameters (`model.NAME`). Each is shaped as the partition's parameter."""
     joined: dict[str, torch.Tensor] = {}
     for dp_rank in range(dp):
-        base = part_name(pp_rank, tp_rank, dp_rank)
+        base = part_name(*partition, dp_rank)
         parts = _read_safetensors(_verified(checkpoint, f"{base}.safetensors", manifest))
         meta = _side_file(checkpoint, base, manifest)
-        for name, (first, end) in meta["parts"].items():
-            shape = model[f"model.{name}"].shape
-            for key in ("exp_avg", "exp_avg_sq"):
-                whole = joined.setdefault(f"optim.{name}.{key}", torch.zeros(shape))
-                whole.view(-1)[first:end] = parts[f"optim.{name}.{key}"]
-            joined[f"optim.{name}.step"] = torch.tensor(float(meta["step"]))
+        shapes = meta.get("shapes", {})
+        for key, piece in parts.items():
+            name = _param_name(key)
+            if key.startswith("optim.") and not optimizer:
+                continue
+            first, end = meta["parts"][name]
+            shape = shapes[name] if name in shapes else model[f"model.{name}"].shape
+            joined.setdefault(key, torch.zeros(shape)).view(-1)[first:end] = piece
+            if key.startswith("optim."):
+                joined[f"optim.{name}.step"] = torch.tensor(float(meta["step"]))
     return joined
 
 
@@ -317,7 +326,24 @@ def load_whole_model(
         if name not in tensors:
             raise UsageError(f"{source} lacks {name}")
         state[name] = shard(tensors[name], current.get(name, REPLICATED), grid.tp_rank, grid.layout.tp)
-    model.load_state_dict(state)
+    _load_model_state(source, model, state)
+
+
+def _load_model_state(source: Any, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The model's tensors into this rank's model; fully sharded, the parameters into its shares."""
+    expected = model.state_dict().keys()
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise UsageError(
+            f"{source} does not fit this model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    units = units_of(model)
+    if units is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        units.load_parameters(state, names)
+        state = {k: v for k, v in state.items() if k not in set(names.values())}
+    model.load_state_dict(state, strict=False)
 
 
 def load(
@@ -337,12 +363,7 @@ def load(
     else:
         tensors, meta = _resharded(checkpoint, manifest, grid, model, optimizer is not None)
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    if missing or unexpected:
-        raise UsageError(
-            f"{checkpoint} does not fit this model "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+    _load_model_state(checkpoint, model, model_state)
     if optimizer is not None:
         optimizer_state.from_tensors(
             optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters())

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {name: keys for name, (_, keys) in registry
 
 
 RECOMPUTE = ("none", "selective", "full")
-ZERO = (0, 1, 2)
+ZERO = (0, 1, 2, 3)
 TP_BACKENDS = ("auto", "mpi4py", "horovod", "torch")
 
 # Old keys that still work for a release, with a one-line note: key -> (new key, value mapping).
@@ -107,10 +107,16 @@ class ParallelConfig:
     tp_backend: str = "auto"  # auto | mpi4py | horovod | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
     pp_backend: str = "auto"  # auto | mpi4py | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
-    zero: int = 0  # 1: shard the Adam state over the data-parallel group; 2: and reduce-scatter gradients
+    # 1: shard the Adam state over the data-parallel group; 2: and reduce-scatter gradients;
+    # 3: and shard the parameters, gathered unit by unit (fully sharded data parallelism)
+    zero: int = 0
+    # zero = 3: shard over the whole DP group (world), or over its ranks on each node and replicate
+    # across nodes (node: hybrid sharding, HSDP; the gathers stay on a node's links)
+    shard_group: str = "world"
     bucket_mb: float = 25.0  # gradient bucket size: each bucket's reduction starts when it is complete
     sequence_parallel: bool = False  # with tp > 1: split the sequence between the TP layers
-    reduce_every: int = 0  # micro-batches per data-parallel gradient reduction; 0 = once per step
+    # micro-batches per data-parallel gradient reduction; 0 = once per step (zero = 3: every micro-batch)
+    reduce_every: int = 0
     grad_compression: str = "none"  # none | fp16: send allreduced gradient buckets as fp16
 
 
@@ -331,6 +337,7 @@ def validate(config: Config) -> None:
         ("parallel.pp_backend", config.parallel.pp_backend, PP_BACKENDS),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),
         ("parallel.zero", config.parallel.zero, ZERO),
+        ("parallel.shard_group", config.parallel.shard_group, ("world", "node")),
         ("parallel.grad_compression", config.parallel.grad_compression, ("none", "fp16")),
     ):
         if value not in choices:

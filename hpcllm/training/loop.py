@@ -31,7 +31,7 @@ from hpcllm.training import checkpoint, init_from, report
 from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
 from hpcllm.training.optim import learning_rate
-from hpcllm.training.plan import Plan, default_data_dir, make_plan
+from hpcllm.training.plan import Plan, check_hybrid_sharding, default_data_dir, make_plan
 from hpcllm.training.run_dir import ensure_data, has_checkpoint, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer
 
@@ -91,7 +91,10 @@ def _plan(args: TrainArgs, rt: runtime.Runtime) -> tuple[Plan, Path, Any, bool]:
         if cluster is not None:
             assignments += _auto_layout(config, cluster, rt)
             config = config_mod.load(args.config, assignments, overrides=args.overrides())
-        return make_plan(config, rt.size, rt.device.type, saved), out, folder, from_checkpoint
+        plan = make_plan(config, rt.size, rt.device.type, saved)
+        if config.parallel.shard_group == "node":
+            check_hybrid_sharding(plan.layout, rt.node_of_rank)
+        return plan, out, folder, from_checkpoint
 
     return runtime.root_decides(rt.comm, decide)
 
@@ -182,6 +185,7 @@ def run_training(args: TrainArgs) -> Trainer:
     # Every check comes before the run directory is created: bad input leaves nothing behind.
     fault = runtime.root_decides(rt.comm, faults.configured)
     plan, out, folder, from_checkpoint = _plan(args, rt)
+    hybrid = plan.config.parallel.shard_group == "node"
     grid = Grid(
         rt.comm,
         tp=plan.layout.tp,
@@ -191,6 +195,7 @@ def run_training(args: TrainArgs) -> Trainer:
         horovod_env=plan.horovod_env,
         torch_device=rt.device.type if plan.torch_groups else None,
         timeout_s=plan.config.train.watchdog_s or 300.0,
+        shard_nodes=rt.node_of_rank if hybrid else None,
     )
     data = ensure_data(plan, rt, grid.node_comm)
     if folder is not None:
@@ -211,12 +216,12 @@ def run_training(args: TrainArgs) -> Trainer:
             if (data.primary.path / name).is_file():
                 shutil.copyfile(data.primary.path / name, out / name)
     built = build_model(plan, data.primary.vocab_size, rt, grid)
-    if folder is not None:
-        runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(built[0], folder, grid))
-        log.info("initialised from %s: %s", folder.path, ", ".join(folder.model_settings()))
     trainer, start_step = assemble_trainer(
         plan, rt, grid, data, out, built, fault, from_checkpoint, resumed_at
     )
+    if folder is not None:  # into the assembled model: fully sharded, its parameters exist only now
+        runtime.every_rank_checks(rt.comm, lambda: init_from.load_weights(trainer.model, folder, grid))
+        log.info("initialised from %s: %s", folder.path, ", ".join(folder.model_settings()))
     steps = plan.config.train.steps
     if start_step >= steps:  # nothing to train: say so, not "final train loss nan"
         if rt.rank == 0:

@@ -115,6 +115,8 @@ def _allreduce_every(config: Config, micro: int) -> int:
             f"parallel.reduce_every {every} does not divide the {micro} micro-batches per rank "
             "per step; choose a divisor of it, or 0 for one allreduce per step"
         )
+    if config.parallel.zero == 3:  # fully sharded: no whole gradient is kept unless asked for
+        return every or 1
     return every or micro
 
 
@@ -157,6 +159,11 @@ def mpi_takes_cuda_buffers() -> bool:
 
 
 def _check_zero(config: Config, dp: int) -> None:
+    if config.parallel.shard_group != "world" and config.parallel.zero != 3:
+        raise UsageError(
+            f"parallel.shard_group={config.parallel.shard_group} chooses where fully sharded parameters are "
+            f"split, but parallel.zero={config.parallel.zero}: set parallel.zero=3, or drop it"
+        )
     if not config.parallel.zero:
         return
     if dp == 1:
@@ -170,6 +177,22 @@ def _check_zero(config: Config, dp: int) -> None:
             f"parallel.grad_compression={config.parallel.grad_compression} applies to allreduced gradients; "
             f"the distributed optimizer (parallel.zero={config.parallel.zero}) reduces fp32 gradients: "
             "drop one of them"
+        )
+
+
+def check_hybrid_sharding(layout: Layout, node_of_rank: list[int]) -> None:
+    """parallel.shard_group=node needs every node to hold as many ranks of each DP group, two or more."""
+    try:
+        shards, _ = layout.hybrid_dp_groups(node_of_rank)
+    except ValueError as exc:
+        raise UsageError(
+            f"parallel.shard_group=node splits each data-parallel group by node, but {exc}: "
+            "run as many ranks on every node, or use parallel.shard_group=world"
+        ) from exc
+    if len(shards[0]) == 1:
+        raise UsageError(
+            "parallel.shard_group=node shards over the data-parallel ranks of a node, but each node holds "
+            "one of them: nothing to shard; use parallel.shard_group=world or more ranks per node"
         )
 
 

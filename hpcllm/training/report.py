@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+from typing import Any
 
 from hpcllm.observe.metrics import MetricsLog
 from hpcllm.training import checkpoint
@@ -92,9 +93,16 @@ def peak_memory(trainer: Trainer) -> list[float]:
     held at its highest, allocator caches, communication buffers and checkpoints included), on
     rank 0, which also writes them to RUN/memory.json; empty elsewhere."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    peaks = trainer.rt.comm.gather(peak, root=0)
+    gathered = trainer.rt.comm.gather((peak, trainer.dp.memory_figures()), root=0)
     if trainer.rt.rank != 0:
         return []
-    row = {"step": trainer.config.train.steps, "peak_rss_mib": peaks, "layout": str(trainer.grid.layout)}
+    peaks = [peak for peak, _ in gathered]
+    row: dict[str, Any] = {
+        "step": trainer.config.train.steps,
+        "peak_rss_mib": peaks,
+        "layout": str(trainer.grid.layout),
+    }
+    if gathered[0][1]:  # fully sharded: each rank's parameter storage, counted
+        row["fully_sharded"] = [figures for _, figures in gathered]
     (trainer.run_dir / "memory.json").write_text(json.dumps(row) + "\n")
     return peaks

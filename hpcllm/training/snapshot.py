@@ -1,7 +1,8 @@
 """What goes into a checkpoint's files: one model partition's state copied to the host at a step
 boundary (`ShardSnapshot`), and the files' names. Taking a snapshot needs no communication: the
 first DP replica of each (pp, tp) partition snapshots its weights, optimizer state and RNG state;
-with a sharded optimizer every DP rank snapshots its own shares of the Adam state as well.
+with a sharded optimizer every DP rank snapshots its own shares of the Adam state as well, and
+fully sharded (zero = 3) its shares of the parameters, which then are in no other file.
 Writing them is training.checkpoint's (in the background with train.async_checkpoint).
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hpcllm.parallel.fully_sharded import units_of
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import model_sharding
 from hpcllm.training import optimizer_state
@@ -51,7 +53,10 @@ def snapshot_shard(
 ) -> ShardSnapshot:
     """This partition's model, optimizer state and RNG state, copied to the host."""
     names = {p: n for n, p in model.named_parameters()}
-    tensors = {f"model.{k}": _on_host(v, copy) for k, v in model.state_dict().items()}
+    # Fully sharded, no rank holds a whole parameter: each DP rank's part file carries its shares.
+    in_parts = set(names.values()) if units_of(model) is not None else set()
+    state = model.state_dict()
+    tensors = {f"model.{k}": _on_host(v, copy) for k, v in state.items() if k not in in_parts}
     optim_tensors, groups = optimizer_state.to_tensors(optimizer, names)
     tensors.update({name: _on_host(t, copy) for name, t in optim_tensors.items()})
     # Training draws no random numbers (dropout masks are keyed, model.dropout); the generators are
@@ -62,7 +67,9 @@ def snapshot_shard(
     split = {name: s.to_json() for name, s in model_sharding(model).items() if s.partitioned}
     meta = {"optimizer_groups": groups, "coords": list(grid.coords), "sharding": split}
     if hasattr(optimizer, "state_parts"):  # its state is in the DP ranks' part files
-        meta["optimizer_parts"] = grid.layout.dp
+        meta["optimizer_parts"] = optimizer.parts[1]
+    if in_parts:  # and so are the parameters
+        meta["parameter_parts"] = True
     return ShardSnapshot(shard_name(grid.pp_rank, grid.tp_rank), tensors, meta)
 
 
@@ -73,8 +80,8 @@ def take_snapshot(
     also every DP rank's own shares of its state (no gather: a state never comes together on one
     rank, and no communication)."""
     out = [snapshot_shard(model, optimizer, grid, copy)] if grid.dp_rank == 0 else []
-    if hasattr(optimizer, "state_parts"):
+    if hasattr(optimizer, "state_parts") and grid.replica_index == 0:  # hybrid: one node's copy
         tensors, meta = optimizer.state_parts({p: n for n, p in model.named_parameters()})
-        base = part_name(grid.pp_rank, grid.tp_rank, grid.dp_rank)
+        base = part_name(grid.pp_rank, grid.tp_rank, optimizer.parts[0])
         out.append(ShardSnapshot(base, {k: _on_host(t, copy) for k, t in tensors.items()}, meta))
     return out

@@ -1,0 +1,46 @@
+"""A language model's output head and its loss: logits over the vocabulary, and the sum of the
+next-token cross-entropies over the trained targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcllm.batch import IGNORE
+
+
+class TiedHead(nn.Module):
+    """Output logits through the token embedding's weight (passed in, so it is not registered twice),
+    and the loss over them. Tensor parallelism swaps in a vocabulary-parallel version."""
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, embedding_weight)
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, targets)
+
+
+class UntiedHead(nn.Linear):
+    """An output head with its own weight [vocab, n_embd] (Llama's untied embeddings); tensor
+    parallelism swaps in a vocabulary-parallel version holding its rows' slice."""
+
+    def __init__(self, n_embd: int, vocab_size: int):
+        super().__init__(n_embd, vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, targets)
+
+
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token cross-entropies over the targets that are not IGNORE, in fp32."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the trained targets (for one batch on its own)."""
+    return lm_loss_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)
