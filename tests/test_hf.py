@@ -100,7 +100,7 @@ def test_a_transformers_gpt2_and_hpcllm_give_the_same_logits(gpt2_folder):
 def test_init_from_hf_at_tp_and_pp_then_export_round_trip(gpt2_folder, data_dir, tmp_path):
     """hf folder -> train at tp 2 (first loss = transformers' on that batch) -> export (logits match
     hpcllm's) -> train from the export at pp 2 (first loss = transformers' on the export) -> export
-    of the pp checkpoint."""
+    of the pp checkpoint; the same at zero = 3."""
     tp_run, pp_run = tmp_path / "tp2", tmp_path / "pp2"
     proc = train(data_dir, tp_run, "--init-from", f"hf:{gpt2_folder}", "--tp", "2", "--steps", "2", ranks=2)
     assert proc.returncode == 0, proc.stderr
@@ -113,6 +113,14 @@ def test_init_from_hf_at_tp_and_pp_then_export_round_trip(gpt2_folder, data_dir,
     assert proc.returncode == 0, proc.stderr
     assert losses(pp_run)[1] == pytest.approx(first_batch_loss(exported, data_dir), rel=1e-5)
     assert_export_matches(pp_run, tmp_path / "new" / "pp2-hf", data_dir)  # missing folders are made
+    # Fully sharded at dp 2: read unit by unit into each rank's shares; exported from their parts.
+    z3_run = tmp_path / "zero3"
+    proc = train(
+        data_dir, z3_run, "--init-from", f"hf:{exported}", "--set", "parallel.zero=3", "--steps", "1", ranks=2
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert losses(z3_run)[1] == pytest.approx(first_batch_loss(exported, data_dir), rel=1e-5)
+    assert_export_matches(z3_run, tmp_path / "zero3-hf", data_dir)
     # An existing folder is never written over.
     assert_usage_error(
         run_hpcllm(["export", "--run", pp_run, "--out", exported]), "already exists", "not an empty folder"

@@ -16,7 +16,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: tuple[float, ...] 
     """theta^(-2i/head_dim) for i < head_dim/2; with Llama 3 scaling (factor, low and high frequency
     factors, the original context) the long wavelengths are divided by the factor, the short ones
     kept, and those between interpolated smoothly."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # On the CPU whatever the default device (a model built on the meta device still needs them).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     if not scaling:
         return inv_freq
     factor, low_freq_factor, high_freq_factor, original = scaling

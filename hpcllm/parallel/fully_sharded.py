@@ -101,6 +101,8 @@ class FullyShardedUnits:
         for unit in self.units:
             self._fill(unit, model, names, values(unit.key) if values is not None else None)
         self.by_key = {unit.key: unit for unit in self.units}
+        self.owned = self._owned()  # the layout is fixed from here on
+        self.late_pieces = {id(param): piece for param, piece in self.shard_pieces()}
         self.pending: deque[tuple[Unit, Any, torch.Tensor]] = deque()
         self.peak_gathered_bytes = 0
 
@@ -184,26 +186,24 @@ class FullyShardedUnits:
     def shard_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """(parameter, the slice of `shard` holding its reduced gradient) for each parameter this
         rank keeps a part of (views: valid at every step)."""
-        return [(param, self.shard[at : at + b - a]) for param, at, a, b in self._owned()]
-
-    def parameter_pieces(self) -> list[tuple[nn.Parameter, torch.Tensor, tuple[int, int]]]:
-        """(parameter, its slice of `param_shard`, which elements of the flattened parameter)."""
-        return [(param, self.param_shard[at : at + b - a], (a, b)) for param, at, a, b in self._owned()]
+        return [(param, self.shard[at : at + b - a]) for param, at, a, b in self.owned]
 
     @torch.no_grad()
     def load_parameters(self, state: dict[str, torch.Tensor], names: dict[int, str]) -> None:
         """This rank's shares from whole parameters (`state`: NAME -> tensor of this partition;
         `names`: id(parameter) -> NAME)."""
-        for param, at, a, b in self._owned():
-            self.param_shard[at : at + b - a].copy_(state[names[id(param)]].reshape(-1)[a:b])
+        for param, at, a, b in self.owned:
+            if names[id(param)] in state:  # a partial state (one unit at a time) leaves the rest
+                self.param_shard[at : at + b - a].copy_(state[names[id(param)]].reshape(-1)[a:b])
         self.release_all()  # whole copies gathered before hold the old values
+
+    def unit_parameters(self) -> list[list[nn.Parameter]]:
+        """Each unit's parameters, in the forward's order."""
+        return [list(unit.params) for unit in self.units]
 
     def late_piece(self, param: nn.Parameter) -> torch.Tensor | None:
         """The slice of the reduced gradient shard holding `param`'s share, or None."""
-        for owner, piece in self.shard_pieces():
-            if owner is param:
-                return piece
-        return None
+        return self.late_pieces.get(id(param))
 
     # ---- the gate the model calls -------------------------------------------------------------
 

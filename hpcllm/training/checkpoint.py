@@ -316,23 +316,31 @@ def _resharded(
 
 
 def load_whole_model(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor], grid: Grid, source: str
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    grid: Grid,
+    source: str,
+    names: set[str] | None = None,
 ) -> None:
     """Load the whole model's tensors (single-process names) into this rank's part: its stage's
-    tensors, each cut by this rank's tensor-parallel split."""
+    tensors, each cut by this rank's tensor-parallel split; `names`: only those (fully sharded
+    parameters, loaded unit by unit)."""
     current = model_sharding(model)
     state = {}
-    for name in model.state_dict():
+    for name in names if names is not None else model.state_dict():
         if name not in tensors:
             raise UsageError(f"{source} lacks {name}")
         state[name] = shard(tensors[name], current.get(name, REPLICATED), grid.tp_rank, grid.layout.tp)
-    _load_model_state(source, model, state)
+    _load_model_state(source, model, state, partial=names is not None)
 
 
-def _load_model_state(source: Any, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """The model's tensors into this rank's model; fully sharded, the parameters into its shares."""
+def _load_model_state(
+    source: Any, model: torch.nn.Module, state: dict[str, torch.Tensor], partial: bool = False
+) -> None:
+    """The model's tensors into this rank's model; fully sharded, the parameters into its shares.
+    `partial`: some of them only."""
     expected = model.state_dict().keys()
-    missing, unexpected = expected - state.keys(), state.keys() - expected
+    missing, unexpected = set() if partial else expected - state.keys(), state.keys() - expected
     if missing or unexpected:
         raise UsageError(
             f"{source} does not fit this model "

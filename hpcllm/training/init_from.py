@@ -25,6 +25,7 @@ from hpcllm.errors import UsageError
 from hpcllm.model import hf_folder
 from hpcllm.model.family import model_setting
 from hpcllm.model.registry import family_of_hf_folder, family_of_shape
+from hpcllm.parallel.fully_sharded import units_of
 from hpcllm.parallel.grid import Grid
 from hpcllm.training import checkpoint
 from hpcllm.training.config import Config
@@ -94,5 +95,15 @@ def load_weights(model: torch.nn.Module, folder: Any, grid: Grid) -> None:
     if isinstance(folder, RunCheckpoint):  # resharded to this layout; the optimizer starts afresh
         checkpoint.load(folder.checkpoint, model, None, grid, restore_rng=False)
         return
-    tensors = family_of_shape(model.shape).hf().read_weights(folder, wanted=set(model.state_dict()))
-    checkpoint.load_whole_model(model, tensors, grid, str(folder.path))
+    hf = family_of_shape(model.shape).hf()
+    units = units_of(model)
+    if units is None:
+        tensors = hf.read_weights(folder, wanted=set(model.state_dict()))
+        checkpoint.load_whole_model(model, tensors, grid, str(folder.path))
+        return
+    # Fully sharded: one unit's tensors read at a time, each rank keeping its shares of them.
+    names = {id(param): name for name, param in model.named_parameters()}
+    for params in units.unit_parameters():
+        wanted = {names[id(param)] for param in params}
+        tensors = hf.read_weights(folder, wanted=wanted)
+        checkpoint.load_whole_model(model, tensors, grid, str(folder.path), names=wanted)

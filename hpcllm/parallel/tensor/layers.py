@@ -51,11 +51,15 @@ class _SequenceGatheredLinear(torch.autograd.Function):
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         x, weight = ctx.saved_tensors
-        whole = ctx.group.allgather(x, SEQUENCE)
-        grad_input = ctx.group.reduce_scatter(grad @ weight, SEQUENCE)
+        # Under autocast the forward's matmul ran in the gradient's dtype (bf16); backward does too,
+        # and hands back gradients in the dtypes of x and the weight.
+        compute = grad.dtype
+        whole = ctx.group.allgather(x, SEQUENCE).to(compute)
+        grad_input = ctx.group.reduce_scatter(grad @ weight.to(compute), SEQUENCE).to(x.dtype)
         rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = rows.t() @ whole.reshape(-1, whole.shape[-1])
-        return grad_input, grad_weight, rows.sum(0) if ctx.has_bias else None, None
+        grad_weight = (rows.t() @ whole.reshape(-1, whole.shape[-1])).to(weight.dtype)
+        bias = rows.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return grad_input, grad_weight, bias, None
 
 
 def _optional(tensor: torch.Tensor | None) -> nn.Parameter | None:
