@@ -4,8 +4,13 @@ the oracle, and the memory contract counted from each rank's live parameter stor
 
 import json
 
+import pytest
 from conftest import assert_same_losses, copy_run_at, losses, run_hpcllm, sets
 from test_memory import train_run
+
+from hpcllm.errors import UsageError
+from hpcllm.parallel.layout import Layout
+from hpcllm.training.plan import check_hybrid_sharding
 
 ZERO3 = sets("parallel.zero=3")
 EVERY_10 = sets("train.ckpt_every=10")
@@ -89,3 +94,19 @@ def test_only_the_units_in_use_are_whole(data_dir, tmp_path):
         allowed = figures["kept_units_bytes"] + 2 * figures["largest_block_bytes"]
         assert 0 < figures["peak_whole_parameter_bytes"] <= allowed
         assert allowed < 0.6 * figures["partition_bytes"]
+
+
+def test_hybrid_sharding_groups_and_the_node_maps_it_refuses():
+    """parallel.shard_group=node: shard groups are a DP group's ranks on one node, replica groups
+    the ranks at the same place on each node; nodes holding different numbers of a DP group's
+    ranks, or one each, are one line. (The training itself runs on two virtual nodes in
+    test_multinode.py.)"""
+    two_nodes = [0, 0, 1, 1]
+    assert Layout.for_world(4).hybrid_dp_groups(two_nodes) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    # tp 2 inside each node: every DP group has one rank per node, so nothing to shard.
+    assert Layout.for_world(4, tp=2).hybrid_dp_groups(two_nodes) == ([[0], [2], [1], [3]], [[0, 2], [1, 3]])
+    with pytest.raises(UsageError, match="one of them: nothing to shard"):
+        check_hybrid_sharding(Layout.for_world(4, tp=2), two_nodes)
+    with pytest.raises(UsageError, match=r"has \[3, 1\] ranks on its nodes"):
+        check_hybrid_sharding(Layout.for_world(4), [0, 0, 0, 1])
+    check_hybrid_sharding(Layout.for_world(8), [0] * 4 + [1] * 4)

@@ -144,6 +144,8 @@ def test_bad_sharding_settings_are_one_line(data_dir, tmp_path):
             "parallel.zero=1 shards the optimizer state over data-parallel replicas, but dp = 1",
         ),
         (["parallel.zero=4"], None, "parallel.zero must be 0, 1, 2 or 3, not 4"),
+        (["parallel.shard_group=rack"], None, "parallel.shard_group must be world or node, not rack"),
+        (["parallel.shard_group=node"], None, "but parallel.zero=0: set parallel.zero=3, or drop it"),
         (["parallel.bucket_mb=0"], None, "parallel.bucket_mb must be positive, not 0"),
         (
             ["parallel.zero=1", "parallel.grad_compression=fp16"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hpcllm.batch import IGNORE
 
@@ -44,3 +45,25 @@ def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the trained targets (for one batch on its own)."""
     return lm_loss_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)
+
+
+def chunked_loss_sum(
+    head: nn.Module, normed: torch.Tensor, targets: torch.Tensor, tied: torch.Tensor | None, chunk: int
+) -> torch.Tensor:
+    """The head's loss sum over `normed` [batch, time, width] (the final norm's output), `chunk`
+    tokens at a time: each chunk's logits are made, reduced to its loss sum and dropped, and made
+    again in backward (activation checkpointing), so the logits and their gradient exist for one
+    chunk at a time, never for the whole micro-batch (Liger-style chunked cross-entropy). The same
+    sum as the whole head's, up to the order of the additions; vocabulary-parallel under TP."""
+    rows, wanted = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=normed.device)
+    for start in range(0, len(rows), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_loss_sum, head, rows[part], wanted[part], tied, use_reentrant=False)
+    return total
+
+
+def _chunk_loss_sum(
+    head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, tied: torch.Tensor | None
+) -> torch.Tensor:
+    return head.loss_sum(head(rows[None], tied), targets[None])

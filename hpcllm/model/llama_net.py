@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hpcllm.model.dropout import DropoutKeys
-from hpcllm.model.gpt import GPT, Block, run
+from hpcllm.model.gpt import GPT
+from hpcllm.model.gpt_block import Block, run
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.model.llama_shape import LlamaShape
 from hpcllm.model.rope import Rotary, angle_table, apply_rotary, inverse_frequencies, rotary_at

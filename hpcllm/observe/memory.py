@@ -9,7 +9,8 @@ import torch
 
 
 def saved_activation_bytes(model: Any, idx: torch.Tensor, targets: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward during `model.loss(model(idx), targets)`
+    """Bytes of the tensors autograd saves for backward during the loss of `idx` (the model's
+    `sequence_loss_sum`: its head whole, or chunk by chunk with `loss_chunk`)
     (parameters, which autograd saves by reference, are not counted; storage shared by several
     saved tensors counts once). A backward pass then frees the graph and leaves the gradients."""
     parameter_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -26,7 +27,7 @@ def saved_activation_bytes(model: Any, idx: torch.Tensor, targets: torch.Tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model.loss(model(idx), targets)
+        loss = model.sequence_loss_sum(idx, targets)
     loss.backward()
     return total
 

@@ -57,6 +57,7 @@ def build_model(
     )
     partition_tensor_parallel(model, tp_group, plan.config.parallel.sequence_parallel)
     model.set_recompute(plan.config.train.recompute)
+    model.loss_chunk = plan.config.train.loss_chunk
     if grid.layout.pp > 1:
         if plan.micro_batches < grid.layout.pp:
             log.warning(

@@ -91,6 +91,9 @@ class TrainConfig:
     # freed, so the resident memory follows what is live (0 = glibc's own, adaptive threshold, which
     # keeps freed tensors' memory for reuse: faster, with up to a third more resident memory)
     mmap_mb: float = 0.0
+    # tokens per chunk of the head and its loss in training: each chunk's logits are made, reduced and
+    # made again in backward, so they never exist whole (0 = the whole micro-batch at once)
+    loss_chunk: int = 0
     tensorboard: bool = False  # also write the logged metrics as TensorBoard events in RUN/tensorboard
     # hf:DIR (a Hugging Face GPT-2 or Llama folder) or run:DIR[@STEP] (an hpcllm run's checkpoint, with
     # a fresh optimizer): the new run's shape and weights
@@ -316,6 +319,7 @@ def validate(config: Config) -> None:
         ("train.watchdog_s", t.watchdog_s),
         ("train.check_replicas_every", t.check_replicas_every),
         ("train.mmap_mb", t.mmap_mb),
+        ("train.loss_chunk", t.loss_chunk),
         ("horovod.fusion_threshold_mb", config.horovod.fusion_threshold_mb),
         ("parallel.reduce_every", config.parallel.reduce_every),
     ):

@@ -199,6 +199,11 @@ def check_hybrid_sharding(layout: Layout, node_of_rank: list[int]) -> None:
 def _check_sequence_parallel(config: Config, tp: int) -> None:
     if not config.parallel.sequence_parallel:
         return
+    if config.train.loss_chunk:
+        raise UsageError(
+            f"train.loss_chunk={config.train.loss_chunk} cuts the head's tokens into chunks, which "
+            "parallel.sequence_parallel does not support yet (its head gathers the sequence): drop one"
+        )
     if tp == 1:
         raise UsageError(
             "parallel.sequence_parallel splits the sequence over the tensor-parallel group, but tp = 1: "

@@ -140,8 +140,9 @@ class Trainer:
         return DropoutKeys(self.config.train.seed, samples, self.grid.tp_rank)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(batch.tokens, batch.positions, mask=batch.attention, keys=batch.dropout)
-        return self.model.loss_sum(logits, batch.targets)
+        return self.model.sequence_loss_sum(
+            batch.tokens, batch.targets, True, batch.positions, batch.attention, batch.dropout
+        )
 
     def _forward_backward(
         self, batches: list[Batch], scale: float, step: int, after_backward: Callable[[int], None]

@@ -84,12 +84,16 @@ class PipelineStage:
             inputs = self.link.recv(self.hidden_shape, self.stage - 1, tag(micro, False), self.device)
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
-            output = self.model.forward_stage(
-                inputs, self.first, self.last, batch.positions, mask=batch.attention, keys=batch.dropout
-            )
-            if self.last:
-                loss = self.model.row_loss_sums if per_row else self.model.loss_sum
-                output = loss(output, batch.targets)
+            if self.last and not per_row:  # the loss whole, or chunk by chunk (train.loss_chunk)
+                output = self.model.sequence_loss_sum(
+                    inputs, batch.targets, self.first, batch.positions, batch.attention, batch.dropout
+                )
+            else:
+                output = self.model.forward_stage(
+                    inputs, self.first, self.last, batch.positions, mask=batch.attention, keys=batch.dropout
+                )
+                if self.last:
+                    output = self.model.row_loss_sums(output, batch.targets)
         if not self.last:
             self.link.send(output, self.stage + 1, tag(micro, False))
         return inputs, output, scale
