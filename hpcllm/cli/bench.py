@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hpcllm.cli.common import Parser, add_set_option
+from hpcllm.cli.common import Parser, add_set_option, int_list
 from hpcllm.errors import UsageError
 
 
@@ -152,6 +152,16 @@ def _add_startup(kinds: Any) -> None:
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.set_defaults(func=checkpoint)
 
+    hd = kinds.add_parser("head", help="the head's peak memory and step time: its loss whole vs chunked")
+    hd.add_argument("--vocab", type=int, default=128256, help="vocabulary (128256, Llama 3's)")
+    hd.add_argument("--sequence", type=int, default=2048, help="tokens (2048)")
+    hd.add_argument("--width", type=int, default=64, help="hidden width (64)")
+    hd.add_argument("--chunk", type=int, default=512, help="train.loss_chunk to compare (512)")
+    hd.add_argument("--steps", type=int, default=3, help="steps per process (3)")
+    hd.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, interleaved (3)")
+    hd.add_argument("--json", action="store_true", help="machine-readable output")
+    hd.set_defaults(func=head)
+
     pk = kinds.add_parser(
         "packing", help="trained tokens/s of fine-tuning samples of mixed lengths: packed vs padded"
     )
@@ -189,20 +199,10 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--model takes a preset ({', '.join(PRESETS)}), not {args.model!r}")
     if args.new_tokens < 1 or args.repeat < 1:
         raise UsageError("--new-tokens and --repeat must be at least 1")
-    batches = tuple(_int_list(args.batches, "--batches"))
+    batches = tuple(int_list(args.batches, "--batches"))
     result = bench.run(prepared_data(args.data), args.model, args.new_tokens, batches, args.repeat)
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
     return 0
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise UsageError(f"{flag} takes comma-separated integers, not {text!r}") from exc
-    if not values or min(values) < 1:
-        raise UsageError(f"{flag} needs positive integers, not {text!r}")
-    return values
 
 
 def pipeline(args: argparse.Namespace) -> int:
@@ -211,7 +211,7 @@ def pipeline(args: argparse.Namespace) -> int:
     steps = 3 if args.steps is None else args.steps
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, not {steps}")
-    results = bench.run(_int_list(args.pp, "--pp"), _int_list(args.micro, "--micro"), steps)
+    results = bench.run(int_list(args.pp, "--pp"), int_list(args.micro, "--micro"), steps)
     print(json.dumps(results, indent=1) if args.json else bench.render(results))
     if args.plot:
         bench.plot(results, Path(args.plot))
@@ -375,4 +375,18 @@ def packing(args: argparse.Namespace) -> int:
         raise UsageError("bench packing needs --steps >= 3, --repeat >= 1, --block >= 16 and --records >= 1")
     result = bench.run(args.steps, args.repeat, args.block, args.records, args.set)
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
+    return 0
+
+
+def head(args: argparse.Namespace) -> int:
+    from hpcllm.bench import head as bench
+
+    if min(args.vocab, args.sequence, args.width, args.chunk, args.steps, args.repeat) < 1:
+        raise UsageError("bench head needs --vocab, --sequence, --width, --chunk, --steps and --repeat >= 1")
+    rows = bench.run(args.vocab, args.sequence, args.width, args.chunk, args.steps, args.repeat)
+    print(
+        json.dumps(bench.summary(rows), indent=1)
+        if args.json
+        else bench.render(rows, args.vocab, args.sequence, args.width)
+    )
     return 0

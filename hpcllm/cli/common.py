@@ -27,3 +27,14 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 def add_set_option(parser: argparse.ArgumentParser, what: str = "override a config key (repeat)") -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=what)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """Positive integers from comma-separated text given to `flag`; bad text is one UsageError."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{flag} takes comma-separated integers, not {text!r}") from exc
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} needs positive integers, not {text!r}")
+    return values
