@@ -1,5 +1,5 @@
-"""train.loss_chunk: the head and its loss N tokens at a time, each chunk's logits made again in
-backward, so they never exist whole. The same loss and gradients as the whole head, in one process
+"""train.loss_chunk: the head and its loss N tokens at a time, each chunk's gradients made with its
+loss, so the logits never exist whole. The same loss and gradients as the whole head, in one process
 and at every layout; fewer bytes kept for backward."""
 
 from types import SimpleNamespace
@@ -37,8 +37,10 @@ def test_chunks_give_the_whole_heads_loss_and_gradients_with_fewer_saved_bytes()
             assert abs(loss - whole) <= 1e-6 * whole
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, whole_grads[name], rtol=1e-5, atol=1e-6, msg=name)
-        logits_bytes = 3 * 24 * 300 * 4
-        assert chunked[0][2] <= whole_bytes - logits_bytes  # no micro-batch's logits kept
+        # Kept for backward: the rows' and the weight's gradients (tokens x width, vocabulary x width)
+        # instead of the micro-batch's log-probabilities (tokens x vocabulary).
+        logits_bytes, kept_bytes = 3 * 24 * 300 * 4, (3 * 24 + 300) * 32 * 4
+        assert chunked[0][2] <= whole_bytes - logits_bytes + kept_bytes
 
 
 def test_chunked_loss_at_tp2_and_pp2_dp2_zero3_matches_the_whole_head(data_dir, tmp_path):

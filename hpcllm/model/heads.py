@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hpcllm.batch import IGNORE
+from hpcllm.parallel.tensor.cross_entropy import chunked_linear_cross_entropy
+from hpcllm.parallel.tensor.mappings import copy_to_region
 
 
 class TiedHead(nn.Module):
@@ -51,19 +52,14 @@ def chunked_loss_sum(
     head: nn.Module, normed: torch.Tensor, targets: torch.Tensor, tied: torch.Tensor | None, chunk: int
 ) -> torch.Tensor:
     """The head's loss sum over `normed` [batch, time, width] (the final norm's output), `chunk`
-    tokens at a time: each chunk's logits are made, reduced to its loss sum and dropped, and made
-    again in backward (activation checkpointing), so the logits and their gradient exist for one
-    chunk at a time, never for the whole micro-batch (Liger-style chunked cross-entropy). The same
-    sum as the whole head's, up to the order of the additions; vocabulary-parallel under TP."""
+    tokens at a time, each chunk's gradients made with its loss: the logits exist for one chunk at
+    a time, never for the whole micro-batch, and nothing is recomputed (Liger-style fused linear
+    cross-entropy, parallel.tensor.cross_entropy). The same sum as the whole head's, up to the order
+    of the additions; vocabulary-parallel under TP."""
+    weight = tied if tied is not None else head.weight
     rows, wanted = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
-    total = torch.zeros((), dtype=torch.float32, device=normed.device)
-    for start in range(0, len(rows), chunk):
-        part = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_loss_sum, head, rows[part], wanted[part], tied, use_reentrant=False)
-    return total
-
-
-def _chunk_loss_sum(
-    head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, tied: torch.Tensor | None
-) -> torch.Tensor:
-    return head.loss_sum(head(rows[None], tied), targets[None])
+    group = getattr(head, "group", None)  # a vocabulary-parallel head's TP group
+    if group is None:
+        return chunked_linear_cross_entropy(rows, weight, wanted, chunk)
+    rows = copy_to_region(rows, group)  # its backward sums the rows' gradient over TP
+    return chunked_linear_cross_entropy(rows, weight, wanted, chunk, group, head.start, head.vocab_size)
