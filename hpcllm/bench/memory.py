@@ -74,6 +74,7 @@ def run(config: Config, vocab_size: int, dp: int, steps: int) -> list[dict[str, 
     for recompute in RECOMPUTE:
         model = family.build(shape, t.seed, None, True, True).to(device)
         model.set_recompute(recompute)
+        model.loss_chunk = config.train.loss_chunk  # the head whole, or chunk by chunk
         activations = saved_activation_bytes(model, idx, idx)
         step_ms, allocator_peak = _step(model, idx, steps, t)
         params = tensor_bytes(list(model.parameters()))
@@ -147,6 +148,7 @@ def largest_models(config: Config, vocab_size: int, dp: int, budget_bytes: float
         for layers in (1, 2):
             model = family.build(replace(full, n_layer=layers), 0, None, True, True)
             model.set_recompute(recompute)
+            model.loss_chunk = config.train.loss_chunk  # the head whole, or chunk by chunk
             kept.append(saved_activation_bytes(model, idx, idx))
         per_layer_activations, outside_activations = kept[1] - kept[0], 2 * kept[0] - kept[1]
         shape = replace(full, n_layer=0, dropout=0.0)
