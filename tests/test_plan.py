@@ -310,8 +310,9 @@ def test_fully_sharded_and_hybrid_layouts_in_the_step_model():
     spec = ModelSpec.of_preset("gpt2-350m")
     cluster = profiles.load("a100")
 
-    def at(**fields):
-        return predict(spec, PlannedLayout(1, 1, 16, 1, **fields), cluster, 16, ranks_per_node=8)
+    def at(micro_batch=1, **fields):
+        layout = PlannedLayout(1, 1, 16, micro_batch, **fields)
+        return predict(spec, layout, cluster, 16 * micro_batch, ranks_per_node=8)
 
     zero1, world, node = at(zero=1), at(zero=3), at(zero=3, shard_group="node")
     assert world.breakdown["states_gib"] < zero1.breakdown["states_gib"] < at().breakdown["states_gib"]
@@ -320,6 +321,10 @@ def test_fully_sharded_and_hybrid_layouts_in_the_step_model():
     layout = parse_layout("tp=1,pp=1,dp=16,micro_batch=1,zero=3,shard_group=node", 16)
     assert layout.shard_group == "node" and parse_layout(layout_text(layout), 16) == layout
     assert "parallel.shard_group=node" in layout_arguments(layout)
+    # A chunked loss: the head's logits of 1,024 tokens instead of the micro-batch's.
+    whole, chunked = at(micro_batch=8), at(micro_batch=8, loss_chunk=1024)
+    assert chunked.breakdown["logits_gib"] < whole.breakdown["logits_gib"] / 3
+    assert parse_layout("tp=1,pp=1,dp=16,micro_batch=1,loss_chunk=1024", 16).loss_chunk == 1024
 
 
 def test_peak_memory_of_a_layout_is_what_bench_memory_measures():

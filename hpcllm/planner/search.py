@@ -74,7 +74,17 @@ def distinct(predictions: list[Prediction]) -> list[Prediction]:
     return kept
 
 
-LAYOUT_KEYS = ("tp", "pp", "dp", "micro_batch", "zero", "recompute", "sequence_parallel", "shard_group")
+LAYOUT_KEYS = (
+    "tp",
+    "pp",
+    "dp",
+    "micro_batch",
+    "zero",
+    "recompute",
+    "sequence_parallel",
+    "shard_group",
+    "loss_chunk",
+)
 
 
 def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> PlannedLayout:
@@ -83,7 +93,7 @@ def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Plann
     fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
     for key, value in (item.partition("=")[::2] for item in text.split(",")):
         key, value = key.strip(), value.strip()
-        if key in ("tp", "pp", "dp", "micro_batch", "zero"):
+        if key in ("tp", "pp", "dp", "micro_batch", "zero", "loss_chunk"):
             if not value.isdigit():
                 raise UsageError(f"--layout: {key} must be an integer, not {value!r}")
             fields[key] = int(value)
@@ -95,7 +105,7 @@ def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Plann
             fields[key] = value
         else:
             raise UsageError(f"--layout: unknown {key}={value}; use {', '.join(LAYOUT_KEYS)}")
-    for key in ("tp", "pp", "dp", "micro_batch"):
+    for key in ("tp", "pp", "dp", "micro_batch"):  # loss_chunk may be 0: the whole head
         if fields.get(key, 1) < 1:
             raise UsageError(f"--layout: {key} must be at least 1, not {fields[key]}")
     tp, pp = fields.pop("tp"), fields.pop("pp")
@@ -130,6 +140,8 @@ def layout_text(layout: PlannedLayout) -> str:
         parts.append("sequence_parallel=true")
     if layout.shard_group != "world":
         parts.append(f"shard_group={layout.shard_group}")
+    if layout.loss_chunk:
+        parts.append(f"loss_chunk={layout.loss_chunk}")
     return ",".join(parts)
 
 
@@ -143,6 +155,7 @@ def layout_settings(layout: PlannedLayout) -> list[str]:
         f"parallel.zero={layout.zero}",
         f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
         *([f"parallel.shard_group={layout.shard_group}"] if layout.shard_group != "world" else []),
+        *([f"train.loss_chunk={layout.loss_chunk}"] if layout.loss_chunk else []),
     ]
 
 

@@ -140,6 +140,7 @@ class PlannedLayout:
     sequence_parallel: bool = False
     schedule: str = "1f1b"
     shard_group: str = "world"  # zero = 3: world, or node (hybrid sharding)
+    loss_chunk: int = 0  # train.loss_chunk: tokens of the head and its loss at a time (0: all)
 
     @property
     def gpus(self) -> int:
@@ -300,6 +301,8 @@ def _memory_per_rank(
     s = shard_ranks(layout.zero, layout.shard_group, d, t, ranks_per_node)
     per_layer = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
     logits = 4 * b * model.block_size * model.vocab / t  # fp32 logits and their softmax on the last stage
+    if layout.loss_chunk:  # one chunk's logits (their gradient in place) and the head weight's gradient
+        logits = 4 * (min(b * model.block_size, layout.loss_chunk) + model.n_embd) * model.vocab / t
     block = model.block_parameters / t
     memory = []
     for i, n in enumerate(stage_layers(model, p)):
