@@ -1,0 +1,146 @@
+"""Ring attention for context parallelism: causal attention of this rank's part of the sequences
+over every rank's keys and values, with the key/value blocks passed around the context-parallel
+group and the softmax statistics combined exactly (Liu et al. 2023, "Ring Attention"; the load
+balance of Megatron-Core's context parallelism).
+
+- Which positions a rank holds (`held_positions`): the sequence is cut into 2·cp chunks and rank i
+  holds chunks i and 2·cp−1−i, so that under the causal mask every rank does the same work.
+- Forward: cp steps. At each, this rank's queries attend to the block in hand (its own first) under
+  the causal rule of the positions (a key is seen by the queries at or after its position), and
+  the block's output is merged into the running one with the running max and sum of exponentials
+  (online softmax). The next block's transfer (a point-to-point send to the next rank, a receive
+  from the previous) is started before the block in hand is computed, and waited for after.
+- Backward: the blocks go around again, each with the gradients of its keys and values, which
+  every rank adds its part to; after cp hops a block and its gradients are back with their owner.
+  The probabilities are rebuilt from the saved log-sum-exp, as flash attention's backward does.
+
+mpi4py on the group's communicator (CPU). In fp32, whatever the inputs' dtype (the results are
+cast back). Grouped-query attention: keys and values may have fewer heads than the queries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hpcllm.parallel.mpi_buffers import mpi_buffer
+
+
+def held_positions(sequence: int, cp: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """The positions of a sequence that context-parallel rank `rank` holds, in order: chunks `rank`
+    and 2·cp−1−rank of 2·cp equal ones (the sequence must divide by 2·cp)."""
+    size = sequence // (2 * cp)
+    first, second = rank * size, (2 * cp - 1 - rank) * size
+    return torch.cat([torch.arange(first, first + size), torch.arange(second, second + size)]).to(device)
+
+
+class _Ring:
+    """Point-to-point transfers around the group: send to the next rank, receive from the previous."""
+
+    def __init__(self, comm: Any):
+        self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
+
+    def start(self, tensors: list[torch.Tensor], tag: int) -> tuple[list[Any], list[torch.Tensor]]:
+        """Begin passing `tensors` on; returns the requests and the buffers the previous rank's fill."""
+        received = [torch.empty_like(t) for t in tensors]
+        requests = []
+        for index, (out, into) in enumerate(zip(tensors, received, strict=True)):
+            requests.append(
+                self.comm.Isend(mpi_buffer(out), dest=(self.rank + 1) % self.size, tag=tag + index)
+            )
+            requests.append(
+                self.comm.Irecv(mpi_buffer(into), source=(self.rank - 1) % self.size, tag=tag + index)
+            )
+        return requests, received
+
+    @staticmethod
+    def finish(requests: list[Any]) -> None:
+        from mpi4py import MPI
+
+        MPI.Request.Waitall(requests)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Scaled scores [b, heads, tq, tk] with the causal rule of the positions (masked: -inf)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+
+
+def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _fold(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A gradient over the expanded heads, summed back onto the key/value heads."""
+    if x.shape[1] == heads:
+        return x
+    return x.unflatten(1, (heads, x.shape[1] // heads)).sum(dim=2)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, comm: Any
+    ) -> torch.Tensor:
+        ring = _Ring(comm)
+        qf, block = q.float(), [k.float().contiguous(), v.float().contiguous(), positions.contiguous()]
+        out = torch.zeros_like(qf)
+        running_max = torch.full(qf.shape[:-1], float("-inf"))
+        running_sum = torch.zeros(qf.shape[:-1])
+        for step in range(ring.size):
+            pending = ring.start(block, tag=10 * step) if step < ring.size - 1 else None
+            scores = _scores(qf, block[0], positions, block[2])
+            new_max = torch.maximum(running_max, scores.amax(dim=-1))
+            safe = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw no key yet
+            weights = (scores - safe[..., None]).exp()
+            rescale = (running_max - safe).exp()
+            running_sum = running_sum * rescale + weights.sum(dim=-1)
+            out = out * rescale[..., None] + weights @ _expand(block[1], qf.shape[1])
+            running_max = new_max
+            if pending is not None:
+                _Ring.finish(pending[0])
+                block = pending[1]
+        out = out / running_sum[..., None]
+        ctx.save_for_backward(q, k, v, positions, out, running_max + running_sum.log())
+        ctx.comm = comm
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, positions, out, lse = ctx.saved_tensors
+        ring, heads = _Ring(ctx.comm), q.shape[1]
+        qf, g = q.float(), grad.float()
+        delta = (g * out).sum(dim=-1)
+        grad_q = torch.zeros_like(qf)
+        kf, vf = k.float().contiguous(), v.float().contiguous()
+        block = [kf, vf, positions.contiguous(), torch.zeros_like(kf), torch.zeros_like(vf)]
+        for step in range(ring.size):
+            k_b, v_b, pos_b, grad_k, grad_v = block
+            probs = (_scores(qf, k_b, positions, pos_b) - lse[..., None]).exp()
+            grad_v = grad_v + _fold(probs.transpose(-1, -2) @ g, k_b.shape[1])
+            grad_scores = probs * (g @ _expand(v_b, heads).transpose(-1, -2) - delta[..., None])
+            grad_scores = grad_scores / math.sqrt(q.shape[-1])
+            grad_q += grad_scores @ _expand(k_b, heads)
+            grad_k = grad_k + _fold(grad_scores.transpose(-1, -2) @ qf, k_b.shape[1])
+            # Every block moves on, its gradients with it: after cp hops it is home again.
+            requests, block = ring.start(
+                [k_b, v_b, pos_b, grad_k.contiguous(), grad_v.contiguous()], 100 + 10 * step
+            )
+            _Ring.finish(requests)
+        grad_k, grad_v = block[3], block[4]
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+
+
+def ring_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, comm: Any
+) -> torch.Tensor:
+    """Causal attention of q [batch, heads, time, head_dim] (this rank's `positions` of the
+    sequences) over the keys and values [batch, kv_heads, time, head_dim] of every rank of `comm`
+    (each holding its own positions: `held_positions`). Returns [batch, heads, time, head_dim]."""
+    if comm.Get_size() == 1:
+        raise ValueError("ring attention needs a context-parallel group of two or more ranks")
+    return _RingAttention.apply(q, k, v, positions, comm)
