@@ -1,10 +1,13 @@
-"""Context parallelism's ring attention against attention over the whole sequence on one rank: the
-output and the gradients of the queries, keys and values at the positions each rank holds, for
-multi-head and grouped-query attention, on 2 and 4 ranks."""
+"""Context parallelism (parallel.cp): ring attention against attention over the whole sequence on
+one rank (the output and the gradients of the queries, keys and values at the positions each rank
+holds, for multi-head and grouped-query attention, on 2 and 4 ranks), and training at cp 2 and 4,
+alone and with dp, zero, recomputation, tp and pp, against one process."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
+from test_memory import train_run
 
 from hpcllm.parallel.context.ring_attention import held_positions, ring_attention
 
@@ -49,3 +52,44 @@ def test_ring_attention_on_two_ranks_is_attention_over_the_whole_sequence(comm):
 @pytest.mark.mpi(ranks=4, timeout=120)
 def test_ring_attention_on_four_ranks_is_attention_over_the_whole_sequence(comm):
     check_ring_attention(comm)
+
+
+def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between_cp(data_dir, tmp_path):
+    """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2, with pp 2 at
+    zero=1: the single-process losses. A cp 2 checkpoint resumes in one process, a one-process
+    checkpoint at cp 2 (checkpoints do not depend on cp)."""
+    every = sets("train.ckpt_every=10")
+    reference = train_run(data_dir, tmp_path / "one", None, *every)
+    cases = {
+        "cp2": (2, ["--cp", 2, *every]),
+        "cp4": (4, ["--cp", 4]),
+        "cp2xdp2-zero3-full": (4, ["--cp", 2, *sets("parallel.zero=3", "train.recompute=full")]),
+        "cp2xtp2": (4, ["--cp", 2, "--tp", 2]),
+        "cp2xpp2-zero1": (4, ["--cp", 2, "--pp", 2, *sets("parallel.zero=1")]),
+    }
+    for name, (ranks, flags) in cases.items():
+        assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *flags), name)
+    assert "pp=1 x dp=1 x cp=2 x tp=1" in (tmp_path / "cp2" / "logs" / "rank-0.log").read_text()
+    for name, run, ranks, flags in (
+        ("cp2-as-one", tmp_path / "cp2", None, ["--cp", 1]),
+        ("one-as-cp2", tmp_path / "one", 2, ["--cp", 2]),
+    ):
+        copy = copy_run_at(run, "step-00000010", tmp_path / name)
+        proc = run_hpcllm(["train", "--out", copy, "--resume", *flags], ranks=ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for step, value in losses(copy).items():
+            assert abs(value - reference[step]) <= 1e-3 * reference[step], (name, step)
+
+
+def test_what_context_parallelism_does_not_support_is_one_line(data_dir, tmp_path):
+    for flags, needle in (
+        (["--cp", 3], "does not divide by 6"),
+        (
+            ["--cp", 2, "--tp", 2, *sets("parallel.sequence_parallel=true")],
+            "does not support parallel.sequence_parallel",
+        ),
+    ):
+        ranks = 4 if "--tp" in flags else 3
+        proc = run_hpcllm(["train", "--data", data_dir, "--out", tmp_path / "r", *TINY, *flags], ranks=ranks)
+        assert_usage_error(proc, needle)
+        assert not (tmp_path / "r").exists()

@@ -27,6 +27,9 @@ def add_parser(commands: Any) -> None:
     tr.add_argument("--tp", type=int, help="tensor-parallel size (parallel.tp)")
     tr.add_argument("--pp", type=int, help="pipeline-parallel size (parallel.pp)")
     tr.add_argument(
+        "--cp", type=int, help="context-parallel size: the sequence split over ranks (parallel.cp)"
+    )
+    tr.add_argument(
         "--layout",
         choices=("auto",),
         help="auto: tp, pp, micro-batch, ZeRO, recomputation and sequence parallelism as `hpcllm plan` "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,6 +121,18 @@ class GPT(nn.Module):
         for block in self.blocks:
             if not isinstance(block, nn.Identity):
                 block.attn.recompute_core = mode == "selective"
+
+    def enable_context_parallel(self, comm: Any, positions: torch.Tensor) -> None:
+        """Context parallelism: this rank holds `positions` of every sequence (the inputs it is
+        given are those), and attention reaches the other CP ranks' keys by the ring over `comm`."""
+        for block in self.blocks:
+            if not isinstance(block, nn.Identity):
+                block.attn.context = (comm, positions)
+
+    def context_positions(self) -> torch.Tensor | None:
+        """The positions of every sequence this rank holds with context parallelism, else None."""
+        held = [b.attn.context[1] for b in self.blocks if not isinstance(b, nn.Identity) and b.attn.context]
+        return held[0] if held else None
 
     def enable_sequence_parallel(self, group: TensorCollectives, modules: tuple[str, ...]) -> None:
         """Split the residual stream's sequence over `group`; `modules` (names inside a block, or of

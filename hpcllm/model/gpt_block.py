@@ -4,6 +4,7 @@ and a residual connection; and `run`, a module call without nn.Module's machiner
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from hpcllm.model.dropout import (
 from hpcllm.model.gpt2_shape import GPTShape
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.model.rope import Rotary
+from hpcllm.parallel.context.ring_attention import ring_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,6 +35,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(shape.n_embd, 3 * shape.n_embd)
         self.proj = nn.Linear(shape.n_embd, shape.n_embd)
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
+        # Context parallelism: (the CP group's communicator, the positions this rank holds).
+        self.context: tuple[Any, torch.Tensor] | None = None
 
     def core(
         self,
@@ -46,6 +50,8 @@ class CausalSelfAttention(nn.Module):
         the square of the sequence, and the cheapest to recompute. `mask` (decoding padded rows,
         packed documents) replaces the causal rule; one new query over a cache sees every key.
         With keyed dropout the attention is written out (the fused kernel draws its own mask)."""
+        if self.context is not None:  # context parallelism: the other ranks' keys come by the ring
+            return ring_attention(q, k, v, self.context[1], self.context[0])
         causal = mask is None and q.shape[2] > 1
         if self.training and self.dropout and keys is not None:
             return self._keyed_dropout_core(q, k, v, keys, mask)
@@ -84,7 +90,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(self.index, k, v)
         if self.recompute_core and torch.is_grad_enabled():
             attended = checkpoint(self.core, q, k, v, mask, keys, use_reentrant=False)
-        elif self.training and self.dropout:
+        elif (self.training and self.dropout) or self.context is not None:
             attended = self.core(q, k, v, mask, keys)
         else:  # the core without its call: decoding steps are overhead-bound
             causal = mask is None and q.shape[2] > 1

@@ -12,6 +12,8 @@ names to Hugging Face's).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from hpcllm.model.gpt_block import Block, run
 from hpcllm.model.kv_cache import KVCache
 from hpcllm.model.llama_shape import LlamaShape
 from hpcllm.model.rope import Rotary, angle_table, apply_rotary, inverse_frequencies, rotary_at
+from hpcllm.parallel.context.ring_attention import ring_attention
 
 
 class GroupedQueryAttention(nn.Module):
@@ -35,11 +38,16 @@ class GroupedQueryAttention(nn.Module):
         self.qkv = nn.Linear(shape.n_embd, shape.q_width + 2 * shape.kv_width, bias=shape.attention_bias)
         self.proj = nn.Linear(shape.q_width, shape.n_embd, bias=shape.attention_bias)
         self.recompute_core = False  # selective recomputation: keep only q, k, v for backward
+        # Context parallelism: (the CP group's communicator, the positions this rank holds).
+        self.context: tuple[Any, torch.Tensor] | None = None
 
-    @staticmethod
-    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Attention over the grouped heads: each key/value head serves n_head / n_kv_head queries
         (the cache holds only the key/value heads)."""
+        if self.context is not None:  # context parallelism: the other ranks' keys come by the ring
+            return ring_attention(q, k, v, self.context[1], self.context[0])
         causal = mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 

@@ -31,7 +31,7 @@ class DataParallel:
     def __init__(self, grid: Grid, strategy: DataParallelStrategy = REPLICATED):
         self.grid = grid
         self.strategy = strategy
-        self.size = grid.layout.dp
+        self.size = grid.layout.replicas  # dp × cp ranks reduce gradients together
         self.hvd = grid.hvd if self.size > 1 else None
         self.gradients: GradientBuckets | FullyShardedUnits | None = None
 

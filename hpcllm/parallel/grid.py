@@ -30,6 +30,7 @@ class Grid:
         tp: int = 1,
         pp: int = 1,
         *,
+        cp: int = 1,
         horovod: bool = False,
         horovod_tp: bool = False,
         horovod_env: Mapping[str, str] | None = None,
@@ -43,15 +44,17 @@ class Grid:
         from mpi4py import MPI
 
         self.world = comm
-        self.layout = Layout.for_world(comm.Get_size(), tp=tp, pp=pp)
+        self.layout = Layout.for_world(comm.Get_size(), tp=tp, pp=pp, cp=cp)
         self.rank = comm.Get_rank()
         self.coords = self.layout.coords(self.rank)
         c, layout = self.coords, self.layout
         # Split colour: the coordinates the group shares; key: the one that varies, so the
         # sub-communicator's rank equals this rank's coordinate along its axis.
-        self.tp_comm = comm.Split(color=c.pp * layout.dp + c.dp, key=c.tp)
-        self.dp_comm = comm.Split(color=c.pp * layout.tp + c.tp, key=c.dp)
-        self.pp_comm = comm.Split(color=c.dp * layout.tp + c.tp, key=c.pp)
+        self.tp_comm = comm.Split(color=(c.pp * layout.dp + c.dp) * layout.cp + c.cp, key=c.tp)
+        # The DP group reduces gradients: its DP ranks with their CP ranks (parallel.layout).
+        self.dp_comm = comm.Split(color=c.pp * layout.tp + c.tp, key=c.dp * layout.cp + c.cp)
+        self.pp_comm = comm.Split(color=(c.dp * layout.cp + c.cp) * layout.tp + c.tp, key=c.pp)
+        self.cp_comm = comm.Split(color=(c.pp * layout.dp + c.dp) * layout.tp + c.tp, key=c.cp)
         # The ranks sharing this node's memory (a node-local leader copies staged data, say).
         self.node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         # The first and last stage of each pipeline both hold the tied embedding.
@@ -65,7 +68,7 @@ class Grid:
         if shard_nodes is not None:
             _, replica_groups = layout.hybrid_dp_groups(shard_nodes)
             self.replica_index = next(g.index(self.rank) for g in replica_groups if self.rank in g)
-            self.dp_shard_comm = self.dp_comm.Split(color=shard_nodes[self.rank], key=c.dp)
+            self.dp_shard_comm = self.dp_comm.Split(color=shard_nodes[self.rank], key=self.dp_rank)
         self.shard_nodes = shard_nodes
         self.hvd: Any = None
         self._sets: dict[str, Any] = {}
@@ -105,7 +108,17 @@ class Grid:
 
     @property
     def dp_rank(self) -> int:
+        """This rank's place in its DP group (dp × cp ranks: parallel.layout)."""
+        return self.coords.dp * self.layout.cp + self.coords.cp
+
+    @property
+    def data_rank(self) -> int:
+        """Which of the layout.dp parts of a global batch this rank reads (its CP ranks read it too)."""
         return self.coords.dp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords.cp
 
     @property
     def pp_rank(self) -> int:
@@ -138,7 +151,7 @@ class Grid:
         """(this rank's place, size, Horovod set) of the group fully sharded parameters are split
         over: the DP group, or with hybrid sharding its ranks on this node."""
         if not self.hybrid:
-            return self.dp_rank, self.layout.dp, self._sets.get("dp")
+            return self.dp_rank, self.layout.replicas, self._sets.get("dp")
         return self.dp_shard_comm.Get_rank(), self.dp_shard_comm.Get_size(), self._sets.get("dp_shard")
 
     @property
@@ -154,7 +167,16 @@ class Grid:
             self.hvd, self._sets = None, {}
         self.torch_groups = {}  # torch.distributed itself stays up: it starts once per process
         shard = self.dp_shard_comm if self.hybrid else None
-        for sub in (self.tp_comm, self.dp_comm, self.pp_comm, self.node_comm, self.embedding_comm, shard):
+        subs = (
+            self.tp_comm,
+            self.dp_comm,
+            self.pp_comm,
+            self.cp_comm,
+            self.node_comm,
+            self.embedding_comm,
+            shard,
+        )
+        for sub in subs:
             if sub is not None:
                 sub.Free()
 

@@ -15,6 +15,7 @@ from hpcllm.data.mixture import Mixture
 from hpcllm.model.gpt import GPT
 from hpcllm.model.partition import partition_tensor_parallel
 from hpcllm.observe.memory import tensor_bytes
+from hpcllm.parallel.context.ring_attention import held_positions
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.fully_sharded import UnitValues
 from hpcllm.parallel.gradient_finaliser import GradientFinaliser
@@ -57,6 +58,9 @@ def build_model(
     )
     partition_tensor_parallel(model, tp_group, plan.config.parallel.sequence_parallel)
     model.set_recompute(plan.config.train.recompute)
+    if grid.layout.cp > 1:  # this rank's chunks of every sequence (parallel.context.ring_attention)
+        held = held_positions(plan.config.model.block_size, grid.layout.cp, grid.cp_rank, rt.device)
+        model.enable_context_parallel(grid.cp_comm, held)
     model.loss_chunk = plan.config.train.loss_chunk
     if grid.layout.pp > 1:
         if plan.micro_batches < grid.layout.pp:
@@ -80,6 +84,7 @@ def _pipeline(plan: Plan, grid: Grid, model: GPT, device: torch.device) -> Pipel
     """This stage's schedule."""
     config = plan.config
     sequence = config.model.block_size // (grid.layout.tp if config.parallel.sequence_parallel else 1)
+    sequence //= grid.layout.cp  # context parallelism: this rank's positions of each sequence
     hidden_shape = (config.train.micro_batch, sequence, config.model.n_embd)
     autocast = autocast_for(config.train.dtype, device)
     return PipelineStage(
@@ -98,7 +103,7 @@ def _gradients(
         units = dp.fully_shard(
             model, plan.allreduce_every, _unit_builder(plan, model, tp_group, device), device
         )
-        shard_size, copies = grid.dp_shard[1], grid.layout.dp // grid.dp_shard[1]
+        shard_size, copies = grid.dp_shard[1], grid.layout.replicas // grid.dp_shard[1]
         log.info(
             "fully sharded: %d units over %d DP ranks%s, %.1f MB of parameter shares on this rank; "
             "gradients reduce-scattered every %d micro-batch(es)",
@@ -166,7 +171,7 @@ def _optimizer(
     optimizer = dp.sharded_optimizer(parameter_groups(model, config.train), config.train.lr, BETAS, EPS)
     log.info(
         "distributed optimizer: Adam state sharded over dp = %d, %.1f MB on this rank instead of %.1f MB",
-        grid.layout.dp,
+        grid.layout.replicas,
         optimizer.state_bytes / 1e6,
         2 * rank_bytes / 1e6,
     )

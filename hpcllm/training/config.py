@@ -106,6 +106,7 @@ class TrainConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallelism: each sequence split over this many ranks (ring attention)
     schedule: str = "1f1b"
     tp_backend: str = "auto"  # auto | mpi4py | horovod | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
     pp_backend: str = "auto"  # auto | mpi4py | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
@@ -305,6 +306,7 @@ def validate(config: Config) -> None:
         ("train.eval_steps", t.eval_steps),
         ("parallel.tp", config.parallel.tp),
         ("parallel.pp", config.parallel.pp),
+        ("parallel.cp", config.parallel.cp),
     ):
         if value < 1:
             raise UsageError(f"{key} must be at least 1, not {value}")

@@ -47,6 +47,7 @@ class TrainArgs:
     steps: int | None = None
     tp: int | None = None
     pp: int | None = None
+    cp: int | None = None
     layout: str | None = None  # "auto": the planner chooses (planner.auto)
     resume: bool = False
     timeline: str | None = None
@@ -59,6 +60,7 @@ class TrainArgs:
             "train.steps": self.steps,
             "parallel.tp": self.tp,
             "parallel.pp": self.pp,
+            "parallel.cp": self.cp,
             "data.mix" if self.data and is_mix(self.data) else "data.path": self.data,
             "horovod.timeline": self.timeline,
             "train.init_from": self.init_from,
@@ -134,7 +136,7 @@ def _log_engines(plan: Plan, device: torch.device) -> None:
 
     log.info(
         "communication: data parallel %s, tensor parallel %s, pipeline %s",
-        "horovod" if layout.dp > 1 else "-",
+        "horovod" if layout.replicas > 1 else "-",
         engine(plan.tp_backend, layout.tp),
         engine(plan.pp_backend, layout.pp),
     )
@@ -190,6 +192,7 @@ def run_training(args: TrainArgs) -> Trainer:
         rt.comm,
         tp=plan.layout.tp,
         pp=plan.layout.pp,
+        cp=plan.layout.cp,
         horovod=plan.uses_horovod,
         horovod_tp=plan.horovod_tp,
         horovod_env=plan.horovod_env,

@@ -54,7 +54,7 @@ class Plan:
 
     @property
     def uses_horovod(self) -> bool:
-        return self.layout.dp > 1 or self.horovod_tp
+        return self.layout.replicas > 1 or self.horovod_tp
 
     @property
     def bubble(self) -> float:
@@ -180,6 +180,29 @@ def _check_zero(config: Config, dp: int) -> None:
         )
 
 
+def _check_context_parallel(config: Config, cp: int) -> None:
+    """What ring attention does not do yet is refused before anything starts."""
+    if cp == 1:
+        return
+    block = config.model.block_size
+    if block % (2 * cp):
+        raise UsageError(
+            f"parallel.cp={cp} cuts each sequence into 2 x cp = {2 * cp} chunks, but model.block_size "
+            f"{block} does not divide by {2 * cp}; choose a block size or cp that does"
+        )
+    unsupported = (
+        ("parallel.sequence_parallel", config.parallel.sequence_parallel),
+        ("model.dropout", config.model.dropout),
+        ("train.eval_tasks", config.train.eval_tasks),
+        ("data.document_mask", config.data.document_mask),
+    )
+    for key, value in unsupported:
+        if value:
+            raise UsageError(
+                f"parallel.cp={cp} (context parallelism) does not support {key}={value} yet; drop one of them"
+            )
+
+
 def check_hybrid_sharding(layout: Layout, node_of_rank: list[int]) -> None:
     """parallel.shard_group=node needs every node to hold as many ranks of each DP group, two or more."""
     try:
@@ -248,12 +271,13 @@ def make_plan(
     if saved is not None:
         _check_resume_compatible(config, saved)
     p = config.parallel
-    layout = Layout.for_world(world, tp=p.tp, pp=p.pp)
+    layout = Layout.for_world(world, tp=p.tp, pp=p.pp, cp=p.cp)
+    _check_context_parallel(config, p.cp)
     family_of(config.model).check(config.model, p.tp)
     _check_stages(config, p.pp)
     micro = _batch_layout(config, layout.dp)
     every = _allreduce_every(config, micro)
-    _check_zero(config, layout.dp)
+    _check_zero(config, layout.replicas)
     _check_sequence_parallel(config, p.tp)
     check_timeline(config.horovod.timeline)
     if config.train.tensorboard:

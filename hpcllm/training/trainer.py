@@ -103,6 +103,7 @@ class Trainer:
             log.warning("the validation split is shorter than one sequence: no validation loss")
             self.val_sampler = None
         self.tasks = self._read_tasks()
+        self.context_positions = self.model.context_positions()
         self.autocast = autocast_for(self.config.train.dtype, self.rt.device)
         self.timer = PhaseTimer(self.rt.device)
         background = self.config.train.async_checkpoint
@@ -120,20 +121,42 @@ class Trainer:
         """This rank's micro-batches of the global batch starting at sample `first`, on the device,
         and the number of trained targets in the whole global batch."""
         g = self.config.train.global_batch
-        indices = sampler.rank_indices(first, g, self.grid.dp_rank, self.grid.layout.dp)
+        indices = sampler.rank_indices(first, g, self.grid.data_rank, self.grid.layout.dp)
         t, block = self.config.train, self.config.model.block_size
         batches = micro_batches(reader, indices, t.micro_batch)
         if self.config.model.dropout:  # keyed by each row's place in the run's sample stream
-            start = first + self.grid.dp_rank * len(indices)
+            start = first + self.grid.data_rank * len(indices)
             batches = [
                 replace(batch, dropout=self._dropout_keys(start + i * t.micro_batch, len(batch.tokens)))
                 for i, batch in enumerate(batches)
             ]
         if self.data.loss_masked:  # counted over the DP group (the other replicas' samples differ)
-            trained = self.finaliser.count_over_dp(sum(b.trained_tokens() for b in batches))
+            # (each CP rank counts its DP rank's whole rows: the same count cp times)
+            counted = self.finaliser.count_over_dp(sum(b.trained_tokens() for b in batches))
+            trained = counted // self.grid.layout.cp
         else:  # every target is trained: known without communication
             trained = g * block
-        return [batch.to_device(self.rt.device) for batch in batches], trained
+        on_device = [batch.to_device(self.rt.device) for batch in batches]
+        return [self._context_part(batch) for batch in on_device], trained
+
+    def _context_part(self, batch: Batch) -> Batch:
+        """With context parallelism, the positions of the rows this CP rank holds (the model's
+        attention reaches the rest by its ring); the whole batch otherwise."""
+        held = self.context_positions
+        if held is None:
+            return batch
+        if batch.attention is not None or batch.positions is not None:
+            raise UsageError(
+                "context parallelism (parallel.cp) does not support packed samples or document masks "
+                "yet; set data.packing=false for fine-tuning data, or parallel.cp=1"
+            )
+        rows = len(batch.tokens)
+        return replace(
+            batch,
+            tokens=batch.tokens[:, held],
+            targets=batch.targets[:, held],
+            positions=held.expand(rows, -1),
+        )
 
     def _dropout_keys(self, first_sample: int, rows: int) -> DropoutKeys:
         samples = torch.arange(first_sample, first_sample + rows, device=self.rt.device)
@@ -173,7 +196,7 @@ class Trainer:
             batches, trained = self._batches(self.sampler, self.train_rows, self.samples_before(step))
         # Each loss sum's share of the global mean; the DP reduction averages (Horovod's Average),
         # so a replica's share is counted dp times here and divided by dp there.
-        scale = self.grid.layout.dp / trained
+        scale = self.grid.layout.replicas / trained
         every = self.plan.allreduce_every
 
         def reduce_early(done: int) -> None:
@@ -251,7 +274,7 @@ class Trainer:
         if not examples:
             return None
         self.model.eval()
-        mine = list(range(self.grid.dp_rank, len(batches), self.grid.layout.dp))
+        mine = list(range(self.grid.data_rank, len(batches), self.grid.layout.dp))
         on_device = [batches[i].to_device(self.rt.device) for i in mine]
         with self.autocast():
             if self.pipeline is not None:
@@ -275,7 +298,7 @@ class Trainer:
         """Collective: the DP replicas hold bitwise the same parameters, or every rank raises
         ReplicaDrift (hpcllm.parallel.replica_check). Fully sharded, the DP ranks hold different
         shares: there is nothing to compare."""
-        if self.grid.layout.dp > 1 and not self.dp.strategy.shards_parameters:
+        if self.grid.layout.replicas > 1 and not self.dp.strategy.shards_parameters:
             with watchdog.waiting("replica check"):
                 named = list(self.model.named_parameters())
                 replica_check.check(named, self.grid.dp_comm, self.grid.world, self.rt.rank, step)
