@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hpcllm.cli import bench_sequence
 from hpcllm.cli.common import Parser, add_set_option, int_list
 from hpcllm.errors import UsageError
 
@@ -20,7 +21,7 @@ def add_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
         help="benchmarks: train (hpcllm vs plain PyTorch and DDP), allreduce, pipeline, memory, generate, "
-        "prepare, startup, checkpoint, packing",
+        "prepare, startup, checkpoint, packing, head, context",
         description="Benchmarks whose results docs/benchmarks.md records, as ratios measured side by side.",
     )
     kinds = bench.add_subparsers(dest="what", metavar="BENCHMARK", parser_class=Parser)
@@ -31,6 +32,7 @@ def add_parser(commands: Any) -> None:
         _add_prepare,
         _add_memory_and_generate,
         _add_startup,
+        bench_sequence.add_parsers,
     ):
         add(kinds)
 
@@ -151,16 +153,6 @@ def _add_startup(kinds: Any) -> None:
     ck.add_argument("--data", help="prepared data (default: the default corpus)")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.set_defaults(func=checkpoint)
-
-    hd = kinds.add_parser("head", help="the head's peak memory and step time: its loss whole vs chunked")
-    hd.add_argument("--vocab", type=int, default=128256, help="vocabulary (128256, Llama 3's)")
-    hd.add_argument("--sequence", type=int, default=2048, help="tokens (2048)")
-    hd.add_argument("--width", type=int, default=64, help="hidden width (64)")
-    hd.add_argument("--chunk", type=int, default=512, help="train.loss_chunk to compare (512)")
-    hd.add_argument("--steps", type=int, default=3, help="steps per process (3)")
-    hd.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, interleaved (3)")
-    hd.add_argument("--json", action="store_true", help="machine-readable output")
-    hd.set_defaults(func=head)
 
     pk = kinds.add_parser(
         "packing", help="trained tokens/s of fine-tuning samples of mixed lengths: packed vs padded"
@@ -375,18 +367,4 @@ def packing(args: argparse.Namespace) -> int:
         raise UsageError("bench packing needs --steps >= 3, --repeat >= 1, --block >= 16 and --records >= 1")
     result = bench.run(args.steps, args.repeat, args.block, args.records, args.set)
     print(json.dumps(result, indent=1) if args.json else bench.render(result))
-    return 0
-
-
-def head(args: argparse.Namespace) -> int:
-    from hpcllm.bench import head as bench
-
-    if min(args.vocab, args.sequence, args.width, args.chunk, args.steps, args.repeat) < 1:
-        raise UsageError("bench head needs --vocab, --sequence, --width, --chunk, --steps and --repeat >= 1")
-    rows = bench.run(args.vocab, args.sequence, args.width, args.chunk, args.steps, args.repeat)
-    print(
-        json.dumps(bench.summary(rows), indent=1)
-        if args.json
-        else bench.render(rows, args.vocab, args.sequence, args.width)
-    )
     return 0
