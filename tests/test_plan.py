@@ -10,7 +10,7 @@ from conftest import TINY, assert_usage_error, run_hpcllm
 from hpcllm.cli.plan import parse_model
 from hpcllm.cluster.launcher import launch_env
 from hpcllm.planner import calibrate, calibrate_runs, profiles, validate
-from hpcllm.planner.search import layout_arguments, layout_text, parse_layout
+from hpcllm.planner.search import layout_arguments, layout_text, parse_layout, ranked
 from hpcllm.planner.step_model import (
     GIB,
     ModelSpec,
@@ -387,3 +387,19 @@ def test_calibrate_then_plan_here_and_train_in_the_layout_it_picks(tmp_path, dat
     assert_usage_error(
         run_hpcllm([*flags[:4], tmp_path / "other", "--layout", "auto", "--tp", 2]), "drop --tp"
     )
+
+
+def test_the_planner_recommends_context_parallelism_when_only_it_fits():
+    """A 131,072-token sequence on GPUs of 16 GB, one per node (no tensor parallelism inside a node):
+    only layouts that split the sequence over cp ranks fit, and the best of them is one; cp divides
+    the activations and the head's logits per rank; a layout names and runs it with parallel.cp."""
+    cluster = dataclasses.replace(profiles.load("a100"), memory_gib=16)
+    spec = dataclasses.replace(ModelSpec.of_preset("gpt2-350m"), block_size=131072)
+    best = ranked(spec, cluster, 8, 1, 8)
+    assert best and all(p.layout.cp > 1 for p in best)
+    one = predict(spec, PlannedLayout(1, 1, 8, 1, 2, "full"), cluster, 8, ranks_per_node=1)
+    four = predict(spec, PlannedLayout(1, 1, 2, 1, 2, "full", cp=4), cluster, 8, ranks_per_node=1)
+    assert four.breakdown["activations_gib"] == pytest.approx(one.breakdown["activations_gib"] / 4)
+    assert not one.fits and four.fits
+    layout = parse_layout(layout_text(best[0].layout), 8, gpus=8)
+    assert layout == best[0].layout and f"parallel.cp={layout.cp}" in layout_arguments(layout)

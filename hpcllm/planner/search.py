@@ -10,6 +10,7 @@ from hpcllm.planner.profiles import ClusterProfile
 from hpcllm.planner.step_model import ModelSpec, PlannedLayout, Prediction, predict
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+LONG_SEQUENCE = 8192  # the planner considers context parallelism from this sequence length on
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -19,18 +20,26 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: int) -> list[PlannedLayout]:
     """Layouts hpcllm can run: tp inside a node and splitting the model (its family says: heads,
-    key/value heads, MLP width), pp at most the layers,
-    dp dividing the batch into whole micro-batches."""
+    key/value heads, MLP width), pp at most the layers, cp (for sequences of LONG_SEQUENCE tokens or
+    more) cutting the sequence into 2·cp chunks, dp dividing the batch into whole micro-batches."""
     layouts = []
-    for tp, pp in product(_divisors(gpus), _divisors(gpus)):
-        if gpus % (tp * pp) or tp > gpus_per_node or pp > model.n_layer or not model.cuts_over(tp):
+    cps = [
+        c
+        for c in (1, 2, 4, 8)
+        if c == 1 or (model.block_size >= LONG_SEQUENCE and model.block_size % (2 * c) == 0)
+    ]
+    for tp, pp, cp in product(_divisors(gpus), _divisors(gpus), cps):
+        if gpus % (tp * pp * cp) or tp > gpus_per_node or pp > model.n_layer or not model.cuts_over(tp):
             continue
-        dp = gpus // (tp * pp)
+        dp = gpus // (tp * pp * cp)
         for micro, zero, recompute in product(MICRO_BATCHES, (0, 1, 2, 3), RECOMPUTE):
-            if global_batch % (dp * micro) or (zero and dp == 1):
+            if global_batch % (dp * micro) or (zero and dp * cp == 1):
                 continue
-            for sequence_parallel in (False, True) if tp > 1 and model.block_size % tp == 0 else (False,):
-                layouts.append(PlannedLayout(tp, pp, dp, micro, zero, recompute, sequence_parallel))
+            sequence_parallel = (
+                (False, True) if tp > 1 and cp == 1 and model.block_size % tp == 0 else (False,)
+            )
+            for sp in sequence_parallel:
+                layouts.append(PlannedLayout(tp, pp, dp, micro, zero, recompute, sp, cp=cp))
     return layouts
 
 
@@ -78,6 +87,7 @@ LAYOUT_KEYS = (
     "tp",
     "pp",
     "dp",
+    "cp",
     "micro_batch",
     "zero",
     "recompute",
@@ -88,12 +98,12 @@ LAYOUT_KEYS = (
 
 
 def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> PlannedLayout:
-    """`tp=8,pp=2[,dp=..,micro_batch=..,zero=..,recompute=..,sequence_parallel=..,shard_group=..]`: dp is what
-    is left of `gpus`, or given (then `gpus` is tp * pp * dp). Bad text is one UsageError."""
+    """`tp=8,pp=2[,dp=..,cp=..,micro_batch=..,zero=..,recompute=..,...]` (LAYOUT_KEYS): dp is what is
+    left of `gpus`, or given (then `gpus` is tp * pp * cp * dp). Bad text is one UsageError."""
     fields: dict[str, Any] = {"tp": 1, "pp": 1, "micro_batch": 1, "zero": 0}
     for key, value in (item.partition("=")[::2] for item in text.split(",")):
         key, value = key.strip(), value.strip()
-        if key in ("tp", "pp", "dp", "micro_batch", "zero", "loss_chunk"):
+        if key in ("tp", "pp", "dp", "cp", "micro_batch", "zero", "loss_chunk"):
             if not value.isdigit():
                 raise UsageError(f"--layout: {key} must be an integer, not {value!r}")
             fields[key] = int(value)
@@ -105,22 +115,22 @@ def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Plann
             fields[key] = value
         else:
             raise UsageError(f"--layout: unknown {key}={value}; use {', '.join(LAYOUT_KEYS)}")
-    for key in ("tp", "pp", "dp", "micro_batch"):  # loss_chunk may be 0: the whole head
+    for key in ("tp", "pp", "dp", "cp", "micro_batch"):  # loss_chunk may be 0: the whole head
         if fields.get(key, 1) < 1:
             raise UsageError(f"--layout: {key} must be at least 1, not {fields[key]}")
-    tp, pp = fields.pop("tp"), fields.pop("pp")
+    tp, pp, cp = fields.pop("tp"), fields.pop("pp"), fields.get("cp", 1)
     if "dp" in fields:
         dp = fields.pop("dp")
-        if gpus is not None and tp * pp * dp != gpus:
-            raise UsageError(f"--layout: tp x pp x dp = {tp * pp * dp}, but there are {gpus} GPUs")
+        if gpus is not None and tp * pp * cp * dp != gpus:
+            named = "tp x pp x cp x dp" if cp > 1 else "tp x pp x dp"
+            raise UsageError(f"--layout: {named} = {tp * pp * cp * dp}, but there are {gpus} GPUs")
     else:
         if gpus is None:
             raise UsageError("--layout: give dp as well (tp=..,pp=..,dp=..)")
-        if gpus % (tp * pp):
-            raise UsageError(
-                f"--layout tp={tp}, pp={pp}: tp x pp = {tp * pp} does not divide the {gpus} GPUs"
-            )
-        dp = gpus // (tp * pp)
+        if gpus % (tp * pp * cp):
+            named = f"tp={tp}, pp={pp}, cp={cp}: tp x pp x cp" if cp > 1 else f"tp={tp}, pp={pp}: tp x pp"
+            raise UsageError(f"--layout {named} = {tp * pp * cp} does not divide the {gpus} GPUs")
+        dp = gpus // (tp * pp * cp)
     if global_batch % (dp * fields["micro_batch"]):
         raise UsageError(
             f"--layout: the global batch {global_batch} is not a multiple of dp {dp} x micro_batch "
@@ -132,6 +142,8 @@ def parse_layout(text: str, global_batch: int, gpus: int | None = None) -> Plann
 def layout_text(layout: PlannedLayout) -> str:
     """The short name of a layout, as `parse_layout` reads it (defaults left out)."""
     parts = [f"tp={layout.tp}", f"pp={layout.pp}", f"dp={layout.dp}", f"micro_batch={layout.micro_batch}"]
+    if layout.cp > 1:
+        parts.append(f"cp={layout.cp}")
     if layout.zero:
         parts.append(f"zero={layout.zero}")
     if layout.recompute != "none":
@@ -156,6 +168,7 @@ def layout_settings(layout: PlannedLayout) -> list[str]:
         f"parallel.sequence_parallel={str(layout.sequence_parallel).lower()}",
         *([f"parallel.shard_group={layout.shard_group}"] if layout.shard_group != "world" else []),
         *([f"train.loss_chunk={layout.loss_chunk}"] if layout.loss_chunk else []),
+        *([f"parallel.cp={layout.cp}"] if layout.cp > 1 else []),
     ]
 
 

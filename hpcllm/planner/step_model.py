@@ -41,7 +41,7 @@ from hpcllm.errors import UsageError
 from hpcllm.model.family import ModelFamily, ParameterCounts, model_setting
 from hpcllm.model.llama_shape import LLAMA_KEYS
 from hpcllm.model.registry import PRESETS, family_named
-from hpcllm.planner.links import link, ring_seconds
+from hpcllm.planner.links import context_ring_seconds, link, ring_seconds
 from hpcllm.planner.profiles import ClusterProfile
 from hpcllm.planner.sharding_model import data_parallel_seconds, shard_ranks, state_bytes
 
@@ -141,10 +141,16 @@ class PlannedLayout:
     schedule: str = "1f1b"
     shard_group: str = "world"  # zero = 3: world, or node (hybrid sharding)
     loss_chunk: int = 0  # train.loss_chunk: tokens of the head and its loss at a time (0: all)
+    cp: int = 1  # context parallelism: each sequence split over cp ranks
+
+    @property
+    def replicas(self) -> int:
+        """The ranks gradients are reduced over: dp × cp."""
+        return self.dp * self.cp
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
 
 @dataclass(frozen=True)
@@ -231,36 +237,39 @@ def _stage_costs(
 ) -> tuple[list[tuple[float, float]], float]:
     """Per stage, (compute, TP communication) seconds of one micro-batch's forward + backward, and
     the seconds of one micro-batch's activations crossing between two stages."""
-    t, p, b = layout.tp, layout.pp, layout.micro_batch
+    t, p, b, c = layout.tp, layout.pp, layout.micro_batch, layout.cp
     s, h, v = model.block_size, model.n_embd, model.vocab
-    rate = cluster.sustained_flops(h, b * s) * share
+    rate = cluster.sustained_flops(h, b * s // c) * share
     # ---- compute: one micro-batch on one rank, forward + backward (+ recomputation) ----------
     layer = layer_forward_flops(model, b)
     attention_core = 4 * b * s * s * model.shape.n_head * model.shape.head_dim  # scores, weighted sum
     recomputed = {"full": layer, "selective": attention_core, "none": 0.0}[layout.recompute]
-    layer_s = (3 * layer + recomputed) / t / rate + cluster.layer_overhead_us * 1e-6
+    layer_s = (3 * layer + recomputed) / t / c / rate + cluster.layer_overhead_us * 1e-6
     # The vocabulary projection and the loss, on the last stage, with the fixed cost of a micro-batch;
     # the projection is one GEMM as wide as the vocabulary, so it runs at the large-GEMM rate.
     head_rate = cluster.large_gemm_flops * share * cluster.head_efficiency
-    head_s = 3 * 2 * b * s * h * v / t / head_rate + cluster.micro_batch_overhead_us * 1e-6
+    head_s = 3 * 2 * b * s * h * v / t / c / head_rate + cluster.micro_batch_overhead_us * 1e-6
     # ---- tensor parallelism: inside a node when it fits -----------------------------------
     tp_gbps, tp_latency = link(cluster, t <= ranks_per_node)
     collectives = 4 + (2 if layout.recompute == "full" else 0)
     one = ring_seconds(
-        b * s * h * cluster.activation_bytes, t, tp_gbps, tp_latency, cluster.collective_efficiency
+        b * s / c * h * cluster.activation_bytes, t, tp_gbps, tp_latency, cluster.collective_efficiency
     )
     if t > 1:
         one += cluster.tp_collective_us * 1e-6  # the ranks meet: what waiting for each other costs
+    kv_width = getattr(model.shape, "kv_width", h)
+    ring = context_ring_seconds(c, t, b * s * kv_width * cluster.activation_bytes, cluster, ranks_per_node)
     # ---- pipeline: activations between stages ------------------------------------------------
     p2p_micro = 0.0
     if p > 1:
         p2p_gbps, p2p_latency = link(cluster, t * p <= ranks_per_node)
-        nbytes = b * s * h * cluster.activation_bytes / t
+        nbytes = b * s * h * cluster.activation_bytes / t / c
         p2p_micro = 2 * (nbytes / (p2p_gbps * 1e9 * cluster.collective_efficiency) + p2p_latency * 1e-6)
         p2p_micro += cluster.pp_micro_batch_us * 1e-6  # the schedule's own cost per micro-batch
     stages = stage_layers(model, p)
     per_stage = [
-        (n * layer_s + (head_s if i == p - 1 else 0.0), n * collectives * one) for i, n in enumerate(stages)
+        (n * layer_s + (head_s if i == p - 1 else 0.0), n * (collectives * one + ring))
+        for i, n in enumerate(stages)
     ]
     return per_stage, p2p_micro
 
@@ -297,12 +306,12 @@ def _memory_per_rank(
     ranks_per_node: int,
 ) -> tuple[float, float, float]:
     """(states, activations, logits) bytes on the fullest stage's ranks."""
-    t, p, d, b = layout.tp, layout.pp, layout.dp, layout.micro_batch
+    t, p, d, b, c = layout.tp, layout.pp, layout.replicas, layout.micro_batch, layout.cp
     s = shard_ranks(layout.zero, layout.shard_group, d, t, ranks_per_node)
-    per_layer = activation_bytes_per_layer(model, layout, cluster.activation_bytes)
-    logits = 4 * b * model.block_size * model.vocab / t  # fp32 logits and their softmax on the last stage
+    per_layer = activation_bytes_per_layer(model, layout, cluster.activation_bytes) / c
+    logits = 4 * b * model.block_size * model.vocab / t / c  # fp32 logits and their softmax, last stage
     if layout.loss_chunk:  # one chunk's logits (their gradient in place) and the head weight's gradient
-        logits = 4 * (min(b * model.block_size, layout.loss_chunk) + model.n_embd) * model.vocab / t
+        logits = 4 * (min(b * model.block_size // c, layout.loss_chunk) + model.n_embd) * model.vocab / t
     block = model.block_parameters / t
     memory = []
     for i, n in enumerate(stage_layers(model, p)):
@@ -338,7 +347,7 @@ def predict(
     stage_parameters = [_stage_parameters(model, i, n, layout.pp) for i, n in enumerate(stages)]
     rank_parameters = max(stage_parameters) / layout.tp
     dp, zero, optimizer = data_parallel_seconds(
-        (layout.zero, layout.shard_group, layout.tp, layout.pp, layout.dp),
+        (layout.zero, layout.shard_group, layout.tp, layout.pp, layout.replicas),
         cluster,
         ranks_per_node,
         rank_parameters,
