@@ -29,11 +29,12 @@ def test_zero3_layouts_match_one_process_and_checkpoints_resume_anywhere(data_di
     """dp 2 and dp 4; tp 2 x dp 2 with sequence parallelism and full recomputation; pp 2 x dp 2
     (the tied embedding on both stages) accumulating two micro-batches' gradients whole
     (parallel.reduce_every=2). Then the checkpoints: zero 3 resumed at the same layout (bitwise),
-    in one process without sharding, at another tp/pp; a zero 0 checkpoint resumed at zero 3."""
+    at another dp (share by share), in one process without sharding, at another tp/pp; a zero 0
+    checkpoint resumed at zero 3."""
     reference = train_run(data_dir, tmp_path / "one", None, *EVERY_10)
     cases = {
         "dp2": (2, [*ZERO3, *EVERY_10]),
-        "dp4": (4, ZERO3),
+        "dp4": (4, [*ZERO3, *EVERY_10]),
         "tp2xdp2-sp-full": (
             4,
             ["--tp", 2, *ZERO3, *EVERY_10, *sets("parallel.sequence_parallel=true", "train.recompute=full")],
@@ -73,6 +74,8 @@ def test_zero3_layouts_match_one_process_and_checkpoints_resume_anywhere(data_di
             *sets("parallel.sequence_parallel=false"),
         ),
         "zero0-as-zero3": resume(tmp_path / "one", "z3", tmp_path / "as-z3", 2, *ZERO3),
+        # zero 3 into zero 3 at another dp: each rank reads only its elements of the 4 part files
+        "zero3-dp4-as-dp2": resume(runs["dp4"], "dp2", tmp_path / "as-dp2", 2, *ZERO3),
     }
     for name, got in resumed.items():
         for step, value in got.items():

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 
 from hpcllm.cluster.runtime import root_decides
 from hpcllm.errors import UsageError
@@ -40,7 +39,15 @@ from hpcllm.parallel.fully_sharded import units_of
 from hpcllm.parallel.grid import Grid
 from hpcllm.parallel.sharding import REPLICATED, Sharding, model_sharding, shard, unshard
 from hpcllm.training import optimizer_state, shard_io
-from hpcllm.training.snapshot import ShardSnapshot, part_name, shard_name, take_snapshot
+from hpcllm.training.checkpoint_files import (
+    joined_parts,
+    load_own_shares,
+    param_name,
+    read_safetensors,
+    side_file,
+    verified,
+)
+from hpcllm.training.snapshot import ShardSnapshot, shard_name, take_snapshot
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -192,75 +199,22 @@ def read_manifest(checkpoint: Path) -> dict[str, Any]:
         ) from exc
 
 
-def _verified(checkpoint: Path, name: str, manifest: dict[str, Any]) -> Path:
-    """The path of file `name` of the checkpoint, once its SHA-256 matches the manifest's (read in
-    chunks: a shard is never held whole for the check)."""
-    path = checkpoint / name
-    if name not in manifest["shards"]:
-        raise UsageError(f"{checkpoint} has no shard {name} (saved with layout {manifest['layout']})")
-    if not path.exists():
-        raise UsageError(f"checkpoint shard {path} is missing")
-    if shard_io.sha256_of(path) != manifest["shards"][name]:
-        raise UsageError(f"checkpoint shard {path} does not match its checksum: the file is damaged")
-    return path
-
-
-def _side_file(checkpoint: Path, base: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(_verified(checkpoint, f"{base}.json", manifest).read_bytes())
-
-
 def _read_shard(
     checkpoint: Path, manifest: dict[str, Any], pp_rank: int, tp_rank: int, optimizer: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One partition's tensors and side file; with `optimizer`, its sharded optimizer's state
     joined from the DP ranks' part files (not read when only the weights are wanted)."""
     base = shard_name(pp_rank, tp_rank)
-    path = _verified(checkpoint, f"{base}.safetensors", manifest)
-    tensors = _read_safetensors(path)
-    meta = _side_file(checkpoint, base, manifest)
+    path = verified(checkpoint, f"{base}.safetensors", manifest)
+    tensors = read_safetensors(path)
+    meta = side_file(checkpoint, base, manifest)
     if meta.get("optimizer_parts") and (optimizer or meta.get("parameter_parts")):
         tensors.update(
-            _joined_parts(
+            joined_parts(
                 checkpoint, manifest, (pp_rank, tp_rank), meta["optimizer_parts"], tensors, optimizer
             )
         )
     return tensors, meta
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:  # a manifest can be rewritten along with the shard: the format is checked too
-        return shard_io.read(path)
-    except SafetensorError as exc:
-        raise UsageError(f"checkpoint shard {path} is not a safetensors file ({exc}); refusing it") from exc
-
-
-def _joined_parts(
-    checkpoint: Path,
-    manifest: dict[str, Any],
-    partition: tuple[int, int],
-    dp: int,
-    model: dict[str, torch.Tensor],
-    optimizer: bool,
-) -> dict[str, torch.Tensor]:
-    """One partition's tensors that the DP ranks wrote in shares, joined whole: a sharded
-    optimizer's state as AdamW's per-parameter tensors (with `optimizer`) and, fully sharded, the
-    parameters (`model.NAME`). Each is shaped as the partition's parameter."""
-    joined: dict[str, torch.Tensor] = {}
-    for dp_rank in range(dp):
-        base = part_name(*partition, dp_rank)
-        parts = _read_safetensors(_verified(checkpoint, f"{base}.safetensors", manifest))
-        meta = _side_file(checkpoint, base, manifest)
-        shapes = meta.get("shapes", {})
-        for key, piece in parts.items():
-            name = _param_name(key)
-            if key.startswith("optim.") and not optimizer:
-                continue
-            first, end = meta["parts"][name]
-            shape = shapes[name] if name in shapes else model[f"model.{name}"].shape
-            joined.setdefault(key, torch.zeros(shape)).view(-1)[first:end] = piece
-            if key.startswith("optim."):
-                joined[f"optim.{name}.step"] = torch.tensor(float(meta["step"]))
-    return joined
 
 
 def refuse_pickles(checkpoint: Path) -> None:
@@ -272,15 +226,6 @@ def refuse_pickles(checkpoint: Path) -> None:
                 f"{path} is a pickle-format file; hpcllm loads tensors only from the safetensors shards "
                 "listed in manifest.json and does not open it. Remove it (or the checkpoint) to go on"
             )
-
-
-def _param_name(key: str) -> str:
-    """The model parameter a stored tensor belongs to: model.NAME or optim.NAME.STATE."""
-    if key.startswith("model."):
-        return key[len("model.") :]
-    if key.startswith("optim."):
-        return key[len("optim.") :].rsplit(".", 1)[0]
-    return ""  # rng state and the like: replicated
 
 
 def _resharded(
@@ -296,7 +241,7 @@ def _resharded(
     loaded: set[str] = set()
     first_meta: dict[str, Any] = {}
     for stage in range(saved["pp"]):
-        stage_meta = _side_file(checkpoint, shard_name(stage, 0), manifest)
+        stage_meta = side_file(checkpoint, shard_name(stage, 0), manifest)
         first_meta = first_meta or stage_meta  # optimizer hyperparameters: the same on every stage
         names = {name for group in stage_meta["optimizer_groups"] for name in group["params"]}
         if not (names & current.keys()) - loaded:
@@ -306,7 +251,7 @@ def _resharded(
         saved_split = {n: Sharding.from_json(s) for n, s in stage_meta.get("sharding", {}).items()}
         shards = [_read_shard(checkpoint, manifest, stage, t, optimizer)[0] for t in range(saved["tp"])]
         for key in shards[0]:
-            name = _param_name(key)
+            name = param_name(key)
             if key in tensors or (name and name not in current):
                 continue
             full = unshard([shard[key] for shard in shards], saved_split.get(name, REPLICATED))
@@ -365,17 +310,22 @@ def load(
     `restore_rng`: also the random generators' state (a resumed run; not a new run started from it)."""
     refuse_pickles(checkpoint)
     manifest = read_manifest(checkpoint)
-    saved = manifest["layout"]
-    if (saved["pp"], saved["tp"]) == (grid.layout.pp, grid.layout.tp):
-        tensors, meta = _read_shard(checkpoint, manifest, grid.pp_rank, grid.tp_rank, optimizer is not None)
+    saved, partition, units = manifest["layout"], (grid.pp_rank, grid.tp_rank), units_of(model)
+    same = (saved["pp"], saved["tp"]) == (grid.layout.pp, grid.layout.tp)
+    meta = side_file(checkpoint, shard_name(*partition), manifest) if same else {}
+    if units is not None and meta.get("parameter_parts"):  # fully sharded both: this rank's shares only
+        load_own_shares(model, units, optimizer, checkpoint, manifest, partition, meta)
+        tensors = read_safetensors(verified(checkpoint, f"{shard_name(*partition)}.safetensors", manifest))
     else:
-        tensors, meta = _resharded(checkpoint, manifest, grid, model, optimizer is not None)
-    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    _load_model_state(checkpoint, model, model_state)
-    if optimizer is not None:
-        optimizer_state.from_tensors(
-            optimizer, tensors, meta["optimizer_groups"], dict(model.named_parameters())
-        )
+        if same:
+            tensors, meta = _read_shard(checkpoint, manifest, *partition, optimizer is not None)
+        else:
+            tensors, meta = _resharded(checkpoint, manifest, grid, model, optimizer is not None)
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        _load_model_state(checkpoint, model, model_state)
+        if optimizer is not None:
+            params = dict(model.named_parameters())
+            optimizer_state.from_tensors(optimizer, tensors, meta["optimizer_groups"], params)
     if restore_rng and "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     if restore_rng and "rng.cuda" in tensors and torch.cuda.is_available():
