@@ -118,15 +118,18 @@ def _key_values(flag: str, text: str) -> dict[str, str]:
 
 
 def render(predictions: list[Any]) -> str:
+    with_cp = any(p.layout.cp > 1 for p in predictions)  # the column only when some layout splits sequences
     lines = [
-        f"{'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'zero':>4} {'recompute':>9} {'sp':>3} "
+        f"{'tp':>3} {'pp':>3} {'dp':>4} {'cp ' if with_cp else ''}{'mb':>3} {'zero':>4} {'recompute':>9} "
+        f"{'sp':>3} "
         f"{'GiB/rank':>9} {'step s':>8} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}   "
         "compute / tp / bubble / dp / zero (s)"
     ]
     for p in predictions:
         layout, b = p.layout, p.breakdown
         lines.append(
-            f"{layout.tp:>3} {layout.pp:>3} {layout.dp:>4} {layout.micro_batch:>3} {layout.zero:>4} "
+            f"{layout.tp:>3} {layout.pp:>3} {layout.dp:>4} {f'{layout.cp:>2} ' if with_cp else ''}"
+            f"{layout.micro_batch:>3} {layout.zero:>4} "
             f"{layout.recompute:>9} {'yes' if layout.sequence_parallel else 'no':>3} "
             f"{p.memory_gib_per_rank:>9.1f} {p.step_s:>8.3f} {p.tokens_per_s:>11,.0f} "
             f"{p.tflops_per_gpu / 1e12:>8.1f} {p.mfu:>6.1%}   "
