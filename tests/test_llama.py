@@ -87,6 +87,11 @@ LAYOUTS = {
     ),
     "pp2xdp2-zero3-tied": (4, ["--pp", "2", *sets("parallel.zero=3", "model.tie_embeddings=true")], "tied"),
     "cp2xtp2-grouped-query": (4, ["--cp", "2", "--tp", "2"], "fp32"),
+    "cp2xpp2-zero3-tied": (
+        4,
+        ["--cp", "2", "--pp", "2", *sets("parallel.zero=3", "model.tie_embeddings=true")],
+        "tied",
+    ),
     "pp2-tied": (2, ["--pp", "2", *sets("model.tie_embeddings=true")], "tied"),
 }  # fmt: skip
 REFERENCES = {"fp32": [], "bf16": sets("train.dtype=bfloat16"), "tied": sets("model.tie_embeddings=true")}
