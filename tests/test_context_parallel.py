@@ -3,12 +3,15 @@ one rank (the output and the gradients of the queries, keys and values at the po
 holds, for multi-head and grouped-query attention, on 2 and 4 ranks), and training at cp 2 and 4,
 alone and with dp, zero, recomputation, tp and pp, against one process."""
 
+from itertools import product
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, losses, run_hpcllm, sets
 from test_memory import train_run
 
+from hpcllm.batch import attention_mask
 from hpcllm.parallel.context.ring_attention import held_positions, ring_attention
 
 
@@ -23,21 +26,31 @@ def test_each_rank_holds_two_chunks_that_balance_the_causal_work():
 
 def check_ring_attention(comm):
     cp, rank = comm.Get_size(), comm.Get_rank()
-    for heads, kv_heads in ((4, 4), (4, 2)):
+    sequence, batch, dim = 8 * cp, 2, 8
+    # Documents packed in the rows, their boundaries falling inside and across the chunks.
+    packed = torch.tensor(
+        [[0] * 5 + [1] * (sequence - 12) + [2] * 7, [0] * (sequence // 2 + 1) + [1] * (sequence // 2 - 1)]
+    )
+    for (heads, kv_heads), documents in product(((4, 4), (4, 2)), (None, packed)):
         generator = torch.Generator().manual_seed(heads + kv_heads)
-        sequence, batch, dim = 8 * cp, 2, 8
         q = torch.randn(batch, heads, sequence, dim, generator=generator, requires_grad=True)
         k = torch.randn(batch, kv_heads, sequence, dim, generator=generator, requires_grad=True)
         v = torch.randn(batch, kv_heads, sequence, dim, generator=generator, requires_grad=True)
         upstream = torch.randn(batch, heads, sequence, dim, generator=generator)
         repeat = heads // kv_heads
+        mask = None if documents is None else attention_mask(documents)
         whole = F.scaled_dot_product_attention(
-            q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), is_causal=True
+            q,
+            k.repeat_interleave(repeat, 1),
+            v.repeat_interleave(repeat, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
         )
         whole.backward(upstream)
         mine = held_positions(sequence, cp, rank)
         parts = [t.detach()[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
-        out = ring_attention(*parts, mine, comm)
+        held_documents = None if documents is None else documents[:, mine].contiguous()
+        out = ring_attention(*parts, mine, comm, documents=held_documents)
         out.backward(upstream[:, :, mine])
         torch.testing.assert_close(out, whole.detach()[:, :, mine], rtol=1e-5, atol=1e-5)
         for part, full in zip(parts, (q, k, v), strict=True):
@@ -56,8 +69,9 @@ def test_ring_attention_on_four_ranks_is_attention_over_the_whole_sequence(comm)
 
 def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between_cp(data_dir, tmp_path):
     """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2, with pp 2 at
-    zero=1: the single-process losses. A cp 2 checkpoint resumes in one process, a one-process
-    checkpoint at cp 2 (checkpoints do not depend on cp)."""
+    zero=1, with documents packed in the rows (data.document_mask): the single-process losses. A
+    cp 2 checkpoint resumes in one process, a one-process checkpoint at cp 2 (checkpoints do not
+    depend on cp)."""
     every = sets("train.ckpt_every=10")
     reference = train_run(data_dir, tmp_path / "one", None, *every)
     cases = {
@@ -67,8 +81,13 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
         "cp2xtp2": (4, ["--cp", 2, "--tp", 2]),
         "cp2xpp2-zero1": (4, ["--cp", 2, "--pp", 2, *sets("parallel.zero=1")]),
     }
+    documents = sets("data.document_mask=true")  # documents packed in rows, each attending to itself
+    cases_with_documents = {"cp2-documents": (2, ["--cp", 2, *documents])}
     for name, (ranks, flags) in cases.items():
         assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *flags), name)
+    with_documents = train_run(data_dir, tmp_path / "one-documents", None, *documents)
+    for name, (ranks, flags) in cases_with_documents.items():
+        assert_same_losses(with_documents, train_run(data_dir, tmp_path / name, ranks, *flags), name)
     assert "pp=1 x dp=1 x cp=2 x tp=1" in (tmp_path / "cp2" / "logs" / "rank-0.log").read_text()
     for name, run, ranks, flags in (
         ("cp2-as-one", tmp_path / "cp2", None, ["--cp", 1]),

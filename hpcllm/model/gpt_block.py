@@ -51,7 +51,8 @@ class CausalSelfAttention(nn.Module):
         packed documents) replaces the causal rule; one new query over a cache sees every key.
         With keyed dropout the attention is written out (the fused kernel draws its own mask)."""
         if self.context is not None:  # context parallelism: the other ranks' keys come by the ring
-            return ring_attention(q, k, v, self.context[1], self.context[0])
+            # (`mask` carries the held tokens' documents then: Trainer._context_part)
+            return ring_attention(q, k, v, self.context[1], self.context[0], documents=mask)
         causal = mask is None and q.shape[2] > 1
         if self.training and self.dropout and keys is not None:
             return self._keyed_dropout_core(q, k, v, keys, mask)

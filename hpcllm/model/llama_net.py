@@ -47,7 +47,8 @@ class GroupedQueryAttention(nn.Module):
         """Attention over the grouped heads: each key/value head serves n_head / n_kv_head queries
         (the cache holds only the key/value heads)."""
         if self.context is not None:  # context parallelism: the other ranks' keys come by the ring
-            return ring_attention(q, k, v, self.context[1], self.context[0])
+            # (`mask` carries the held tokens' documents then: Trainer._context_part)
+            return ring_attention(q, k, v, self.context[1], self.context[0], documents=mask)
         causal = mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 

@@ -194,7 +194,6 @@ def _check_context_parallel(config: Config, cp: int) -> None:
         ("parallel.sequence_parallel", config.parallel.sequence_parallel),
         ("model.dropout", config.model.dropout),
         ("train.eval_tasks", config.train.eval_tasks),
-        ("data.document_mask", config.data.document_mask),
     )
     for key, value in unsupported:
         if value:

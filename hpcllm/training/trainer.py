@@ -141,21 +141,22 @@ class Trainer:
 
     def _context_part(self, batch: Batch) -> Batch:
         """With context parallelism, the positions of the rows this CP rank holds (the model's
-        attention reaches the rest by its ring); the whole batch otherwise."""
+        attention reaches the rest by its ring); with documents packed in a row, their positions
+        and, in place of the attention mask, each held token's document (the ring hides the other
+        documents' keys). The whole batch otherwise."""
         held = self.context_positions
         if held is None:
             return batch
-        if batch.attention is not None or batch.positions is not None:
-            raise UsageError(
-                "context parallelism (parallel.cp) does not support packed samples or document masks "
-                "yet; set data.packing=false for fine-tuning data, or parallel.cp=1"
-            )
         rows = len(batch.tokens)
+        positions = held.expand(rows, -1) if batch.positions is None else batch.positions[:, held]
+        documents = None if batch.documents is None else batch.documents[:, held].contiguous()
         return replace(
             batch,
             tokens=batch.tokens[:, held],
             targets=batch.targets[:, held],
-            positions=held.expand(rows, -1),
+            positions=positions,
+            documents=documents,
+            attention=documents,
         )
 
     def _dropout_keys(self, first_sample: int, rows: int) -> DropoutKeys:

@@ -6,7 +6,8 @@ balance of Megatron-Core's context parallelism).
 - Which positions a rank holds (`held_positions`): the sequence is cut into 2·cp chunks and rank i
   holds chunks i and 2·cp−1−i, so that under the causal mask every rank does the same work.
 - Forward: cp steps. At each, this rank's queries attend to the block in hand (its own first) under
-  the causal rule of the positions (a key is seen by the queries at or after its position), and
+  the causal rule of the positions (a key is seen by the queries at or after its position; with
+  documents packed in a row, by those of its own document only: their ids travel with the block), and
   the block's output is merged into the running one with the running max and sum of exponentials
   (online softmax). The next block's transfer (a point-to-point send to the next rank, a receive
   from the previous) is started before the block in hand is computed, and waited for after.
@@ -62,12 +63,18 @@ class _Ring:
         MPI.Request.Waitall(requests)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Scaled scores [b, heads, tq, tk] with the causal rule of the positions (masked: -inf)."""
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, q_at: tuple[torch.Tensor, ...], k_at: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Scaled scores [b, heads, tq, tk] with the causal rule of the positions and, when documents
+    are given (`*_at` = (positions, documents)), a key only seen by its own document (masked: -inf)."""
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    hidden = k_at[0][None, :] > q_at[0][:, None]
+    if len(q_at) > 1:  # [b, 1, tq, tk]: other documents' keys are hidden too
+        hidden = hidden | (q_at[1][:, None, :, None] != k_at[1][:, None, None, :])
+    return scores.masked_fill(hidden, float("-inf"))
 
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -84,16 +91,22 @@ def _fold(x: torch.Tensor, heads: int) -> torch.Tensor:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, comm: Any
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        at: tuple[torch.Tensor, ...],
+        comm: Any,
     ) -> torch.Tensor:
         ring = _Ring(comm)
-        qf, block = q.float(), [k.float().contiguous(), v.float().contiguous(), positions.contiguous()]
+        at = tuple(t.contiguous() for t in at)
+        qf, block = q.float(), [k.float().contiguous(), v.float().contiguous(), *at]
         out = torch.zeros_like(qf)
         running_max = torch.full(qf.shape[:-1], float("-inf"))
         running_sum = torch.zeros(qf.shape[:-1])
         for step in range(ring.size):
             pending = ring.start(block, tag=10 * step) if step < ring.size - 1 else None
-            scores = _scores(qf, block[0], positions, block[2])
+            scores = _scores(qf, block[0], at, tuple(block[2:]))
             new_max = torch.maximum(running_max, scores.amax(dim=-1))
             safe = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw no key yet
             weights = (scores - safe[..., None]).exp()
@@ -105,42 +118,50 @@ class _RingAttention(torch.autograd.Function):
                 _Ring.finish(pending[0])
                 block = pending[1]
         out = out / running_sum[..., None]
-        ctx.save_for_backward(q, k, v, positions, out, running_max + running_sum.log())
+        ctx.save_for_backward(q, k, v, out, running_max + running_sum.log(), *at)
         ctx.comm = comm
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, positions, out, lse = ctx.saved_tensors
-        ring, heads = _Ring(ctx.comm), q.shape[1]
+        q, k, v, out, lse, *at = ctx.saved_tensors
+        ring, heads, where = _Ring(ctx.comm), q.shape[1], len(at)
         qf, g = q.float(), grad.float()
         delta = (g * out).sum(dim=-1)
         grad_q = torch.zeros_like(qf)
         kf, vf = k.float().contiguous(), v.float().contiguous()
-        block = [kf, vf, positions.contiguous(), torch.zeros_like(kf), torch.zeros_like(vf)]
+        block = [kf, vf, *at, torch.zeros_like(kf), torch.zeros_like(vf)]
         for step in range(ring.size):
-            k_b, v_b, pos_b, grad_k, grad_v = block
-            probs = (_scores(qf, k_b, positions, pos_b) - lse[..., None]).exp()
+            k_b, v_b, at_b = block[0], block[1], tuple(block[2 : 2 + where])
+            grad_k, grad_v = block[2 + where :]
+            probs = (_scores(qf, k_b, tuple(at), at_b) - lse[..., None]).exp()
             grad_v = grad_v + _fold(probs.transpose(-1, -2) @ g, k_b.shape[1])
             grad_scores = probs * (g @ _expand(v_b, heads).transpose(-1, -2) - delta[..., None])
             grad_scores = grad_scores / math.sqrt(q.shape[-1])
             grad_q += grad_scores @ _expand(k_b, heads)
             grad_k = grad_k + _fold(grad_scores.transpose(-1, -2) @ qf, k_b.shape[1])
             # Every block moves on, its gradients with it: after cp hops it is home again.
-            requests, block = ring.start(
-                [k_b, v_b, pos_b, grad_k.contiguous(), grad_v.contiguous()], 100 + 10 * step
-            )
+            moving = [k_b, v_b, *at_b, grad_k.contiguous(), grad_v.contiguous()]
+            requests, block = ring.start(moving, 100 + 10 * step)
             _Ring.finish(requests)
-        grad_k, grad_v = block[3], block[4]
+        grad_k, grad_v = block[-2], block[-1]
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 def ring_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, comm: Any
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    comm: Any,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [batch, heads, time, head_dim] (this rank's `positions` of the
     sequences) over the keys and values [batch, kv_heads, time, head_dim] of every rank of `comm`
-    (each holding its own positions: `held_positions`). Returns [batch, heads, time, head_dim]."""
+    (each holding its own positions: `held_positions`); with `documents` [batch, time] (each held
+    token's document in its row), a query sees only its own document's keys. Returns
+    [batch, heads, time, head_dim]."""
     if comm.Get_size() == 1:
         raise ValueError("ring attention needs a context-parallel group of two or more ranks")
-    return _RingAttention.apply(q, k, v, positions, comm)
+    at = (positions,) if documents is None else (positions, documents)
+    return _RingAttention.apply(q, k, v, at, comm)
