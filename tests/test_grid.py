@@ -24,6 +24,21 @@ def test_layout_groups_2x2x2():
     assert layout.all_dp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
 
 
+def test_context_parallel_ranks_sit_between_tp_and_dp_and_reduce_with_dp():
+    """pp 2 × dp 2 × cp 2 × tp 2: CP varies after TP; the DP group (gradient reduction) is dp × cp."""
+    layout = Layout.for_world(16, tp=2, pp=2, cp=2)
+    assert (layout.dp, layout.replicas, str(layout)) == (2, 4, "pp=2 x dp=2 x cp=2 x tp=2")
+    for rank in range(16):
+        c = layout.coords(rank)
+        assert rank == ((c.pp * 2 + c.dp) * 2 + c.cp) * 2 + c.tp == layout.rank(*c)
+    assert layout.tp_group(5) == [4, 5]
+    assert layout.all_cp_groups()[:2] == [[0, 2], [1, 3]]
+    assert layout.dp_group(5) == [1, 3, 5, 7]
+    assert layout.pp_group(5) == [5, 13]
+    with pytest.raises(UsageError, match=r"tp\*pp\*cp = 2\*1\*2 = 4"):
+        Layout.for_world(6, tp=2, cp=2)
+
+
 def test_world_that_does_not_factor_is_a_usage_error():
     with pytest.raises(UsageError, match=r"world size 6 is not divisible by tp\*pp = 2\*2 = 4"):
         Layout.for_world(6, tp=2, pp=2)
@@ -47,7 +62,7 @@ def _check_grid(grid, comm, table):
     import torch
 
     rank = comm.Get_rank()
-    assert tuple(grid.coords) == table[rank]
+    assert tuple(grid.coords)[:3] == table[rank] and grid.coords.cp == 0
     assert (grid.pp_rank, grid.dp_rank, grid.tp_rank) == table[rank]
     # Each sub-communicator holds exactly the ranks that differ along its axis, ordered along it.
     for sub, axis in ((grid.pp_comm, 0), (grid.dp_comm, 1), (grid.tp_comm, 2)):
@@ -61,7 +76,7 @@ def _check_grid(grid, comm, table):
     total = hvd.allreduce(torch.tensor([float(rank)]), op=hvd.Sum, process_set=grid.dp_process_set)
     assert total.item() == float(sum(_peers(table, rank, 1)))
     # Every rank's view agrees with the table.
-    assert comm.allgather(tuple(grid.coords)) == table
+    assert comm.allgather(tuple(grid.coords)[:3]) == table
 
 
 @pytest.mark.mpi(ranks=8, timeout=120, tp=2, pp=2)

@@ -256,8 +256,8 @@ def rank_table(comm: Any, layout: Layout) -> list[str]:
     ]
     lines.append("  rank  host                  node  local  device  threads   pp  dp  tp")
     for rank, host, node, local, device, threads in rows or []:
-        pp, dp, tp = layout.coords(rank)
-        place = f"{pp:>3} {dp:>3} {tp:>3}"
+        c = layout.coords(rank)
+        place = f"{c.pp:>3} {c.dp:>3} {c.tp:>3}"
         lines.append(f"  {rank:>4}  {host:<20}  {node:>4}  {local:>5}  {device:<6}  {threads:>7}  {place}")
     return lines
 
