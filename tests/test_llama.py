@@ -155,7 +155,7 @@ def test_plan_uses_the_family_and_says_how_to_train_the_llama_it_picked():
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert all(row["fits"] and row["tp"] * row["pp"] * row["dp"] == 32 for row in rows)
+    assert all(row["fits"] and row["tp"] * row["pp"] * row["dp"] * row["cp"] == 32 for row in rows)
     text = run_hpcllm(["plan", "--model", "llama3-8b", "--cluster", "h100", "--nodes", 4]).stdout
     assert text.startswith("8.03B parameters")
     command = text.splitlines()[text.splitlines().index("run the first:") + 1]
