@@ -101,6 +101,7 @@ class FullyShardedUnits:
         for unit in self.units:
             self._fill(unit, model, names, values(unit.key) if values is not None else None)
         self.by_key = {unit.key: unit for unit in self.units}
+        self.position = {unit.key: i for i, unit in enumerate(self.units)}  # forward order, for prefetch
         self.owned = self._owned()  # the layout is fixed from here on
         self.late_pieces = {id(param): piece for param, piece in self.shard_pieces()}
         self.pending: deque[tuple[Unit, Any, torch.Tensor]] = deque()
@@ -235,7 +236,7 @@ class FullyShardedUnits:
         return gather
 
     def _prefetch(self, anchor: Unit, direction: int) -> None:
-        position = self.units.index(anchor) + direction
+        position = self.position[anchor.key] + direction
         if 0 <= position < len(self.units):
             unit = self.units[position]
             if not unit.gathered and unit.gather is None:

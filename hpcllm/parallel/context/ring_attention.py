@@ -102,8 +102,8 @@ class _RingAttention(torch.autograd.Function):
         at = tuple(t.contiguous() for t in at)
         qf, block = q.float(), [k.float().contiguous(), v.float().contiguous(), *at]
         out = torch.zeros_like(qf)
-        running_max = torch.full(qf.shape[:-1], float("-inf"))
-        running_sum = torch.zeros(qf.shape[:-1])
+        running_max = torch.full(qf.shape[:-1], float("-inf"), device=qf.device)
+        running_sum = torch.zeros(qf.shape[:-1], device=qf.device)
         for step in range(ring.size):
             pending = ring.start(block, tag=10 * step) if step < ring.size - 1 else None
             scores = _scores(qf, block[0], at, tuple(block[2:]))
