@@ -312,7 +312,8 @@ def load(
     manifest = read_manifest(checkpoint)
     saved, partition, units = manifest["layout"], (grid.pp_rank, grid.tp_rank), units_of(model)
     same = (saved["pp"], saved["tp"]) == (grid.layout.pp, grid.layout.tp)
-    meta = side_file(checkpoint, shard_name(*partition), manifest) if same else {}
+    # Only a fully sharded model can read its shares alone: nobody else needs the side file here.
+    meta = side_file(checkpoint, shard_name(*partition), manifest) if same and units is not None else {}
     if units is not None and meta.get("parameter_parts"):  # fully sharded both: this rank's shares only
         load_own_shares(model, units, optimizer, checkpoint, manifest, partition, meta)
         tensors = read_safetensors(verified(checkpoint, f"{shard_name(*partition)}.safetensors", manifest))
