@@ -79,6 +79,8 @@ system_packages() {
     fi
     command -v cmake >/dev/null || need+=(cmake)
     command -v g++ >/dev/null || need+=(g++)
+    # gdb: the stall watchdog writes every thread's native stack (inside MPI, Horovod) with it.
+    command -v gdb >/dev/null || need+=(gdb)
     if ((${#need[@]})); then
         mkdir -p "$VENV"
         # shellcheck disable=SC2207

@@ -12,6 +12,7 @@ from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, 
 from test_memory import train_run
 
 from hpcllm.batch import attention_mask
+from hpcllm.parallel.context import block_attention as blocks
 from hpcllm.parallel.context.ring_attention import held_positions, ring_attention
 
 
@@ -112,3 +113,41 @@ def test_what_context_parallelism_does_not_support_is_one_line(data_dir, tmp_pat
         proc = run_hpcllm(["train", "--data", data_dir, "--out", tmp_path / "r", *TINY, *flags], ranks=ranks)
         assert_usage_error(proc, needle)
         assert not (tmp_path / "r").exists()
+
+
+def test_a_block_fused_and_written_out_agree_including_queries_that_see_nothing():
+    """The ring's unit on CPU is PyTorch's fused flash kernel; other devices use the written-out
+    arithmetic. Both are checked here, on CPU, against each other and against plain softmax
+    attention, for a block where some queries see no key (their output 0, log-sum-exp -inf)."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v, upstream = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(4))
+    at_q = (torch.arange(6), torch.tensor([[0] * 6, [0, 0, 1, 1, 1, 1]]))
+    at_k = (torch.arange(6) + 2, torch.tensor([[0] * 6, [0] * 6]))
+    mask = blocks.BlockMask.of(at_q, at_k)
+    assert not mask.empty and mask.unseen_rows is not None and bool(mask.unseen_rows[..., :2].all())
+    assert blocks.BlockMask.of((torch.arange(4),), (torch.arange(4) + 4,)).empty
+    results = [blocks.forward(q, k, v, mask, fused=fused) for fused in (True, False)]
+    for out, lse in results:
+        assert torch.isinf(lse[..., :2]).all() and (out[..., :2, :] == 0).all()
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(mask.hidden, float("-inf"))
+    seen = ~mask.unseen_rows.expand(lse.shape)
+    expected = torch.nan_to_num(scores.softmax(-1)) @ v
+    for out, lse in results:
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(lse[seen], scores.logsumexp(-1)[seen])
+    # Backward against the merged statistics of a second, fully visible block.
+    out, lse = results[0]
+    causal = blocks.BlockMask.of((torch.arange(6),), (torch.arange(6),))  # same positions: the kernel's flag
+    assert causal.causal and causal.hidden is None
+    (other_out, other_lse), written_out = (blocks.forward(q, v, k, causal, fused=f) for f in (True, False))
+    torch.testing.assert_close(other_out, written_out[0])
+    merged = torch.logaddexp(lse, other_lse)
+    total = out * (lse - merged).exp()[..., None] + other_out * (other_lse - merged).exp()[..., None]
+    fused, written = (blocks.backward(upstream, q, k, v, total, merged, mask, fused=f) for f in (True, False))
+    for a, b in zip(fused, written, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    fused, written = (
+        blocks.backward(upstream, q, v, k, total, merged, causal, fused=f) for f in (True, False)
+    )
+    for a, b in zip(fused, written, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -140,7 +143,8 @@ class Watchdog:
         for rank in range(1, self.size):
             self.comm.isend(True, dest=rank, tag=DUMP)
         self._dump_stacks()
-        deadline = time.monotonic() + min(10.0, 2 * self.poll_s + 2)
+        # gdb takes a second or more per rank (native_stacks); a silent rank is not waited for long.
+        deadline = time.monotonic() + min(10.0, 2 * self.poll_s + 2) + (15.0 if shutil.which("gdb") else 0.0)
         answered = 0
         while answered < self.size - 1 and time.monotonic() < deadline:
             if self.comm.iprobe(tag=DUMPED):
@@ -153,11 +157,13 @@ class Watchdog:
 
     def _dump_stacks(self) -> None:
         """Into the rank's log file (stderr when there is none): stacks of every rank would bury
-        the console."""
+        the console. Python's, then the native ones (gdb), which show where a thread waits inside
+        MPI or Horovod's background thread, where Python's stop at the call."""
         out = self.dump_file or sys.stderr
         out.write(f"[rank {self.rank}] watchdog: Python stacks of every thread:\n")
         out.flush()
         faulthandler.dump_traceback(file=out, all_threads=True)
+        out.write(f"[rank {self.rank}] watchdog: native stacks of every thread:\n{native_stacks()}\n")
         out.flush()
 
     def _abort(self, lines: list[str]) -> None:
@@ -171,6 +177,24 @@ class Watchdog:
             handler.flush()
         sys.stderr.flush()
         self.comm.Abort(EXIT_STALLED)
+
+
+def native_stacks(timeout_s: float = 30.0) -> str:
+    """Every thread's native stack of this process, from gdb attached for a moment (the process
+    is paused meanwhile); a line saying why not when gdb is missing or may not attach."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "(gdb is not installed: no native stacks)"
+    command = [gdb, "-p", str(os.getpid()), "-batch", "-nx", "-ex", "set print frame-arguments none"]
+    command += ["-ex", "thread apply all bt 40"]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(gdb failed: {exc})"
+    threads = done.stdout[done.stdout.find("\nThread ") + 1 :] if "\nThread " in done.stdout else ""
+    return threads or f"(gdb could not attach: {done.stderr.strip().splitlines()[-1:] or done.returncode})"
 
 
 def _status() -> Any:

@@ -14,6 +14,10 @@ balance of Megatron-Core's context parallelism).
 - Backward: the blocks go around again, each with the gradients of its keys and values, which
   every rank adds its part to; after cp hops a block and its gradients are back with their owner.
   The probabilities are rebuilt from the saved log-sum-exp, as flash attention's backward does.
+- A block is attended chunk by chunk (block_attention): a chunk of keys is wholly visible to a
+  chunk of queries, or wholly hidden (skipped), or at the same positions (causal), so each piece
+  is one call of PyTorch's fused flash-attention kernel on CPU without a mask (with documents, a
+  mask), forward returning the log-sum-exp, backward taking the merged one.
 
 mpi4py on the group's communicator (CPU). In fp32, whatever the inputs' dtype (the results are
 cast back). Grouped-query attention: keys and values may have fewer heads than the queries.
@@ -21,11 +25,11 @@ cast back). Grouped-query attention: keys and values may have fewer heads than t
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from hpcllm.parallel.context import block_attention as blocks
 from hpcllm.parallel.mpi_buffers import mpi_buffer
 
 
@@ -63,31 +67,6 @@ class _Ring:
         MPI.Request.Waitall(requests)
 
 
-def _scores(
-    q: torch.Tensor, k: torch.Tensor, q_at: tuple[torch.Tensor, ...], k_at: tuple[torch.Tensor, ...]
-) -> torch.Tensor:
-    """Scaled scores [b, heads, tq, tk] with the causal rule of the positions and, when documents
-    are given (`*_at` = (positions, documents)), a key only seen by its own document (masked: -inf)."""
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    hidden = k_at[0][None, :] > q_at[0][:, None]
-    if len(q_at) > 1:  # [b, 1, tq, tk]: other documents' keys are hidden too
-        hidden = hidden | (q_at[1][:, None, :, None] != k_at[1][:, None, None, :])
-    return scores.masked_fill(hidden, float("-inf"))
-
-
-def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
-def _fold(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """A gradient over the expanded heads, summed back onto the key/value heads."""
-    if x.shape[1] == heads:
-        return x
-    return x.unflatten(1, (heads, x.shape[1] // heads)).sum(dim=2)
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -98,48 +77,40 @@ class _RingAttention(torch.autograd.Function):
         at: tuple[torch.Tensor, ...],
         comm: Any,
     ) -> torch.Tensor:
-        ring = _Ring(comm)
+        ring, heads = _Ring(comm), q.shape[1]
         at = tuple(t.contiguous() for t in at)
-        qf, block = q.float(), [k.float().contiguous(), v.float().contiguous(), *at]
+        qf, block = q.float().contiguous(), [k.float().contiguous(), v.float().contiguous(), *at]
         out = torch.zeros_like(qf)
-        running_max = torch.full(qf.shape[:-1], float("-inf"), device=qf.device)
-        running_sum = torch.zeros(qf.shape[:-1], device=qf.device)
+        lse = torch.full(qf.shape[:-1], float("-inf"), device=qf.device)
         for step in range(ring.size):
             pending = ring.start(block, tag=10 * step) if step < ring.size - 1 else None
-            scores = _scores(qf, block[0], at, tuple(block[2:]))
-            new_max = torch.maximum(running_max, scores.amax(dim=-1))
-            safe = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows that saw no key yet
-            weights = (scores - safe[..., None]).exp()
-            rescale = (running_max - safe).exp()
-            running_sum = running_sum * rescale + weights.sum(dim=-1)
-            out = out * rescale[..., None] + weights @ _expand(block[1], qf.shape[1])
-            running_max = new_max
+            k_b, v_b = (blocks.expand_heads(x, heads) for x in block[:2])
+            out, lse = blocks.attend(out, lse, qf, k_b, v_b, at, tuple(block[2:]))
             if pending is not None:
                 _Ring.finish(pending[0])
                 block = pending[1]
-        out = out / running_sum[..., None]
-        ctx.save_for_backward(q, k, v, out, running_max + running_sum.log(), *at)
+        ctx.save_for_backward(q, k, v, out, lse, *at)
         ctx.comm = comm
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse, *at = ctx.saved_tensors
-        ring, heads, where = _Ring(ctx.comm), q.shape[1], len(at)
-        qf, g = q.float(), grad.float()
-        delta = (g * out).sum(dim=-1)
+        ring, heads, kv_heads, where = _Ring(ctx.comm), q.shape[1], k.shape[1], len(at)
+        qf, g = q.float().contiguous(), grad.float().contiguous()
         grad_q = torch.zeros_like(qf)
         kf, vf = k.float().contiguous(), v.float().contiguous()
         block = [kf, vf, *at, torch.zeros_like(kf), torch.zeros_like(vf)]
         for step in range(ring.size):
             k_b, v_b, at_b = block[0], block[1], tuple(block[2 : 2 + where])
             grad_k, grad_v = block[2 + where :]
-            probs = (_scores(qf, k_b, tuple(at), at_b) - lse[..., None]).exp()
-            grad_v = grad_v + _fold(probs.transpose(-1, -2) @ g, k_b.shape[1])
-            grad_scores = probs * (g @ _expand(v_b, heads).transpose(-1, -2) - delta[..., None])
-            grad_scores = grad_scores / math.sqrt(q.shape[-1])
-            grad_q += grad_scores @ _expand(k_b, heads)
-            grad_k = grad_k + _fold(grad_scores.transpose(-1, -2) @ qf, k_b.shape[1])
+            wide_k, wide_v = blocks.expand_heads(k_b, heads), blocks.expand_heads(v_b, heads)
+            grads = blocks.block_gradients(g, qf, wide_k, wide_v, out, lse, tuple(at), at_b)
+            if grads is not None:
+                dq, dk, dv = grads
+                grad_q += dq
+                grad_k = grad_k + blocks.fold_heads(dk, kv_heads)
+                grad_v = grad_v + blocks.fold_heads(dv, kv_heads)
             # Every block moves on, its gradients with it: after cp hops it is home again.
             moving = [k_b, v_b, *at_b, grad_k.contiguous(), grad_v.contiguous()]
             requests, block = ring.start(moving, 100 + 10 * step)
