@@ -6,6 +6,12 @@ rank's stack in its logs; its run directory is kept (hpcllm.cluster.launcher.fai
     .venv/bin/python scripts/stress_collectives.py --runs 100 [--layout tp=2,dp=2] [--seed 1]
 
 Prints one line per run and a tally; exits 1 if any run stalled or failed.
+
+`--micro SECONDS` instead hammers, in one launch of that layout, the three threads of each rank
+that use MPI at once, far faster than training does: the main thread's tensor-parallel allreduces
+(mpi4py) run while Horovod's background thread reduces over the data-parallel process set, and the
+watchdog's thread sends its reports; every result is checked, and a stall ends the job with every
+rank's Python and native stacks, kept in failed_runs_dir().
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpcllm.cluster.launcher import keep_failed_run, launch_env
+import torch
+
+from hpcllm.cluster.launcher import failed_runs_dir, keep_failed_run, launch_env
 
 SHAPES = {
     "small": [
@@ -77,8 +85,91 @@ def one_run(
     return code, f"run {index}: {time.time() - started:5.1f} s, {what}"
 
 
+HVD_SIZES = (1, 64, 4096, 65536, 1 << 20)  # float32 elements of a Horovod reduction
+TP_SIZES = (1, 256, 16384, 262144)  # of a tensor-parallel allreduce
+
+
+def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: float) -> None:
+    """One rank of `--micro`: iterations of Horovod reductions in flight over the DP set while the
+    main thread runs TP allreduces, then a world agreement to go on (as training's stop signal)."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcllm.cluster import watchdog
+    from hpcllm.parallel import horovod as horovod_start
+    from hpcllm.parallel.grid import Grid
+
+    comm, shared = MPI.COMM_WORLD, random.Random(seed)  # the same structure on every rank
+    jitter = random.Random(seed * 1000 + comm.Get_rank())  # each rank's own timing
+    knobs = horovod_start.environment(shared.choice(BUCKETS_MB), shared.choice(CYCLE_MS))
+    grid = Grid(comm, tp=layout["tp"], horovod=True, horovod_env=knobs)
+    watchdog.start(comm, watchdog_s)
+    hvd, dp, tp = grid.hvd, grid.layout.replicas, grid.layout.tp
+    end, counts, go = time.time() + seconds, [0, 0, 0], np.ones(1, dtype=np.int32)
+    while go[0]:
+        watchdog.set_step(counts[0])
+        sizes = [shared.choice(HVD_SIZES) for _ in range(shared.randint(1, 6))]
+        tensors = [torch.full((n,), float(grid.dp_rank + 1)) for n in sizes]
+        handles = [
+            hvd.allreduce_async_(t, name=f"stress.{i}", op=hvd.Sum, process_set=grid.dp_process_set)
+            for i, t in enumerate(tensors)
+        ]
+        for _ in range(shared.randint(0, 8)):
+            x = np.full(shared.choice(TP_SIZES), grid.tp_rank + 1.0, dtype=np.float32)
+            with watchdog.waiting("tensor-parallel allreduce"):
+                grid.tp_comm.Allreduce(MPI.IN_PLACE, x)
+            assert x[0] == x[-1] == tp * (tp + 1) / 2, f"a wrong TP sum {x[0]}"
+            counts[2] += 1
+            if jitter.random() < 0.3:
+                time.sleep(jitter.random() * 0.002)
+        with watchdog.waiting("gradient reduction (Horovod)"):
+            for handle, t in zip(handles, tensors, strict=True):
+                hvd.synchronize(handle)
+                assert t[0] == t[-1] == dp * (dp + 1) / 2, f"a wrong Horovod sum {t[0]}"
+        counts[0], counts[1] = counts[0] + 1, counts[1] + len(tensors)
+        go[0] = 1 if comm.Get_rank() != 0 else int(time.time() < end)
+        with watchdog.waiting("stop-signal agreement"):
+            comm.Allreduce(MPI.IN_PLACE, go, op=MPI.MIN)
+    watchdog.stop()
+    if comm.Get_rank() == 0:
+        print(
+            f"{counts[0]} iterations, {counts[1]} Horovod reductions, {counts[2]} TP allreduces per rank "
+            f"in {seconds:.0f} s; knobs {knobs}",
+            flush=True,
+        )
+
+
+def micro(args: argparse.Namespace, layout: dict[str, int]) -> int:
+    ranks = layout["tp"] * layout["dp"]
+    command = [sys.executable, "-m", "hpcllm.launcher", "-np", str(ranks), sys.executable, __file__]
+    command += ["--micro-rank", str(args.micro), "--layout", args.layout, "--seed", str(args.seed)]
+    burners = [multiprocessing.Process(target=_burn, args=(args.micro + 60,)) for _ in range(args.burners)]
+    for burner in burners:
+        burner.start()
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, env=launch_env(), timeout=args.micro + 300
+        )
+        code, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, out = -1, f"timed out: {exc}"
+    finally:
+        for burner in burners:
+            burner.terminate()
+    print(out.strip().splitlines()[-1] if code == 0 else f"seed {args.seed}: exit {code}", flush=True)
+    if code != 0:
+        kept = failed_runs_dir() / f"stress-micro-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(out)
+        print(f"its output, with every rank's stacks, is in {kept}")
+    return 0 if code == 0 else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--micro", type=float, help="seconds of the threads' stress in one launch")
+    parser.add_argument("--micro-rank", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--burners", type=int, default=0, help="--micro: busy processes beside it (0)")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--layout", default="tp=2,dp=2,micro_batch=4")
     parser.add_argument("--seed", type=int, default=1)
@@ -88,6 +179,11 @@ def main() -> int:
     parser.add_argument("--data", help="prepared data (default: a small byte-level corpus made here)")
     args = parser.parse_args()
     layout = {"micro_batch": 4} | {k: int(v) for k, v in (item.split("=") for item in args.layout.split(","))}
+    if args.micro_rank:
+        micro_rank(layout, args.micro_rank, args.seed, watchdog_s=20)
+        return 0
+    if args.micro:
+        return micro(args, layout)
     rng = random.Random(args.seed)
     failures = 0
     with tempfile.TemporaryDirectory(prefix="hpcllm-stress-") as tmp:

@@ -128,15 +128,17 @@ def test_a_failed_or_hung_sub_run_is_an_environment_problem_not_a_traceback():
 
 def test_a_failed_sub_run_keeps_its_run_directory_out_of_the_benchmarks_temporary_one(tmp_path, monkeypatch):
     """The watchdog's report (every rank's stack in logs/rank-N.log) must outlive the benchmark's
-    temporary directory: the failed run's directory is copied, checkpoints left out."""
+    temporary directory: the failed run's directory is copied, checkpoints left out, with the
+    launch's whole stderr (where Horovod's own stall report goes)."""
     monkeypatch.setenv("HPCLLM_FAILED_RUNS", str(tmp_path / "kept"))
     run = tmp_path / "tmp" / "hpcllm-2-3"
     (run / "logs").mkdir(parents=True)
     (run / "logs" / "rank-1.log").write_text("stack of rank 1")
     (run / "checkpoints").mkdir()
-    failing = [sys.executable, "-c", "import sys; sys.exit(70)"]
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('Stalled ranks: 1'); sys.exit(70)"]
     with pytest.raises(EnvironmentProblem, match="is kept in .*kept/hpcllm-2-3-") as error:
         run_launched(failing, "the run", run_dir=run)
     (kept,) = (tmp_path / "kept").iterdir()
     assert str(kept) in str(error.value) and (kept / "logs" / "rank-1.log").read_text() == "stack of rank 1"
     assert not (kept / "checkpoints").exists()
+    assert (kept / "launch-stderr.txt").read_text() == "Stalled ranks: 1"

@@ -181,11 +181,11 @@ def run_launched(
             command, capture_output=True, text=True, env=launch_env() if env is None else env, timeout=timeout
         )
     except subprocess.TimeoutExpired as exc:
-        kept = _kept_note(run_dir)
+        kept = _kept_note(run_dir, exc.stderr)
         late = f"{what} did not finish in {timeout:g} s: {' '.join(command)}{kept}"
         raise EnvironmentProblem(late) from exc
     if proc.returncode != 0:
-        kept = _kept_note(run_dir)
+        kept = _kept_note(run_dir, proc.stderr)
         raise EnvironmentProblem(
             f"{what} failed (exit {proc.returncode}): {' '.join(command)}{kept}\n{proc.stderr[-2000:]}"
         )
@@ -210,15 +210,19 @@ def keep_failed_run(run_dir: Path) -> Path:
     return kept
 
 
-def _kept_note(run_dir: Path | None) -> str:
-    """Keep a failed run's directory, if there is one; the note for the error message."""
+def _kept_note(run_dir: Path | None, stderr: str | bytes | None) -> str:
+    """Keep a failed run's directory, if there is one, with the launch's whole stderr beside its
+    logs (Horovod's own stall report, naming the tensors and ranks it waits for, goes there);
+    the note for the error message."""
     if run_dir is None or not run_dir.is_dir():
         return ""
     try:
         kept = keep_failed_run(run_dir)
+        text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+        (kept / "launch-stderr.txt").write_text(text)
     except OSError as exc:
         return f" (its run directory could not be kept: {exc})"
-    return f" (its run directory, with every rank's log, is kept in {kept})"
+    return f" (its run directory, with every rank's log and the launch's stderr, is kept in {kept})"
 
 
 def _die_with_parent() -> None:
