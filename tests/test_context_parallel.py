@@ -12,8 +12,10 @@ from conftest import TINY, assert_same_losses, assert_usage_error, copy_run_at, 
 from test_memory import train_run
 
 from hpcllm.batch import attention_mask
+from hpcllm.parallel import torch_dist
 from hpcllm.parallel.context import block_attention as blocks
 from hpcllm.parallel.context.ring_attention import held_positions, ring_attention
+from hpcllm.parallel.context.transport import MpiRing, TorchRing
 
 
 def test_each_rank_holds_two_chunks_that_balance_the_causal_work():
@@ -26,6 +28,15 @@ def test_each_rank_holds_two_chunks_that_balance_the_causal_work():
 
 
 def check_ring_attention(comm):
+    """Both transports: mpi4py, and torch.distributed (gloo here, NCCL on GPUs)."""
+    torch_dist.init(comm, "cpu", timeout_s=60)
+    group = torch.distributed.new_group(list(range(comm.Get_size())))
+    for ring in (MpiRing(comm), TorchRing(group, list(range(comm.Get_size())), comm.Get_rank())):
+        check_ring_attention_on(ring, comm)
+    torch_dist.stop()
+
+
+def check_ring_attention_on(ring, comm):
     cp, rank = comm.Get_size(), comm.Get_rank()
     sequence, batch, dim = 8 * cp, 2, 8
     # Documents packed in the rows, their boundaries falling inside and across the chunks.
@@ -51,7 +62,7 @@ def check_ring_attention(comm):
         mine = held_positions(sequence, cp, rank)
         parts = [t.detach()[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
         held_documents = None if documents is None else documents[:, mine].contiguous()
-        out = ring_attention(*parts, mine, comm, documents=held_documents)
+        out = ring_attention(*parts, mine, ring, documents=held_documents)
         out.backward(upstream[:, :, mine])
         torch.testing.assert_close(out, whole.detach()[:, :, mine], rtol=1e-5, atol=1e-5)
         for part, full in zip(parts, (q, k, v), strict=True):
@@ -69,7 +80,8 @@ def test_ring_attention_on_four_ranks_is_attention_over_the_whole_sequence(comm)
 
 
 def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between_cp(data_dir, tmp_path):
-    """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2, with pp 2 at
+    """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2 (the ring on
+    torch.distributed: gloo here, NCCL on GPUs), with pp 2 at
     zero=1, with documents packed in the rows (data.document_mask): the single-process losses. A
     cp 2 checkpoint resumes in one process, a one-process checkpoint at cp 2 (checkpoints do not
     depend on cp)."""
@@ -79,7 +91,7 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
         "cp2": (2, ["--cp", 2, *every]),
         "cp4": (4, ["--cp", 4]),
         "cp2xdp2-zero3-full": (4, ["--cp", 2, *sets("parallel.zero=3", "train.recompute=full")]),
-        "cp2xtp2": (4, ["--cp", 2, "--tp", 2]),
+        "cp2xtp2-torch-ring": (4, ["--cp", 2, "--tp", 2, *sets("parallel.cp_backend=torch")]),
         "cp2xpp2-zero1": (4, ["--cp", 2, "--pp", 2, *sets("parallel.zero=1")]),
     }
     documents = sets("data.document_mask=true")  # documents packed in rows, each attending to itself
@@ -90,6 +102,8 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
     for name, (ranks, flags) in cases_with_documents.items():
         assert_same_losses(with_documents, train_run(data_dir, tmp_path / name, ranks, *flags), name)
     assert "pp=1 x dp=1 x cp=2 x tp=1" in (tmp_path / "cp2" / "logs" / "rank-0.log").read_text()
+    torch_ring_log = (tmp_path / "cp2xtp2-torch-ring" / "logs" / "rank-0.log").read_text()
+    assert "context parallel torch (gloo)" in torch_ring_log
     for name, run, ranks, flags in (
         ("cp2-as-one", tmp_path / "cp2", None, ["--cp", 1]),
         ("one-as-cp2", tmp_path / "one", 2, ["--cp", 2]),

@@ -122,12 +122,13 @@ class GPT(nn.Module):
             if not isinstance(block, nn.Identity):
                 block.attn.recompute_core = mode == "selective"
 
-    def enable_context_parallel(self, comm: Any, positions: torch.Tensor) -> None:
+    def enable_context_parallel(self, ring: Any, positions: torch.Tensor) -> None:
         """Context parallelism: this rank holds `positions` of every sequence (the inputs it is
-        given are those), and attention reaches the other CP ranks' keys by the ring over `comm`."""
+        given are those), and attention reaches the other CP ranks' keys by `ring` (a transport of
+        parallel.context.transport, or the CP group's mpi4py communicator)."""
         for block in self.blocks:
             if not isinstance(block, nn.Identity):
-                block.attn.context = (comm, positions)
+                block.attn.context = (ring, positions)
 
     def context_positions(self) -> torch.Tensor | None:
         """The positions of every sequence this rank holds with context parallelism, else None."""

@@ -76,11 +76,14 @@ class Grid:
             self._start_horovod(horovod_tp, dict(horovod_env or {}))
         # torch.distributed addresses point-to-point peers by world rank.
         self.pp_world_ranks: list[int] = self.pp_comm.allgather(self.rank)
+        self.cp_world_ranks: list[int] = self.cp_comm.allgather(self.rank)
         self.torch_groups: dict[str, Any] = {}
         if torch_device is not None:
             axes = {"tp": layout.all_tp_groups(), "pp": layout.all_pp_groups()}
             if layout.pp > 1:  # the first and last stage of each pipeline (the tied embedding)
                 axes["embedding"] = [[group[0], group[-1]] for group in layout.all_pp_groups()]
+            if layout.cp > 1:
+                axes["cp"] = layout.all_cp_groups()
             self.torch_groups = torch_dist.start(comm, torch_device, axes, timeout_s)
 
     def _start_horovod(self, with_tp: bool, env: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ from hpcllm.model.gpt import GPT
 from hpcllm.model.partition import partition_tensor_parallel
 from hpcllm.observe.memory import tensor_bytes
 from hpcllm.parallel.context.ring_attention import held_positions
+from hpcllm.parallel.context.transport import ring_for
 from hpcllm.parallel.data_parallel import DataParallel
 from hpcllm.parallel.fully_sharded import UnitValues
 from hpcllm.parallel.gradient_finaliser import GradientFinaliser
@@ -60,7 +61,8 @@ def build_model(
     model.set_recompute(plan.config.train.recompute)
     if grid.layout.cp > 1:  # this rank's chunks of every sequence (parallel.context.ring_attention)
         held = held_positions(plan.config.model.block_size, grid.layout.cp, grid.cp_rank, rt.device)
-        model.enable_context_parallel(grid.cp_comm, held)
+        ring = ring_for(plan.cp_backend, grid.cp_comm, grid.torch_groups.get("cp"), grid.cp_world_ranks)
+        model.enable_context_parallel(ring, held)
     model.loss_chunk = plan.config.train.loss_chunk
     if grid.layout.pp > 1:
         if plan.micro_batches < grid.layout.pp:

@@ -110,6 +110,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     tp_backend: str = "auto"  # auto | mpi4py | horovod | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
     pp_backend: str = "auto"  # auto | mpi4py | torch: auto = mpi4py on CPU, torch (NCCL) on CUDA
+    cp_backend: str = "auto"  # the context-parallel ring: as pp_backend
     stage_layers: str = ""  # layers per pipeline stage, e.g. "3,1"; empty = balanced by parameters
     # 1: shard the Adam state over the data-parallel group; 2: and reduce-scatter gradients;
     # 3: and shard the parameters, gathered unit by unit (fully sharded data parallelism)
@@ -341,6 +342,7 @@ def validate(config: Config) -> None:
         ("train.async_checkpoint", t.async_checkpoint, ("auto", "true", "false")),
         ("parallel.tp_backend", config.parallel.tp_backend, TP_BACKENDS),
         ("parallel.pp_backend", config.parallel.pp_backend, PP_BACKENDS),
+        ("parallel.cp_backend", config.parallel.cp_backend, PP_BACKENDS),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),
         ("parallel.zero", config.parallel.zero, ZERO),
         ("parallel.shard_group", config.parallel.shard_group, ("world", "node")),

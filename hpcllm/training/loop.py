@@ -135,10 +135,11 @@ def _log_engines(plan: Plan, device: torch.device) -> None:
         return f"torch ({torch_dist.backend_for(device.type)})" if backend == "torch" else backend
 
     log.info(
-        "communication: data parallel %s, tensor parallel %s, pipeline %s",
+        "communication: data parallel %s, tensor parallel %s, pipeline %s, context parallel %s",
         "horovod" if layout.replicas > 1 else "-",
         engine(plan.tp_backend, layout.tp),
         engine(plan.pp_backend, layout.pp),
+        engine(plan.cp_backend, layout.cp),
     )
 
 

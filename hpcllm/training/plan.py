@@ -36,6 +36,7 @@ class Plan:
     allreduce_every: int  # micro-batches between data-parallel gradient reductions
     tp_backend: str  # mpi4py | horovod | torch (auto resolved by device)
     pp_backend: str  # mpi4py | torch (auto resolved by device)
+    cp_backend: str  # mpi4py | torch (auto resolved by device)
     horovod_env: dict[str, str]  # Horovod's knobs, set once when it starts
     default_data: bool  # data.path was empty: prepare the default corpus there on first use
     dp_strategy: DataParallelStrategy  # how DP replicas share the step (parallel.zero)
@@ -48,8 +49,10 @@ class Plan:
     @property
     def torch_groups(self) -> bool:
         """Some traffic goes through torch.distributed (and needs its process groups)."""
-        return (self.tp_backend == "torch" and self.layout.tp > 1) or (
-            self.pp_backend == "torch" and self.layout.pp > 1
+        return (
+            (self.tp_backend == "torch" and self.layout.tp > 1)
+            or (self.pp_backend == "torch" and self.layout.pp > 1)
+            or (self.cp_backend == "torch" and self.layout.cp > 1)
         )
 
     @property
@@ -294,6 +297,7 @@ def make_plan(
         allreduce_every=every,
         tp_backend=_backend("parallel.tp_backend", config.parallel.tp_backend, device_type),
         pp_backend=_backend("parallel.pp_backend", config.parallel.pp_backend, device_type),
+        cp_backend=_backend("parallel.cp_backend", config.parallel.cp_backend, device_type),
         horovod_env=horovod.environment(
             h.fusion_threshold_mb, h.cycle_time_ms, h.timeline, h.hierarchical_allreduce
         ),

@@ -19,8 +19,9 @@ balance of Megatron-Core's context parallelism).
   is one call of PyTorch's fused flash-attention kernel on CPU without a mask (with documents, a
   mask), forward returning the log-sum-exp, backward taking the merged one.
 
-mpi4py on the group's communicator (CPU). In fp32, whatever the inputs' dtype (the results are
-cast back). Grouped-query attention: keys and values may have fewer heads than the queries.
+The transfers go by `transport` (parallel.cp_backend: mpi4py, or torch.distributed). In fp32,
+whatever the inputs' dtype (the results are cast back). Grouped-query attention: keys and values
+may have fewer heads than the queries.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from hpcllm.parallel.context import block_attention as blocks
-from hpcllm.parallel.mpi_buffers import mpi_buffer
+from hpcllm.parallel.context.transport import MpiRing, TorchRing
 
 
 def held_positions(sequence: int, cp: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
@@ -41,32 +42,6 @@ def held_positions(sequence: int, cp: int, rank: int, device: torch.device | Non
     return torch.cat([torch.arange(first, first + size), torch.arange(second, second + size)]).to(device)
 
 
-class _Ring:
-    """Point-to-point transfers around the group: send to the next rank, receive from the previous."""
-
-    def __init__(self, comm: Any):
-        self.comm, self.size, self.rank = comm, comm.Get_size(), comm.Get_rank()
-
-    def start(self, tensors: list[torch.Tensor], tag: int) -> tuple[list[Any], list[torch.Tensor]]:
-        """Begin passing `tensors` on; returns the requests and the buffers the previous rank's fill."""
-        received = [torch.empty_like(t) for t in tensors]
-        requests = []
-        for index, (out, into) in enumerate(zip(tensors, received, strict=True)):
-            requests.append(
-                self.comm.Isend(mpi_buffer(out), dest=(self.rank + 1) % self.size, tag=tag + index)
-            )
-            requests.append(
-                self.comm.Irecv(mpi_buffer(into), source=(self.rank - 1) % self.size, tag=tag + index)
-            )
-        return requests, received
-
-    @staticmethod
-    def finish(requests: list[Any]) -> None:
-        from mpi4py import MPI
-
-        MPI.Request.Waitall(requests)
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -75,9 +50,9 @@ class _RingAttention(torch.autograd.Function):
         k: torch.Tensor,
         v: torch.Tensor,
         at: tuple[torch.Tensor, ...],
-        comm: Any,
+        ring: MpiRing | TorchRing,
     ) -> torch.Tensor:
-        ring, heads = _Ring(comm), q.shape[1]
+        heads = q.shape[1]
         at = tuple(t.contiguous() for t in at)
         qf, block = q.float().contiguous(), [k.float().contiguous(), v.float().contiguous(), *at]
         out = torch.zeros_like(qf)
@@ -87,16 +62,16 @@ class _RingAttention(torch.autograd.Function):
             k_b, v_b = (blocks.expand_heads(x, heads) for x in block[:2])
             out, lse = blocks.attend(out, lse, qf, k_b, v_b, at, tuple(block[2:]))
             if pending is not None:
-                _Ring.finish(pending[0])
+                ring.finish(pending[0])
                 block = pending[1]
         ctx.save_for_backward(q, k, v, out, lse, *at)
-        ctx.comm = comm
+        ctx.ring = ring
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse, *at = ctx.saved_tensors
-        ring, heads, kv_heads, where = _Ring(ctx.comm), q.shape[1], k.shape[1], len(at)
+        ring, heads, kv_heads, where = ctx.ring, q.shape[1], k.shape[1], len(at)
         qf, g = q.float().contiguous(), grad.float().contiguous()
         grad_q = torch.zeros_like(qf)
         kf, vf = k.float().contiguous(), v.float().contiguous()
@@ -114,7 +89,7 @@ class _RingAttention(torch.autograd.Function):
             # Every block moves on, its gradients with it: after cp hops it is home again.
             moving = [k_b, v_b, *at_b, grad_k.contiguous(), grad_v.contiguous()]
             requests, block = ring.start(moving, 100 + 10 * step)
-            _Ring.finish(requests)
+            ring.finish(requests)
         grad_k, grad_v = block[-2], block[-1]
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
@@ -124,15 +99,16 @@ def ring_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     positions: torch.Tensor,
-    comm: Any,
+    ring: MpiRing | TorchRing | Any,
     documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [batch, heads, time, head_dim] (this rank's `positions` of the
-    sequences) over the keys and values [batch, kv_heads, time, head_dim] of every rank of `comm`
-    (each holding its own positions: `held_positions`); with `documents` [batch, time] (each held
-    token's document in its row), a query sees only its own document's keys. Returns
-    [batch, heads, time, head_dim]."""
-    if comm.Get_size() == 1:
+    sequences) over the keys and values [batch, kv_heads, time, head_dim] of every rank of the
+    ring (a transport, or an mpi4py communicator; each rank holding its own positions:
+    `held_positions`); with `documents` [batch, time] (each held token's document in its row), a
+    query sees only its own document's keys. Returns [batch, heads, time, head_dim]."""
+    ring = ring if isinstance(ring, MpiRing | TorchRing) else MpiRing(ring)
+    if ring.size == 1:
         raise ValueError("ring attention needs a context-parallel group of two or more ranks")
     at = (positions,) if documents is None else (positions, documents)
-    return _RingAttention.apply(q, k, v, at, comm)
+    return _RingAttention.apply(q, k, v, at, ring)
