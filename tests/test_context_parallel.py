@@ -80,8 +80,8 @@ def test_ring_attention_on_four_ranks_is_attention_over_the_whole_sequence(comm)
 
 
 def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between_cp(data_dir, tmp_path):
-    """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2 (the ring on
-    torch.distributed: gloo here, NCCL on GPUs), with pp 2 at
+    """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2 and sequence
+    parallelism (the ring on torch.distributed: gloo here, NCCL on GPUs), with pp 2 at
     zero=1, with documents packed in the rows (data.document_mask): the single-process losses. A
     cp 2 checkpoint resumes in one process, a one-process checkpoint at cp 2 (checkpoints do not
     depend on cp)."""
@@ -91,7 +91,10 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
         "cp2": (2, ["--cp", 2, *every]),
         "cp4": (4, ["--cp", 4]),
         "cp2xdp2-zero3-full": (4, ["--cp", 2, *sets("parallel.zero=3", "train.recompute=full")]),
-        "cp2xtp2-torch-ring": (4, ["--cp", 2, "--tp", 2, *sets("parallel.cp_backend=torch")]),
+        "cp2xtp2-sp-torch-ring": (
+            4,
+            ["--cp", 2, "--tp", 2, *sets("parallel.cp_backend=torch", "parallel.sequence_parallel=true")],
+        ),
         "cp2xpp2-zero1": (4, ["--cp", 2, "--pp", 2, *sets("parallel.zero=1")]),
     }
     documents = sets("data.document_mask=true")  # documents packed in rows, each attending to itself
@@ -102,7 +105,7 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
     for name, (ranks, flags) in cases_with_documents.items():
         assert_same_losses(with_documents, train_run(data_dir, tmp_path / name, ranks, *flags), name)
     assert "pp=1 x dp=1 x cp=2 x tp=1" in (tmp_path / "cp2" / "logs" / "rank-0.log").read_text()
-    torch_ring_log = (tmp_path / "cp2xtp2-torch-ring" / "logs" / "rank-0.log").read_text()
+    torch_ring_log = (tmp_path / "cp2xtp2-sp-torch-ring" / "logs" / "rank-0.log").read_text()
     assert "context parallel torch (gloo)" in torch_ring_log
     for name, run, ranks, flags in (
         ("cp2-as-one", tmp_path / "cp2", None, ["--cp", 1]),
@@ -116,14 +119,10 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
 
 
 def test_what_context_parallelism_does_not_support_is_one_line(data_dir, tmp_path):
-    for flags, needle in (
-        (["--cp", 3], "does not divide by 6"),
-        (
-            ["--cp", 2, "--tp", 2, *sets("parallel.sequence_parallel=true")],
-            "does not support parallel.sequence_parallel",
-        ),
+    for ranks, flags, needle in (
+        (3, ["--cp", 3], "does not divide by 6"),
+        (2, ["--cp", 2, *sets("model.dropout=0.1")], "does not support model.dropout=0.1"),
     ):
-        ranks = 4 if "--tp" in flags else 3
         proc = run_hpcllm(["train", "--data", data_dir, "--out", tmp_path / "r", *TINY, *flags], ranks=ranks)
         assert_usage_error(proc, needle)
         assert not (tmp_path / "r").exists()

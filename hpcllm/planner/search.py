@@ -35,9 +35,7 @@ def candidates(model: ModelSpec, gpus: int, gpus_per_node: int, global_batch: in
         for micro, zero, recompute in product(MICRO_BATCHES, (0, 1, 2, 3), RECOMPUTE):
             if global_batch % (dp * micro) or (zero and dp * cp == 1):
                 continue
-            sequence_parallel = (
-                (False, True) if tp > 1 and cp == 1 and model.block_size % tp == 0 else (False,)
-            )
+            sequence_parallel = (False, True) if tp > 1 and (model.block_size // cp) % tp == 0 else (False,)
             for sp in sequence_parallel:
                 layouts.append(PlannedLayout(tp, pp, dp, micro, zero, recompute, sp, cp=cp))
     return layouts

@@ -194,7 +194,6 @@ def _check_context_parallel(config: Config, cp: int) -> None:
             f"{block} does not divide by {2 * cp}; choose a block size or cp that does"
         )
     unsupported = (
-        ("parallel.sequence_parallel", config.parallel.sequence_parallel),
         ("model.dropout", config.model.dropout),
         ("train.eval_tasks", config.train.eval_tasks),
     )
@@ -221,7 +220,7 @@ def check_hybrid_sharding(layout: Layout, node_of_rank: list[int]) -> None:
         )
 
 
-def _check_sequence_parallel(config: Config, tp: int) -> None:
+def _check_sequence_parallel(config: Config, tp: int, cp: int) -> None:
     if not config.parallel.sequence_parallel:
         return
     if config.train.loss_chunk:
@@ -234,11 +233,10 @@ def _check_sequence_parallel(config: Config, tp: int) -> None:
             "parallel.sequence_parallel splits the sequence over the tensor-parallel group, but tp = 1: "
             "use --tp 2 or more, or drop it"
         )
-    if config.model.block_size % tp:
-        raise UsageError(
-            f"parallel.sequence_parallel: model.block_size {config.model.block_size} is not divisible "
-            f"by tp = {tp}"
-        )
+    held = config.model.block_size // cp  # context parallelism: each rank holds 1/cp of it
+    if held % tp:
+        of = f"model.block_size {config.model.block_size}" + (f" / cp {cp} = {held}" if cp > 1 else "")
+        raise UsageError(f"parallel.sequence_parallel: {of} is not divisible by tp = {tp}")
 
 
 def _absolute_data(data: DataConfig, resuming: bool) -> DataConfig:
@@ -280,7 +278,7 @@ def make_plan(
     micro = _batch_layout(config, layout.dp)
     every = _allreduce_every(config, micro)
     _check_zero(config, layout.replicas)
-    _check_sequence_parallel(config, p.tp)
+    _check_sequence_parallel(config, p.tp, p.cp)
     check_timeline(config.horovod.timeline)
     if config.train.tensorboard:
         tensorboard.check_installed()
