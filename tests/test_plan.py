@@ -9,7 +9,8 @@ from conftest import TINY, assert_usage_error, run_hpcllm
 
 from hpcllm.cli.plan import parse_model
 from hpcllm.cluster.launcher import launch_env
-from hpcllm.planner import calibrate, calibrate_runs, profiles, validate
+from hpcllm.errors import UsageError
+from hpcllm.planner import auto, calibrate, calibrate_runs, profiles, validate
 from hpcllm.planner.search import layout_arguments, layout_text, parse_layout, ranked
 from hpcllm.planner.step_model import (
     GIB,
@@ -20,6 +21,8 @@ from hpcllm.planner.step_model import (
     layer_forward_flops,
     predict,
 )
+from hpcllm.training import config as config_mod
+from hpcllm.training.plan import context_parallel_problem
 
 # Narayanan et al. 2021 (arXiv 2104.04473), Table 1: GPT on DGX A100 (Selene), sequence 2048,
 # vocabulary 51,200, full activation recomputation. Billions of parameters, heads, hidden size,
@@ -403,3 +406,14 @@ def test_the_planner_recommends_context_parallelism_when_only_it_fits():
     assert not one.fits and four.fits
     layout = parse_layout(layout_text(best[0].layout), 8, gpus=8)
     assert layout == best[0].layout and f"parallel.cp={layout.cp}" in layout_arguments(layout)
+    # `train --layout auto` takes it, unless the run's settings cannot run with cp: then one line.
+    shape = ["model.preset=gpt2-350m", "model.block_size=131072", "train.global_batch=8"]
+    for dropout in (0.0, 0.1):
+        config = config_mod.load(None, [*shape, f"model.dropout={dropout}"])
+        problem = lambda layout, config=config: context_parallel_problem(config, layout.cp)  # noqa: E731
+        if dropout:
+            with pytest.raises(UsageError, match="cannot take: parallel.cp=.* not support model.dropout"):
+                auto.choose(config, cluster, 8, 1, 50257, problem=problem)
+            continue
+        settings, _ = auto.choose(config, cluster, 8, 1, 50257, problem=problem)
+        assert f"parallel.cp={best[0].layout.cp}" in settings

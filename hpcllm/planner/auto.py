@@ -8,13 +8,14 @@ the configuration as assignments, as if given with --set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hpcllm.errors import UsageError
 from hpcllm.planner.profiles import ClusterProfile
 from hpcllm.planner.search import layout_settings, layout_text, ranked
-from hpcllm.planner.step_model import ModelSpec, Prediction
+from hpcllm.planner.step_model import ModelSpec, PlannedLayout, Prediction
 
 SHOWN = 3  # runners-up written to the log next to the choice
 
@@ -30,16 +31,27 @@ def vocabulary(data_path: str) -> int:
 
 
 def choose(
-    config: Any, cluster: ClusterProfile, world: int, ranks_per_node: int, vocab: int
+    config: Any,
+    cluster: ClusterProfile,
+    world: int,
+    ranks_per_node: int,
+    vocab: int,
+    problem: Callable[[PlannedLayout], str | None] = lambda layout: None,
 ) -> tuple[list[str], list[str]]:
     """The fastest predicted layout of `config`'s model for `world` ranks, `ranks_per_node` to a
-    node, as configuration assignments (key=value), and the lines that explain the choice."""
+    node, as configuration assignments (key=value), and the lines that explain the choice.
+    `problem` says why the run's other settings cannot run a layout (None: they can)."""
     m = config.model
     model = ModelSpec.of_model(m, vocab)
     nodes = -(-world // ranks_per_node)
     if nodes * ranks_per_node != world:
         raise UsageError(f"--layout auto: {world} ranks do not fill nodes of {ranks_per_node} evenly")
-    options = ranked(model, cluster, nodes, ranks_per_node, config.train.global_batch)
+    fitting = ranked(model, cluster, nodes, ranks_per_node, config.train.global_batch)
+    options = [p for p in fitting if problem(p.layout) is None]
+    if not options:
+        raise UsageError(
+            f"--layout auto: every layout that fits is one the run cannot take: {problem(fitting[0].layout)}"
+        )
     best = options[0]
     layout = best.layout
     lines = [

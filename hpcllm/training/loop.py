@@ -31,7 +31,13 @@ from hpcllm.training import checkpoint, init_from, report
 from hpcllm.training import config as config_mod
 from hpcllm.training.assemble import assemble_trainer, build_model
 from hpcllm.training.optim import learning_rate
-from hpcllm.training.plan import Plan, check_hybrid_sharding, default_data_dir, make_plan
+from hpcllm.training.plan import (
+    Plan,
+    check_hybrid_sharding,
+    context_parallel_problem,
+    default_data_dir,
+    make_plan,
+)
 from hpcllm.training.run_dir import ensure_data, has_checkpoint, open_run_dir, resume_point
 from hpcllm.training.trainer import Trainer
 
@@ -119,7 +125,14 @@ def _auto_layout(config: config_mod.Config, cluster: Any, rt: runtime.Runtime) -
     from hpcllm.planner import auto
 
     data = components_of(config.data.path, config.data.mix)[0].path or str(default_data_dir())
-    settings, lines = auto.choose(config, cluster, rt.size, rt.local_size, auto.vocabulary(data))
+    settings, lines = auto.choose(
+        config,
+        cluster,
+        rt.size,
+        rt.local_size,
+        auto.vocabulary(data),
+        problem=lambda layout: context_parallel_problem(config, layout.cp),
+    )
     for line in lines:
         log.info("%s", line)
     return settings

@@ -185,11 +185,18 @@ def _check_zero(config: Config, dp: int) -> None:
 
 def _check_context_parallel(config: Config, cp: int) -> None:
     """What ring attention does not do yet is refused before anything starts."""
+    problem = context_parallel_problem(config, cp)
+    if problem:
+        raise UsageError(problem)
+
+
+def context_parallel_problem(config: Config, cp: int) -> str | None:
+    """Why `config` cannot run at context-parallel size `cp` (None: it can)."""
     if cp == 1:
-        return
+        return None
     block = config.model.block_size
     if block % (2 * cp):
-        raise UsageError(
+        return (
             f"parallel.cp={cp} cuts each sequence into 2 x cp = {2 * cp} chunks, but model.block_size "
             f"{block} does not divide by {2 * cp}; choose a block size or cp that does"
         )
@@ -199,9 +206,10 @@ def _check_context_parallel(config: Config, cp: int) -> None:
     )
     for key, value in unsupported:
         if value:
-            raise UsageError(
+            return (
                 f"parallel.cp={cp} (context parallelism) does not support {key}={value} yet; drop one of them"
             )
+    return None
 
 
 def check_hybrid_sharding(layout: Layout, node_of_rank: list[int]) -> None:
