@@ -78,6 +78,7 @@ def test_benchmarks_refuse_settings_that_measure_nothing():
         (["bench", "train", "--sweep", "horovod.cycle_time_ms"], "--sweep expects KEY=VALUE1,VALUE2"),
         (["bench", "prepare", "--ranks", "1"], "--ranks >= 2"),
         (["bench", "prepare", "--ranks", "4096"], "this process may use only"),
+        (["bench", "memory", "--set", "parallel.cp=2"], "hpcllm bench context --cp 1,2"),
     ):
         proc = run(args)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)

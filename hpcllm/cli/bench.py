@@ -343,6 +343,11 @@ def memory(args: argparse.Namespace) -> int:
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UsageError(f"--budget-gb must be positive, not {args.budget_gb}")
     config = config_mod.load(None, args.set)
+    if config.parallel.cp > 1:  # one process here: the ring needs its ranks
+        raise UsageError(
+            f"bench memory measures one process; parallel.cp={config.parallel.cp} needs its ranks: "
+            f"hpcllm bench context --cp 1,{config.parallel.cp} measures the bytes per rank side by side"
+        )
     rows = bench.run(config, args.vocab, args.dp, args.steps)
     largest = None
     if args.budget_gb:
