@@ -83,12 +83,11 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
     """cp 2 and cp 4; cp 2 with dp 2 at zero=3 and full recomputation, with tp 2 and sequence
     parallelism (the ring on torch.distributed: gloo here, NCCL on GPUs), with pp 2 at
     zero=1, with documents packed in the rows (data.document_mask): the single-process losses. A
-    cp 2 checkpoint resumes in one process, a one-process checkpoint at cp 2 (checkpoints do not
-    depend on cp)."""
+    cp 2 checkpoint (of the run with documents) resumes in one process, a one-process checkpoint
+    at cp 2 (checkpoints do not depend on cp)."""
     every = sets("train.ckpt_every=10")
     reference = train_run(data_dir, tmp_path / "one", None, *every)
     cases = {
-        "cp2": (2, ["--cp", 2, *every]),
         "cp4": (4, ["--cp", 4]),
         "cp2xdp2-zero3-full": (4, ["--cp", 2, *sets("parallel.zero=3", "train.recompute=full")]),
         "cp2xtp2-sp-torch-ring": (
@@ -98,24 +97,24 @@ def test_context_parallel_layouts_match_one_process_and_checkpoints_move_between
         "cp2xpp2-zero1": (4, ["--cp", 2, "--pp", 2, *sets("parallel.zero=1")]),
     }
     documents = sets("data.document_mask=true")  # documents packed in rows, each attending to itself
-    cases_with_documents = {"cp2-documents": (2, ["--cp", 2, *documents])}
+    cases_with_documents = {"cp2-documents": (2, ["--cp", 2, *documents, *every])}
     for name, (ranks, flags) in cases.items():
         assert_same_losses(reference, train_run(data_dir, tmp_path / name, ranks, *flags), name)
-    with_documents = train_run(data_dir, tmp_path / "one-documents", None, *documents)
+    with_documents = train_run(data_dir, tmp_path / "one-documents", None, *documents, *every)
     for name, (ranks, flags) in cases_with_documents.items():
         assert_same_losses(with_documents, train_run(data_dir, tmp_path / name, ranks, *flags), name)
-    assert "pp=1 x dp=1 x cp=2 x tp=1" in (tmp_path / "cp2" / "logs" / "rank-0.log").read_text()
+    assert "pp=1 x dp=1 x cp=2 x tp=1" in (tmp_path / "cp2-documents" / "logs" / "rank-0.log").read_text()
     torch_ring_log = (tmp_path / "cp2xtp2-sp-torch-ring" / "logs" / "rank-0.log").read_text()
     assert "context parallel torch (gloo)" in torch_ring_log
-    for name, run, ranks, flags in (
-        ("cp2-as-one", tmp_path / "cp2", None, ["--cp", 1]),
-        ("one-as-cp2", tmp_path / "one", 2, ["--cp", 2]),
+    for name, run, ranks, flags, expected in (
+        ("cp2-as-one", tmp_path / "cp2-documents", None, ["--cp", 1], with_documents),
+        ("one-as-cp2", tmp_path / "one", 2, ["--cp", 2], reference),
     ):
         copy = copy_run_at(run, "step-00000010", tmp_path / name)
         proc = run_hpcllm(["train", "--out", copy, "--resume", *flags], ranks=ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
         for step, value in losses(copy).items():
-            assert abs(value - reference[step]) <= 1e-3 * reference[step], (name, step)
+            assert abs(value - expected[step]) <= 1e-3 * expected[step], (name, step)
 
 
 def test_what_context_parallelism_does_not_support_is_one_line(data_dir, tmp_path):

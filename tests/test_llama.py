@@ -78,7 +78,6 @@ LAYOUTS = {
         ["--pp", "2", "--tp", "2", *sets("parallel.zero=2", "train.recompute=full"), *SEQUENCE_PARALLEL],
         "fp32",
     ),
-    "dp2xtp2-zero1-bf16": (4, ["--tp", "2", *sets("parallel.zero=1", "train.dtype=bfloat16")], "bf16"),
     "dp2xtp2-zero3-bf16-sp-full": (
         4,
         ["--tp", "2", *sets("parallel.zero=3", "train.dtype=bfloat16", "train.recompute=full")]
@@ -92,7 +91,6 @@ LAYOUTS = {
         ["--cp", "2", "--pp", "2", *sets("parallel.zero=3", "model.tie_embeddings=true")],
         "tied",
     ),
-    "pp2-tied": (2, ["--pp", "2", *sets("model.tie_embeddings=true")], "tied"),
 }  # fmt: skip
 REFERENCES = {"fp32": [], "bf16": sets("train.dtype=bfloat16"), "tied": sets("model.tie_embeddings=true")}
 

@@ -53,9 +53,9 @@ PACKED_LAYOUTS = {
 }
 PADDED_LAYOUTS = {"dp2-micro-batch-1": (2, sets("train.micro_batch=1"))}
 DOCUMENT_MASK_LAYOUTS = {"pp2xtp2-sp": (4, ["--pp", 2, "--tp", 2, *sets("train.micro_batch=2"), *SP])}
-# Context parallelism (no train.eval_tasks there yet): each rank holds 1/cp of every packed row,
-# the samples' documents, positions and trained-token masks with it.
-CONTEXT_LAYOUTS = {"cp2xdp2": (4, ["--cp", 2, *sets("train.micro_batch=2")])}
+# Context parallelism: each rank holds 1/cp of every packed row, with the samples' documents,
+# positions and trained-token masks (and of every task row, whose loss sums add up over cp).
+PACKED_LAYOUTS["cp2xdp2"] = (4, ["--cp", 2, *sets("train.micro_batch=2")])
 
 
 def test_packed_and_padded_samples_train_alike_at_every_layout(sft_dir, data_dir, tmp_path):
@@ -64,7 +64,6 @@ def test_packed_and_padded_samples_train_alike_at_every_layout(sft_dir, data_dir
         ("packed-llama", sft_dir, [*LLAMA, *tasks], PACKED_LAYOUTS),
         ("padded-gpt2", sft_dir, [*GPT2, *PADDED], PADDED_LAYOUTS),
         ("document-mask-gpt2", data_dir, [*GPT2, *sets("data.document_mask=true")], DOCUMENT_MASK_LAYOUTS),
-        ("packed-gpt2", sft_dir, GPT2, CONTEXT_LAYOUTS),
     )
     for group, data, model, layouts in groups:
         reference = train(data, tmp_path / group, [*model, *sets("train.micro_batch=8")])

@@ -79,12 +79,17 @@ class Grid:
         self.cp_world_ranks: list[int] = self.cp_comm.allgather(self.rank)
         self.torch_groups: dict[str, Any] = {}
         if torch_device is not None:
-            axes = {"tp": layout.all_tp_groups(), "pp": layout.all_pp_groups()}
-            if layout.pp > 1:  # the first and last stage of each pipeline (the tied embedding)
-                axes["embedding"] = [[group[0], group[-1]] for group in layout.all_pp_groups()]
-            if layout.cp > 1:
-                axes["cp"] = layout.all_cp_groups()
-            self.torch_groups = torch_dist.start(comm, torch_device, axes, timeout_s)
+            self.torch_groups = torch_dist.start(comm, torch_device, self._torch_axes(), timeout_s)
+
+    def _torch_axes(self) -> dict[str, list[list[int]]]:
+        """The groups torch.distributed needs, by axis (every rank builds all of them)."""
+        layout = self.layout
+        axes = {"tp": layout.all_tp_groups(), "pp": layout.all_pp_groups()}
+        if layout.pp > 1:  # the first and last stage of each pipeline (the tied embedding)
+            axes["embedding"] = [[group[0], group[-1]] for group in layout.all_pp_groups()]
+        if layout.cp > 1:
+            axes["cp"] = layout.all_cp_groups()
+        return axes
 
     def _start_horovod(self, with_tp: bool, env: dict[str, str]) -> None:
         axes = {"dp": self.layout.all_dp_groups()}

@@ -200,10 +200,7 @@ def context_parallel_problem(config: Config, cp: int) -> str | None:
             f"parallel.cp={cp} cuts each sequence into 2 x cp = {2 * cp} chunks, but model.block_size "
             f"{block} does not divide by {2 * cp}; choose a block size or cp that does"
         )
-    unsupported = (
-        ("model.dropout", config.model.dropout),
-        ("train.eval_tasks", config.train.eval_tasks),
-    )
+    unsupported = (("model.dropout", config.model.dropout),)
     for key, value in unsupported:
         if value:
             return (

@@ -270,20 +270,27 @@ class Trainer:
     @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float] | None:
         """Collective: accuracy on train.eval_tasks (hpcllm.data.choices). DP replica r scores
-        micro-batches r, r + dp, ...; the last stage's first TP rank of each holds the rows' loss sums."""
+        micro-batches r, r + dp, ...; the last stage's first TP rank of each holds the rows' loss
+        sums (with context parallelism, each CP rank scores the positions it holds, summed over CP)."""
         examples, batches = self.tasks
         if not examples:
             return None
         self.model.eval()
         mine = list(range(self.grid.data_rank, len(batches), self.grid.layout.dp))
-        on_device = [batches[i].to_device(self.rt.device) for i in mine]
+        on_device = [self._context_part(batches[i].to_device(self.rt.device)) for i in mine]
         with self.autocast():
             if self.pipeline is not None:
                 sums = self.pipeline.eval_step(on_device, per_row=True)
             else:
-                parts = [self.model.row_loss_sums(self.model(b.tokens), b.targets) for b in on_device]
+                parts = [
+                    self.model.row_loss_sums(self.model(b.tokens, b.positions, mask=b.attention), b.targets)
+                    for b in on_device
+                ]
                 sums = torch.cat(parts) if parts else torch.zeros(0)
         holds = self.grid.is_last_stage and self.grid.tp_rank == 0
+        if holds and self.grid.layout.cp > 1:  # every CP rank of a group holds, or none
+            sums = torch.from_numpy(self.grid.cp_comm.allreduce(sums.float().cpu().numpy()))
+            holds = self.grid.cp_rank == 0
         gathered = self.grid.world.gather((mine, sums.float().tolist()) if holds else None, root=0)
         if self.rt.rank != 0:
             return {}
