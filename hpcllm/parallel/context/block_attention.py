@@ -12,6 +12,7 @@ is masked with -inf; a block hiding every key from every query is skipped by the
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,17 @@ def _part(at: tuple[torch.Tensor, ...], where: slice) -> tuple[torch.Tensor, ...
     return (at[0][where], *(documents[:, where] for documents in at[1:]))
 
 
+def _pieces(
+    q_at: tuple[torch.Tensor, ...], k_at: tuple[torch.Tensor, ...]
+) -> Iterator[tuple[slice, slice, BlockMask]]:
+    """(query run, key run, mask) of every piece of a block in which some query sees some key."""
+    for q_run in runs(q_at[0]):
+        for k_run in runs(k_at[0]):
+            mask = BlockMask.of(_part(q_at, q_run), _part(k_at, k_run))
+            if not mask.empty:
+                yield q_run, k_run, mask
+
+
 def attend(
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -76,18 +88,14 @@ def attend(
     """Merge the attention of q over a block (k, v expanded to q's heads, at positions `k_at`)
     into the running output and log-sum-exp (online softmax), run of positions by run of
     positions, so that each piece is wholly visible, causal, hidden, or (documents) masked."""
-    for q_run in runs(q_at[0]):
-        for k_run in runs(k_at[0]):
-            mask = BlockMask.of(_part(q_at, q_run), _part(k_at, k_run))
-            if mask.empty:
-                continue
-            piece_out, piece_lse = forward(q[:, :, q_run], k[:, :, k_run], v[:, :, k_run], mask)
-            before, before_lse = out[:, :, q_run], lse[:, :, q_run]
-            merged = torch.logaddexp(before_lse, piece_lse)
-            safe = merged.masked_fill(merged == float("-inf"), 0.0)  # rows that saw no key yet
-            kept, added = (before_lse - safe).exp(), (piece_lse - safe).exp()
-            out[:, :, q_run] = before * kept[..., None] + piece_out * added[..., None]
-            lse[:, :, q_run] = merged
+    for q_run, k_run, mask in _pieces(q_at, k_at):
+        piece_out, piece_lse = forward(q[:, :, q_run], k[:, :, k_run], v[:, :, k_run], mask)
+        before, before_lse = out[:, :, q_run], lse[:, :, q_run]
+        merged = torch.logaddexp(before_lse, piece_lse)
+        safe = merged.masked_fill(merged == float("-inf"), 0.0)  # rows that saw no key yet
+        kept, added = (before_lse - safe).exp(), (piece_lse - safe).exp()
+        out[:, :, q_run] = before * kept[..., None] + piece_out * added[..., None]
+        lse[:, :, q_run] = merged
     return out, lse
 
 
@@ -104,18 +112,14 @@ def block_gradients(
     """The block's share of the gradients of q, k, v (k, v expanded), piece by piece as `attend`
     cut it; None when no query sees any of its keys."""
     grads = None
-    for q_run in runs(q_at[0]):
-        for k_run in runs(k_at[0]):
-            mask = BlockMask.of(_part(q_at, q_run), _part(k_at, k_run))
-            if mask.empty:
-                continue
-            if grads is None:
-                grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
-            pieces = (grad[:, :, q_run], q[:, :, q_run], k[:, :, k_run], v[:, :, k_run])
-            dq, dk, dv = backward(*pieces, out[:, :, q_run], lse[:, :, q_run], mask)
-            grads[0][:, :, q_run] += dq
-            grads[1][:, :, k_run] += dk
-            grads[2][:, :, k_run] += dv
+    for q_run, k_run, mask in _pieces(q_at, k_at):
+        if grads is None:
+            grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        pieces = (grad[:, :, q_run], q[:, :, q_run], k[:, :, k_run], v[:, :, k_run])
+        dq, dk, dv = backward(*pieces, out[:, :, q_run], lse[:, :, q_run], mask)
+        grads[0][:, :, q_run] += dq
+        grads[1][:, :, k_run] += dk
+        grads[2][:, :, k_run] += dv
     return grads
 
 
