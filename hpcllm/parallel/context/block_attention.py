@@ -45,6 +45,19 @@ class BlockMask:
             return cls(hidden, empty=True)
         return cls(hidden, unseen_rows=unseen if bool(unseen.any()) else None)
 
+    @classmethod
+    def of_runs(cls, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
+        """Positions in contiguous ascending runs, no documents: decided from the runs' ends, so
+        that no [tq, tk] mask is built for a piece wholly visible, hidden or causal."""
+        q_first, q_last, k_first, k_last = int(q[0]), int(q[-1]), int(k[0]), int(k[-1])
+        if k_first > q_last:
+            return cls(None, empty=True)
+        if k_last <= q_first:
+            return cls(None)
+        if (q_first, q_last) == (k_first, k_last):
+            return cls(None, causal=True)
+        return cls.of((q,), (k,))  # runs that partly overlap: the general rule
+
     def additive(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The mask the fused kernel adds to the scores (not for a causal block: the kernel's flag
         is): [1 or b, 1, tq, tk], -inf where hidden."""
@@ -71,7 +84,10 @@ def _pieces(
     """(query run, key run, mask) of every piece of a block in which some query sees some key."""
     for q_run in runs(q_at[0]):
         for k_run in runs(k_at[0]):
-            mask = BlockMask.of(_part(q_at, q_run), _part(k_at, k_run))
+            if len(q_at) == 1:
+                mask = BlockMask.of_runs(q_at[0][q_run], k_at[0][k_run])
+            else:
+                mask = BlockMask.of(_part(q_at, q_run), _part(k_at, k_run))
             if not mask.empty:
                 yield q_run, k_run, mask
 
