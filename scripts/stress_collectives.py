@@ -51,12 +51,19 @@ def _burn(seconds: float) -> None:
 
 
 def one_run(
-    data: Path, work: Path, index: int, layout: dict[str, int], shape: list[str], rng: random.Random
+    data: Path,
+    work: Path,
+    index: int,
+    layout: dict[str, int],
+    shape: list[str],
+    rng: random.Random,
+    controller: str,
 ) -> tuple[int, str]:
     bucket, cycle, loaded = rng.choice(BUCKETS_MB), rng.choice(CYCLE_MS), rng.random() < 0.5
     sets = [*shape, f"train.micro_batch={layout['micro_batch']}", f"parallel.bucket_mb={bucket}"]
     sets += [
         f"horovod.cycle_time_ms={cycle}",
+        f"horovod.controller={controller}",
         "train.watchdog_s=20",
         "train.eval_every=0",
         "train.ckpt_every=0",
@@ -89,7 +96,7 @@ HVD_SIZES = (1, 64, 4096, 65536, 1 << 20)  # float32 elements of a Horovod reduc
 TP_SIZES = (1, 256, 16384, 262144)  # of a tensor-parallel allreduce
 
 
-def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: float) -> None:
+def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: float, controller: str) -> None:
     """One rank of `--micro`: iterations of Horovod reductions in flight over the DP set while the
     main thread runs TP allreduces, then a world agreement to go on (as training's stop signal)."""
     import numpy as np
@@ -102,7 +109,8 @@ def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: fl
     comm, shared = MPI.COMM_WORLD, random.Random(seed)  # the same structure on every rank
     jitter = random.Random(seed * 1000 + comm.Get_rank())  # each rank's own timing
     knobs = horovod_start.environment(shared.choice(BUCKETS_MB), shared.choice(CYCLE_MS))
-    grid = Grid(comm, tp=layout["tp"], horovod=True, horovod_env=knobs)
+    controller = "gloo" if controller == "auto" else controller  # auto's choice on CPU
+    grid = Grid(comm, tp=layout["tp"], horovod=True, horovod_env=knobs, horovod_controller=controller)
     watchdog.start(comm, watchdog_s)
     hvd, dp, tp = grid.hvd, grid.layout.replicas, grid.layout.tp
     end, counts, go = time.time() + seconds, [0, 0, 0], np.ones(1, dtype=np.int32)
@@ -134,7 +142,7 @@ def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: fl
     if comm.Get_rank() == 0:
         print(
             f"{counts[0]} iterations, {counts[1]} Horovod reductions, {counts[2]} TP allreduces per rank "
-            f"in {seconds:.0f} s; knobs {knobs}",
+            f"in {seconds:.0f} s; Horovod on {controller}, knobs {knobs}",
             flush=True,
         )
 
@@ -143,6 +151,7 @@ def micro(args: argparse.Namespace, layout: dict[str, int]) -> int:
     ranks = layout["tp"] * layout["dp"]
     command = [sys.executable, "-m", "hpcllm.launcher", "-np", str(ranks), sys.executable, __file__]
     command += ["--micro-rank", str(args.micro), "--layout", args.layout, "--seed", str(args.seed)]
+    command += ["--controller", args.controller]
     burners = [multiprocessing.Process(target=_burn, args=(args.micro + 60,)) for _ in range(args.burners)]
     for burner in burners:
         burner.start()
@@ -174,13 +183,16 @@ def main() -> int:
     parser.add_argument("--layout", default="tp=2,dp=2,micro_batch=4")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--controller", choices=("auto", "mpi", "gloo"), default="auto", help="horovod.controller (auto)"
+    )
+    parser.add_argument(
         "--shape", choices=sorted(SHAPES), default="small", help="the model and batch (small)"
     )
     parser.add_argument("--data", help="prepared data (default: a small byte-level corpus made here)")
     args = parser.parse_args()
     layout = {"micro_batch": 4} | {k: int(v) for k, v in (item.split("=") for item in args.layout.split(","))}
     if args.micro_rank:
-        micro_rank(layout, args.micro_rank, args.seed, watchdog_s=20)
+        micro_rank(layout, args.micro_rank, args.seed, watchdog_s=20, controller=args.controller)
         return 0
     if args.micro:
         return micro(args, layout)
@@ -190,7 +202,7 @@ def main() -> int:
         work = Path(tmp)
         data = Path(args.data) if args.data else _small_data(work)
         for index in range(args.runs):
-            code, line = one_run(data, work, index, layout, SHAPES[args.shape], rng)
+            code, line = one_run(data, work, index, layout, SHAPES[args.shape], rng, args.controller)
             failures += code != 0
             print(line, flush=True)
     print(f"{args.runs - failures} of {args.runs} runs ended normally; {failures} stalled or failed")

@@ -66,9 +66,12 @@ def test_3d_layouts_and_horovod_paths_through_the_pipeline_match_one_process(dat
     hvd_tp = sets("parallel.tp_backend=horovod")
     got = run_layout(data_dir, tmp_path / "hvd-tp", 5, 4, "--tp", 2, "--pp", 2, *hvd_tp)
     assert_same_losses(reference, got, "pp2 x tp2, TP over Horovod")
-    every = sets("parallel.reduce_every=1")
+    assert "data parallel horovod (gloo)" in log  # horovod.controller=auto on CPU
+    # Horovod's MPI controller (auto's choice on CUDA) gives the same losses.
+    every = sets("parallel.reduce_every=1", "horovod.controller=mpi")
     got = run_layout(data_dir, tmp_path / "every", 5, 4, "--pp", 2, *every)
-    assert_same_losses(reference, got, "pp2 x dp2, gradients reduced every micro-batch")
+    assert_same_losses(reference, got, "pp2 x dp2, gradients reduced every micro-batch, Horovod on MPI")
+    assert "data parallel horovod (mpi)" in (tmp_path / "every" / "logs" / "rank-0.log").read_text()
 
 
 def test_torch_distributed_backends_match_one_process(data_dir, tmp_path):

@@ -96,6 +96,13 @@ def test_watchdog_dumps_stacks_and_names_the_rank_that_did_not_arrive(data_dir, 
     native = rank0.split("native stacks of every thread")[-1]
     assert native != rank0, rank0[-3000:]
     assert "horovod" in native or "(gdb could not attach" in native or "(gdb failed" in native, native[:3000]
+    # On CPU Horovod runs on Gloo (horovod.controller=auto): its background thread is never inside
+    # MPI, so the main thread is the only one that blocks there (docs/reliability.md).
+    background = [t for t in native.split("\nThread ") if "BackgroundThreadLoop" in t]
+    if "horovod" in native:
+        assert len(background) == 1 and "gloo" in background[0], native[:3000]
+        assert not re.search(r"\bP?MPI_|libmpi\.so", background[0]), background[0]
+    assert "data parallel horovod (gloo)" in rank0
     assert not processes_of(run)
 
 

@@ -407,6 +407,7 @@ def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_pa
         ("model.preset=gpt5", "unknown model.preset 'gpt5'"),
         ("train.steps=ten", "train.steps must be an int, not 'ten'"),
         ("parallel.tp_backend=nccl", "parallel.tp_backend must be auto, mpi4py, horovod or torch"),
+        ("horovod.controller=nccl", "horovod.controller must be auto, mpi or gloo"),
         ("parallel.pp_backend=horovod", "parallel.pp_backend must be auto, mpi4py or torch"),
         ("train.recompute=some", "train.recompute must be none, selective or full, not some"),
     ],

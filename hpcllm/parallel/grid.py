@@ -34,11 +34,13 @@ class Grid:
         horovod: bool = False,
         horovod_tp: bool = False,
         horovod_env: Mapping[str, str] | None = None,
+        horovod_controller: str = "mpi",
         torch_device: str | None = None,
         timeout_s: float = 300.0,
         shard_nodes: list[int] | None = None,
     ):
         """`torch_device`: start torch.distributed for this device type ("cuda": NCCL, "cpu": gloo).
+        `horovod_controller`: mpi or gloo (parallel.horovod.start).
         `shard_nodes` (every rank's node): hybrid sharding, the DP group cut by node into shard
         groups, with replica groups across the nodes (Layout.hybrid_dp_groups)."""
         from mpi4py import MPI
@@ -70,10 +72,11 @@ class Grid:
             self.replica_index = next(g.index(self.rank) for g in replica_groups if self.rank in g)
             self.dp_shard_comm = self.dp_comm.Split(color=shard_nodes[self.rank], key=self.dp_rank)
         self.shard_nodes = shard_nodes
+        self.timeout_s = timeout_s  # a stalled collective's limit (train.watchdog_s); Gloo's is twice it
         self.hvd: Any = None
         self._sets: dict[str, Any] = {}
         if horovod:
-            self._start_horovod(horovod_tp, dict(horovod_env or {}))
+            self._start_horovod(horovod_tp, dict(horovod_env or {}), horovod_controller)
         # torch.distributed addresses point-to-point peers by world rank.
         self.pp_world_ranks: list[int] = self.pp_comm.allgather(self.rank)
         self.cp_world_ranks: list[int] = self.cp_comm.allgather(self.rank)
@@ -91,7 +94,7 @@ class Grid:
             axes["cp"] = layout.all_cp_groups()
         return axes
 
-    def _start_horovod(self, with_tp: bool, env: dict[str, str]) -> None:
+    def _start_horovod(self, with_tp: bool, env: dict[str, str], controller: str) -> None:
         axes = {"dp": self.layout.all_dp_groups()}
         if self.shard_nodes is not None:
             axes["dp_shard"], axes["dp_replica"] = self.layout.hybrid_dp_groups(self.shard_nodes)
@@ -101,7 +104,9 @@ class Grid:
         partial = {axis: groups for axis, groups in axes.items() if 1 < len(groups[0]) < self.layout.world}
         ordered = [group for groups in partial.values() for group in groups]
         unique = list(dict.fromkeys(tuple(g) for g in ordered))
-        self.hvd, sets = horovod_start.start(self.world, [list(g) for g in unique], env)
+        self.hvd, sets = horovod_start.start(
+            self.world, [list(g) for g in unique], env, controller, 2 * self.timeout_s
+        )
         by_ranks = dict(zip(unique, sets, strict=True))
         for axis, groups in axes.items():
             mine = next(g for g in groups if self.rank in g)

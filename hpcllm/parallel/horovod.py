@@ -15,6 +15,23 @@ from types import ModuleType
 from typing import Any
 
 from hpcllm.errors import EnvironmentProblem
+from hpcllm.parallel import gloo_rendezvous
+
+# What a Gloo start sets; cleared before another start so an MPI one is not taken for Gloo.
+_GLOO_KEYS = (
+    "HOROVOD_CONTROLLER",
+    "HOROVOD_CPU_OPERATIONS",
+    "HOROVOD_GLOO_RENDEZVOUS_ADDR",
+    "HOROVOD_GLOO_RENDEZVOUS_PORT",
+    "HOROVOD_RANK",
+    "HOROVOD_SIZE",
+    "HOROVOD_LOCAL_RANK",
+    "HOROVOD_LOCAL_SIZE",
+    "HOROVOD_CROSS_RANK",
+    "HOROVOD_CROSS_SIZE",
+    "HOROVOD_HOSTNAME",
+    "HOROVOD_GLOO_TIMEOUT_SECONDS",
+)
 
 
 def environment(
@@ -31,9 +48,19 @@ def environment(
     return env
 
 
-def start(comm: Any, groups: list[list[int]], env: Mapping[str, str]) -> tuple[ModuleType, list[Any]]:
+def start(
+    comm: Any,
+    groups: list[list[int]],
+    env: Mapping[str, str],
+    controller: str = "mpi",
+    timeout_s: float = 600.0,
+) -> tuple[ModuleType, list[Any]]:
     """Collective: start Horovod on mpi4py's `comm` with one static process set per group (ranks of
-    `comm`, the same list in the same order on every rank). Returns horovod.torch and the sets."""
+    `comm`, the same list in the same order on every rank). Returns horovod.torch and the sets.
+
+    `controller`: "mpi", Horovod negotiates and reduces with MPI on a duplicate of `comm`; "gloo",
+    over Gloo's TCP pairs, so its background thread never calls MPI (parallel.gloo_rendezvous), each
+    Gloo operation bounded by `timeout_s`."""
     try:
         import horovod.torch as hvd
     except ImportError as exc:
@@ -43,9 +70,17 @@ def start(comm: Any, groups: list[list[int]], env: Mapping[str, str]) -> tuple[M
         ) from exc
     if hvd.is_initialized():  # a previous grid in this process: its sets are not ours
         hvd.shutdown()
+    for key in [key for key in os.environ if key in _GLOO_KEYS]:  # a previous start's choice
+        del os.environ[key]
     os.environ.update(env)
     sets = [hvd.ProcessSet(group) for group in groups]
-    hvd.init(comm=comm, process_sets=sets)
+    if controller == "gloo":
+        rendezvous, close = gloo_rendezvous.open_rendezvous(comm, dict(os.environ), timeout_s)
+        os.environ.update(rendezvous)
+        hvd.init(process_sets=sets)
+        close()
+    else:
+        hvd.init(comm=comm, process_sets=sets)
     if hvd.size() != comm.Get_size():
         raise EnvironmentProblem(
             f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "

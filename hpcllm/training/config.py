@@ -27,6 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {name: keys for name, (_, keys) in registry
 RECOMPUTE = ("none", "selective", "full")
 ZERO = (0, 1, 2, 3)
 TP_BACKENDS = ("auto", "mpi4py", "horovod", "torch")
+HOROVOD_CONTROLLERS = ("auto", "mpi", "gloo")
 
 # Old keys that still work for a release, with a one-line note: key -> (new key, value mapping).
 DEPRECATED: dict[str, tuple[str, Any]] = {
@@ -133,6 +134,9 @@ class HorovodConfig:
     cycle_time_ms: float = 1.0  # how often the background thread batches ready tensors (default 1)
     timeline: str = ""  # write Horovod's timeline (chrome://tracing JSON) to this file, from rank 0
     hierarchical_allreduce: bool = False  # reduce inside each node first, then across (NCCL/GPU jobs)
+    # who negotiates and moves the DP reductions: auto = gloo on CPU (Horovod's thread then never
+    # calls MPI beside the main thread's collectives), mpi on CUDA; docs/reliability.md
+    controller: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,7 @@ def validate(config: Config) -> None:
         ("train.recompute", t.recompute, RECOMPUTE),
         ("train.async_checkpoint", t.async_checkpoint, ("auto", "true", "false")),
         ("parallel.tp_backend", config.parallel.tp_backend, TP_BACKENDS),
+        ("horovod.controller", config.horovod.controller, HOROVOD_CONTROLLERS),
         ("parallel.pp_backend", config.parallel.pp_backend, PP_BACKENDS),
         ("parallel.cp_backend", config.parallel.cp_backend, PP_BACKENDS),
         ("parallel.schedule", config.parallel.schedule, ("1f1b", "gpipe")),

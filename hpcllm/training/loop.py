@@ -149,7 +149,7 @@ def _log_engines(plan: Plan, device: torch.device) -> None:
 
     log.info(
         "communication: data parallel %s, tensor parallel %s, pipeline %s, context parallel %s",
-        "horovod" if layout.replicas > 1 else "-",
+        f"horovod ({plan.horovod_controller})" if layout.replicas > 1 else "-",
         engine(plan.tp_backend, layout.tp),
         engine(plan.pp_backend, layout.pp),
         engine(plan.cp_backend, layout.cp),
@@ -210,6 +210,7 @@ def run_training(args: TrainArgs) -> Trainer:
         horovod=plan.uses_horovod,
         horovod_tp=plan.horovod_tp,
         horovod_env=plan.horovod_env,
+        horovod_controller=plan.horovod_controller,
         torch_device=rt.device.type if plan.torch_groups else None,
         timeout_s=plan.config.train.watchdog_s or 300.0,
         shard_nodes=rt.node_of_rank if hybrid else None,

@@ -38,6 +38,7 @@ class Plan:
     pp_backend: str  # mpi4py | torch (auto resolved by device)
     cp_backend: str  # mpi4py | torch (auto resolved by device)
     horovod_env: dict[str, str]  # Horovod's knobs, set once when it starts
+    horovod_controller: str  # mpi | gloo (auto resolved by device)
     default_data: bool  # data.path was empty: prepare the default corpus there on first use
     dp_strategy: DataParallelStrategy  # how DP replicas share the step (parallel.zero)
 
@@ -141,6 +142,20 @@ def _backend(key: str, choice: str, device_type: str) -> str:
     if choice == "mpi4py" and device_type == "cuda" and not mpi_takes_cuda_buffers():
         raise UsageError(
             f"{key}=mpi4py on CUDA needs a CUDA-aware MPI, and this one is not; use torch (NCCL) or auto"
+        )
+    return choice
+
+
+def _controller(choice: str, device_type: str, hierarchical: bool) -> str:
+    """auto: gloo on CPU, so that Horovod's background thread makes no MPI calls while the main
+    thread makes its own (docs/reliability.md); mpi on CUDA, where NCCL moves the data and MPI
+    only negotiates, and for hierarchical allreduce, which Horovod does with MPI only."""
+    if choice == "auto":
+        return "mpi" if device_type == "cuda" or hierarchical else "gloo"
+    if choice == "gloo" and hierarchical:
+        raise UsageError(
+            "horovod.hierarchical_allreduce needs Horovod's MPI controller; "
+            "set horovod.controller=mpi (or auto), or turn hierarchical_allreduce off"
         )
     return choice
 
@@ -304,6 +319,7 @@ def make_plan(
         horovod_env=horovod.environment(
             h.fusion_threshold_mb, h.cycle_time_ms, h.timeline, h.hierarchical_allreduce
         ),
+        horovod_controller=_controller(h.controller, device_type, h.hierarchical_allreduce),
         default_data=default_data,
         dp_strategy=strategy_for(config.parallel.zero),
     )
