@@ -109,7 +109,6 @@ def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: fl
     comm, shared = MPI.COMM_WORLD, random.Random(seed)  # the same structure on every rank
     jitter = random.Random(seed * 1000 + comm.Get_rank())  # each rank's own timing
     knobs = horovod_start.environment(shared.choice(BUCKETS_MB), shared.choice(CYCLE_MS))
-    controller = "gloo" if controller == "auto" else controller  # auto's choice on CPU
     grid = Grid(comm, tp=layout["tp"], horovod=True, horovod_env=knobs, horovod_controller=controller)
     watchdog.start(comm, watchdog_s)
     hvd, dp, tp = grid.hvd, grid.layout.replicas, grid.layout.tp
@@ -142,7 +141,7 @@ def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: fl
     if comm.Get_rank() == 0:
         print(
             f"{counts[0]} iterations, {counts[1]} Horovod reductions, {counts[2]} TP allreduces per rank "
-            f"in {seconds:.0f} s; Horovod on {controller}, knobs {knobs}",
+            f"in {seconds:.0f} s; Horovod on {grid.horovod_controller}, knobs {knobs}",
             flush=True,
         )
 

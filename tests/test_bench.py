@@ -15,7 +15,7 @@ def test_bench_allreduce_rows_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert {r["engine"] for r in rows} == {"horovod", "mpi4py", "torch.distributed"}
+    assert {r["engine"] for r in rows} == {"horovod", "horovod-gloo", "mpi4py", "torch.distributed"}
     assert sorted({r["bytes"] for r in rows}) == [8, 64, 512, 4096]
     for row in rows:
         assert ALLREDUCE_ROW <= row.keys(), row

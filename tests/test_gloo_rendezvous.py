@@ -31,8 +31,8 @@ def test_one_host_uses_the_loopback_and_several_need_a_reachable_address(monkeyp
         gloo_rendezvous._address_and_interface(False, {"HOROVOD_GLOO_IFACE": "eth0"})
 
 
-def test_auto_is_gloo_on_cpu_and_mpi_on_cuda_or_for_hierarchical_allreduce():
-    assert _controller("auto", "cpu", False) == "gloo"
+def test_auto_is_mpi_on_cuda_or_for_hierarchical_allreduce_and_left_to_the_hosts_on_cpu():
+    assert _controller("auto", "cpu", False) == "auto"  # gloo on one host, mpi across (test_multinode)
     assert _controller("auto", "cuda", False) == "mpi"
     assert _controller("auto", "cpu", True) == "mpi"
     assert _controller("mpi", "cpu", False) == "mpi"

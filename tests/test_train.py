@@ -401,7 +401,7 @@ def test_fp16_compression_and_bf16_autocast_train_close_to_fp32(data_dir, tmp_pa
         ("train.lr=-1", "train.lr must be positive"),
         ("train.warmup=-5", "train.warmup must be 0 or more"),
         ("train.watchdog_s=-1", "train.watchdog_s must be 0 or more"),
-        ("horovod.cycle_time_ms=0", "horovod.cycle_time_ms must be positive"),
+        ("horovod.cycle_time_ms=-1", "horovod.cycle_time_ms must be 0 (auto) or more"),
         ("horovod.fusion_threshold_mb=-1", "horovod.fusion_threshold_mb must be 0 or more"),
         ("train.dtype=float16", "train.dtype must be float32 or bfloat16"),
         ("model.preset=gpt5", "unknown model.preset 'gpt5'"),

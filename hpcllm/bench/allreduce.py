@@ -1,6 +1,7 @@
 """`mpirun -np N hpcllm bench allreduce`: allreduce time and bandwidth per engine and message size.
 
-Engines, side by side in one run: Horovod (tensor fusion on, the path gradients take), mpi4py
+Engines, side by side in one run: Horovod (tensor fusion on, the path gradients take) on its MPI
+controller and on Gloo (`horovod.controller`; auto's choice on one CPU host), mpi4py
 `Allreduce` (the path tensor-parallel activations take on CPU), and torch.distributed (gloo on CPU,
 NCCL on GPU). Per size: median time per call over iterations after warm-up, each iteration timed
 between barriers and taken as the slowest rank's; algbw = bytes / time, busbw = algbw × 2(n−1)/n
@@ -21,7 +22,7 @@ import torch
 from hpcllm.cluster import runtime
 from hpcllm.observe import plots
 
-ENGINES = ("horovod", "mpi4py", "torch.distributed")
+ENGINES = ("horovod", "horovod-gloo", "mpi4py", "torch.distributed")
 
 
 def sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
@@ -37,10 +38,10 @@ def _iterations(nbytes: int) -> int:
 
 
 def _engine(name: str, rt: runtime.Runtime, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name == "horovod":
+    if name in ("horovod", "horovod-gloo"):
         from hpcllm.parallel import horovod
 
-        hvd, _ = horovod.start(rt.comm, [], {})
+        hvd, _, _ = horovod.start(rt.comm, [], {}, "gloo" if name == "horovod-gloo" else "mpi")
         return lambda t: hvd.allreduce(t, op=hvd.Sum, name="bench")
     if name == "mpi4py":
         from mpi4py import MPI

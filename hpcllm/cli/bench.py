@@ -72,7 +72,9 @@ def _add_train(kinds: Any) -> None:
 
 def _add_allreduce_and_pipeline(kinds: Any) -> None:
     ar = kinds.add_parser("allreduce", help="allreduce bandwidth of Horovod, mpi4py and torch.distributed")
-    ar.add_argument("--engines", default="horovod,mpi4py,torch.distributed", help="allreduce engines")
+    ar.add_argument(
+        "--engines", default="horovod,horovod-gloo,mpi4py,torch.distributed", help="allreduce engines"
+    )
     ar.add_argument("--min-bytes", type=int, default=8, help="smallest message (8)")
     ar.add_argument("--max-bytes", type=int, default=256 << 20, help="largest message (256 MiB)")
     ar.add_argument("--factor", type=int, default=2, help="size step factor (2)")

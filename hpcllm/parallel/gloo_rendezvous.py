@@ -77,6 +77,11 @@ def _places(hosts: list[str]) -> list[dict[str, int]]:
     ]
 
 
+def on_one_host(comm: Any) -> bool:
+    """Collective: whether every rank of `comm` runs on this host."""
+    return len(set(comm.allgather(socket.gethostname()))) == 1
+
+
 def open_rendezvous(
     comm: Any, env: dict[str, str], timeout_s: float
 ) -> tuple[dict[str, str], Callable[[], None]]:

@@ -40,7 +40,7 @@ class Grid:
         shard_nodes: list[int] | None = None,
     ):
         """`torch_device`: start torch.distributed for this device type ("cuda": NCCL, "cpu": gloo).
-        `horovod_controller`: mpi or gloo (parallel.horovod.start).
+        `horovod_controller`: mpi, gloo or auto (parallel.horovod.start).
         `shard_nodes` (every rank's node): hybrid sharding, the DP group cut by node into shard
         groups, with replica groups across the nodes (Layout.hybrid_dp_groups)."""
         from mpi4py import MPI
@@ -74,6 +74,7 @@ class Grid:
         self.shard_nodes = shard_nodes
         self.timeout_s = timeout_s  # a stalled collective's limit (train.watchdog_s); Gloo's is twice it
         self.hvd: Any = None
+        self.horovod_controller = ""  # the one Horovod runs on (mpi or gloo), once started
         self._sets: dict[str, Any] = {}
         if horovod:
             self._start_horovod(horovod_tp, dict(horovod_env or {}), horovod_controller)
@@ -104,7 +105,7 @@ class Grid:
         partial = {axis: groups for axis, groups in axes.items() if 1 < len(groups[0]) < self.layout.world}
         ordered = [group for groups in partial.values() for group in groups]
         unique = list(dict.fromkeys(tuple(g) for g in ordered))
-        self.hvd, sets = horovod_start.start(
+        self.hvd, sets, self.horovod_controller = horovod_start.start(
             self.world, [list(g) for g in unique], env, controller, 2 * self.timeout_s
         )
         by_ranks = dict(zip(unique, sets, strict=True))

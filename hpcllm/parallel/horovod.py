@@ -31,18 +31,26 @@ _GLOO_KEYS = (
     "HOROVOD_CROSS_SIZE",
     "HOROVOD_HOSTNAME",
     "HOROVOD_GLOO_TIMEOUT_SECONDS",
+    "HOROVOD_CYCLE_TIME",
 )
+
+
+# horovod.cycle_time_ms = 0: per controller. A Gloo cycle negotiates over TCP; at 1 ms its thread
+# cost a dp 2 run on 2 cores 13% of its throughput, at 5 ms 4-8% (docs/benchmarks.md).
+CYCLE_MS = {"mpi": 1.0, "gloo": 5.0}
 
 
 def environment(
     fusion_threshold_mb: float, cycle_time_ms: float, timeline: str = "", hierarchical: bool = False
 ) -> dict[str, str]:
-    """The environment Horovod reads its knobs from when it starts."""
+    """The environment Horovod reads its knobs from when it starts (cycle time 0: the controller's
+    own, set by `start`)."""
     env = {
         "HOROVOD_FUSION_THRESHOLD": str(int(fusion_threshold_mb * 1024 * 1024)),
-        "HOROVOD_CYCLE_TIME": f"{cycle_time_ms:g}",
         "HOROVOD_HIERARCHICAL_ALLREDUCE": "1" if hierarchical else "0",
     }
+    if cycle_time_ms:
+        env["HOROVOD_CYCLE_TIME"] = f"{cycle_time_ms:g}"
     if timeline:
         env["HOROVOD_TIMELINE"] = str(Path(timeline).resolve())
     return env
@@ -54,13 +62,15 @@ def start(
     env: Mapping[str, str],
     controller: str = "mpi",
     timeout_s: float = 600.0,
-) -> tuple[ModuleType, list[Any]]:
+) -> tuple[ModuleType, list[Any], str]:
     """Collective: start Horovod on mpi4py's `comm` with one static process set per group (ranks of
-    `comm`, the same list in the same order on every rank). Returns horovod.torch and the sets.
+    `comm`, the same list in the same order on every rank). Returns horovod.torch, the sets and
+    the controller it runs on.
 
     `controller`: "mpi", Horovod negotiates and reduces with MPI on a duplicate of `comm`; "gloo",
     over Gloo's TCP pairs, so its background thread never calls MPI (parallel.gloo_rendezvous), each
-    Gloo operation bounded by `timeout_s`."""
+    Gloo operation bounded by `timeout_s`; "auto", gloo when every rank is on one host, else mpi
+    (across hosts MPI picks the fast network; Gloo takes the interface the host name resolves to)."""
     try:
         import horovod.torch as hvd
     except ImportError as exc:
@@ -72,7 +82,9 @@ def start(
         hvd.shutdown()
     for key in [key for key in os.environ if key in _GLOO_KEYS]:  # a previous start's choice
         del os.environ[key]
-    os.environ.update(env)
+    if controller == "auto":
+        controller = "gloo" if gloo_rendezvous.on_one_host(comm) else "mpi"
+    os.environ.update({"HOROVOD_CYCLE_TIME": f"{CYCLE_MS[controller]:g}"} | dict(env))
     sets = [hvd.ProcessSet(group) for group in groups]
     if controller == "gloo":
         rendezvous, close = gloo_rendezvous.open_rendezvous(comm, dict(os.environ), timeout_s)
@@ -86,4 +98,4 @@ def start(
             f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
             "another MPI; fix: delete the cached wheel and rerun `make setup`"
         )
-    return hvd, sets
+    return hvd, sets, controller

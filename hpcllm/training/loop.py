@@ -138,7 +138,7 @@ def _auto_layout(config: config_mod.Config, cluster: Any, rt: runtime.Runtime) -
     return settings
 
 
-def _log_engines(plan: Plan, device: torch.device) -> None:
+def _log_engines(plan: Plan, device: torch.device, grid: Grid) -> None:
     """Which engine carries which traffic."""
     layout = plan.layout
 
@@ -149,7 +149,7 @@ def _log_engines(plan: Plan, device: torch.device) -> None:
 
     log.info(
         "communication: data parallel %s, tensor parallel %s, pipeline %s, context parallel %s",
-        f"horovod ({plan.horovod_controller})" if layout.replicas > 1 else "-",
+        f"horovod ({grid.horovod_controller})" if layout.replicas > 1 else "-",
         engine(plan.tp_backend, layout.tp),
         engine(plan.pp_backend, layout.pp),
         engine(plan.cp_backend, layout.cp),
@@ -225,7 +225,7 @@ def run_training(args: TrainArgs) -> Trainer:
         for partial in runtime.root_decides(rt.comm, lambda: checkpoint.discard_partial(out)):
             log.warning("removed %s: a checkpoint write that was interrupted before it completed", partial)
     log.info("%s", rt.describe())
-    _log_engines(plan, rt.device)
+    _log_engines(plan, rt.device, grid)
     _set_tf32(plan, rt.device)
     _set_mmap(plan)
     _warn_about_placement(plan, rt)

@@ -38,7 +38,7 @@ class Plan:
     pp_backend: str  # mpi4py | torch (auto resolved by device)
     cp_backend: str  # mpi4py | torch (auto resolved by device)
     horovod_env: dict[str, str]  # Horovod's knobs, set once when it starts
-    horovod_controller: str  # mpi | gloo (auto resolved by device)
+    horovod_controller: str  # mpi | gloo | auto (on CPU: resolved by the hosts when Horovod starts)
     default_data: bool  # data.path was empty: prepare the default corpus there on first use
     dp_strategy: DataParallelStrategy  # how DP replicas share the step (parallel.zero)
 
@@ -147,11 +147,12 @@ def _backend(key: str, choice: str, device_type: str) -> str:
 
 
 def _controller(choice: str, device_type: str, hierarchical: bool) -> str:
-    """auto: gloo on CPU, so that Horovod's background thread makes no MPI calls while the main
-    thread makes its own (docs/reliability.md); mpi on CUDA, where NCCL moves the data and MPI
-    only negotiates, and for hierarchical allreduce, which Horovod does with MPI only."""
+    """auto: mpi on CUDA, where NCCL moves the data and MPI only negotiates, and for hierarchical
+    allreduce, which Horovod does with MPI only; on CPU left to Horovod's start, which takes gloo
+    on one host, so that its background thread makes no MPI calls while the main thread makes
+    its own (docs/reliability.md), and mpi across hosts."""
     if choice == "auto":
-        return "mpi" if device_type == "cuda" or hierarchical else "gloo"
+        return "mpi" if device_type == "cuda" or hierarchical else "auto"
     if choice == "gloo" and hierarchical:
         raise UsageError(
             "horovod.hierarchical_allreduce needs Horovod's MPI controller; "
@@ -303,6 +304,7 @@ def make_plan(
     if config.train.tensorboard:
         tensorboard.check_installed()
     h = config.horovod
+    controller = _controller(h.controller, device_type, h.hierarchical_allreduce)
     mixture.components_of(config.data.path, config.data.mix)  # bad weights end here, before any work
     config = replace(config, data=_absolute_data(config.data, resuming=saved is not None))
     default_data = not config.data.path and not config.data.mix
@@ -317,9 +319,12 @@ def make_plan(
         pp_backend=_backend("parallel.pp_backend", config.parallel.pp_backend, device_type),
         cp_backend=_backend("parallel.cp_backend", config.parallel.cp_backend, device_type),
         horovod_env=horovod.environment(
-            h.fusion_threshold_mb, h.cycle_time_ms, h.timeline, h.hierarchical_allreduce
+            h.fusion_threshold_mb,
+            h.cycle_time_ms,
+            h.timeline,
+            h.hierarchical_allreduce,
         ),
-        horovod_controller=_controller(h.controller, device_type, h.hierarchical_allreduce),
+        horovod_controller=controller,
         default_data=default_data,
         dp_strategy=strategy_for(config.parallel.zero),
     )
