@@ -195,14 +195,10 @@ def _warn_about_placement(plan: Plan, rt: runtime.Runtime) -> None:
         )
 
 
-def run_training(args: TrainArgs) -> Trainer:
-    """Collective: set up, train to train.steps, return the trainer (model and all) for inspection."""
-    rt = runtime.init()
-    # Every check comes before the run directory is created: bad input leaves nothing behind.
-    fault = runtime.root_decides(rt.comm, faults.configured)
-    plan, out, folder, from_checkpoint = _plan(args, rt)
+def _grid(plan: Plan, rt: runtime.Runtime) -> Grid:
+    """Collective: every group the plan communicates in (Horovod and torch.distributed started)."""
     hybrid = plan.config.parallel.shard_group == "node"
-    grid = Grid(
+    return Grid(
         rt.comm,
         tp=plan.layout.tp,
         pp=plan.layout.pp,
@@ -215,6 +211,15 @@ def run_training(args: TrainArgs) -> Trainer:
         timeout_s=plan.config.train.watchdog_s or 300.0,
         shard_nodes=rt.node_of_rank if hybrid else None,
     )
+
+
+def run_training(args: TrainArgs) -> Trainer:
+    """Collective: set up, train to train.steps, return the trainer (model and all) for inspection."""
+    rt = runtime.init()
+    # Every check comes before the run directory is created: bad input leaves nothing behind.
+    fault = runtime.root_decides(rt.comm, faults.configured)
+    plan, out, folder, from_checkpoint = _plan(args, rt)
+    grid = _grid(plan, rt)
     data = ensure_data(plan, rt, grid.node_comm)
     if folder is not None:
         runtime.root_decides(rt.comm, lambda: init_from.check_tokenizer(folder, data.primary))
