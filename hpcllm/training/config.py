@@ -336,10 +336,8 @@ def validate(config: Config) -> None:
             raise UsageError(f"{key} must be 0 or more, not {value} (0 turns it off)")
     if config.parallel.bucket_mb <= 0:
         raise UsageError(f"parallel.bucket_mb must be positive, not {config.parallel.bucket_mb}")
-    if config.horovod.cycle_time_ms < 0:
-        raise UsageError(
-            f"horovod.cycle_time_ms must be 0 (auto) or more, not {config.horovod.cycle_time_ms}"
-        )
+    if (cycle_ms := config.horovod.cycle_time_ms) < 0:
+        raise UsageError(f"horovod.cycle_time_ms must be 0 (auto) or more, not {cycle_ms}")
     if t.lr <= 0:
         raise UsageError(f"train.lr must be positive, not {t.lr}")
     if not 0 <= m.dropout < 1:
