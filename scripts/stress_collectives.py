@@ -11,7 +11,10 @@ Prints one line per run and a tally; exits 1 if any run stalled or failed.
 that use MPI at once, far faster than training does: the main thread's tensor-parallel allreduces
 (mpi4py) run while Horovod's background thread reduces over the data-parallel process set, and the
 watchdog's thread sends its reports; every result is checked, and a stall ends the job with every
-rank's Python and native stacks, kept in failed_runs_dir().
+rank's Python and native stacks, kept in failed_runs_dir(). `--controller mpi|gloo` picks Horovod's
+(auto: gloo on one host). `--micro SECONDS --mpi-only` leaves Horovod out: three threads per rank
+make blocking MPI allreduces at once, each on a communicator of its own, as the threads of a tp x dp
+rank on the MPI controller can.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -146,11 +150,68 @@ def micro_rank(layout: dict[str, int], seconds: float, seed: int, watchdog_s: fl
         )
 
 
+def mpi_threads_rank(seconds: float, seed: int, stall_s: float = 30.0) -> None:
+    """One rank of `--micro --mpi-only`: MPI alone, no Horovod: three threads each make blocking
+    allreduces on a communicator of their own (pairs along TP, pairs along DP, a duplicate of the
+    world, as Horovod's negotiation uses) at once, sums checked; the main thread polls MPI as the
+    watchdog does and, if no thread has finished a call for `stall_s`, writes every thread's Python
+    and native stacks and aborts with 70."""
+    import faulthandler
+    import threading
+
+    import numpy as np
+    from mpi4py import MPI
+
+    from hpcllm.cluster.watchdog import native_stacks
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    comms = {"tp": world.Split(rank // 2, rank), "dp": world.Split(rank % 2, rank), "world": world.Dup()}
+    poll, counts, stop = world.Dup(), dict.fromkeys(comms, 0), threading.Event()
+
+    def calls(name: str, comm: Any, order: int) -> None:
+        shared, jitter = random.Random(seed * 7 + order), random.Random(seed * 1000 + rank)
+        size = comm.Get_size()
+        while True:
+            x = np.full(shared.choice(TP_SIZES), comm.Get_rank() + 1.0, dtype=np.float32)
+            comm.Allreduce(MPI.IN_PLACE, x)
+            assert x[0] == x[-1] == size * (size + 1) / 2, f"a wrong {name} sum {x[0]}"
+            counts[name] += 1
+            if jitter.random() < 0.2:
+                time.sleep(jitter.random() * 0.001)
+            if counts[name] % 200 == 0:  # the communicator's ranks agree on stopping
+                flag = np.array([stop.is_set()], dtype=np.int32)
+                comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+                if flag[0]:
+                    return
+
+    threads = [
+        threading.Thread(target=calls, args=(n, c, i), daemon=True) for i, (n, c) in enumerate(comms.items())
+    ]
+    for thread in threads:
+        thread.start()
+    end, last, changed = time.time() + seconds, dict(counts), time.time()
+    while any(thread.is_alive() for thread in threads):
+        time.sleep(1.0)
+        poll.Iprobe()
+        if time.time() > end:
+            stop.set()
+        if counts != last:
+            last, changed = dict(counts), time.time()
+        elif time.time() - changed > stall_s:
+            print(f"[rank {rank}] stalled: no MPI call finished for {stall_s:.0f} s; {counts}", flush=True)
+            faulthandler.dump_traceback(all_threads=True)
+            print(native_stacks(), flush=True)
+            world.Abort(70)
+    if rank == 0:
+        print(f"{sum(counts.values())} allreduces per rank by 3 threads at once {counts} in {seconds:.0f} s")
+
+
 def micro(args: argparse.Namespace, layout: dict[str, int]) -> int:
     ranks = layout["tp"] * layout["dp"]
     command = [sys.executable, "-m", "hpcllm.launcher", "-np", str(ranks), sys.executable, __file__]
     command += ["--micro-rank", str(args.micro), "--layout", args.layout, "--seed", str(args.seed)]
-    command += ["--controller", args.controller]
+    command += ["--controller", args.controller] + (["--mpi-only"] if args.mpi_only else [])
     burners = [multiprocessing.Process(target=_burn, args=(args.micro + 60,)) for _ in range(args.burners)]
     for burner in burners:
         burner.start()
@@ -177,6 +238,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro", type=float, help="seconds of the threads' stress in one launch")
     parser.add_argument("--micro-rank", type=float, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mpi-only", action="store_true", help="--micro without Horovod: three threads in MPI collectives"
+    )
     parser.add_argument("--burners", type=int, default=0, help="--micro: busy processes beside it (0)")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--layout", default="tp=2,dp=2,micro_batch=4")
@@ -190,6 +254,9 @@ def main() -> int:
     parser.add_argument("--data", help="prepared data (default: a small byte-level corpus made here)")
     args = parser.parse_args()
     layout = {"micro_batch": 4} | {k: int(v) for k, v in (item.split("=") for item in args.layout.split(","))}
+    if args.micro_rank and args.mpi_only:
+        mpi_threads_rank(args.micro_rank, args.seed)
+        return 0
     if args.micro_rank:
         micro_rank(layout, args.micro_rank, args.seed, watchdog_s=20, controller=args.controller)
         return 0
