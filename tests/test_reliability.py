@@ -98,11 +98,13 @@ def test_watchdog_dumps_stacks_and_names_the_rank_that_did_not_arrive(data_dir, 
     assert "horovod" in native or "(gdb could not attach" in native or "(gdb failed" in native, native[:3000]
     # On CPU Horovod runs on Gloo (horovod.controller=auto): its background thread is never inside
     # MPI, so the main thread is the only one that blocks there (docs/reliability.md).
+    # Horovod's own answer (gloo_enabled) is what the log line names; the background thread is
+    # caught asleep between cycles or in Gloo, never in MPI.
+    assert "data parallel horovod (gloo)" in rank0
     background = [t for t in native.split("\nThread ") if "BackgroundThreadLoop" in t]
     if "horovod" in native:
-        assert len(background) == 1 and "gloo" in background[0], native[:3000]
-        assert not re.search(r"\bP?MPI_|libmpi\.so", background[0]), background[0]
-    assert "data parallel horovod (gloo)" in rank0
+        assert len(background) == 1, native[:3000]
+        assert not re.search(r"\bP?MPI_|libmpi\.so|ompi_|opal_", background[0]), background[0]
     assert not processes_of(run)
 
 

@@ -93,6 +93,12 @@ def start(
         close()
     else:
         hvd.init(comm=comm, process_sets=sets)
+    running = "gloo" if hvd.gloo_enabled() else "mpi" if hvd.mpi_enabled() else "?"
+    if running != controller:
+        raise EnvironmentProblem(
+            f"Horovod was asked for its {controller} controller but runs on {running}; fix: rerun "
+            "`make setup`, which builds Horovod with MPI and Gloo"
+        )
     if hvd.size() != comm.Get_size():
         raise EnvironmentProblem(
             f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
