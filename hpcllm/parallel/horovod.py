@@ -78,14 +78,31 @@ def start(
             f"Horovod with PyTorch is not importable ({exc}); fix: run `make setup`, "
             "which builds it with PyTorch, MPI and Gloo"
         ) from exc
+    if controller == "auto":
+        controller = "gloo" if gloo_rendezvous.on_one_host(comm) else "mpi"
+    if controller == "gloo" and hvd.mpi_enabled():
+        # Horovod's Gloo context would reuse the MPI communicator its last start freed (and abort).
+        raise EnvironmentProblem(
+            "Horovod cannot start on Gloo in a process where it ran on MPI; start Gloo first, or in a "
+            "new process"
+        )
     if hvd.is_initialized():  # a previous grid in this process: its sets are not ours
         hvd.shutdown()
     for key in [key for key in os.environ if key in _GLOO_KEYS]:  # a previous start's choice
         del os.environ[key]
-    if controller == "auto":
-        controller = "gloo" if gloo_rendezvous.on_one_host(comm) else "mpi"
     os.environ.update({"HOROVOD_CYCLE_TIME": f"{CYCLE_MS[controller]:g}"} | dict(env))
     sets = [hvd.ProcessSet(group) for group in groups]
+    _init(hvd, comm, sets, controller, timeout_s)
+    if hvd.size() != comm.Get_size():
+        raise EnvironmentProblem(
+            f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
+            "another MPI; fix: delete the cached wheel and rerun `make setup`"
+        )
+    return hvd, sets, controller
+
+
+def _init(hvd: ModuleType, comm: Any, sets: list[Any], controller: str, timeout_s: float) -> None:
+    """`hvd.init` on `controller`, checked against what Horovod says it runs on."""
     if controller == "gloo":
         rendezvous, close = gloo_rendezvous.open_rendezvous(comm, dict(os.environ), timeout_s)
         os.environ.update(rendezvous)
@@ -93,15 +110,10 @@ def start(
         close()
     else:
         hvd.init(comm=comm, process_sets=sets)
-    running = "gloo" if hvd.gloo_enabled() else "mpi" if hvd.mpi_enabled() else "?"
+    # Horovod reports gloo_enabled() still after a Gloo start was shut down and MPI started.
+    running = "mpi" if hvd.mpi_enabled() else "gloo" if hvd.gloo_enabled() else "none"
     if running != controller:
         raise EnvironmentProblem(
             f"Horovod was asked for its {controller} controller but runs on {running}; fix: rerun "
             "`make setup`, which builds Horovod with MPI and Gloo"
         )
-    if hvd.size() != comm.Get_size():
-        raise EnvironmentProblem(
-            f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
-            "another MPI; fix: delete the cached wheel and rerun `make setup`"
-        )
-    return hvd, sets, controller
