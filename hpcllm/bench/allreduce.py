@@ -70,10 +70,16 @@ def _engine(name: str, rt: runtime.Runtime, device: torch.device) -> Callable[[t
     return torch_allreduce
 
 
-def measure(rt: runtime.Runtime, engine: str, nbytes: int, device: torch.device) -> dict[str, Any]:
+def measure(
+    rt: runtime.Runtime,
+    engine: str,
+    op: Callable[[torch.Tensor], torch.Tensor],
+    nbytes: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One row: `op` (engine `engine`, started once by `_engine`) at `nbytes`."""
     from mpi4py import MPI
 
-    op = _engine(engine, rt, device)
     n = rt.size
     elements = max(1, nbytes // 4)
     tensor = torch.full((elements,), float(rt.rank + 1), device=device)
@@ -111,10 +117,12 @@ def run(min_bytes: int, max_bytes: int, factor: int, engines: tuple[str, ...]) -
     device = rt.device
     rows = []
     # Horovod last: once started, its background thread negotiates every cycle and would steal
-    # the CPU from the other engines' measurements on a machine with few cores.
-    for engine in sorted(engines, key=lambda e: e == "horovod"):
+    # the CPU from the other engines' measurements on a machine with few cores. Gloo before MPI:
+    # Horovod cannot start on Gloo in a process where it ran on MPI (parallel.horovod.start).
+    for engine in sorted(engines, key=lambda e: (e.startswith("horovod"), e == "horovod")):
+        op = _engine(engine, rt, device)
         for nbytes in sizes(min_bytes, max_bytes, factor):
-            rows.append(measure(rt, engine, nbytes, device))
+            rows.append(measure(rt, engine, op, nbytes, device))
         if engine == "torch.distributed":
             import torch.distributed as dist
 

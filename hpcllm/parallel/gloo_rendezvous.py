@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from hpcllm.cluster.runtime import every_rank_checks
 from hpcllm.errors import UsageError
 
 _SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
@@ -77,31 +78,24 @@ def _places(hosts: list[str]) -> list[dict[str, int]]:
     ]
 
 
-def on_one_host(comm: Any) -> bool:
-    """Collective: whether every rank of `comm` runs on this host."""
-    return len(set(comm.allgather(socket.gethostname()))) == 1
+def hosts(comm: Any) -> list[str]:
+    """Collective: every rank's host name, in rank order."""
+    return comm.allgather(socket.gethostname())
 
 
 def open_rendezvous(
-    comm: Any, env: dict[str, str], timeout_s: float
+    comm: Any, hosts: list[str], env: dict[str, str], timeout_s: float
 ) -> tuple[dict[str, str], Callable[[], None]]:
-    """Collective: start rank 0's rendezvous server; returns the environment that points this rank's
+    """Collective: start rank 0's rendezvous server for the ranks on `hosts` (`hosts(comm)`); returns
+    the environment that points this rank's
     Horovod at it (set it before `hvd.init`), and `close`, to call on every rank once `hvd.init`
     has returned on every rank. `timeout_s` (at least 300 s) bounds every Gloo operation: Horovod's
     default, 30 s, ends a run whose rank is paused for longer (by gdb writing the stall watchdog's
     native stacks, say) before the watchdog can report where its ranks wait. A peer that dies
     closes its connections, which Gloo notices at once."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    hosts = comm.allgather(socket.gethostname())
     one_host = len(set(hosts)) == 1
-    problem = None
-    try:
-        address, interface = _address_and_interface(one_host, env)
-    except UsageError as exc:
-        problem, address, interface = str(exc), "", ""
-    problems = [p for p in comm.allgather(problem) if p]
-    if problems:
-        raise UsageError(problems[0])
+    address, interface = every_rank_checks(comm, lambda: _address_and_interface(one_host, env))
     places = _places(hosts)
     server = _serve(hosts, places) if rank == 0 else None
     server_address, port = comm.bcast((address, server[1] if server else 0), root=0)

@@ -1,4 +1,5 @@
-"""Starting Horovod: its environment knobs and its static process sets, in one place.
+"""Starting Horovod: its environment knobs, its controller (MPI, or Gloo so that its background
+thread never calls MPI) and its static process sets, in one place.
 
 Horovod reads its settings (fusion threshold, cycle time, timeline) from the environment when it
 starts, and a process set must exist on every rank before any rank uses it. Both happen here, once,
@@ -17,7 +18,8 @@ from typing import Any
 from hpcllm.errors import EnvironmentProblem
 from hpcllm.parallel import gloo_rendezvous
 
-# What a Gloo start sets; cleared before another start so an MPI one is not taken for Gloo.
+# What a start sets beside its `env` (the Gloo rendezvous, the controller's cycle time); cleared
+# before another start, so that an MPI start is not taken for a Gloo one.
 _GLOO_KEYS = (
     "HOROVOD_CONTROLLER",
     "HOROVOD_CPU_OPERATIONS",
@@ -78,8 +80,9 @@ def start(
             f"Horovod with PyTorch is not importable ({exc}); fix: run `make setup`, "
             "which builds it with PyTorch, MPI and Gloo"
         ) from exc
+    hosts = gloo_rendezvous.hosts(comm) if controller in ("auto", "gloo") else []
     if controller == "auto":
-        controller = "gloo" if gloo_rendezvous.on_one_host(comm) else "mpi"
+        controller = "gloo" if len(set(hosts)) == 1 else "mpi"
     if controller == "gloo" and hvd.mpi_enabled():
         # Horovod's Gloo context would reuse the MPI communicator its last start freed (and abort).
         raise EnvironmentProblem(
@@ -92,7 +95,7 @@ def start(
         del os.environ[key]
     os.environ.update({"HOROVOD_CYCLE_TIME": f"{CYCLE_MS[controller]:g}"} | dict(env))
     sets = [hvd.ProcessSet(group) for group in groups]
-    _init(hvd, comm, sets, controller, timeout_s)
+    _init(hvd, comm, hosts, sets, controller, timeout_s)
     if hvd.size() != comm.Get_size():
         raise EnvironmentProblem(
             f"Horovod sees {hvd.size()} ranks but MPI {comm.Get_size()}: Horovod was built against "
@@ -101,10 +104,12 @@ def start(
     return hvd, sets, controller
 
 
-def _init(hvd: ModuleType, comm: Any, sets: list[Any], controller: str, timeout_s: float) -> None:
+def _init(
+    hvd: ModuleType, comm: Any, hosts: list[str], sets: list[Any], controller: str, timeout_s: float
+) -> None:
     """`hvd.init` on `controller`, checked against what Horovod says it runs on."""
     if controller == "gloo":
-        rendezvous, close = gloo_rendezvous.open_rendezvous(comm, dict(os.environ), timeout_s)
+        rendezvous, close = gloo_rendezvous.open_rendezvous(comm, hosts, dict(os.environ), timeout_s)
         os.environ.update(rendezvous)
         hvd.init(process_sets=sets)
         close()

@@ -82,8 +82,9 @@ def _pieces(
     q_at: tuple[torch.Tensor, ...], k_at: tuple[torch.Tensor, ...]
 ) -> Iterator[tuple[slice, slice, BlockMask]]:
     """(query run, key run, mask) of every piece of a block in which some query sees some key."""
+    k_runs = runs(k_at[0])
     for q_run in runs(q_at[0]):
-        for k_run in runs(k_at[0]):
+        for k_run in k_runs:
             if len(q_at) == 1:
                 mask = BlockMask.of_runs(q_at[0][q_run], k_at[0][k_run])
             else:
